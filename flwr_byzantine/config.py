@@ -1,0 +1,160 @@
+"""Run configuration of the flwr-byzantine Flower App, parsed and validated in one place.
+
+The keys are the ``[tool.flwr.app.config]`` keys of ``pyproject.toml`` (kebab
+case, Flower's convention); :data:`DEFAULTS` must stay identical to that table
+(a test checks it).  ``flwr run . --run-config "key=value ..."`` overrides them.
+Garbage values raise :class:`ConfigError` with the key, the value and what is
+accepted, before any round starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+#: Default run config (mirror of ``[tool.flwr.app.config]`` in pyproject.toml).
+DEFAULTS: dict[str, Any] = {
+    "num-server-rounds": 60,
+    "seed": 0,
+    "dataset": "digits",
+    "dirichlet-alpha": 1.0,
+    "model": "logreg",
+    "batch-size": 32,
+    "full-batch": False,
+    "learning-rate": 0.5,
+    "projection-radius": 0.0,
+    "aggregator": "rge",
+    "eps-tilde": 0.25,
+    "sigma0": "auto",
+    "num-malicious": 4,
+    "attack": "scaled-negative",
+    "attack-scale": 10.0,
+    "fraction-train": 1.0,
+    "min-valid-replies": 2,
+    "max-update-norm": 0.0,
+    "compression": "none",
+    "k-fraction": 0.1,
+    "k": 0,
+    "coordinate-form": "seed",
+    "output-dir": "outputs",
+    "checkpoint": False,
+}
+
+AGGREGATORS = ("rge", "mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan", "geomed", "cclip")
+COMPRESSIONS = ("none", "randk")
+COORDINATE_FORMS = ("seed", "indices")
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, of the wrong type or out of range."""
+
+
+def _num(cfg: Mapping[str, Any], key: str, lo: float | None = None, hi: float | None = None,
+         integer: bool = False, lo_open: bool = False) -> float:
+    val = cfg[key]
+    if isinstance(val, bool) or not isinstance(val, (int, float)):
+        raise ConfigError(f"run config '{key}' must be a number, got {val!r}")
+    if not math.isfinite(val):
+        raise ConfigError(f"run config '{key}' must be finite, got {val!r}")
+    if integer and int(val) != val:
+        raise ConfigError(f"run config '{key}' must be an integer, got {val!r}")
+    if lo is not None and (val < lo or (lo_open and val == lo)):
+        raise ConfigError(f"run config '{key}' must be {'>' if lo_open else '>='} {lo}, got {val!r}")
+    if hi is not None and val > hi:
+        raise ConfigError(f"run config '{key}' must be <= {hi}, got {val!r}")
+    return int(val) if integer else float(val)
+
+
+def _choice(cfg: Mapping[str, Any], key: str, choices: tuple[str, ...] | None = None) -> str:
+    val = cfg[key]
+    if not isinstance(val, str):
+        raise ConfigError(f"run config '{key}' must be a string, got {val!r}")
+    if choices is not None and val not in choices:
+        raise ConfigError(f"run config '{key}' must be one of {list(choices)}, got {val!r}")
+    return val
+
+
+def _bool(cfg: Mapping[str, Any], key: str) -> bool:
+    val = cfg[key]
+    if not isinstance(val, bool):
+        raise ConfigError(f"run config '{key}' must be true or false, got {val!r}")
+    return val
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Validated run configuration (attribute names are the keys in snake case)."""
+
+    num_server_rounds: int
+    seed: int
+    dataset: str
+    dirichlet_alpha: float
+    model: str
+    batch_size: int
+    full_batch: bool
+    learning_rate: float
+    projection_radius: float
+    aggregator: str
+    eps_tilde: float
+    sigma0: float | None
+    num_malicious: int
+    attack: str
+    attack_scale: float
+    fraction_train: float
+    min_valid_replies: int
+    max_update_norm: float
+    compression: str
+    k_fraction: float
+    k: int
+    coordinate_form: str
+    output_dir: str
+    checkpoint: bool
+
+    @classmethod
+    def from_mapping(cls, overrides: Mapping[str, Any] | None = None) -> "RunConfig":
+        """Merge ``overrides`` (e.g. ``context.run_config``) over :data:`DEFAULTS` and validate."""
+        cfg = dict(DEFAULTS)
+        for key, val in (overrides or {}).items():
+            if key not in DEFAULTS:
+                raise ConfigError(f"unknown run config key '{key}'; valid keys: {sorted(DEFAULTS)}")
+            cfg[key] = val
+        sigma_raw = cfg["sigma0"]
+        if isinstance(sigma_raw, str):
+            if sigma_raw != "auto":
+                raise ConfigError(f"run config 'sigma0' must be 'auto' or a number >= 0, got {sigma_raw!r}")
+            sigma0 = None
+        else:
+            sigma0 = _num(cfg, "sigma0", lo=0.0)
+        return cls(
+            num_server_rounds=int(_num(cfg, "num-server-rounds", lo=1, integer=True)),
+            seed=int(_num(cfg, "seed", lo=0, integer=True)),
+            dataset=_choice(cfg, "dataset"),
+            dirichlet_alpha=_num(cfg, "dirichlet-alpha", lo=0.0, lo_open=True),
+            model=_choice(cfg, "model", ("logreg", "mlp", "linear")),
+            batch_size=int(_num(cfg, "batch-size", lo=1, integer=True)),
+            full_batch=_bool(cfg, "full-batch"),
+            learning_rate=_num(cfg, "learning-rate", lo=0.0, lo_open=True),
+            projection_radius=_num(cfg, "projection-radius", lo=0.0),
+            aggregator=_choice(cfg, "aggregator", AGGREGATORS),
+            eps_tilde=_num(cfg, "eps-tilde", lo=0.0, hi=0.25),
+            sigma0=sigma0,
+            num_malicious=int(_num(cfg, "num-malicious", lo=0, integer=True)),
+            attack=_choice(cfg, "attack"),
+            attack_scale=_num(cfg, "attack-scale", lo=0.0),
+            fraction_train=_num(cfg, "fraction-train", lo=0.0, hi=1.0, lo_open=True),
+            min_valid_replies=int(_num(cfg, "min-valid-replies", lo=1, integer=True)),
+            max_update_norm=_num(cfg, "max-update-norm", lo=0.0),
+            compression=_choice(cfg, "compression", COMPRESSIONS),
+            k_fraction=_num(cfg, "k-fraction", lo=0.0, hi=1.0, lo_open=True),
+            k=int(_num(cfg, "k", lo=0, integer=True)),
+            coordinate_form=_choice(cfg, "coordinate-form", COORDINATE_FORMS),
+            output_dir=_choice(cfg, "output-dir"),
+            checkpoint=_bool(cfg, "checkpoint"),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The configuration with the original kebab-case keys (``sigma0=None`` -> ``'auto'``)."""
+        out = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+        out["sigma0"] = "auto" if self.sigma0 is None else self.sigma0
+        return out
