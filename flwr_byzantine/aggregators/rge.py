@@ -126,6 +126,12 @@ class RGE(Aggregator):
                 break
             c[active] *= 1.0 - tau / tau_max  # line 6
             keep = c[active] >= 0.5  # line 7
+            if not keep.any():
+                # Only possible when sigma0 is far below the honest spread (every point
+                # scores alike): keep the last active set rather than return nothing.
+                logger.warning("RGE: the filter would remove every point (sigma0 too small?); "
+                               "keeping the last %d active points", active.size)
+                break
             W_warm = sol.W[np.ix_(keep, keep)]
             active = active[keep]
         if not_converged:

@@ -1,0 +1,75 @@
+"""Byzantine attacks for evaluating robust aggregation (pure numpy/torch, no Flower).
+
+* Model-update attacks (:class:`UpdateAttack`): ``attack.craft(honest, num_byzantine, round)``
+  returns the ``(num_byzantine, d)`` Byzantine rows (same framework, dtype and device
+  as ``honest``) or ``None`` for an erasure.
+* Data-poisoning attacks (:class:`DataAttack`): ``attack.poison(X, y, num_classes)``.
+* :class:`MobileAdversary`: which nodes are corrupt in each round.
+
+``make_attack(name, **params)`` builds an attack by its registry name (:data:`ATTACKS`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .adaptive import DefenceAware
+from .base import DataAttack, UpdateAttack, param_names
+from .data import LabelFlip, RandomLabels
+from .mobile import MobileAdversary
+from .update import (
+    ALIE,
+    ArbitraryVector,
+    Erasure,
+    GaussianNoise,
+    InnerProductManipulation,
+    Mimic,
+    ScaledNegative,
+    SignFlip,
+    alie_z_max,
+    top_principal_scores,
+)
+
+#: registry name -> attack class.
+ATTACKS: dict[str, type] = {
+    cls.name: cls
+    for cls in (
+        GaussianNoise, SignFlip, ScaledNegative, ALIE, InnerProductManipulation, Mimic, Erasure,
+        ArbitraryVector, DefenceAware, LabelFlip, RandomLabels,
+    )
+}
+#: names of the model-update attacks.
+UPDATE_ATTACKS = tuple(n for n, c in ATTACKS.items() if issubclass(c, UpdateAttack))
+#: names of the data-poisoning attacks.
+DATA_ATTACKS = tuple(n for n, c in ATTACKS.items() if issubclass(c, DataAttack))
+
+
+def make_attack(name: str, **params: Any) -> UpdateAttack | DataAttack:
+    """Instantiate the attack registered as ``name`` with ``params``.
+
+    Raises ``ValueError`` (listing the valid names, or the attack's valid
+    parameters) for an unknown name, an unknown parameter or an invalid value.
+    """
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; valid: {sorted(ATTACKS)}")
+    cls = ATTACKS[name]
+    valid = param_names(cls)
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown parameter(s) {unknown} for attack {name!r}; valid parameters: {valid}; "
+            f"valid attacks: {sorted(ATTACKS)}"
+        )
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"bad parameters for attack {name!r} ({exc}); valid parameters: {valid}; "
+                         f"valid attacks: {sorted(ATTACKS)}") from exc
+
+
+__all__ = [
+    "ALIE", "ATTACKS", "ArbitraryVector", "DATA_ATTACKS", "DataAttack", "DefenceAware", "Erasure",
+    "GaussianNoise", "InnerProductManipulation", "LabelFlip", "Mimic", "MobileAdversary", "RandomLabels",
+    "ScaledNegative", "SignFlip", "UPDATE_ATTACKS", "UpdateAttack", "alie_z_max", "make_attack",
+    "top_principal_scores",
+]
