@@ -44,3 +44,9 @@ def test_garbage_config_is_refused(key, value, match):
 
 def test_explicit_sigma0():
     assert RunConfig.from_mapping({"sigma0": 0.5}).sigma0 == 0.5
+
+
+def test_readme_documents_every_key():
+    readme = (ROOT / "README.md").read_text()
+    missing = [k for k in DEFAULTS if f"| `{k}` |" not in readme]
+    assert not missing, missing

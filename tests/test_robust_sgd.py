@@ -210,3 +210,20 @@ def test_evaluate_metrics_use_median():
                for m, a in zip(msgs, accs)]
     agg = strategy.aggregate_evaluate(1, replies)
     assert agg["eval-accuracy"] == pytest.approx(0.91)
+
+
+def test_large_node_ids_are_reported_exactly():
+    """Flower node ids are uint64; they must never pass through a float array."""
+    base = 2**63 + 12345
+    nodes = [base + 1000 * i + 1 for i in range(10)]
+    honest = honest_handler(target=1.0, noise=0.05, seed=2)
+
+    def handler(msg):
+        if msg.metadata.dst_node_id == nodes[4]:
+            return grad_reply(msg, np.full(D_W, -50.0), np.full(D_B, 50.0))
+        return honest(msg)
+
+    strategy = RobustSGD(aggregator=RGE(), learning_rate=1.0)
+    run_round(strategy, FakeGrid(nodes, handler))
+    assert strategy.history[-1].filtered == [nodes[4]]
+    assert sorted(strategy.history[-1].kept) == sorted(set(nodes) - {nodes[4]})

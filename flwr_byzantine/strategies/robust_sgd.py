@@ -273,9 +273,9 @@ class RobustSGD(Strategy):
             self.history.append(report)
             return None, self._metrics(report, screened.metrics)
         report.decode_seconds = time.perf_counter() - t0
-        ids = np.asarray(screened.node_ids)
-        report.kept = [int(n) for n in ids[res.kept]]
-        report.filtered = [int(n) for n in ids[res.dropped]]
+        ids = screened.node_ids  # uint64 node ids: never through a float array
+        report.kept = [ids[int(i)] for i in res.kept]
+        report.filtered = [ids[int(i)] for i in res.dropped]
         report.statistic = float(res.statistic)
         report.threshold = float(res.info.get("threshold", float("nan")))
         report.info = {k: v for k, v in res.info.items() if k in ("sigma0_sq", "solver_iterations", "max_relative_gap")}

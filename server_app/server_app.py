@@ -1,0 +1,164 @@
+"""ServerApp of flwr-byzantine: RobustSGD + central evaluation + results file and plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+
+from flwr_byzantine.aggregators import Aggregator, make_aggregator
+from flwr_byzantine.compression import RandK
+from flwr_byzantine.config import RunConfig
+from flwr_byzantine.data import dataset_info, load_test_set
+from flwr_byzantine.federation import malicious_partition_ids
+from flwr_byzantine.models import build_model, loss_fn_for
+from flwr_byzantine.results import plot_accuracy, write_json_atomic
+from flwr_byzantine.strategies.robust_sgd import RobustSGD
+
+
+def build_aggregator(cfg: RunConfig, num_nodes: int) -> Aggregator:
+    """The configured aggregator; peers get ``f = floor(eps_tilde * num_nodes)`` Byzantine."""
+    f = int(math.floor(cfg.eps_tilde * num_nodes))
+    params: dict[str, Any] = {
+        "rge": {"eps_tilde": cfg.eps_tilde, "sigma0": cfg.sigma0},
+        "mean": {},
+        "median": {},
+        "trimmed-mean": {"num_trim": f},
+        "krum": {"num_byzantine": f},
+        "multi-krum": {"num_byzantine": f, "num_selected": max(num_nodes - f, 1)},
+        "bulyan": {"num_byzantine": f},
+        "geomed": {},
+        "cclip": {},
+    }[cfg.aggregator]
+    return make_aggregator(cfg.aggregator, **params)
+
+
+def build_strategy(cfg: RunConfig, num_nodes: int) -> RobustSGD:
+    """RobustSGD wired from the run config."""
+    compression = None
+    if cfg.compression == "randk":
+        if cfg.k > 0:
+            compression = RandK(k=cfg.k, seed=cfg.seed, form=cfg.coordinate_form)
+        else:
+            compression = RandK(fraction=cfg.k_fraction, seed=cfg.seed, form=cfg.coordinate_form)
+    return RobustSGD(
+        aggregator=build_aggregator(cfg, num_nodes),
+        learning_rate=cfg.learning_rate,
+        batch_size=cfg.batch_size,
+        full_batch=cfg.full_batch,
+        projection_radius=cfg.projection_radius,
+        compression=compression,
+        fraction_train=cfg.fraction_train,
+        min_valid_replies=cfg.min_valid_replies,
+        max_update_norm=cfg.max_update_norm or None,
+        seed=cfg.seed,
+    )
+
+
+def central_evaluator(cfg: RunConfig):
+    """``evaluate_fn(server_round, arrays) -> MetricRecord`` on the held-out test set."""
+    X, y = load_test_set(cfg.dataset, cfg.seed)
+    info = dataset_info(cfg.dataset)
+    model = build_model(cfg.model, info["num_features"], info["num_classes"], cfg.seed)
+    loss_fn = loss_fn_for(info["task"])
+    xt, yt = torch.as_tensor(X), torch.as_tensor(y)
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        with torch.no_grad():
+            out = model(xt)
+            metrics = {"loss": float(loss_fn(out, yt))}
+            if info["task"] == "classification":
+                metrics["accuracy"] = float((out.argmax(dim=1) == yt).float().mean())
+        return MetricRecord(metrics)
+
+    return evaluate
+
+
+def _wait_for_nodes(grid: Grid, minimum: int, timeout: float = 300.0) -> list[int]:
+    start = time.monotonic()
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < minimum and time.monotonic() - start < timeout:
+        time.sleep(1.0)
+        nodes = list(grid.get_node_ids())
+    return nodes
+
+
+def run_federation(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, Any]:
+    """Run the configured federation on ``grid``; returns (and writes) the results dict."""
+    t0 = time.time()
+    nodes = _wait_for_nodes(grid, 2)
+    num_nodes = len(nodes)
+    info = dataset_info(cfg.dataset)
+    model = build_model(cfg.model, info["num_features"], info["num_classes"], cfg.seed)
+    strategy = build_strategy(cfg, num_nodes)
+    evaluate = central_evaluator(cfg)
+    malicious = malicious_partition_ids(num_nodes, cfg.num_malicious, cfg.seed)
+    if cfg.num_malicious > num_nodes // 2:
+        log(WARNING, "num-malicious=%d is more than half of the %d nodes", cfg.num_malicious, num_nodes)
+    log(INFO, "flwr-byzantine: %d nodes, aggregator=%s, attack=%s on partitions %s", num_nodes,
+        cfg.aggregator, cfg.attack if malicious else "none", malicious)
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=cfg.num_server_rounds,
+        evaluate_fn=evaluate,
+    )
+    central = {int(r): dict(m) for r, m in result.evaluate_metrics_serverapp.items()}
+    rounds = sorted(central)
+    acc = [central[r].get("accuracy", float("nan")) for r in rounds]
+    reports = [r.as_dict() for r in strategy.history]
+    filtered_partitions = sorted({
+        rep["partition_ids"].get(str(n)) for rep in reports for n in rep["filtered"]
+        if rep["partition_ids"].get(str(n)) is not None
+    })
+    payload = {
+        "run_id": int(getattr(context, "run_id", 0) or 0),
+        "config": cfg.as_dict(),
+        "num_nodes": num_nodes,
+        "malicious_partitions": malicious,
+        "filtered_partitions": filtered_partitions,
+        "central": {str(r): central[r] for r in rounds},
+        "final_accuracy": acc[-1] if acc else None,
+        "final_loss": central[rounds[-1]].get("loss") if rounds else None,
+        "rounds": reports,
+        "total_bytes_up": int(sum(r["bytes_up"] for r in reports)),
+        "total_bytes_down": int(sum(r["bytes_down"] for r in reports)),
+        "wall_seconds": time.time() - t0,
+    }
+    out_dir = Path(cfg.output_dir).expanduser().resolve()
+    stem = f"{cfg.aggregator}-{cfg.attack if malicious else 'clean'}-run{payload['run_id']}"
+    json_path = out_dir / f"{stem}.json"
+    write_json_atomic(json_path, payload)
+    if info["task"] == "classification":
+        plot_accuracy({f"{cfg.aggregator} ({cfg.attack if malicious else 'no attack'})": (rounds, acc)},
+                      out_dir / f"{stem}.png", f"{cfg.dataset}: {num_nodes} clients, {len(malicious)} malicious")
+    log(INFO, "flwr-byzantine: final accuracy %s; malicious partitions %s, filtered partitions %s",
+        payload["final_accuracy"], malicious, filtered_partitions)
+    log(INFO, "flwr-byzantine: results written to %s", json_path)
+    return payload
+
+
+def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp whose run config is ``context.run_config`` updated with ``overrides``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})})
+        run_federation(grid, context, cfg)
+
+    return app
+
+
+app = build_server_app()

@@ -1,0 +1,75 @@
+"""`flwr run .` end to end: the CLI starts a local SuperLink in simulation mode and runs the App.
+
+Slow (starts real Flower processes); run with ``pytest -m slow``.  Uses its own
+FLWR_HOME and ports, checks the run's final status through ``flwr ls`` (``flwr run
+--stream`` exits 0 even when the run failed), and stops the SuperLink it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FLWR = str(Path(sys.executable).parent / "flwr")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_matching(pattern: str) -> None:
+    """Stop every process whose command line contains ``pattern`` (our SuperLink)."""
+    subprocess.run(["pkill", "-TERM", "-f", pattern], check=False)
+    time.sleep(1.0)
+    subprocess.run(["pkill", "-KILL", "-f", pattern], check=False)
+
+
+@pytest.mark.slow
+def test_flwr_run_default_app(tmp_path):
+    home = tmp_path / "flwr-home"
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+    }
+    run_cfg = f"num-server-rounds=4 num-malicious=1 output-dir='{out}'"
+    try:
+        started = subprocess.run(
+            [FLWR, "run", ".", "--format", "json", "--federation-config", "num-supernodes=5",
+             "--run-config", run_cfg],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert started.returncode == 0, started.stdout + started.stderr
+        run_id = json.loads(started.stdout[started.stdout.index("{"):])["run-id"]
+        status = ""
+        deadline = time.monotonic() + 420
+        while time.monotonic() < deadline:
+            ls = subprocess.run([FLWR, "ls", "--run-id", str(run_id), "--format", "json"],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+            if ls.returncode == 0 and "finished" in ls.stdout:
+                status = ls.stdout
+                break
+            time.sleep(3)
+        assert "finished:completed" in status, status
+        files = list(out.glob("*.json"))
+        assert len(files) == 1
+        res = json.loads(files[0].read_text())
+        assert res["num_nodes"] == 5 and len(res["central"]) == 5  # rounds 0..4
+        assert res["filtered_partitions"] == res["malicious_partitions"]
+    finally:
+        kill_matching(str(home))
