@@ -38,3 +38,45 @@ def plot_accuracy(curves: dict[str, tuple[list[int], list[float]]], path: Path, 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def load_result(path: Path) -> dict[str, Any]:
+    """Read one results JSON written by the ServerApp."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def compare(paths: list[Path], out_png: Path | None = None) -> str:
+    """Markdown table (and optional combined accuracy plot) of several runs' results files."""
+    rows = ["| aggregator | malicious | attack | final accuracy | filtered = malicious | bytes up / round |",
+            "|---|---|---|---|---|---|"]
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    for path in paths:
+        res = load_result(path)
+        cfg = res["config"]
+        n_mal = len(res["malicious_partitions"])
+        attack = cfg["attack"] if n_mal else "none"
+        rounds = sorted(int(r) for r in res["central"])
+        acc = [res["central"][str(r)].get("accuracy", float("nan")) for r in rounds]
+        label = f"{cfg['aggregator']}, {n_mal} malicious ({attack})"
+        curves[label] = (rounds, acc)
+        per_round = res["total_bytes_up"] / max(len(res["rounds"]), 1)
+        match = "yes" if res["filtered_partitions"] == res["malicious_partitions"] else "no"
+        rows.append(f"| {cfg['aggregator']} | {n_mal} | {attack} | {res['final_accuracy']:.3f} | {match} | {per_round:.0f} |")
+    if out_png is not None:
+        plot_accuracy(curves, Path(out_png), "central test accuracy per round")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    """``python -m flwr_byzantine.results RESULT.json ... [--plot OUT.png]``: compare runs."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("files", nargs="+", type=Path)
+    parser.add_argument("--plot", type=Path, default=None)
+    args = parser.parse_args()
+    print(compare(args.files, args.plot))
+
+
+if __name__ == "__main__":
+    main()

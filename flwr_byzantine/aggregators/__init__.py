@@ -17,6 +17,15 @@ from .sigma import estimate_sigma0_sq, sigma0_from_theory
 REGISTRY: dict[str, str] = {
     "rge": "rge:RGE",
     "mean": "mean:Mean",
+    "median": "coordinate:CoordinateMedian",
+    "trimmed-mean": "coordinate:TrimmedMean",
+    "krum": "krum:Krum",
+    "multi-krum": "krum:MultiKrum",
+    "bulyan": "krum:Bulyan",
+    "geomed": "geomed:GeometricMedian",
+    "cclip": "clipping:CenteredClipping",
+    "bucketing": "preagg:Bucketing",
+    "nnm": "preagg:NearestNeighborMixing",
 }
 
 
