@@ -85,7 +85,7 @@ def weighted_sum(updates: ArrayLike, weights: np.ndarray) -> ArrayLike:
     return weights.astype(updates.dtype, copy=False) @ updates
 
 
-def centred_gram(updates: ArrayLike, chunk: int = GRAM_CHUNK) -> np.ndarray:
+def centred_gram(updates: ArrayLike, chunk: int = GRAM_CHUNK, *, with_scale: bool = False):
     """Gram matrix of the rows after subtracting their mean, as float64 ``(R, R)``.
 
     ``K = (G - 1 gbar^T)(G - 1 gbar^T)^T`` computed in chunks of ``chunk``
@@ -95,6 +95,10 @@ def centred_gram(updates: ArrayLike, chunk: int = GRAM_CHUNK) -> np.ndarray:
     chunk product overflows (absurd magnitudes), the chunk is rescaled by its
     largest absolute value and recomputed in float64.  Cost: O(d R^2), memory
     O(R * chunk); no d x d matrix is ever formed.
+
+    With ``with_scale=True`` returns ``(K, scale)`` where ``scale = sum_i ||g_i||^2``
+    of the *uncentred* rows (``trace(K) + R ||gbar||^2``): the magnitude against
+    which rounding noise of the inputs is measured.
     """
     n, d = updates.shape
     gram = np.zeros((n, n), dtype=np.float64)
@@ -108,7 +112,11 @@ def centred_gram(updates: ArrayLike, chunk: int = GRAM_CHUNK) -> np.ndarray:
             scaled = to_numpy64(block) / scale
             prod64 = (scaled @ scaled.T) * scale * scale
         gram += prod64
-    return 0.5 * (gram + gram.T)
+    gram = 0.5 * (gram + gram.T)
+    if with_scale:
+        mean64 = to_numpy64(mean)
+        return gram, float(np.trace(gram) + n * float(mean64 @ mean64))
+    return gram
 
 
 def sq_distances_from_gram(gram: np.ndarray) -> np.ndarray:

@@ -69,15 +69,27 @@ class RGE(Aggregator):
     def _aggregate(self, updates: ArrayLike) -> AggregationResult:
         t0 = time.perf_counter()
         R = updates.shape[0]
-        gram = centred_gram(updates)
+        gram, scale = centred_gram(updates, with_scale=True)
         t_gram = time.perf_counter() - t0
-        return self.filter_gram(gram, updates, t_gram=t_gram)
+        eps_dtype = float(np.finfo(np.float32 if str(updates.dtype).endswith(("float32", "float16", "bfloat16"))
+                                   else np.float64).eps)
+        return self.filter_gram(gram, updates, t_gram=t_gram, noise_floor=10.0 * eps_dtype * scale)
 
-    def filter_gram(self, gram: np.ndarray, updates: ArrayLike | None = None, *, t_gram: float = 0.0) -> AggregationResult:
+    def filter_gram(
+        self,
+        gram: np.ndarray,
+        updates: ArrayLike | None = None,
+        *,
+        t_gram: float = 0.0,
+        noise_floor: float = 0.0,
+    ) -> AggregationResult:
         """Run the filter on a precomputed (centred) Gram matrix.
 
         If ``updates`` is given the estimate is the mean of the surviving rows;
         otherwise ``estimate`` is ``None`` and only the diagnostics are returned.
+        ``noise_floor`` is a lower bound on the stopping threshold: spread at the
+        level of the inputs' rounding error (``10 * machine-eps * sum_i ||g_i||^2``
+        when called through :meth:`aggregate`) is not evidence of corruption.
         """
         t0 = time.perf_counter()
         R = gram.shape[0]
@@ -89,7 +101,7 @@ class RGE(Aggregator):
         else:
             sigma0_sq = self.sigma0**2
             sigma_mode = "explicit"
-        threshold = 4.0 * R * sigma0_sq  # Algorithm 3, line 5
+        threshold = max(4.0 * R * sigma0_sq, noise_floor)  # Algorithm 3, line 5
 
         active = np.arange(R)
         c = np.ones(R)

@@ -1,5 +1,10 @@
 """Flower Message-API strategies (the thin Flower layer over the pure aggregators)."""
 
+from .comrade import Comrade, NewtonRoundReport, NewtonStrategyBase, make_evaluate_fn
+from .giant import Giant
 from .robust_sgd import PROTOCOL, RobustSGD, RoundReport
 
-__all__ = ["PROTOCOL", "RobustSGD", "RoundReport"]
+__all__ = [
+    "PROTOCOL", "Comrade", "Giant", "NewtonRoundReport", "NewtonStrategyBase", "RobustSGD", "RoundReport",
+    "make_evaluate_fn",
+]

@@ -1,0 +1,1 @@
+"""Benchmarks of flwr-byzantine (scripts run with ``python -m benchmarks.<name>``)."""

@@ -1,0 +1,204 @@
+"""``Giant``: GIANT (Wang et al., NeurIPS 2018), the two-round distributed Newton baseline of
+COMRADE (Ghosh, Maity & Mazumdar 2020, Appendix A), as a Flower Message-API strategy.
+
+Per Newton iteration t GIANT needs **two communication rounds**:
+
+* round A (``newton-phase = "gradient"``): clients reply with their local gradients g_i; the
+  server averages them into the exact global gradient g_t;
+* round B (``newton-phase = "direction"``): the server broadcasts w_t and g_t; clients reply
+  with Q(H_i^{-1} g_t); the server averages them (norm-trimmed if ``beta > 0``; GIANT proper
+  is ``beta = 0``) and steps w_{t+1} = w_t - step * p_hat.
+
+Design choice: Flower's ``Strategy.start`` does one training send/receive per server round, so
+:meth:`Giant.start` is overridden to run both rounds inside one *iteration*: ``num_rounds``
+counts Newton iterations, ``Result`` is indexed by iteration, and every iteration's train
+metrics report ``communication-rounds`` (the running total, 2 per completed iteration) and
+the bytes of both rounds.  The message-level server round numbers are 2t - 1 (round A) and
+2t (round B), so a reply can never be replayed into the other phase.  ``configure_train`` /
+``aggregate_train`` keep working on their own too: they alternate the two phases.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
+from flwr.supercore import log
+
+from ..newton.server import average_gradients
+from ..newton.trimming import num_kept
+from ..newton.worker import PHASE_DIRECTION, PHASE_GRADIENT
+from .comrade import NewtonRoundReport, NewtonStrategyBase
+
+
+class Giant(NewtonStrategyBase):
+    """GIANT: exact gradient (round A), then averaged H_i^{-1} g_t (round B), per iteration.
+
+    Parameters are those of :class:`~flwr_byzantine.strategies.comrade.NewtonStrategyBase`
+    (``beta`` defaults to 0: GIANT is not Byzantine-robust) plus
+
+    gradient_beta:
+        Norm-trimming fraction of round A's gradient average (default: ``beta``).
+    """
+
+    def __init__(self, beta: float = 0.0, *, gradient_beta: float | None = None, **kwargs: Any) -> None:
+        super().__init__(beta, **kwargs)
+        gb = self.beta if gradient_beta is None else float(gradient_beta)
+        if not 0.0 <= gb < 1.0:
+            raise ValueError("gradient_beta must be in [0, 1)")
+        self.gradient_beta = gb
+
+    @property
+    def phase(self) -> str:
+        """The phase the next ``configure_train`` will run (``"gradient"`` or ``"direction"``)."""
+        return self._phase if self._gradient is not None else PHASE_GRADIENT
+
+    def _iteration(self, server_round: int) -> int:
+        return (server_round + 1) // 2
+
+    # ------------------------------------------------------------------ one phase
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Round A (no g_t yet): ask for gradients; round B: send w_t and g_t, ask for directions."""
+        phase = self.phase
+        if phase == PHASE_GRADIENT:
+            self._gradient = None
+        msgs = self._train_messages(server_round, arrays, config, grid, phase)
+        self._phase = phase
+        log(INFO, "configure_train: round %d (%s), %d messages", server_round, phase, len(msgs))
+        return msgs
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Round A: average the gradients into g_t (no model change); round B: step."""
+        if self._layout is None or self._w is None:
+            log(WARNING, "aggregate_train called before configure_train; skipping round %d", server_round)
+            return None, None
+        if self._phase == PHASE_GRADIENT:
+            report = self._gradient_round(server_round, replies)
+            self.history.append(report)
+            self._log_report(report)
+            return None, report.metric_record({"communication-rounds": self.communication_rounds})
+        arrays, report = self._direction_round(server_round, replies)
+        self._gradient = None
+        self._phase = PHASE_GRADIENT
+        self.history.append(report)
+        self._log_report(report)
+        return arrays, report.metric_record({"communication-rounds": self.communication_rounds})
+
+    def _gradient_round(self, server_round: int, replies: Iterable[Message]) -> NewtonRoundReport:
+        assert self._layout is not None
+        nodes, vecs, mets, rejected, bytes_up = self._screen(replies, server_round, PHASE_GRADIENT)
+        report = NewtonRoundReport(
+            server_round=server_round, iteration=self._iteration(server_round), phase=PHASE_GRADIENT,
+            sampled=list(self._sampled), valid=list(nodes), kept=[], trimmed=[], rejected=rejected,
+            bytes_up=bytes_up, bytes_down=self._bytes_down, rho=1.0, rho_empirical_min=float("nan"),
+            step=0.0, applied=False, num_kept_expected=num_kept(len(nodes), self.gradient_beta) if nodes else 0,
+            partition_ids={n: int(m["partition-id"]) for n, m in zip(nodes, mets)
+                           if isinstance(m.get("partition-id"), int)},
+        )
+        if len(vecs) < self.min_valid_replies:
+            report.reason = f"only {len(vecs)} valid gradients (< min_valid={self.min_valid_replies})"
+            log(WARNING, "round %d: %s; no direction round this iteration, model left unchanged",
+                server_round, report.reason)
+            self._gradient = None
+            return report
+        g, kept, trimmed = self._average(np.stack(vecs))
+        report.kept = [int(nodes[i]) for i in kept]  # node ids may exceed int64: no numpy here
+        report.trimmed = [int(nodes[i]) for i in trimmed]
+        report.direction_norm = float(np.linalg.norm(g))
+        if not np.isfinite(g).all():
+            report.reason = "non-finite gradient average"
+            self._gradient = None
+            return report
+        self._gradient = g
+        self._phase = PHASE_DIRECTION
+        report.applied = True
+        return report
+
+    def _average(self, G: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return average_gradients(G, self.gradient_beta)
+
+    # ------------------------------------------------------------------ the loop
+    # pylint: disable=too-many-arguments, too-many-locals
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Run ``num_rounds`` GIANT *iterations* (two communication rounds each).
+
+        Same signature and ``Result`` as :meth:`flwr.serverapp.strategy.Strategy.start`, with
+        every dict indexed by iteration.  Round B is skipped (and the model kept) when round A
+        yields fewer than ``min_valid_replies`` valid gradients.
+        """
+        log(INFO, "Starting %s strategy (2 communication rounds per iteration):", type(self).__name__)
+        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
+        self.summary()
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result = Result()
+        t_start = time.time()
+        if evaluate_fn:
+            res = evaluate_fn(0, initial_arrays)
+            log(INFO, "Initial global evaluation results: %s", res)
+            if res is not None:
+                result.evaluate_metrics_serverapp[0] = res
+        arrays = initial_arrays
+        for it in range(1, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ITERATION %s/%s]", it, num_rounds)
+            self._gradient = None
+            merged: dict[str, Any] = {}
+            for server_round in (2 * it - 1, 2 * it):
+                if server_round == 2 * it and self._gradient is None:
+                    break  # round A failed: no direction round
+                replies = grid.send_and_receive(
+                    messages=self.configure_train(server_round, arrays, train_config, grid), timeout=timeout)
+                new_arrays, metrics = self.aggregate_train(server_round, replies)
+                if new_arrays is not None:
+                    result.arrays = new_arrays
+                    arrays = new_arrays
+                if metrics is not None:
+                    prefix = "gradient-" if server_round % 2 == 1 else ""
+                    merged.update({f"{prefix}{k}": v for k, v in metrics.items()})
+            if merged:
+                merged["bytes-up"] = int(merged.get("bytes-up", 0)) + int(merged.get("gradient-bytes-up", 0))
+                merged["bytes-down"] = int(merged.get("bytes-down", 0)) + int(merged.get("gradient-bytes-down", 0))
+                merged["communication-rounds"] = self.communication_rounds
+                merged["iteration"] = it
+                merged.setdefault("applied", 0)
+                for key in ("gradient-communication-rounds", "gradient-iteration"):
+                    merged.pop(key, None)
+                rec = MetricRecord(merged)
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", rec)
+                result.train_metrics_clientapp[it] = rec
+            eval_replies = grid.send_and_receive(
+                messages=self.configure_evaluate(it, arrays, evaluate_config, grid), timeout=timeout)
+            agg_eval = self.aggregate_evaluate(it, eval_replies)
+            if agg_eval is not None:
+                result.evaluate_metrics_clientapp[it] = agg_eval
+            if evaluate_fn:
+                res = evaluate_fn(it, arrays)
+                log(INFO, "\t└──> MetricRecord: %s", res)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[it] = res
+        log(INFO, "")
+        log(INFO, "Strategy execution finished in %.2fs (%d communication rounds)",
+            time.time() - t_start, self.communication_rounds)
+        for line in io.StringIO(str(result)):
+            log(INFO, "\t%s", line.strip("\n"))
+        return result
