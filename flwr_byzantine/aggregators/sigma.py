@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import scipy.linalg
 
 
 def sigma0_from_theory(
@@ -50,7 +51,9 @@ def _top_eig_centred(K: np.ndarray, idx: np.ndarray) -> tuple[float, np.ndarray]
     Kt = K[np.ix_(idx, idx)]
     row = Kt.mean(axis=0)
     Kc = Kt - row[None, :] - row[:, None] + row.mean()
-    vals, vecs = np.linalg.eigh(0.5 * (Kc + Kc.T))
+    n = Kc.shape[0]
+    # Only the top eigenpair is needed: LAPACK's MRRR subset solver is ~4x cheaper than a full eigh.
+    vals, vecs = scipy.linalg.eigh(0.5 * (Kc + Kc.T), subset_by_index=[n - 1, n - 1], driver="evr")
     return max(float(vals[-1]), 0.0), vecs[:, -1]
 
 
