@@ -47,8 +47,7 @@ def test_flwr_run_default_app(tmp_path):
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
     }
-    run_cfg = f"num-server-rounds=4 num-malicious=1 output-dir='{out}'"
-    try:
+    def run_and_wait(run_cfg: str) -> str:
         started = subprocess.run(
             [FLWR, "run", ".", "--format", "json", "--federation-config", "num-supernodes=5",
              "--run-config", run_cfg],
@@ -56,16 +55,25 @@ def test_flwr_run_default_app(tmp_path):
         )
         assert started.returncode == 0, started.stdout + started.stderr
         run_id = json.loads(started.stdout[started.stdout.index("{"):])["run-id"]
-        status = ""
         deadline = time.monotonic() + 420
         while time.monotonic() < deadline:
             ls = subprocess.run([FLWR, "ls", "--run-id", str(run_id), "--format", "json"],
                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-            if ls.returncode == 0 and "finished" in ls.stdout:
-                status = ls.stdout
-                break
+            if ls.returncode == 0:
+                run = json.loads(ls.stdout[ls.stdout.index("{"):])["runs"][0]
+                if run["status"].startswith("finished"):
+                    return f"{run['status']}:{run['status-details']}"
             time.sleep(3)
-        assert "finished:completed" in status, status
+        return "timeout"
+
+    try:
+        # `flwr run --stream` exits 0 even on failure: the SuperLink's run status is the truth.
+        status = run_and_wait(f"num-server-rounds=4 num-malicious=1 output-dir='{out}'")
+        assert status.startswith("finished:completed"), status
+        # A garbage config fails the run cleanly (ConfigError before any round) and is reported.
+        bad = run_and_wait(f"aggregator='magic' output-dir='{tmp_path / 'bad'}'")
+        assert bad.startswith("finished:failed"), bad
+        assert not (tmp_path / "bad").exists()
         files = list(out.glob("*.json"))
         assert len(files) == 1
         res = json.loads(files[0].read_text())
