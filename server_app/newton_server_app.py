@@ -16,9 +16,6 @@ client holds them) and chooses the step by Armijo line search on them.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from logging import INFO
 from pathlib import Path
@@ -32,6 +29,7 @@ from flwr.supercore import log
 from flwr_byzantine.data.libsvm import federated_split, load_glm_dataset
 from flwr_byzantine.newton.attacks import byzantine_partition_ids
 from flwr_byzantine.newton.config import NewtonConfig
+from flwr_byzantine.results import write_json_atomic
 from flwr_byzantine.newton.objectives import federated_objective, make_objective, minimise
 from flwr_byzantine.strategies.comrade import Comrade, NewtonStrategyBase, make_evaluate_fn
 from flwr_byzantine.strategies.giant import Giant
@@ -54,14 +52,6 @@ def build_newton_strategy(cfg: NewtonConfig, server_objective: Any = None, num_n
     if cfg.method == "giant":
         return Giant(beta=cfg.beta, **common)
     return Comrade(beta=cfg.beta, **common)
-
-
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(payload, fh, indent=2, default=float)
-    os.replace(tmp, path)
 
 
 def wait_for_nodes(grid: Grid, minimum: int, *, settle: float = 2.0, timeout: float = 300.0) -> list[int]:
@@ -138,7 +128,7 @@ def run_newton_federation(grid: Grid, context: Context, cfg: NewtonConfig) -> di
     }
     stem = f"newton-{cfg.method}-{cfg.attack if malicious else 'clean'}-run{payload['run_id']}"
     path = Path(cfg.output_dir).expanduser().resolve() / f"{stem}.json"
-    _write_json_atomic(path, payload)
+    write_json_atomic(path, payload)
     log(INFO, "newton: final accuracy %s, ||w - w*|| %s, %d communication rounds; malicious %s, trimmed %s",
         payload["final_accuracy"], payload["final_dist_to_opt"], payload["communication_rounds"], malicious,
         trimmed_partitions)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from flwr_byzantine.data.partition import dirichlet_partition
 import scipy.sparse as sp
 
 #: Where the paper's data sets can be downloaded (train, test).
@@ -226,20 +228,12 @@ def dirichlet_partitions(
 ) -> list[np.ndarray]:
     """Label-skewed partitions: per class, proportions drawn from Dirichlet(alpha).
 
-    Uses ``flwr_datasets.partitioner.DirichletPartitioner`` on an in-memory
-    ``datasets.Dataset`` of the labels; returns row indices per partition.  Small ``alpha``
-    means strong heterogeneity.
+    The same partitioner as the gradient app (:func:`flwr_byzantine.data.partition.dirichlet_partition`,
+    flwr-datasets' ``DirichletPartitioner``), with labels in {-1, +1} or {0, 1} mapped to
+    class indices.  Small ``alpha`` means strong heterogeneity.
     """
-    from datasets import Dataset
-    from flwr_datasets.partitioner import DirichletPartitioner
-
-    y = np.asarray(y).reshape(-1)
-    ds = Dataset.from_dict({"row": np.arange(y.size, dtype=np.int64), "label": y.astype(np.int64)})
-    part = DirichletPartitioner(num_partitions=num_partitions, partition_by="label", alpha=alpha,
-                                min_partition_size=min_partition_size, self_balancing=False,
-                                shuffle=True, seed=seed)
-    part.dataset = ds
-    return [np.sort(np.asarray(part.load_partition(i)["row"], dtype=np.int64)) for i in range(num_partitions)]
+    labels = np.unique(np.asarray(y).reshape(-1), return_inverse=True)[1].astype(np.int64)
+    return dirichlet_partition(labels, num_partitions, alpha, seed=seed, min_partition_size=min_partition_size)
 
 
 def federated_split(
