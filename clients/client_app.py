@@ -7,11 +7,40 @@ randk compression (Algorithm 2) it replies with ``(d/k) * g[K_t]`` only.
 
 Malicious client: chosen by node config (``malicious = true``, deployments) or
 by run config (``num-malicious`` seeded partition ids, simulations); its attack
-comes from node config ``attack`` or run config ``attack`` / ``attack-scale``.
+comes from node config ``attack`` or run config ``attack`` / ``attack-scale``
+(``attack-scale = 0`` keeps the attack's own default parameter).  What it does
+depends on the kind of attack (see ``docs/attacks.md``):
+
+* data poisoning (``label-flip``, ``random-labels``): poisons its own labels
+  once, then behaves exactly like an honest client on the poisoned data;
+* erasure: replies with a ``MetricRecord`` only, no ``"gradient"`` record, so
+  the server screens it out as an erasure (no exception, no error reply);
+* every other model-update attack (``sign-flip``, ``alie``, ``ipm``, ``mimic``,
+  ``defence-aware``, ...): a client-side attacker cannot see the other clients'
+  gradients, so it *estimates* the honest statistics from its own data.  It
+  draws :data:`DEFAULT_ESTIMATE_BATCHES` (node config ``estimate-batches``
+  overrides it) independent mini-batches of size b without replacement from its
+  own partition (seeded by run seed, partition id, round and batch index; with
+  ``full-batch`` the estimates are the gradients of disjoint random chunks of the
+  partition instead, since b = n_r would make every estimate the same), stacks
+  their gradients as the ``(n_est, d)`` matrix ``honest`` and calls
+  ``attack.craft(honest, f, round)`` with ``f`` the number of colluders.  It
+  sends row ``i`` of the result, ``i`` its rank among the colluders (simulation)
+  or ``partition-id mod f`` (deployment).  The attack is seeded by the run seed
+  only and called with the round, so colluders agree on every random choice
+  (``gaussian`` gives each colluder its own row of one shared draw).
+  ``defence-aware`` targets the run config's ``aggregator`` (with ``eps-tilde``
+  and ``sigma0``), simulated on the ``n_est + f`` rows the attacker knows.
+  With randk the crafted vector is compressed exactly like an honest one.
+
+When a run config key ``adversary`` exists and is ``'omniscient'`` every client
+is honest: the server-side :class:`~flwr_byzantine.strategies.omniscient.OmniscientAdversary`
+plays the attackers.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import numpy as np
@@ -19,22 +48,35 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from flwr_byzantine.attacks import DataAttack, UpdateAttack, make_attack
+from flwr_byzantine.aggregators import make_aggregator
+from flwr_byzantine.attacks import ATTACKS, DataAttack, Erasure, UpdateAttack, make_attack
 from flwr_byzantine.compression.randk import RANDK_PROCEDURE, coordinate_digest, draw_coordinates
 from flwr_byzantine.config import RunConfig
 from flwr_byzantine.data import dataset_info, load_partition
 from flwr_byzantine.federation import malicious_partition_ids
 from flwr_byzantine.models import build_model, loss_fn_for
 
-#: The attack parameter that run config ``attack-scale`` sets, per attack.
+#: The attack parameter that run config ``attack-scale`` sets, per attack (0 keeps the attack's default).
 SCALE_PARAM = {"gaussian": "std", "scaled-negative": "scale", "ipm": "epsilon", "alie": "z", "arbitrary": "scale"}
+
+#: Number of independent mini-batch gradients a colluding attacker draws from its own partition to
+#: estimate the honest statistics (node config ``estimate-batches`` overrides it).
+DEFAULT_ESTIMATE_BATCHES = 8
+
+#: Salt of the estimate batches' seeds (keeps them independent of the honest mini-batch stream).
+_ESTIMATE_SALT = 0xE57
+
+
+def _flag(value: Any) -> bool:
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes")
 
 
 def _node_attack(cfg: RunConfig, node_config: Mapping[str, Any], partition_id: int, num_partitions: int) -> str | None:
     """Attack name for this node, or None if it is honest."""
+    if getattr(cfg, "adversary", "client") == "omniscient":
+        return None  # the server-side omniscient adversary plays the attackers
     if "malicious" in node_config:
-        flag = node_config["malicious"]
-        malicious = flag if isinstance(flag, bool) else str(flag).lower() in ("1", "true", "yes")
+        malicious = _flag(node_config["malicious"])
     else:
         malicious = partition_id in malicious_partition_ids(num_partitions, cfg.num_malicious, cfg.seed)
     if not malicious:
@@ -42,12 +84,57 @@ def _node_attack(cfg: RunConfig, node_config: Mapping[str, Any], partition_id: i
     return str(node_config.get("attack", cfg.attack))
 
 
-def build_attack(name: str, cfg: RunConfig, partition_id: int) -> UpdateAttack | DataAttack:
-    """Instantiate the attack ``name`` with ``attack-scale`` mapped to its main parameter."""
-    params: dict[str, Any] = {"seed": cfg.seed * 100_003 + partition_id}
-    if name in SCALE_PARAM:
+def colluders(cfg: RunConfig, node_config: Mapping[str, Any], partition_id: int, num_partitions: int) -> tuple[int, int]:
+    """``(f, i)``: how many clients collude and which crafted row this one sends.
+
+    Simulation (no node config ``malicious``): ``f`` is the size of the seeded
+    malicious set and ``i`` this partition's rank in it.  Deployment: ``f`` is run
+    config ``num-malicious`` (clipped to ``[1, num-partitions]``) and ``i =
+    partition-id mod f``.
+    """
+    if "malicious" not in node_config:
+        ids = malicious_partition_ids(num_partitions, cfg.num_malicious, cfg.seed)
+        if partition_id in ids:
+            return len(ids), ids.index(partition_id)
+    f = int(min(max(cfg.num_malicious, 1), max(num_partitions, 1)))
+    return f, partition_id % f
+
+
+def _defence_aggregator(cfg: RunConfig, num_rows: int):
+    """The run config's aggregator, as the defence-aware attacker simulates it on ``num_rows`` rows."""
+    f = int(math.floor(cfg.eps_tilde * num_rows))
+    params: dict[str, Any] = {
+        "rge": {"eps_tilde": cfg.eps_tilde, "sigma0": cfg.sigma0},
+        "trimmed-mean": {"num_trim": f},
+        "krum": {"num_byzantine": f},
+        "multi-krum": {"num_byzantine": f, "num_selected": max(num_rows - f, 1)},
+        "bulyan": {"num_byzantine": f},
+    }.get(cfg.aggregator, {})
+    return make_aggregator(cfg.aggregator, **params)
+
+
+def build_attack(name: str, cfg: RunConfig, partition_id: int, num_partitions: int | None = None,
+                 num_estimates: int = DEFAULT_ESTIMATE_BATCHES, num_byzantine: int = 1) -> UpdateAttack | DataAttack:
+    """Instantiate the attack ``name`` for this client.
+
+    ``attack-scale`` sets the attack's main parameter (:data:`SCALE_PARAM`; 0 keeps
+    the attack's default, e.g. ALIE's ``z_max`` rule).  Model-update attacks are
+    seeded by the run seed only (colluders agree); data attacks by run seed and
+    partition id (each client poisons its own data independently).  ALIE's
+    ``z_max`` counts ``num_partitions`` workers; ``defence-aware`` targets the run
+    config's aggregator simulated on ``num_estimates + num_byzantine`` rows.
+    """
+    params: dict[str, Any] = {}
+    if name in SCALE_PARAM and cfg.attack_scale > 0:
         params[SCALE_PARAM[name]] = cfg.attack_scale
-    return make_attack(name, **params)
+    if name == "alie" and num_partitions is not None:
+        params["num_workers"] = int(num_partitions)
+    if name == "defence-aware":
+        params["aggregator"] = _defence_aggregator(cfg, num_estimates + num_byzantine)
+    cls = ATTACKS.get(name)
+    data_attack = isinstance(cls, type) and issubclass(cls, DataAttack)
+    seed = cfg.seed * 100_003 + partition_id if data_attack else cfg.seed
+    return make_attack(name, seed=seed, **params)
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -77,6 +164,35 @@ def local_gradient(model: torch.nn.Module, loss_fn, X: np.ndarray, y: np.ndarray
     return grads, float(loss.detach())
 
 
+def minibatch_indices(n: int, b: int, seed: int, partition_id: int, server_round: int) -> np.ndarray:
+    """The honest mini-batch of a round: ``b`` of ``n`` indices without replacement (all if ``b >= n``)."""
+    if b >= n:
+        return np.arange(n)
+    return np.random.default_rng([seed, partition_id, server_round]).choice(n, size=b, replace=False)
+
+
+def estimate_batches(n: int, b: int, num_batches: int, seed: int, partition_id: int, server_round: int,
+                     full_batch: bool = False) -> list[np.ndarray]:
+    """Index sets of an attacker's estimate batches (see the module docstring).
+
+    ``num_batches`` independent draws of ``min(b, n)`` indices without replacement,
+    batch ``j`` from ``default_rng([seed, partition_id, server_round, 0xE57, j])``;
+    with ``full_batch`` (or ``b >= n``) ``min(num_batches, n)`` disjoint chunks of
+    one seeded permutation of ``range(n)`` (so their sizes differ by at most one).
+    """
+    if n < 1 or num_batches < 1:
+        raise ValueError(f"need n >= 1 and num_batches >= 1, got n={n}, num_batches={num_batches}")
+    if full_batch or b >= n:
+        perm = np.random.default_rng([seed, partition_id, server_round, _ESTIMATE_SALT]).permutation(n)
+        return [np.sort(c) for c in np.array_split(perm, min(num_batches, n))]
+    return [np.random.default_rng([seed, partition_id, server_round, _ESTIMATE_SALT, j]).choice(n, size=b, replace=False)
+            for j in range(num_batches)]
+
+
+def _flatten(grads: Mapping[str, np.ndarray], keys: list[str]) -> np.ndarray:
+    return np.concatenate([grads[k].ravel() for k in keys]).astype(np.float32)
+
+
 def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp whose run config is ``context.run_config`` updated with ``overrides``."""
     app = ClientApp()
@@ -86,29 +202,43 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         cfg, pid, num, X, y, info, model = _setup(msg, context, overrides)
         config = msg.content["config"]
         server_round = int(config["server-round"])
-        attack_name = _node_attack(cfg, context.node_config, pid, num)
-        attack = build_attack(attack_name, cfg, pid) if attack_name else None
+        node = context.node_config
+        attack_name = _node_attack(cfg, node, pid, num)
+        num_est = int(node.get("estimate-batches", DEFAULT_ESTIMATE_BATCHES))
+        if num_est < 1:
+            raise ValueError(f"node config 'estimate-batches' must be >= 1, got {num_est}")
+        f, row = colluders(cfg, node, pid, num) if attack_name else (0, 0)
+        attack = build_attack(attack_name, cfg, pid, num, num_est, f) if attack_name else None
+        metrics: dict[str, Any] = {"server-round": server_round, "partition-id": pid}
+        if isinstance(attack, Erasure):  # erasure: a reply without any gradient, screened out by the server
+            return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
         if isinstance(attack, DataAttack):
             X, y = attack.poison(X, y, info["num_classes"])
 
         n = len(y)
         full = bool(config.get("full-batch", False))
         b = n if full else min(int(config.get("batch-size", cfg.batch_size)), n)
-        rng = np.random.default_rng([cfg.seed, pid, server_round])
-        idx = np.arange(n) if b == n else rng.choice(n, size=b, replace=False)  # without replacement
-        grads, loss = local_gradient(model, loss_fn_for(info["task"]), X[idx], y[idx])
+        loss_fn = loss_fn_for(info["task"])
         keys = list(model.state_dict().keys())
-        flat = np.concatenate([grads[k].ravel() for k in keys]).astype(np.float32)
-
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         if isinstance(attack, UpdateAttack):
-            crafted = attack.craft(flat[None, :], 1, server_round)
-            if crafted is None:  # erasure: answer nothing useful
-                raise RuntimeError("erasure attack: no gradient sent")
-            flat = np.asarray(crafted, dtype=np.float32).reshape(-1)
+            batches = estimate_batches(n, b, num_est, cfg.seed, pid, server_round, full_batch=full)
+            rows, losses = [], []
+            for idx in batches:
+                grads, loss_j = local_gradient(model, loss_fn, X[idx], y[idx])
+                rows.append(_flatten(grads, keys))
+                losses.append(loss_j)
+            crafted = attack.craft(np.stack(rows), f, server_round)
+            if crafted is None:  # an attack that erases in this round
+                return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+            flat = np.asarray(crafted, dtype=np.float32)[row % len(crafted)].reshape(-1)
+            loss = float(np.mean(losses))
+        else:
+            idx = minibatch_indices(n, b, cfg.seed, pid, server_round)  # without replacement
+            grads, loss = local_gradient(model, loss_fn, X[idx], y[idx])
+            flat = _flatten(grads, keys)
 
-        metrics: dict[str, Any] = {
-            "num-examples": int(b), "train-loss": loss, "server-round": server_round, "partition-id": pid,
-        }
+        metrics.update({"num-examples": int(b), "train-loss": loss})
         if "randk-procedure" in config:
             if config["randk-procedure"] != RANDK_PROCEDURE:
                 raise ValueError(f"unsupported coordinate procedure {config['randk-procedure']!r}")
@@ -125,9 +255,8 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         else:
             out, start = {}, 0
             for k in keys:
-                shape = grads[k].shape
-                size = int(np.prod(shape))
-                out[k] = Array(flat[start : start + size].reshape(shape))
+                size = int(np.prod(shapes[k]))
+                out[k] = Array(np.ascontiguousarray(flat[start : start + size].reshape(shapes[k])))
                 start += size
             payload = ArrayRecord(out)
         return Message(RecordDict({"gradient": payload, "metrics": MetricRecord(metrics)}), reply_to=msg)
