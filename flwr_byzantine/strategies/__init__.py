@@ -2,9 +2,10 @@
 
 from .comrade import Comrade, NewtonRoundReport, NewtonStrategyBase, make_evaluate_fn
 from .giant import Giant
+from .omniscient import AdversaryRound, OmniscientAdversary
 from .robust_sgd import PROTOCOL, RobustSGD, RoundReport
 
 __all__ = [
-    "PROTOCOL", "Comrade", "Giant", "NewtonRoundReport", "NewtonStrategyBase", "RobustSGD", "RoundReport",
+    "PROTOCOL", "AdversaryRound", "Comrade", "Giant", "NewtonRoundReport", "NewtonStrategyBase", "OmniscientAdversary", "RobustSGD", "RoundReport",
     "make_evaluate_fn",
 ]
