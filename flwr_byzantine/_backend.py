@@ -39,7 +39,8 @@ def check_matrix(updates: ArrayLike) -> ArrayLike:
             raise ValueError(f"expected an (R, d) tensor with R >= 1, got shape {tuple(updates.shape)}")
         if not torch.is_floating_point(updates):
             updates = updates.float()
-        if not bool(torch.isfinite(updates).all()):
+        # One reduction first (cheap); the elementwise scan only if the sum is not finite.
+        if not bool(torch.isfinite(updates.sum(dtype=torch.float64))) and not bool(torch.isfinite(updates).all()):
             raise ValueError("aggregator input contains NaN or Inf")
         return updates
     arr = np.asarray(updates)
@@ -47,7 +48,9 @@ def check_matrix(updates: ArrayLike) -> ArrayLike:
         raise ValueError(f"expected an (R, d) array with R >= 1, got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float64)
-    if not np.isfinite(arr).all():
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = arr.sum(dtype=np.float64)
+    if not np.isfinite(total) and not np.isfinite(arr).all():
         raise ValueError("aggregator input contains NaN or Inf")
     return arr
 

@@ -12,10 +12,12 @@ framework and device) happens on R x R matrices; no d x d matrix is formed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from .._backend import ArrayLike, centred_gram, subset_mean
 from .base import AggregationResult, Aggregator
@@ -23,6 +25,16 @@ from .saddle import capped_simplex_cap, solve_saddle
 from .sigma import estimate_sigma0_sq
 
 logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def _single_thread_blas():
+    """Context limiting BLAS to one thread (threadpoolctl, a scikit-learn dependency)."""
+    return _blas_controller().limit(limits=1, user_api="blas")
 
 
 class RGE(Aggregator):
@@ -68,12 +80,13 @@ class RGE(Aggregator):
 
     def _aggregate(self, updates: ArrayLike) -> AggregationResult:
         t0 = time.perf_counter()
-        R = updates.shape[0]
         gram, scale = centred_gram(updates, with_scale=True)
         t_gram = time.perf_counter() - t0
         eps_dtype = float(np.finfo(np.float32 if str(updates.dtype).endswith(("float32", "float16", "bfloat16"))
                                    else np.float64).eps)
-        return self.filter_gram(gram, updates, t_gram=t_gram, noise_floor=10.0 * eps_dtype * scale)
+        # The R x R loop is latency-bound: BLAS threads only add contention there.
+        with _single_thread_blas():
+            return self.filter_gram(gram, updates, t_gram=t_gram, noise_floor=10.0 * eps_dtype * scale)
 
     def filter_gram(
         self,

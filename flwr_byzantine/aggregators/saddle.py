@@ -200,6 +200,7 @@ def solve_saddle(
     sig, U, B = obj.eig(W)
     ub = float(sig[-1])
     scale = max(ub, float(np.trace(K)) * float(c.max()) / max(n, 1), 1e-300)
+    tol_abs = tol_abs * scale  # relative to the problem's magnitude: scale-equivariant stopping
 
     def finish(z: np.ndarray, lower: float, it: int, converged: bool, early: bool) -> SaddleSolution:
         tau = (U**2 @ (z * sig)) / c
