@@ -1,8 +1,13 @@
-"""ServerApp of flwr-byzantine: RobustSGD + central evaluation + results file and plot."""
+"""ServerApp of flwr-byzantine: RobustSGD + central evaluation + results file, final model and plot.
+
+With run config ``checkpoint=true`` the server checkpoints its full state after
+every completed round to ``<output-dir>/checkpoint/`` and, when started again
+with the same run config and output-dir, resumes after the last completed round
+(see :mod:`flwr_byzantine.checkpoint` and ``docs/deployment.md``).
+"""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from logging import INFO, WARNING
@@ -16,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from flwr_byzantine.aggregators import Aggregator, make_aggregator
+from flwr_byzantine.checkpoint import Checkpointer
 from flwr_byzantine.compression import RandK
 from flwr_byzantine.config import RunConfig
 from flwr_byzantine.data import dataset_info, load_test_set
@@ -23,6 +29,7 @@ from flwr_byzantine.federation import malicious_partition_ids
 from flwr_byzantine.models import build_model, loss_fn_for
 from flwr_byzantine.results import plot_accuracy, write_json_atomic
 from flwr_byzantine.strategies.robust_sgd import RobustSGD
+from flwr_byzantine.strategies.validation import REJECTION_KINDS
 
 
 def build_aggregator(cfg: RunConfig, num_nodes: int) -> Aggregator:
@@ -93,11 +100,41 @@ def _wait_for_nodes(grid: Grid, minimum: int, timeout: float = 300.0) -> list[in
     return nodes
 
 
+#: Run-config keys that may differ between a checkpointed run and its resumption.
+RESUMABLE_KEYS = ("checkpoint", "output-dir")
+
+
+def checkpoint_identity(cfg: RunConfig) -> dict[str, Any]:
+    """What must be equal for a checkpoint to be resumed: the run config minus :data:`RESUMABLE_KEYS`."""
+    return {k: v for k, v in cfg.as_dict().items() if k not in RESUMABLE_KEYS}
+
+
+def save_model(path: Path, arrays: ArrayRecord) -> None:
+    """Write the model's arrays to ``path`` (``.npz``, one entry per key) atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as fh:
+        np.savez(fh, **{k: a.numpy() for k, a in arrays.items()})
+    tmp.replace(path)
+
+
 def run_federation(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, Any]:
     """Run the configured federation on ``grid``; returns (and writes) the results dict."""
     t0 = time.time()
     nodes = _wait_for_nodes(grid, 2)
     num_nodes = len(nodes)
+    out_dir = Path(cfg.output_dir).expanduser().resolve()
+    checkpointer = None
+    if cfg.checkpoint:
+        checkpointer = Checkpointer(out_dir / "checkpoint", checkpoint_identity(cfg))
+        state = checkpointer.load()  # raises CheckpointMismatch on a different run config
+        if state is not None:
+            stored = int(state.meta.get("num_nodes", num_nodes))
+            if stored != num_nodes:
+                log(WARNING, "checkpoint: %d nodes connected now, %d when the checkpoint was written; "
+                    "building the aggregator for %d as before", num_nodes, stored, stored)
+            num_nodes = stored
+        checkpointer.meta = {"num_nodes": num_nodes}
     info = dataset_info(cfg.dataset)
     model = build_model(cfg.model, info["num_features"], info["num_classes"], cfg.seed)
     strategy = build_strategy(cfg, num_nodes)
@@ -113,6 +150,7 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, An
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=cfg.num_server_rounds,
         evaluate_fn=evaluate,
+        checkpoint=checkpointer,
     )
     central = {int(r): dict(m) for r, m in result.evaluate_metrics_serverapp.items()}
     rounds = sorted(central)
@@ -134,11 +172,16 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, An
         "rounds": reports,
         "total_bytes_up": int(sum(r["bytes_up"] for r in reports)),
         "total_bytes_down": int(sum(r["bytes_down"] for r in reports)),
+        "rejections": {kind: int(sum(r.get("rejection_counts", {}).get(kind, 0) for r in reports))
+                       for kind in REJECTION_KINDS},
+        "resumed_from_round": strategy.resumed_from,
         "wall_seconds": time.time() - t0,
     }
-    out_dir = Path(cfg.output_dir).expanduser().resolve()
     stem = f"{cfg.aggregator}-{cfg.attack if malicious else 'clean'}-run{payload['run_id']}"
     json_path = out_dir / f"{stem}.json"
+    model_path = out_dir / f"{stem}-model.npz"
+    save_model(model_path, result.arrays)
+    payload["model_file"] = model_path.name
     write_json_atomic(json_path, payload)
     if info["task"] == "classification":
         plot_accuracy({f"{cfg.aggregator} ({cfg.attack if malicious else 'no attack'})": (rounds, acc)},

@@ -1,27 +1,59 @@
 """Screening of client replies before aggregation: hostile input never reaches the model.
 
-Every reply is checked (error replies, unknown or duplicated senders, missing or
-extra records, wrong keys, shapes or dtypes, oversized payloads, non-finite
-values, absurd norms, replies echoing another round) and either decoded into a
-vector or rejected with a reason.  A rejected or missing reply is an *erasure*
-in the sense of Data & Diggavi, Section 2.1: the server knows it and leaves it
-out.  Nothing here raises on client input.
+Every reply is checked and either decoded into a vector or rejected with a reason
+and a *kind* (counted per kind in the round's metrics):
+
+============  ==================================================================
+kind          cases
+============  ==================================================================
+no-reply      a sampled node did not answer (timeout, crash, churn)
+error         the reply is an error message
+sender        reply without a sender id, from a node that was not sampled this
+              round, or a second reply from the same node (both are dropped)
+stale         reply to another message / another round (message id, group id or
+              echoed ``server-round``), or of the wrong message type
+format        missing or extra records, wrong array keys (count), shapes, dtypes
+              (anything but real floating point: int, bool, complex, strings...),
+              undecodable arrays, oversized payloads, garbage metric records
+non-finite    NaN or +-Inf entries
+magnitude     entries not representable in the aggregation dtype (float32),
+              norm above ``max-update-norm``, or norm more than
+              ``max_norm_ratio`` times the round's median reply norm
+============  ==================================================================
+
+A rejected or missing reply is an *erasure* in the sense of Data & Diggavi,
+Section 2.1: the server knows it and leaves it out.  Nothing here raises on
+client input.  Client metrics are passed on only after :func:`clean_metrics`:
+finite int/float scalars and short numeric lists; anything else is dropped.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import Message, MessageType
 
 from .records import ArrayLayout
 
 #: Slack allowed over the expected payload size (npy headers, small arrays).
 _HEADER_SLACK = 64 * 1024
+
+#: Largest magnitude the aggregators' float32 matrix can hold.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+#: Rejection kinds, in reporting order.
+REJECTION_KINDS = ("no-reply", "error", "sender", "stale", "format", "non-finite", "magnitude")
+
+#: Client metric lists longer than this are dropped (nobody needs them, attackers could bloat logs).
+MAX_METRIC_LIST = 64
+
+#: Largest integer metric passed on (uint64 node ids fit; bigger ints are garbage).
+MAX_METRIC_INT = 2**64
 
 
 @dataclass
@@ -37,11 +69,25 @@ class ReplyPolicy:
     max_bytes:
         Reject replies whose arrays exceed this many bytes (default: twice the
         float64 size of the expected payload plus a small header slack).
+    max_abs_value:
+        Reject vectors with an entry larger than this in magnitude (default: the
+        float32 maximum, since the aggregators work on a float32 matrix).
+    max_norm_ratio:
+        Reject vectors whose norm exceeds this multiple of the median norm of the
+        round's otherwise valid replies (needs at least 3 of them and a positive
+        median; ``None``/0: off).  A scale-free guard against absurd magnitudes
+        that would wreck the aggregator's float32 arithmetic; honest mini-batch
+        gradients differ in norm by far less than the default factor 1e6.
+    message_type:
+        Required message type of a reply (``None``: not checked).
     """
 
     reply_key: str = "gradient"
     max_norm: float | None = None
     max_bytes: int | None = None
+    max_abs_value: float = FLOAT32_MAX
+    max_norm_ratio: float | None = 1e6
+    message_type: str | None = MessageType.TRAIN
 
 
 @dataclass
@@ -52,61 +98,153 @@ class ScreenedReplies:
     vectors: list[np.ndarray] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
+    kinds: dict[int, str] = field(default_factory=dict)
     bytes_up: int = 0
 
     def matrix(self, dtype: type = np.float32) -> np.ndarray:
         """The accepted vectors stacked as an ``(R, d)`` array."""
         return np.stack(self.vectors).astype(dtype, copy=False)
 
+    def reject(self, node: int, kind: str, reason: str) -> None:
+        """Record (or overwrite) the rejection of ``node``; drops its accepted reply if any."""
+        if node in self.node_ids:
+            i = self.node_ids.index(node)
+            for lst in (self.node_ids, self.vectors, self.metrics):
+                lst.pop(i)
+        self.rejected[node] = reason
+        self.kinds[node] = kind
 
-class _Reject(Exception):
-    pass
+    def counts(self) -> dict[str, int]:
+        """Number of rejections per kind (every kind present, zeros included)."""
+        c = Counter(self.kinds.values())
+        return {kind: int(c.get(kind, 0)) for kind in REJECTION_KINDS}
+
+
+class Rejected(Exception):
+    """A reply failed screening: ``kind`` (see the module table) and a readable reason."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+# Backwards-compatible private name.
+_Reject = Rejected
+
+
+def _finite_number(val: Any) -> float | None:
+    """``float(val)`` if ``val`` is a finite real int/float scalar (not bool), else None."""
+    if isinstance(val, bool) or not isinstance(val, (int, float, np.integer, np.floating)):
+        return None
+    if isinstance(val, (int, np.integer)) and abs(int(val)) > MAX_METRIC_INT:
+        return None
+    try:
+        out = float(val)
+    except (OverflowError, ValueError, TypeError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def clean_metrics(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Client metrics reduced to what the server may use: finite numbers and short numeric lists.
+
+    Integers stay integers (node/partition ids, round echoes), non-finite floats
+    become NaN (so "present but garbage" stays visible), anything else is dropped.
+    Never raises.
+    """
+    out: dict[str, Any] = {}
+    try:
+        items = list(raw.items())
+    except Exception:  # pylint: disable=broad-except
+        return out
+    for key, val in items:
+        if not isinstance(key, str):
+            continue
+        if isinstance(val, (int, np.integer)) and not isinstance(val, bool):
+            if abs(int(val)) <= MAX_METRIC_INT:
+                out[key] = int(val)
+        elif isinstance(val, (float, np.floating)):
+            out[key] = float(val) if math.isfinite(float(val)) else float("nan")
+        elif isinstance(val, (list, tuple)) and len(val) <= MAX_METRIC_LIST:
+            nums = [_finite_number(v) for v in val]
+            if all(v is not None for v in nums):
+                out[key] = nums
+    return out
 
 
 def _metric_dict(msg: Message) -> dict[str, Any]:
     records = list(msg.content.metric_records.values())
     if len(records) > 1:
-        raise _Reject(f"expected at most one MetricRecord, got {len(records)}")
-    return dict(records[0]) if records else {}
+        raise Rejected("format", f"expected at most one MetricRecord, got {len(records)}")
+    return clean_metrics(records[0]) if records else {}
 
 
 def decode_reply(
-    msg: Message, layout: ArrayLayout, server_round: int, policy: ReplyPolicy
+    msg: Message,
+    layout: ArrayLayout,
+    server_round: int,
+    policy: ReplyPolicy,
+    sent_message_id: str = "",
 ) -> tuple[np.ndarray, dict[str, Any], int]:
-    """Decode one reply into ``(vector float64, metrics, payload bytes)`` or raise ``_Reject``."""
+    """Decode one reply into ``(vector float64, metrics, payload bytes)`` or raise :class:`Rejected`."""
     if msg.has_error():
-        raise _Reject(f"error reply (code {msg.error.code}): {msg.error.reason}")
+        try:
+            code, reason = msg.error.code, msg.error.reason
+        except Exception:  # pylint: disable=broad-except
+            code, reason = "?", "?"
+        raise Rejected("error", f"error reply (code {code}): {str(reason)[:200]}")
+    meta = msg.metadata
+    if sent_message_id and meta.reply_to_message_id and meta.reply_to_message_id != sent_message_id:
+        raise Rejected("stale", f"reply to message {meta.reply_to_message_id!r}, not to this round's message")
+    if meta.group_id and meta.group_id != str(server_round):
+        raise Rejected("stale", f"reply for round (group) {meta.group_id!r}, current round is {server_round}")
+    if policy.message_type is not None and meta.message_type != policy.message_type:
+        raise Rejected("stale", f"reply of type {meta.message_type!r}, expected {policy.message_type!r}")
     content = msg.content
     arecs = content.array_records
     if policy.reply_key not in arecs:
-        raise _Reject(f"missing ArrayRecord '{policy.reply_key}' (got {sorted(arecs)})")
+        raise Rejected("format", f"missing ArrayRecord '{policy.reply_key}' (got {sorted(arecs)})")
     if len(arecs) != 1:
-        raise _Reject(f"expected exactly one ArrayRecord, got {sorted(arecs)}")
+        raise Rejected("format", f"expected exactly one ArrayRecord, got {sorted(arecs)}")
+    crecs = content.config_records
+    if len(crecs) != 0:
+        raise Rejected("format", f"unexpected ConfigRecord(s) {sorted(crecs)} in a training reply")
     record = arecs[policy.reply_key]
     nbytes = int(sum(len(a.data) for a in record.values()))
     limit = policy.max_bytes if policy.max_bytes else 2 * 8 * layout.size + _HEADER_SLACK
     if nbytes > limit:
-        raise _Reject(f"oversized payload: {nbytes} bytes > limit {limit}")
+        raise Rejected("format", f"oversized payload: {nbytes} bytes > limit {limit}")
     if set(record.keys()) != set(layout.keys):
-        raise _Reject(f"array keys {sorted(record.keys())} != expected {sorted(layout.keys)}")
+        raise Rejected("format", f"array keys {sorted(record.keys())} != expected {sorted(layout.keys)} "
+                                 f"({len(record.keys())} arrays, expected {len(layout.keys)})")
     metrics = _metric_dict(msg)
-    echoed = metrics.get("server-round")
-    if echoed is not None and echoed != server_round:
-        raise _Reject(f"reply for round {echoed}, current round is {server_round}")
+    if "server-round" in metrics:
+        echoed = metrics["server-round"]
+        if isinstance(echoed, bool) or not isinstance(echoed, (int, float)) or echoed != server_round:
+            raise Rejected("stale", f"reply for round {echoed}, current round is {server_round}")
     try:
         vec = layout.flatten(record, np.float64)
     except ValueError as exc:
-        raise _Reject(str(exc)) from None
-    if not np.isfinite(vec).all():
-        raise _Reject(f"non-finite values ({int((~np.isfinite(vec)).sum())} of {vec.size})")
+        raise Rejected("format", str(exc)) from None
+    finite = np.isfinite(vec)
+    if not finite.all():
+        raise Rejected("non-finite", f"non-finite values ({int((~finite).sum())} of {vec.size})")
+    peak = float(np.max(np.abs(vec))) if vec.size else 0.0
+    if peak > policy.max_abs_value:
+        raise Rejected("magnitude", f"absurd magnitude: entry {peak:.3g} exceeds {policy.max_abs_value:.3g}")
     if policy.max_norm:
         norm = float(np.linalg.norm(vec))
-        if norm > policy.max_norm:
-            raise _Reject(f"norm {norm:.3g} exceeds max-update-norm {policy.max_norm:.3g}")
-    for key, val in metrics.items():
-        if isinstance(val, float) and not math.isfinite(val):
-            metrics[key] = float("nan")
+        if not norm <= policy.max_norm:
+            raise Rejected("magnitude", f"norm {norm:.3g} exceeds max-update-norm {policy.max_norm:.3g}")
     return vec, metrics, nbytes
+
+
+def _stable_norm(vec: np.ndarray) -> float:
+    """l2 norm without overflow (entries are finite float64, possibly ~1e38)."""
+    scale = float(np.max(np.abs(vec))) if vec.size else 0.0
+    if scale == 0.0:
+        return 0.0
+    return scale * float(np.linalg.norm(vec / scale))
 
 
 def screen_replies(
@@ -115,37 +253,49 @@ def screen_replies(
     layout: ArrayLayout,
     server_round: int,
     policy: ReplyPolicy,
+    sent_message_ids: Mapping[int, str] | None = None,
 ) -> ScreenedReplies:
-    """Validate all replies of a round; sampled nodes that did not answer are erasures."""
+    """Validate all replies of a round; sampled nodes that did not answer are erasures.
+
+    ``sent_message_ids`` maps each sampled node to the id of the message it was
+    sent (when the Grid assigned one): a reply to any other message is stale.
+    """
     expected = set(int(n) for n in expected_nodes)
+    sent_ids = dict(sent_message_ids or {})
     out = ScreenedReplies()
     seen: set[int] = set()
+    anonymous = 0
     for msg in replies:
         try:
             node = int(msg.metadata.src_node_id)
         except Exception as exc:  # pylint: disable=broad-except
-            out.rejected[-1 - len(out.rejected)] = f"reply without a sender id ({exc})"
+            anonymous += 1
+            out.reject(-anonymous, "sender", f"reply without a sender id ({type(exc).__name__})")
             continue
         try:
             if node not in expected:
-                raise _Reject("reply from a node that was not sampled this round")
+                raise Rejected("sender", "reply from a node that was not sampled this round")
             if node in seen:
                 # A second reply poisons the first too: the sender is misbehaving.
-                if node in out.node_ids:
-                    i = out.node_ids.index(node)
-                    for lst in (out.node_ids, out.vectors, out.metrics):
-                        lst.pop(i)
-                raise _Reject("duplicate reply from the same node")
+                raise Rejected("sender", "duplicate reply from the same node")
             seen.add(node)
-            vec, metrics, nbytes = decode_reply(msg, layout, server_round, policy)
+            vec, metrics, nbytes = decode_reply(msg, layout, server_round, policy, sent_ids.get(node, ""))
             out.bytes_up += nbytes
             out.node_ids.append(node)
             out.vectors.append(vec)
             out.metrics.append(metrics)
-        except _Reject as rej:
-            out.rejected[node] = str(rej)
+        except Rejected as rej:
+            out.reject(node, rej.kind, str(rej))
         except Exception as exc:  # pylint: disable=broad-except
-            out.rejected[node] = f"malformed reply: {type(exc).__name__}: {exc}"
+            out.reject(node, "format", f"malformed reply: {type(exc).__name__}: {str(exc)[:200]}")
+    if policy.max_norm_ratio and len(out.vectors) >= 3:
+        norms = np.array([_stable_norm(v) for v in out.vectors])
+        median = float(np.median(norms))
+        if median > 0.0:
+            limit = policy.max_norm_ratio * median
+            for node, norm in [(n, v) for n, v in zip(list(out.node_ids), norms) if v > limit]:
+                out.reject(node, "magnitude", f"absurd magnitude: norm {norm:.3g} is more than "
+                                              f"{policy.max_norm_ratio:.3g} x the round's median norm {median:.3g}")
     for node in sorted(expected - seen):
-        out.rejected.setdefault(node, "no reply (erasure)")
+        out.reject(node, "no-reply", "no reply (erasure)")
     return out
