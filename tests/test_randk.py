@@ -363,6 +363,9 @@ BAD_REPLIES = [
     (lambda m: values_reply(m, np.r_[np.zeros(6), np.nan]), "non-finite"),
     (lambda m: values_reply(m, np.r_[np.zeros(6), np.inf]), "non-finite"),
     (_other_round_digest_reply, "another coordinate set"),
+    (lambda m: Message(RecordDict({"gradient": ArrayRecord({"values": Array(np.zeros(7, np.float32))}),
+                                   "metrics": MetricRecord({"server-round": int(m.content["config"]["server-round"])})}),
+                       reply_to=m), "without the 'randk-digest'"),
     (lambda m: values_reply(m, np.zeros(7), **{"server-round": 2}), "reply for round 2"),
     (lambda m: Message(RecordDict({"gradient": ArrayRecord({"w": Array(np.zeros((6, 10), np.float32)),
                                                           "b": Array(np.zeros(10, np.float32))}),
@@ -371,8 +374,8 @@ BAD_REPLIES = [
 
 
 @pytest.mark.parametrize("form", ["seed", "indices"])
-@pytest.mark.parametrize("make_bad, reason", BAD_REPLIES, ids=["long", "short", "nan", "inf", "digest", "round",
-                                                               "uncompressed"])
+@pytest.mark.parametrize("make_bad, reason", BAD_REPLIES, ids=["long", "short", "nan", "inf", "digest", "no-digest",
+                                                               "round", "uncompressed"])
 def test_bad_compressed_replies_are_erasures(make_bad, reason, form):
     good = honest(target=1.0)
     grid = FakeGrid(range(1, 7), lambda m: make_bad(m) if m.metadata.dst_node_id == 4 else good(m))
@@ -388,7 +391,7 @@ def test_bad_compressed_replies_are_erasures(make_bad, reason, form):
 
 def test_several_bad_replies_at_once_round_goes_on():
     good = honest(target=1.0)
-    bad = {1: BAD_REPLIES[0][0], 2: BAD_REPLIES[2][0], 3: _other_round_digest_reply, 5: BAD_REPLIES[5][0]}
+    bad = {1: BAD_REPLIES[0][0], 2: BAD_REPLIES[2][0], 3: _other_round_digest_reply, 5: BAD_REPLIES[6][0]}
     grid = FakeGrid(range(1, 10), lambda m: bad[m.metadata.dst_node_id](m) if m.metadata.dst_node_id in bad
                     else good(m))
     strategy = RobustSGD(aggregator=RGE(), learning_rate=0.5, compression=RandK(k=7, seed=9))

@@ -294,7 +294,10 @@ class RobustSGD(Strategy):
         if self._coords is not None:
             digest = coordinate_digest(self._coords)
             for node, metrics in list(zip(screened.node_ids, screened.metrics)):
-                if metrics.get("randk-digest", digest) != digest:
+                echoed = metrics.get("randk-digest")
+                if echoed is None:
+                    screened.reject(node, "format", "compressed reply without the 'randk-digest' echo of K_t")
+                elif echoed != digest:
                     screened.reject(node, "stale", "reply computed for another coordinate set K_t")
         for node, reason in sorted(screened.rejected.items()):
             log(WARNING, "round %d: rejected reply from node %s (%s): %s", server_round, node,
