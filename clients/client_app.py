@@ -33,7 +33,7 @@ depends on the kind of attack (see ``docs/attacks.md``):
   and ``sigma0``), simulated on the ``n_est + f`` rows the attacker knows.
   With randk the crafted vector is compressed exactly like an honest one.
 
-When a run config key ``adversary`` exists and is ``'omniscient'`` every client
+When run config ``adversary`` is ``'omniscient'`` every client
 is honest: the server-side :class:`~flwr_byzantine.strategies.omniscient.OmniscientAdversary`
 plays the attackers.
 """
@@ -51,13 +51,10 @@ from flwr.clientapp import ClientApp
 from flwr_byzantine.aggregators import make_aggregator
 from flwr_byzantine.attacks import ATTACKS, DataAttack, Erasure, UpdateAttack, make_attack
 from flwr_byzantine.compression.randk import RANDK_PROCEDURE, coordinate_digest, draw_coordinates
-from flwr_byzantine.config import RunConfig
+from flwr_byzantine.config import SCALE_PARAM, RunConfig
 from flwr_byzantine.data import dataset_info, load_partition
 from flwr_byzantine.federation import malicious_partition_ids
 from flwr_byzantine.models import build_model, loss_fn_for
-
-#: The attack parameter that run config ``attack-scale`` sets, per attack (0 keeps the attack's default).
-SCALE_PARAM = {"gaussian": "std", "scaled-negative": "scale", "ipm": "epsilon", "alie": "z", "arbitrary": "scale"}
 
 #: Number of independent mini-batch gradients a colluding attacker draws from its own partition to
 #: estimate the honest statistics (node config ``estimate-batches`` overrides it).
@@ -73,7 +70,7 @@ def _flag(value: Any) -> bool:
 
 def _node_attack(cfg: RunConfig, node_config: Mapping[str, Any], partition_id: int, num_partitions: int) -> str | None:
     """Attack name for this node, or None if it is honest."""
-    if getattr(cfg, "adversary", "client") == "omniscient":
+    if cfg.adversary == "omniscient":
         return None  # the server-side omniscient adversary plays the attackers
     if "malicious" in node_config:
         malicious = _flag(node_config["malicious"])

@@ -30,6 +30,8 @@ DEFAULTS: dict[str, Any] = {
     "num-malicious": 4,
     "attack": "scaled-negative",
     "attack-scale": 10.0,
+    "adversary": "client",
+    "adversary-mode": "static",
     "fraction-train": 1.0,
     "min-valid-replies": 2,
     "max-update-norm": 0.0,
@@ -44,6 +46,12 @@ DEFAULTS: dict[str, Any] = {
 AGGREGATORS = ("rge", "mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan", "geomed", "cclip")
 COMPRESSIONS = ("none", "randk")
 COORDINATE_FORMS = ("seed", "indices")
+ADVERSARIES = ("client", "omniscient")
+ADVERSARY_MODES = ("static", "random", "rotate")
+#: The attack parameter that run config ``attack-scale`` sets, per attack (0 keeps the attack's default).
+SCALE_PARAM = {"gaussian": "std", "scaled-negative": "scale", "ipm": "epsilon", "alie": "z", "arbitrary": "scale"}
+#: Attacks that poison data: only malicious clients can play them, not the server-side adversary.
+DATA_ATTACKS = ("label-flip", "random-labels")
 
 
 class ConfigError(ValueError):
@@ -101,6 +109,8 @@ class RunConfig:
     num_malicious: int
     attack: str
     attack_scale: float
+    adversary: str
+    adversary_mode: str
     fraction_train: float
     min_valid_replies: int
     max_update_norm: float
@@ -126,6 +136,11 @@ class RunConfig:
             sigma0 = None
         else:
             sigma0 = _num(cfg, "sigma0", lo=0.0)
+        if cfg["adversary"] == "omniscient":
+            if cfg["attack"] in DATA_ATTACKS:
+                raise ConfigError(f"attack {cfg['attack']!r} poisons client data: use adversary='client'")
+            if cfg["checkpoint"] is True:
+                raise ConfigError("checkpoint=true is not supported with adversary='omniscient'")
         return cls(
             num_server_rounds=int(_num(cfg, "num-server-rounds", lo=1, integer=True)),
             seed=int(_num(cfg, "seed", lo=0, integer=True)),
@@ -142,6 +157,8 @@ class RunConfig:
             num_malicious=int(_num(cfg, "num-malicious", lo=0, integer=True)),
             attack=_choice(cfg, "attack"),
             attack_scale=_num(cfg, "attack-scale", lo=0.0),
+            adversary=_choice(cfg, "adversary", ADVERSARIES),
+            adversary_mode=_choice(cfg, "adversary-mode", ADVERSARY_MODES),
             fraction_train=_num(cfg, "fraction-train", lo=0.0, hi=1.0, lo_open=True),
             min_valid_replies=int(_num(cfg, "min-valid-replies", lo=1, integer=True)),
             max_update_norm=_num(cfg, "max-update-norm", lo=0.0),

@@ -21,20 +21,32 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from flwr_byzantine.aggregators import Aggregator, make_aggregator
+from flwr_byzantine.attacks import MobileAdversary, make_attack
 from flwr_byzantine.checkpoint import Checkpointer
 from flwr_byzantine.compression import RandK
-from flwr_byzantine.config import RunConfig
+from flwr_byzantine.config import SCALE_PARAM, RunConfig
 from flwr_byzantine.data import dataset_info, load_test_set
 from flwr_byzantine.federation import malicious_partition_ids
 from flwr_byzantine.models import build_model, loss_fn_for
 from flwr_byzantine.results import plot_accuracy, write_json_atomic
+from flwr_byzantine.strategies.omniscient import OmniscientAdversary
 from flwr_byzantine.strategies.robust_sgd import RobustSGD
 from flwr_byzantine.strategies.validation import REJECTION_KINDS
 
 
 def build_aggregator(cfg: RunConfig, num_nodes: int) -> Aggregator:
-    """The configured aggregator; peers get ``f = floor(eps_tilde * num_nodes)`` Byzantine."""
+    """The configured aggregator; peers get ``f = floor(eps_tilde * num_nodes)`` Byzantine.
+
+    ``f`` is capped at what each rule admits for ``num_nodes`` inputs (Krum: R > 2f + 2,
+    Bulyan: R >= 4f + 3, trimmed mean: 2f < R), with a warning when the cap bites.
+    """
     f = int(math.floor(cfg.eps_tilde * num_nodes))
+    caps = {"trimmed-mean": (num_nodes - 1) // 2, "krum": (num_nodes - 3) // 2,
+            "multi-krum": (num_nodes - 3) // 2, "bulyan": (num_nodes - 3) // 4}
+    if cfg.aggregator in caps and f > max(caps[cfg.aggregator], 0):
+        log(WARNING, "%s admits at most f=%d Byzantine inputs out of %d; using f=%d instead of %d",
+            cfg.aggregator, max(caps[cfg.aggregator], 0), num_nodes, max(caps[cfg.aggregator], 0), f)
+        f = max(caps[cfg.aggregator], 0)
     params: dict[str, Any] = {
         "rge": {"eps_tilde": cfg.eps_tilde, "sigma0": cfg.sigma0},
         "mean": {},
@@ -47,6 +59,18 @@ def build_aggregator(cfg: RunConfig, num_nodes: int) -> Aggregator:
         "cclip": {},
     }[cfg.aggregator]
     return make_aggregator(cfg.aggregator, **params)
+
+
+def build_omniscient_adversary(cfg: RunConfig, inner: RobustSGD) -> OmniscientAdversary:
+    """Server-side worst-case adversary around ``inner``: ``num-malicious`` corrupt nodes per round."""
+    params: dict[str, Any] = {}
+    if cfg.attack in SCALE_PARAM and cfg.attack_scale > 0:
+        params[SCALE_PARAM[cfg.attack]] = cfg.attack_scale
+    if cfg.attack == "defence-aware":
+        params["aggregator"] = inner.aggregator
+    attack = make_attack(cfg.attack, seed=cfg.seed, **params)
+    adversary = MobileAdversary(num_byzantine=cfg.num_malicious, seed=cfg.seed, mode=cfg.adversary_mode)
+    return OmniscientAdversary(inner, attack, adversary)
 
 
 def build_strategy(cfg: RunConfig, num_nodes: int) -> RobustSGD:
@@ -137,25 +161,31 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, An
         checkpointer.meta = {"num_nodes": num_nodes}
     info = dataset_info(cfg.dataset)
     model = build_model(cfg.model, info["num_features"], info["num_classes"], cfg.seed)
-    strategy = build_strategy(cfg, num_nodes)
+    inner = strategy = build_strategy(cfg, num_nodes)
     evaluate = central_evaluator(cfg)
-    malicious = malicious_partition_ids(num_nodes, cfg.num_malicious, cfg.seed)
+    omniscient = cfg.adversary == "omniscient" and cfg.num_malicious > 0
+    if omniscient:
+        strategy = build_omniscient_adversary(cfg, inner)
+        malicious: list[int] = []  # clients are honest; the corrupt set moves per round (see results)
+    else:
+        malicious = malicious_partition_ids(num_nodes, cfg.num_malicious, cfg.seed)
     if cfg.num_malicious > num_nodes // 2:
         log(WARNING, "num-malicious=%d is more than half of the %d nodes", cfg.num_malicious, num_nodes)
     log(INFO, "flwr-byzantine: %d nodes, aggregator=%s, attack=%s on partitions %s", num_nodes,
         cfg.aggregator, cfg.attack if malicious else "none", malicious)
 
+    start_kwargs: dict[str, Any] = {} if omniscient else {"checkpoint": checkpointer}
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=cfg.num_server_rounds,
         evaluate_fn=evaluate,
-        checkpoint=checkpointer,
+        **start_kwargs,
     )
     central = {int(r): dict(m) for r, m in result.evaluate_metrics_serverapp.items()}
     rounds = sorted(central)
     acc = [central[r].get("accuracy", float("nan")) for r in rounds]
-    reports = [r.as_dict() for r in strategy.history]
+    reports = [r.as_dict() for r in inner.history]
     filtered_partitions = sorted({
         rep["partition_ids"].get(str(n)) for rep in reports for n in rep["filtered"]
         if rep["partition_ids"].get(str(n)) is not None
@@ -174,17 +204,22 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, An
         "total_bytes_down": int(sum(r["bytes_down"] for r in reports)),
         "rejections": {kind: int(sum(r.get("rejection_counts", {}).get(kind, 0) for r in reports))
                        for kind in REJECTION_KINDS},
-        "resumed_from_round": strategy.resumed_from,
+        "resumed_from_round": inner.resumed_from,
         "wall_seconds": time.time() - t0,
     }
-    stem = f"{cfg.aggregator}-{cfg.attack if malicious else 'clean'}-run{payload['run_id']}"
+    if omniscient:
+        corrupt = {str(adv.server_round): sorted(rep.partition_ids[n] for n in adv.corrupt if n in rep.partition_ids)
+                   for adv, rep in zip(strategy.history, inner.history)}
+        payload["corrupt_partitions_per_round"] = corrupt
+    attacked = bool(malicious) or omniscient
+    stem = f"{cfg.aggregator}-{cfg.attack if attacked else 'clean'}-run{payload['run_id']}"
     json_path = out_dir / f"{stem}.json"
     model_path = out_dir / f"{stem}-model.npz"
     save_model(model_path, result.arrays)
     payload["model_file"] = model_path.name
     write_json_atomic(json_path, payload)
     if info["task"] == "classification":
-        plot_accuracy({f"{cfg.aggregator} ({cfg.attack if malicious else 'no attack'})": (rounds, acc)},
+        plot_accuracy({f"{cfg.aggregator} ({cfg.attack if attacked else 'no attack'})": (rounds, acc)},
                       out_dir / f"{stem}.png", f"{cfg.dataset}: {num_nodes} clients, {len(malicious)} malicious")
     log(INFO, "flwr-byzantine: final accuracy %s; malicious partitions %s, filtered partitions %s",
         payload["final_accuracy"], malicious, filtered_partitions)

@@ -15,8 +15,8 @@ NUM_NODES = 10
 COMMON = "dataset='digits' model='logreg' num-server-rounds=20 num-malicious=2 attack='scaled-negative' attack-scale=10.0 seed=0"
 
 
-def run_sim(tmp_path: Path, extra: str) -> dict:
-    out = tmp_path / extra.split("=")[1].strip("'")
+def run_sim(tmp_path: Path, extra: str, name: str | None = None) -> dict:
+    out = tmp_path / (name or extra.split("=")[1].strip("'"))
     cfg = f"{COMMON} {extra} output-dir='{out}'"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
     proc = subprocess.run(
@@ -43,3 +43,15 @@ def test_rge_beats_mean_and_filters_the_malicious_clients(tmp_path):
         assert filtered == rge["malicious_partitions"], rnd["server_round"]
         assert rnd["decode_seconds"] > 0 and rnd["bytes_up"] > 0 and rnd["bytes_down"] > 0
     assert (tmp_path / "rge").glob("*.png")
+
+
+def test_omniscient_mobile_adversary_is_filtered_every_round(tmp_path):
+    """adversary='omniscient': the server-side adversary corrupts a rotating set of 2 nodes per round."""
+    res = run_sim(tmp_path, "aggregator='rge' adversary='omniscient' adversary-mode='rotate'", name="omniscient")
+    assert res["malicious_partitions"] == []  # all clients honest: the server plays the adversary
+    corrupt = res["corrupt_partitions_per_round"]
+    assert len({tuple(v) for v in corrupt.values()}) > 1  # the corrupt set moves
+    for rnd in res["rounds"]:
+        filtered = sorted(rnd["partition_ids"][str(n)] for n in rnd["filtered"])
+        assert filtered == corrupt[str(rnd["server_round"])], rnd["server_round"]
+    assert res["final_accuracy"] > 0.85
