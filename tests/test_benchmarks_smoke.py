@@ -1,0 +1,148 @@
+"""Smoke tests of the benchmarks: the in-process grid, robustness, mean estimation and decode time.
+
+Tiny configurations (seconds); the CLIs' own ``--quick`` sizes are marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from benchmarks import decode_time, mean_estimation, robustness
+from benchmarks.inprocess import GradientToModel, InProcessGrid, run_app
+
+
+def _train_message(x: np.ndarray, node: int = 7) -> Message:
+    msg = Message(RecordDict({"arrays": ArrayRecord({"w": Array(x)}), "config": ConfigRecord({"server-round": 1})}),
+                  dst_node_id=node, message_type=MessageType.TRAIN, group_id="1")
+    msg.metadata.__dict__["_message_id"] = "m1"
+    return msg
+
+
+def test_gradient_to_model_takes_one_sgd_step_and_drops_erasures():
+    x = np.arange(4, dtype=np.float32)
+    sent = _train_message(x)
+    g = np.array([1.0, -2.0, 0.5, 0.0], dtype=np.float32)
+    reply = Message(RecordDict({"gradient": ArrayRecord({"w": Array(g)}),
+                                "metrics": MetricRecord({"num-examples": 32})}), reply_to=sent)
+    out = GradientToModel(0.5)(sent, reply)
+    np.testing.assert_allclose(out.content["arrays"]["w"].numpy(), x - 0.5 * g)
+    assert out.content["metrics"]["num-examples"] == 32
+    assert out.metadata.reply_to_message_id == "m1"
+    erased = Message(RecordDict({"metrics": MetricRecord({"server-round": 1})}), reply_to=sent)
+    assert GradientToModel(0.5)(sent, erased) is None
+
+
+def test_inprocess_grid_runs_the_real_client_app(tmp_path):
+    overrides = {"num-server-rounds": 2, "num-malicious": 1, "attack": "scaled-negative", "dirichlet-alpha": 1.0,
+                 "output-dir": str(tmp_path), "seed": 3}
+    first = run_app(overrides, 6)
+    again = run_app(overrides, 6)
+    assert first["num_nodes"] == 6 and len(first["malicious_partitions"]) == 1
+    assert set(first["central"]) == {"0", "1", "2"}
+    assert first["final_accuracy"] == again["final_accuracy"]  # seeded: deterministic
+    assert list(tmp_path.glob("*.json"))
+
+
+def test_inprocess_grid_turns_client_exceptions_into_error_replies():
+    def broken(msg, context):
+        raise RuntimeError("boom")
+
+    grid = InProcessGrid(broken, 2, {})
+    node = list(grid.get_node_ids())[0]
+    msg = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node,
+                  message_type=MessageType.TRAIN, group_id="1")
+    (reply,) = grid.send_and_receive([msg])
+    assert reply.has_error() and "boom" in reply.error.reason
+    assert int(reply.metadata.src_node_id) == node
+
+
+def _tiny_robustness(out, *extra):
+    return robustness.main(["--aggregators", "rge", "flwr-krum", "--attacks", "ipm", "alie", "--seeds", "0",
+                            "--rounds", "2", "--num-nodes", "6", "--alphas", "0.3", "--out", str(out),
+                            "--no-progress", *extra])
+
+
+def test_robustness_tiny_grid_outputs_and_resume(tmp_path):
+    assert _tiny_robustness(tmp_path) == 0
+    lines = (tmp_path / "robustness.jsonl").read_text().splitlines()
+    recs = [json.loads(line) for line in lines]
+    assert len(recs) == 2 + 2 * 2  # clean-fedavg + oracle + 2 rules x 2 attacks
+    assert not [r for r in recs if r.get("error")], [r.get("error") for r in recs]
+    assert {r["aggregator"] for r in recs} == {"clean-fedavg", "oracle", "rge", "flwr-krum"}
+    for r in recs:
+        assert len(r["accuracy"]) == 3 and 0.0 <= r["final_accuracy"] <= 1.0
+    oracle = next(r for r in recs if r["aggregator"] == "oracle")
+    assert oracle["run_config"]["attack"] == "erasure" and oracle["num_malicious"] == 1
+    clean = next(r for r in recs if r["aggregator"] == "clean-fedavg")
+    assert clean["num_malicious"] == 0
+    md = (tmp_path / "robustness.md").read_text()
+    assert "| **rge** |" in md and "worst (attack)" in md and "oracle" in md
+    assert (tmp_path / "robustness_worst.png").stat().st_size > 0
+    assert list(tmp_path.glob("robustness_curves_*.png"))
+    # --resume skips every finished run
+    assert _tiny_robustness(tmp_path, "--resume") == 0
+    assert len((tmp_path / "robustness.jsonl").read_text().splitlines()) == len(lines)
+
+
+def test_robustness_synthetic_and_wrappers(tmp_path):
+    assert robustness.main(["--datasets", "synthetic-logreg:d=10,n=40", "--kappas", "1", "--aggregators",
+                            "bucketing:cclip", "--attacks", "label-flip", "--seeds", "0", "--rounds", "2",
+                            "--num-nodes", "6", "--no-references", "--out", str(tmp_path), "--no-progress"]) == 0
+    (rec,) = [json.loads(line) for line in (tmp_path / "robustness.jsonl").read_text().splitlines()]
+    assert not rec.get("error"), rec.get("error")
+    assert rec["run_config"]["dataset"] == "synthetic-logreg:kappa=1,d=10,n=40"
+    assert rec["run_config"]["aggregator"] == "cclip"  # the clients' view of the wrapper's inner rule
+
+
+def test_robustness_omniscient_adversary(tmp_path):
+    pytest.importorskip("flwr_byzantine.strategies.omniscient")
+    assert robustness.main(["--adversary", "omniscient", "--aggregators", "rge", "--attacks", "alie", "--seeds", "0",
+                            "--alphas", "0.3", "--rounds", "2", "--num-nodes", "6", "--no-references", "--out", str(tmp_path),
+                            "--no-progress"]) == 0
+    (rec,) = [json.loads(line) for line in (tmp_path / "robustness.jsonl").read_text().splitlines()]
+    assert not rec.get("error"), rec.get("error")
+    assert rec["adversary"] == "omniscient" and len(rec["corrupt_partitions"]) == 1
+
+
+def test_mean_estimation_tiny(tmp_path):
+    assert mean_estimation.main(["--dims", "50", "200", "--num-nodes", "20", "--trials", "1", "--rules", "rge",
+                                 "mean", "median", "--out", str(tmp_path), "--no-progress"]) == 0
+    payload = json.loads((tmp_path / "mean_estimation.json").read_text())
+    assert set(payload["summary"]) == set(mean_estimation.ATTACKS)
+    for by_rule in payload["summary"].values():
+        for s in by_rule.values():
+            assert len(s["median_error"]) == 2
+            # the slope is fitted on the non-exact points only: nan when the rule recovers the mean exactly
+            assert np.isfinite(s["slope"]) or sum(s["exact"]) >= 1
+    # the mean is moved by every attack; RGE removes far Gaussian outliers exactly
+    assert payload["summary"]["gaussian-far"]["rge"]["median_error"][1] < 1e-6
+    assert payload["summary"]["gaussian-far"]["mean"]["median_error"][1] > 1.0
+    assert "slope" in (tmp_path / "mean_estimation.md").read_text()
+    assert (tmp_path / "mean_estimation.png").stat().st_size > 0
+
+
+def test_decode_time_tiny(tmp_path):
+    assert decode_time.main(["--num-nodes", "12", "--dims", "1000", "--rules", "rge", "median", "bulyan",
+                             "--repeats", "1", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "decode_time.json").read_text())
+    (case,) = payload["cases"]
+    assert case["mean_seconds"] > 0
+    assert set(case["rules"]) == {"rge", "median", "bulyan", *decode_time.FLOWER}
+    for name, row in case["rules"].items():
+        assert row["ratio_to_mean"] > 0, name
+    assert "| **rge** |" in (tmp_path / "decode_time.md").read_text()
+    assert (tmp_path / "decode_time.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_cli_quick_configurations(tmp_path):
+    assert robustness.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert mean_estimation.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert decode_time.main(["--quick", "--out", str(tmp_path)]) == 0
+    for name in ("robustness.jsonl", "robustness.md", "robustness_worst.png", "mean_estimation.json",
+                 "mean_estimation.png", "decode_time.json", "decode_time.png"):
+        assert (tmp_path / name).exists(), name
