@@ -66,27 +66,14 @@ MU_NORM = 10.0
 
 
 def build_rule(name: str, num_nodes: int, f: int, eps_tilde: float, sigma0: float | None = None):
-    """Aggregator ``name`` for ``num_nodes`` rows of which ``f`` are Byzantine (same parameters as the ServerApp)."""
-    from flwr_byzantine.aggregators import make_aggregator
+    """Aggregator ``name`` for ``num_nodes`` rows with assumed fraction ``eps_tilde`` (as the ServerApp builds it).
 
-    base, _, inner = name.partition(":")
-    if base in ("bucketing", "nnm"):
-        inner_rule = build_rule(inner or "cclip", num_nodes, f, eps_tilde, sigma0)
-        if base == "bucketing":
-            return make_aggregator("bucketing", inner=inner_rule)
-        return make_aggregator("nnm", inner=inner_rule, num_byzantine=f)
-    params: dict[str, Any] = {
-        "rge": {"eps_tilde": min(eps_tilde, 0.25), "sigma0": sigma0},
-        "mean": {},
-        "median": {},
-        "trimmed-mean": {"num_trim": f},
-        "krum": {"num_byzantine": f},
-        "multi-krum": {"num_byzantine": f, "num_selected": max(num_nodes - f, 1)},
-        "bulyan": {"num_byzantine": f},
-        "geomed": {},
-        "cclip": {},
-    }[base]
-    return make_aggregator(base, **params)
+    ``f`` is the benchmark's true number of Byzantine rows; the rules assume ``floor(eps_tilde * R)``,
+    which equals it for the fractions used here.
+    """
+    from flwr_byzantine.aggregators import build_for_federation
+
+    return build_for_federation(name, num_nodes, eps_tilde, sigma0)
 
 
 def craft(attack: str, honest: np.ndarray, f: int, rng: np.random.Generator, num_nodes: int) -> np.ndarray:

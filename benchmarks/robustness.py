@@ -199,52 +199,18 @@ def _restore_logs(previous: dict[str, int]) -> None:
         logging.getLogger(name).setLevel(level)
 
 
-def _threshold_scaled_rge_cls():
-    from flwr_byzantine._backend import centred_gram
-    from flwr_byzantine.aggregators import RGE, Aggregator, estimate_sigma0_sq
-
-    class ThresholdScaledRGE(Aggregator):
-        """RGE whose stopping threshold is ``factor * R * sigma0_hat^2`` instead of Algorithm 3's ``4 R sigma0^2``.
-
-        ``sigma0_hat^2`` is RGE's automatic estimate; this is ``RGE(sigma0 = sqrt(factor / 4)
-        * sigma0_hat)``: a benchmark-only variant (rule name ``rge-x<factor>``) to measure how
-        the threshold constant trades robustness against dropping honest clients.
-        """
-
-        name = "rge-x"
-
-        def __init__(self, eps_tilde: float, factor: float) -> None:
-            self.eps_tilde = float(eps_tilde)
-            self.factor = float(factor)
-
-        def _aggregate(self, updates):
-            s2 = estimate_sigma0_sq(centred_gram(updates), self.eps_tilde)
-            return RGE(eps_tilde=self.eps_tilde, sigma0=math.sqrt(max(s2, 0.0) * self.factor / 4.0)).aggregate(updates)
-
-    return ThresholdScaledRGE
-
-
 def server_aggregator(name: str, num_nodes: int, f: int, eps_tilde: float):
-    """Our aggregator ``name`` as the server builds it (``bucketing:<inner>``, ``nnm:<inner>``, ``rge-x<k>``)."""
-    from flwr_byzantine.aggregators import make_aggregator
+    """Our aggregator ``name`` as the server builds it (``bucketing:<inner>``, ``nnm:<inner>``, ``rge-x<k>``).
+
+    ``rge-x<k>`` is RGE with ``threshold_factor=k`` (Algorithm 3 uses 4): not in the default grid,
+    it measures how the threshold constant trades robustness against dropping honest clients.
+    ``f`` is implied by ``eps_tilde`` (``floor(eps_tilde * num_nodes)``, as in the ServerApp).
+    """
+    from flwr_byzantine.aggregators import build_for_federation
 
     if name.startswith("rge-x"):
-        return _threshold_scaled_rge_cls()(eps_tilde, float(name[len("rge-x"):]))
-    base, _, inner = name.partition(":")
-    if base == "bucketing":
-        return make_aggregator("bucketing", inner=_inner(inner, num_nodes, f, eps_tilde))
-    if base == "nnm":
-        return make_aggregator("nnm", inner=_inner(inner, num_nodes, f, eps_tilde), num_byzantine=f)
-    raise ValueError(f"unknown wrapper rule {name!r}")
-
-
-def _inner(name: str, num_nodes: int, f: int, eps_tilde: float):
-    from flwr_byzantine.config import RunConfig
-    from server_app.server_app import build_aggregator
-
-    if name not in _CONFIG_RULES:
-        raise ValueError(f"inner rule {name!r} must be one of {list(_CONFIG_RULES)}")
-    return build_aggregator(RunConfig.from_mapping({"aggregator": name, "eps-tilde": eps_tilde}), num_nodes)
+        return build_for_federation("rge", num_nodes, eps_tilde, threshold_factor=float(name[len("rge-x"):]))
+    return build_for_federation(name, num_nodes, eps_tilde)
 
 
 def flower_strategy(name: str, num_nodes: int, f: int, eps: float):

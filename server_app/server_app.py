@@ -8,7 +8,6 @@ with the same run config and output-dir, resumes after the last completed round
 
 from __future__ import annotations
 
-import math
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -20,7 +19,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from flwr_byzantine.aggregators import Aggregator, make_aggregator
+from flwr_byzantine.aggregators import Aggregator, build_for_federation
 from flwr_byzantine.attacks import MobileAdversary, make_attack
 from flwr_byzantine.checkpoint import Checkpointer
 from flwr_byzantine.compression import RandK
@@ -35,30 +34,8 @@ from flwr_byzantine.strategies.validation import REJECTION_KINDS
 
 
 def build_aggregator(cfg: RunConfig, num_nodes: int) -> Aggregator:
-    """The configured aggregator; peers get ``f = floor(eps_tilde * num_nodes)`` Byzantine.
-
-    ``f`` is capped at what each rule admits for ``num_nodes`` inputs (Krum: R > 2f + 2,
-    Bulyan: R >= 4f + 3, trimmed mean: 2f < R), with a warning when the cap bites.
-    """
-    f = int(math.floor(cfg.eps_tilde * num_nodes))
-    caps = {"trimmed-mean": (num_nodes - 1) // 2, "krum": (num_nodes - 3) // 2,
-            "multi-krum": (num_nodes - 3) // 2, "bulyan": (num_nodes - 3) // 4}
-    if cfg.aggregator in caps and f > max(caps[cfg.aggregator], 0):
-        log(WARNING, "%s admits at most f=%d Byzantine inputs out of %d; using f=%d instead of %d",
-            cfg.aggregator, max(caps[cfg.aggregator], 0), num_nodes, max(caps[cfg.aggregator], 0), f)
-        f = max(caps[cfg.aggregator], 0)
-    params: dict[str, Any] = {
-        "rge": {"eps_tilde": cfg.eps_tilde, "sigma0": cfg.sigma0},
-        "mean": {},
-        "median": {},
-        "trimmed-mean": {"num_trim": f},
-        "krum": {"num_byzantine": f},
-        "multi-krum": {"num_byzantine": f, "num_selected": max(num_nodes - f, 1)},
-        "bulyan": {"num_byzantine": f},
-        "geomed": {},
-        "cclip": {},
-    }[cfg.aggregator]
-    return make_aggregator(cfg.aggregator, **params)
+    """The configured aggregator for ``num_nodes`` clients (see :func:`build_for_federation`)."""
+    return build_for_federation(cfg.aggregator, num_nodes, cfg.eps_tilde, cfg.sigma0)
 
 
 def build_omniscient_adversary(cfg: RunConfig, inner: RobustSGD) -> OmniscientAdversary:

@@ -700,3 +700,29 @@ def test_two_and_three_points():
         res = RGE().aggregate(G)
         assert res.estimate.shape == (4,) and np.all(np.isfinite(res.estimate))
         assert 1 <= res.kept.size <= R
+
+
+def test_threshold_factor_scales_the_stopping_threshold():
+    """threshold_factor k gives threshold k R sigma0^2 (Algorithm 3: k = 4); smaller k filters more."""
+    rng = np.random.default_rng(3)
+    G = rng.normal(size=(20, 50))
+    G[:4] += 2.5 * rng.normal(size=50)  # a moderate common shift
+    paper = RGE(sigma0=1.0)
+    strict = RGE(sigma0=1.0, threshold_factor=0.5)
+    assert paper.aggregate(G).info["threshold"] == pytest.approx(4 * 20 * 1.0)
+    assert strict.aggregate(G).info["threshold"] == pytest.approx(0.5 * 20 * 1.0)
+    assert len(strict.aggregate(G).kept) <= len(paper.aggregate(G).kept)
+    with pytest.raises(ValueError):
+        RGE(threshold_factor=0.0)
+
+
+def test_build_for_federation_caps_f_per_rule():
+    from flwr_byzantine.aggregators import build_for_federation
+
+    assert build_for_federation("bulyan", 10, 0.25).num_byzantine == 1  # R >= 4f + 3
+    assert build_for_federation("krum", 20, 0.25).num_byzantine == 5
+    assert build_for_federation("krum", 8, 0.25).num_byzantine == 2  # R > 2f + 2
+    rge = build_for_federation("rge", 20, 0.2, 0.7, threshold_factor=2.0)
+    assert (rge.eps_tilde, rge.sigma0, rge.threshold_factor) == (0.2, 0.7, 2.0)
+    nnm = build_for_federation("nnm:cclip", 20, 0.2)
+    assert type(nnm).__name__ == "NearestNeighborMixing"

@@ -56,6 +56,10 @@ class RGE(Aggregator):
         Relative duality-gap tolerance of every saddle solve (91).
     max_solver_iter:
         Iteration cap of every saddle solve (a warning is logged if reached).
+    threshold_factor:
+        The constant of the stopping rule ``sum_i c_i tau_i <= threshold_factor * R * sigma_0^2``
+        (Algorithm 3 line 5 uses 4, the default).  Smaller values filter more aggressively and
+        may drop honest points on clean data; ``benchmarks/robustness.py`` measures the trade-off.
     """
 
     name = "rge"
@@ -66,6 +70,7 @@ class RGE(Aggregator):
         sigma0: float | None = None,
         tol_rel: float = 1e-3,
         max_solver_iter: int = 3000,
+        threshold_factor: float = 4.0,
     ) -> None:
         if not 0.0 <= eps_tilde <= 0.25:
             raise ValueError(f"eps_tilde must be in [0, 1/4] (alpha = 1 - eps_tilde >= 3/4), got {eps_tilde}")
@@ -77,6 +82,9 @@ class RGE(Aggregator):
         self.sigma0 = None if sigma0 is None else float(sigma0)
         self.tol_rel = float(tol_rel)
         self.max_solver_iter = int(max_solver_iter)
+        if not (np.isfinite(threshold_factor) and threshold_factor > 0):
+            raise ValueError(f"threshold_factor must be a positive finite number, got {threshold_factor}")
+        self.threshold_factor = float(threshold_factor)
 
     def _aggregate(self, updates: ArrayLike) -> AggregationResult:
         t0 = time.perf_counter()
@@ -114,7 +122,7 @@ class RGE(Aggregator):
         else:
             sigma0_sq = self.sigma0**2
             sigma_mode = "explicit"
-        threshold = max(4.0 * R * sigma0_sq, noise_floor)  # Algorithm 3, line 5
+        threshold = max(self.threshold_factor * R * sigma0_sq, noise_floor)  # Algorithm 3, line 5 (factor 4)
 
         active = np.arange(R)
         c = np.ones(R)

@@ -33,7 +33,7 @@ from ..checkpoint import CheckpointError, CheckpointMismatch, Checkpointer, Trai
 from ..compression.randk import RANDK_PROCEDURE, RandK, coordinate_digest
 from ..optim import project_l2_ball
 from .records import ArrayLayout, record_nbytes
-from .validation import REJECTION_KINDS, ReplyPolicy, clean_metrics, screen_replies
+from .validation import REJECTION_KINDS, ReplyPolicy, clean_metrics, finite_number, screen_replies
 
 logger = logging.getLogger(__name__)
 
@@ -391,7 +391,7 @@ class RobustSGD(Strategy):
 
     @staticmethod
     def _metrics(r: RoundReport, client_metrics: list[dict[str, Any]]) -> MetricRecord:
-        losses = [v for v in (_finite_or_none(m.get("train-loss")) for m in client_metrics) if v is not None]
+        losses = [v for v in (finite_number(m.get("train-loss")) for m in client_metrics) if v is not None]
         rec = MetricRecord({
             "num-sampled": len(r.sampled),
             "num-valid": len(r.accepted),
@@ -462,7 +462,7 @@ class RobustSGD(Strategy):
                     continue
                 voters.add(node)
                 for key, val in clean_metrics(recs[0]).items():
-                    num = _finite_or_none(val)
+                    num = finite_number(val)
                     if num is not None:
                         values.setdefault(key, []).append(num)
             except Exception:  # pylint: disable=broad-except
@@ -679,17 +679,6 @@ def _restore_state(obj: Any, prefix: str, scalars: Mapping[str, Any], arrays: Ma
                 setattr(obj, key, saved)
 
 
-def _finite_or_none(val: Any) -> float | None:
-    """``float(val)`` for a finite real scalar (not bool), else None; never raises."""
-    if isinstance(val, bool) or not isinstance(val, (int, float, np.integer, np.floating)):
-        return None
-    try:
-        out = float(val)
-    except (OverflowError, ValueError, TypeError):
-        return None
-    return out if math.isfinite(out) else None
-
-
 def _median(values: list[float]) -> float:
     """Median of finite floats without overflow (``np.median`` averages two huge values to inf)."""
     v = sorted(values)
@@ -698,5 +687,5 @@ def _median(values: list[float]) -> float:
 
 
 def _float_or_nan(val: Any) -> float:
-    out = _finite_or_none(val)
+    out = finite_number(val)
     return float("nan") if out is None else out

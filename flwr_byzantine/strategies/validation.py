@@ -132,7 +132,7 @@ class Rejected(Exception):
 _Reject = Rejected
 
 
-def _finite_number(val: Any) -> float | None:
+def finite_number(val: Any) -> float | None:
     """``float(val)`` if ``val`` is a finite real int/float scalar (not bool), else None."""
     if isinstance(val, bool) or not isinstance(val, (int, float, np.integer, np.floating)):
         return None
@@ -166,7 +166,7 @@ def clean_metrics(raw: Mapping[str, Any]) -> dict[str, Any]:
         elif isinstance(val, (float, np.floating)):
             out[key] = float(val) if math.isfinite(float(val)) else float("nan")
         elif isinstance(val, (list, tuple)) and len(val) <= MAX_METRIC_LIST:
-            nums = [_finite_number(v) for v in val]
+            nums = [finite_number(v) for v in val]
             if all(v is not None for v in nums):
                 out[key] = nums
     return out
