@@ -417,7 +417,8 @@ def execute(spec: RunSpec) -> dict[str, Any]:
     rec: dict[str, Any] = {"key": spec.key(), **asdict(spec), "het_label": spec.het_label,
                            "num_malicious": f, "run_config": overrides,
                            "final_accuracy": acc[-1] if acc else None, "final_loss": loss[-1] if loss else None,
-                           "accuracy": acc, "loss": loss, "wall_seconds": round(time.time() - t0, 3)}
+                           "accuracy": [round(a, 6) for a in acc], "loss": [float(f"{v:.6g}") for v in loss],
+                           "wall_seconds": round(time.time() - t0, 3)}
     if omniscient:
         rec["corrupt_partitions"] = sorted({grid.partition_of[n] for r in strategy.history for n in r.corrupt})
     else:
@@ -435,6 +436,7 @@ def execute(spec: RunSpec) -> dict[str, Any]:
             decode.append(r.decode_seconds)
         rec["filtered_malicious_rate"] = float(np.mean(caught)) if caught else None
         rec["filtered_honest_rate"] = float(np.mean(false_pos))
+        rec["rejected_per_round"] = float(np.mean([len(r.rejected) for r in robust.history]))  # screened out
         rec["decode_ms_mean"] = 1e3 * float(np.mean(decode))
     return rec
 
@@ -679,19 +681,23 @@ def plot_worst(records: list[dict[str, Any]], path: Path) -> Path | None:
         worst = worst_cases(g, True)
         rules = _rule_order(worst)
         vals = [100 * worst[r][0] for r in rules]
-        colors = ["tab:red" if r == "rge" else ("tab:green" if r.startswith("flwr-") else "tab:blue") for r in rules]
+        colors = ["tab:red" if r == "rge" else "tab:green" if r.startswith("flwr-") else
+                  "tab:gray" if r.startswith("rge-x") else "tab:blue" for r in rules]
         ax.bar(range(len(rules)), vals, color=colors)
         for i, (v, r) in enumerate(zip(vals, rules)):
-            ax.text(i, v + 1.0, f"{v:.0f}\n{worst[r][1]}", ha="center", va="bottom", fontsize=6)
+            inside = v > 25
+            ax.text(i, v - 1.5 if inside else v + 1.0, f"{v:.0f}\n{worst[r][1]}", ha="center",
+                    va="top" if inside else "bottom", fontsize=6, color="white" if inside else "black")
         ax.set_xticks(range(len(rules)), rules, rotation=35, ha="right", fontsize=8)
         for ref, style in (("oracle", "--"), ("clean-fedavg", ":")):
             if ref in g["scores"]:
                 ax.axhline(100 * float(np.mean(next(iter(g["scores"][ref].values())))), ls=style, color="k", label=ref)
         ax.set_ylabel("worst-case accuracy (%)")
-        ax.set_title(f"{ds}, {het}, eps={eps:g}, {adv} adversary (red: RGE, green: Flower's rules)", fontsize=10)
-        ax.set_ylim(0, 112)
+        ax.set_title(f"{ds}, {het}, eps={eps:g}, {adv} adversary (red: RGE, green: Flower's rules, "
+                     "grey: diagnostics; label: worst attack)", fontsize=10)
+        ax.set_ylim(0, 100)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="lower right")
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
