@@ -30,6 +30,7 @@ from flwr_byzantine.data.libsvm import federated_split, load_glm_dataset
 from flwr_byzantine.newton.attacks import byzantine_partition_ids
 from flwr_byzantine.newton.config import NewtonConfig
 from flwr_byzantine.results import write_json_atomic
+from server_app.nodes import wait_for_nodes
 from flwr_byzantine.newton.objectives import federated_objective, make_objective, minimise
 from flwr_byzantine.strategies.comrade import Comrade, NewtonStrategyBase, make_evaluate_fn
 from flwr_byzantine.strategies.giant import Giant
@@ -52,26 +53,6 @@ def build_newton_strategy(cfg: NewtonConfig, server_objective: Any = None, num_n
     if cfg.method == "giant":
         return Giant(beta=cfg.beta, **common)
     return Comrade(beta=cfg.beta, **common)
-
-
-def wait_for_nodes(grid: Grid, minimum: int, *, settle: float = 2.0, timeout: float = 300.0) -> list[int]:
-    """Node ids once at least ``minimum`` are connected and the count has not changed for ``settle`` s.
-
-    Nodes register asynchronously (in simulations too): sampling the first two that show up
-    would run round 1 on a fraction of the federation, where norm trimming of
-    ceil((1 - beta) m) directions out of a small m may trim nothing.
-    """
-    start = time.monotonic()
-    nodes = sorted(grid.get_node_ids())
-    stable_since = time.monotonic()
-    while time.monotonic() - start < timeout:
-        time.sleep(0.5)
-        now = sorted(grid.get_node_ids())
-        if now != nodes:
-            nodes, stable_since = now, time.monotonic()
-        elif len(nodes) >= minimum and time.monotonic() - stable_since >= settle:
-            break
-    return nodes
 
 
 def run_newton_federation(grid: Grid, context: Context, cfg: NewtonConfig) -> dict[str, Any]:

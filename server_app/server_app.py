@@ -31,6 +31,7 @@ from flwr_byzantine.results import plot_accuracy, write_json_atomic
 from flwr_byzantine.strategies.omniscient import OmniscientAdversary
 from flwr_byzantine.strategies.robust_sgd import RobustSGD
 from flwr_byzantine.strategies.validation import REJECTION_KINDS
+from server_app.nodes import wait_for_nodes
 
 
 def build_aggregator(cfg: RunConfig, num_nodes: int) -> Aggregator:
@@ -92,15 +93,6 @@ def central_evaluator(cfg: RunConfig):
     return evaluate
 
 
-def _wait_for_nodes(grid: Grid, minimum: int, timeout: float = 300.0) -> list[int]:
-    start = time.monotonic()
-    nodes = list(grid.get_node_ids())
-    while len(nodes) < minimum and time.monotonic() - start < timeout:
-        time.sleep(1.0)
-        nodes = list(grid.get_node_ids())
-    return nodes
-
-
 #: Run-config keys that may differ between a checkpointed run and its resumption.
 RESUMABLE_KEYS = ("checkpoint", "output-dir")
 
@@ -122,7 +114,7 @@ def save_model(path: Path, arrays: ArrayRecord) -> None:
 def run_federation(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, Any]:
     """Run the configured federation on ``grid``; returns (and writes) the results dict."""
     t0 = time.time()
-    nodes = _wait_for_nodes(grid, 2)
+    nodes = wait_for_nodes(grid, 2)
     num_nodes = len(nodes)
     out_dir = Path(cfg.output_dir).expanduser().resolve()
     checkpointer = None
