@@ -55,13 +55,13 @@ from flwr_byzantine.config import SCALE_PARAM, RunConfig
 from flwr_byzantine.data import dataset_info, load_partition
 from flwr_byzantine.federation import malicious_partition_ids
 from flwr_byzantine.models import build_model, loss_fn_for
+from flwr_byzantine import seeds
 
 #: Number of independent mini-batch gradients a colluding attacker draws from its own partition to
 #: estimate the honest statistics (node config ``estimate-batches`` overrides it).
 DEFAULT_ESTIMATE_BATCHES = 8
 
-#: Salt of the estimate batches' seeds (keeps them independent of the honest mini-batch stream).
-_ESTIMATE_SALT = 0xE57
+_ESTIMATE_SALT = seeds.ESTIMATE_BATCHES
 
 
 def _flag(value: Any) -> bool:
@@ -130,7 +130,7 @@ def build_attack(name: str, cfg: RunConfig, partition_id: int, num_partitions: i
         params["aggregator"] = _defence_aggregator(cfg, num_estimates + num_byzantine)
     cls = ATTACKS.get(name)
     data_attack = isinstance(cls, type) and issubclass(cls, DataAttack)
-    seed = cfg.seed * 100_003 + partition_id if data_attack else cfg.seed
+    seed = seeds.client_seed(cfg.seed, partition_id) if data_attack else cfg.seed
     return make_attack(name, seed=seed, **params)
 
 
@@ -173,7 +173,7 @@ def estimate_batches(n: int, b: int, num_batches: int, seed: int, partition_id: 
     """Index sets of an attacker's estimate batches (see the module docstring).
 
     ``num_batches`` independent draws of ``min(b, n)`` indices without replacement,
-    batch ``j`` from ``default_rng([seed, partition_id, server_round, 0xE57, j])``;
+    batch ``j`` from ``default_rng([seed, partition_id, server_round, seeds.ESTIMATE_BATCHES, j])``;
     with ``full_batch`` (or ``b >= n``) ``min(num_batches, n)`` disjoint chunks of
     one seeded permutation of ``range(n)`` (so their sizes differ by at most one).
     """

@@ -33,6 +33,7 @@ from flwr_byzantine.newton.config import NewtonConfig
 from flwr_byzantine.newton.objectives import make_objective
 from flwr_byzantine.newton.worker import PHASE_DIRECTION, PHASE_GRADIENT, NewtonWorker
 from flwr_byzantine.strategies.comrade import PHASE_IDS, PROTOCOL
+from flwr_byzantine import seeds
 
 
 @lru_cache(maxsize=8)
@@ -70,7 +71,7 @@ def node_attack(cfg: NewtonConfig, node_config: Mapping[str, Any], partition_id:
         return Attack()
     name = str(node_config.get("newton-attack", cfg.attack))
     scale = float(node_config.get("newton-attack-scale", cfg.attack_scale))
-    return Attack(name=name, scale=scale, seed=cfg.seed * 100_003 + partition_id)
+    return Attack(name=name, scale=scale, seed=seeds.client_seed(cfg.seed, partition_id))
 
 
 def _compressor(config: Mapping[str, Any]) -> Compressor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from . import seeds
 
 
 def malicious_partition_ids(num_partitions: int, num_malicious: int, seed: int) -> list[int]:
@@ -16,5 +17,5 @@ def malicious_partition_ids(num_partitions: int, num_malicious: int, seed: int) 
     if num_partitions < 1:
         raise ValueError("num_partitions must be >= 1")
     m = int(min(max(num_malicious, 0), num_partitions))
-    rng = np.random.default_rng([int(seed), 0xB12])
+    rng = np.random.default_rng([int(seed), seeds.MALICIOUS_PARTITIONS])
     return sorted(int(i) for i in rng.choice(num_partitions, size=m, replace=False))

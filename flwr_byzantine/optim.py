@@ -20,7 +20,3 @@ def project_l2_ball(x: np.ndarray, radius: float, center: np.ndarray | None = No
         return x
     return c + diff * (radius / norm)
 
-
-def sgd_step(x: np.ndarray, g_hat: np.ndarray, lr: float, radius: float = 0.0) -> np.ndarray:
-    """``x_{t+1} = Proj_C(x_t - lr * g_hat)`` (Algorithm 1, last line)."""
-    return project_l2_ball(x - lr * g_hat, radius)

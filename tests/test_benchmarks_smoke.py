@@ -99,7 +99,6 @@ def test_robustness_synthetic_and_wrappers(tmp_path):
 
 
 def test_robustness_omniscient_adversary(tmp_path):
-    pytest.importorskip("flwr_byzantine.strategies.omniscient")
     assert robustness.main(["--adversary", "omniscient", "--aggregators", "rge", "--attacks", "alie", "--seeds", "0",
                             "--alphas", "0.3", "--rounds", "2", "--num-nodes", "6", "--no-references", "--out", str(tmp_path),
                             "--no-progress"]) == 0

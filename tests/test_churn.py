@@ -263,6 +263,7 @@ def simulate_churn(out_dir: str) -> None:
     )
 
 
+@pytest.mark.slow
 def test_ray_simulation_with_churn_and_mobile_adversary(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}

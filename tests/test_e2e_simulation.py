@@ -41,13 +41,11 @@ def assert_filtering_matches(rounds: list[dict], bad_of) -> None:
     assert honest_slips <= 1, honest_slips
 
 
-def test_rge_beats_mean_and_filters_the_malicious_clients(tmp_path):
+def test_rge_learns_and_filters_the_malicious_clients(tmp_path):
+    """The one Ray simulation of the default suite (the others are ``slow``)."""
     rge = run_sim(tmp_path, "aggregator='rge'")
-    mean = run_sim(tmp_path, "aggregator='mean'")
     assert len(rge["malicious_partitions"]) == 2
-    # RGE learns, the plain mean (FedAvg's rule) is driven off by the attackers.
     assert rge["final_accuracy"] > 0.85, rge["final_accuracy"]
-    assert rge["final_accuracy"] > mean["final_accuracy"] + 0.3, (rge["final_accuracy"], mean["final_accuracy"])
     # The filtered ids are the malicious ones: all of them over the run, exactly them in most rounds
     # (late in training a -10x gradient can be small enough to sit under RGE's threshold, which
     # Theorem 3 allows), and never an honest client.
@@ -55,9 +53,17 @@ def test_rge_beats_mean_and_filters_the_malicious_clients(tmp_path):
     assert_filtering_matches(rge["rounds"], lambda rnd: rge["malicious_partitions"])
     for rnd in rge["rounds"]:
         assert rnd["decode_seconds"] > 0 and rnd["bytes_up"] > 0 and rnd["bytes_down"] > 0
-    assert (tmp_path / "rge").glob("*.png")
+    assert list((tmp_path / "rge").glob("*.png"))
 
 
+@pytest.mark.slow
+def test_mean_is_driven_off_by_the_same_attack(tmp_path):
+    """The plain mean (FedAvg's rule) under the same attack ends far below RGE's 0.85."""
+    mean = run_sim(tmp_path, "aggregator='mean'")
+    assert mean["final_accuracy"] < 0.55, mean["final_accuracy"]
+
+
+@pytest.mark.slow
 def test_omniscient_mobile_adversary_is_filtered_every_round(tmp_path):
     """adversary='omniscient': the server-side adversary corrupts a rotating set of 2 nodes per round."""
     res = run_sim(tmp_path, "aggregator='rge' adversary='omniscient' adversary-mode='rotate'", name="omniscient")

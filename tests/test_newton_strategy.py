@@ -377,6 +377,7 @@ def test_client_rejects_unknown_protocol_and_wrong_dimension():
 
 
 # ----------------------------------------------------------------------------- end to end (Ray)
+@pytest.mark.slow
 @pytest.mark.parametrize("method, rounds, per_iter", [("comrade", 3, 1), ("giant", 2, 2)])
 def test_run_simulation_end_to_end(tmp_path, method, rounds, per_iter):
     """Real ``flwr.simulation.run_simulation`` (Ray backend), 4 clients, one of them Byzantine."""

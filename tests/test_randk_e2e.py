@@ -21,6 +21,9 @@ NUM_ROUNDS = 20
 DIM = 64 * 10 + 10  # digits (64 features, 10 classes), multinomial logistic regression
 K_FRACTION = 0.5
 
+# A Ray simulation (~1 min on 2 cores): the default suite keeps one, tests/test_e2e_simulation.py.
+pytestmark = pytest.mark.slow
+
 
 def _simulate(tmp_path: Path, **extra) -> dict:
     from flwr.simulation import run_simulation
@@ -46,7 +49,6 @@ def _simulate(tmp_path: Path, **extra) -> dict:
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory) -> dict:
-    pytest.importorskip("flwr_byzantine.attacks")  # written in parallel; the tests run once it exists
     return _simulate(tmp_path_factory.mktemp("randk-e2e"))
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from .._backend import is_torch, torch
 from .base import DataAttack
+from .. import seeds
 
 
 def _labels(y: Any, num_classes: int) -> np.ndarray:
@@ -63,7 +64,7 @@ class _LabelAttack(DataAttack):
         m = int(round(self.fraction * n))
         if m >= n:
             return np.arange(n)
-        rng = np.random.default_rng([self.seed, 0x1AB])
+        rng = np.random.default_rng([self.seed, seeds.LABEL_FLIP])
         return np.sort(rng.choice(n, size=m, replace=False))
 
 
@@ -104,7 +105,7 @@ class RandomLabels(_LabelAttack):
     def poison(self, X: Any, y: Any, num_classes: int) -> tuple[Any, Any]:
         lab = _labels(y, num_classes)
         idx = self.poisoned_indices(lab.size)
-        rng = np.random.default_rng([self.seed, 0x2AB])
+        rng = np.random.default_rng([self.seed, seeds.RANDOM_LABELS])
         lab[idx] = rng.integers(0, int(num_classes), size=idx.size)
         return X, _like(lab, y)
 

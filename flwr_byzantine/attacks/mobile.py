@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Hashable, Sequence
 
 import numpy as np
+from .. import seeds
 
 MODES = ("random", "rotate", "static")
 
@@ -98,18 +99,14 @@ class MobileAdversary:
         if k == 0:
             return []
         if self.mode == "static":
-            pick = np.random.default_rng([self.seed, 0x57A71C]).choice(n, size=k, replace=False)
+            pick = np.random.default_rng([self.seed, seeds.MOBILE_STATIC]).choice(n, size=k, replace=False)
         elif self.mode == "random":
-            pick = np.random.default_rng([self.seed, int(round), 0x40B11E]).choice(n, size=k, replace=False)
+            pick = np.random.default_rng([self.seed, int(round), seeds.MOBILE_RANDOM]).choice(n, size=k, replace=False)
         else:
-            perm = np.random.default_rng([self.seed, 0x2074]).permutation(n)
+            perm = np.random.default_rng([self.seed, seeds.MOBILE_ROTATE]).permutation(n)
             start = (int(round) * k) % n
             pick = perm[(start + np.arange(k)) % n]
         return sorted(ids[int(i)] for i in pick)
-
-    def is_corrupt(self, round: int, node_id: Hashable, node_ids: Sequence[Hashable]) -> bool:  # noqa: A002
-        """Whether ``node_id`` is corrupt in ``round`` among ``node_ids``."""
-        return node_id in self.corrupt_set(round, node_ids)
 
 
 __all__ = ["MODES", "MobileAdversary"]

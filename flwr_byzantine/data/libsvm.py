@@ -29,6 +29,7 @@ import numpy as np
 
 from flwr_byzantine.data.partition import dirichlet_partition
 import scipy.sparse as sp
+from .. import seeds
 
 #: Where the paper's data sets can be downloaded (train, test).
 LIBSVM_URLS: dict[str, tuple[str, str]] = {
@@ -157,7 +158,7 @@ def make_synthetic_logistic(
     """
     if n < 2 or d < 1 or condition_number < 1:
         raise ValueError("need n >= 2, d >= 1 and condition_number >= 1")
-    rng = np.random.default_rng([seed, 0x5E7])
+    rng = np.random.default_rng([seed, seeds.SYNTHETIC_GLM])
     Q, _ = np.linalg.qr(rng.normal(size=(d, d)))
     eig = np.geomspace(1.0, 1.0 / condition_number, d)
     X = (rng.normal(size=(n, d)) * np.sqrt(eig)) @ Q.T
@@ -215,7 +216,7 @@ def uniform_partitions(n: int, num_partitions: int, seed: int = 0) -> list[np.nd
     """
     if num_partitions < 1 or n < num_partitions:
         raise ValueError(f"need 1 <= num_partitions <= n, got {num_partitions} partitions of {n} rows")
-    perm = np.random.default_rng([seed, 0x0A1F]).permutation(n)
+    perm = np.random.default_rng([seed, seeds.GLM_UNIFORM_SPLIT]).permutation(n)
     return [np.sort(part) for part in np.array_split(perm, num_partitions)]
 
 
@@ -255,7 +256,7 @@ def federated_split(
     n = int(data.X_train.shape[0])
     if not 0.0 <= server_fraction < 1.0:
         raise ValueError("server_fraction must be in [0, 1)")
-    perm = np.random.default_rng([seed, 0x5E4]).permutation(n)
+    perm = np.random.default_rng([seed, seeds.GLM_SERVER_ROWS]).permutation(n)
     n_server = int(round(server_fraction * n))
     server_rows = np.sort(perm[:n_server])
     pool = np.sort(perm[n_server:])

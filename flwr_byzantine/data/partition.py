@@ -31,6 +31,7 @@ from flwr_byzantine.data.digits import NUM_FEATURES as DIGITS_FEATURES
 from flwr_byzantine.data.digits import load_digits_arrays
 from flwr_byzantine.data.hub import HUB_DATASETS, load_hub_partition, load_hub_test_set
 from flwr_byzantine.data.synthetic import SyntheticHeterogeneous
+from .. import seeds
 
 SYNTHETIC_DATASETS = ("synthetic-linreg", "synthetic-logreg")
 #: Parameters of the synthetic datasets and their defaults (see the module docstring).
@@ -111,7 +112,7 @@ def iid_partition(n: int, num_partitions: int, seed: int = 0) -> list[np.ndarray
 
 def _repair_min_size(parts: list[np.ndarray], min_size: int, seed: int) -> list[np.ndarray]:
     """Move randomly chosen samples from the largest partitions to those below ``min_size``."""
-    rng = np.random.default_rng([int(seed), 0x5EED])
+    rng = np.random.default_rng([int(seed), seeds.PARTITION_REPAIR])
     parts = [p.copy() for p in parts]
     while True:
         sizes = np.array([len(p) for p in parts])

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from .. import seeds
 
 ATTACKS = ("none", "gaussian", "random-label", "flipped-label", "negative")
 DATA_ATTACKS = ("random-label", "flipped-label")
@@ -63,7 +64,7 @@ class Attack:
                 return 1.0 - y if values <= {0.0, 1.0} and 0.0 in values else -y
             return -y
         if self.name == "random-label":
-            rng = np.random.default_rng([self.seed, 0x1ABE1])
+            rng = np.random.default_rng([self.seed, seeds.NEWTON_RANDOM_LABELS])
             if objective == "logistic":
                 return rng.choice([-1.0, 1.0], size=y.size)
             return rng.permutation(y) if y.size else y
@@ -73,7 +74,7 @@ class Attack:
         """The update the worker sends instead of the honest ``p``."""
         p = np.asarray(p, dtype=np.float64).reshape(-1)
         if self.name == "gaussian":
-            rng = np.random.default_rng([self.seed, int(server_round), 0x6A055])
+            rng = np.random.default_rng([self.seed, int(server_round), seeds.NEWTON_ATTACK_GAUSSIAN])
             return p + rng.normal(self.mean, self.scale, size=p.size)
         if self.name == "negative":
             return -self.scale * p
@@ -89,5 +90,5 @@ def byzantine_partition_ids(num_partitions: int, num_byzantine: int, seed: int) 
     if num_partitions < 1:
         raise ValueError("num_partitions must be >= 1")
     k = int(min(max(num_byzantine, 0), num_partitions))
-    rng = np.random.default_rng([int(seed), 0xC0DE])
+    rng = np.random.default_rng([int(seed), seeds.NEWTON_BYZANTINE_PARTITIONS])
     return sorted(int(i) for i in rng.choice(num_partitions, size=k, replace=False))

@@ -79,10 +79,6 @@ class Compressor(ABC):
     def expected_nbytes(self, d: int) -> int:
         """Exact payload size for dimension ``d``."""
 
-    def keys(self) -> tuple[str, ...]:
-        """Names of the payload arrays."""
-        return tuple(sorted(self.encode(np.ones(1)).keys()))
-
     def compress(self, x: np.ndarray) -> Compressed:
         """Encode, decode back and measure rho."""
         x = np.asarray(x, dtype=np.float64).reshape(-1)

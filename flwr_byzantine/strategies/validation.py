@@ -128,10 +128,6 @@ class Rejected(Exception):
         self.kind = kind
 
 
-# Backwards-compatible private name.
-_Reject = Rejected
-
-
 def finite_number(val: Any) -> float | None:
     """``float(val)`` if ``val`` is a finite real int/float scalar (not bool), else None."""
     if isinstance(val, bool) or not isinstance(val, (int, float, np.integer, np.floating)):
