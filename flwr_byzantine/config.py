@@ -43,7 +43,8 @@ DEFAULTS: dict[str, Any] = {
     "checkpoint": False,
 }
 
-AGGREGATORS = ("rge", "mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan", "geomed", "cclip")
+#: Pre-aggregation wrappers, written ``"<wrapper>:<inner rule>"`` (e.g. ``"bucketing:cclip"``).
+PRE_AGGREGATORS = ("bucketing", "nnm")
 COMPRESSIONS = ("none", "randk")
 COORDINATE_FORMS = ("seed", "indices")
 ADVERSARIES = ("client", "omniscient")
@@ -81,6 +82,59 @@ def _choice(cfg: Mapping[str, Any], key: str, choices: tuple[str, ...] | None = 
     if choices is not None and val not in choices:
         raise ConfigError(f"run config '{key}' must be one of {list(choices)}, got {val!r}")
     return val
+
+
+def aggregator_names() -> tuple[str, ...]:
+    """Rules a run config may name: the aggregator registry minus the pre-aggregation wrappers."""
+    from .aggregators import REGISTRY  # lazy: keep this module importable without numpy work
+
+    return tuple(n for n in REGISTRY if n not in PRE_AGGREGATORS)
+
+
+def _aggregator(cfg: Mapping[str, Any]) -> str:
+    """``aggregator``: a registered rule, or ``"<wrapper>:<rule>"`` with a registered wrapper and rule."""
+    val = _choice(cfg, "aggregator")
+    rules = aggregator_names()
+    base, sep, inner = val.partition(":")
+    if (not sep and base in rules) or (sep and base in PRE_AGGREGATORS and inner in rules):
+        return val
+    raise ConfigError(f"run config 'aggregator' must be one of {list(rules)} or '<wrapper>:<rule>' with a "
+                      f"wrapper in {list(PRE_AGGREGATORS)}, got {val!r}")
+
+
+def _attack(cfg: Mapping[str, Any]) -> str:
+    """``attack``: a name of the attack registry (:data:`flwr_byzantine.attacks.ATTACKS`)."""
+    from .attacks import ATTACKS
+
+    val = _choice(cfg, "attack")
+    if val not in ATTACKS:
+        raise ConfigError(f"run config 'attack' must be one of {sorted(ATTACKS)}, got {val!r}")
+    return val
+
+
+def _dataset(cfg: Mapping[str, Any]) -> str:
+    """``dataset``: a name the data layer knows (``flwr_byzantine.data.dataset_info`` accepts it)."""
+    from .data.partition import dataset_info
+
+    val = _choice(cfg, "dataset")
+    try:
+        dataset_info(val)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"run config 'dataset': {exc}") from None
+    return val
+
+
+def check_federation(cfg: "RunConfig", num_nodes: int) -> None:
+    """What can only be checked once the federation's size is known (raises :class:`ConfigError`).
+
+    ``num-malicious`` must not exceed the number of nodes (it would silently make every
+    client malicious) and ``min-valid-replies`` must be reachable.
+    """
+    if cfg.num_malicious > num_nodes:
+        raise ConfigError(f"run config 'num-malicious'={cfg.num_malicious} exceeds the {num_nodes} connected nodes")
+    if cfg.min_valid_replies > num_nodes:
+        raise ConfigError(f"run config 'min-valid-replies'={cfg.min_valid_replies} exceeds the {num_nodes} "
+                          f"connected nodes: no round could ever be applied")
 
 
 def _bool(cfg: Mapping[str, Any], key: str) -> bool:
@@ -144,18 +198,18 @@ class RunConfig:
         return cls(
             num_server_rounds=int(_num(cfg, "num-server-rounds", lo=1, integer=True)),
             seed=int(_num(cfg, "seed", lo=0, integer=True)),
-            dataset=_choice(cfg, "dataset"),
+            dataset=_dataset(cfg),
             dirichlet_alpha=_num(cfg, "dirichlet-alpha", lo=0.0, lo_open=True),
             model=_choice(cfg, "model", ("logreg", "mlp", "linear")),
             batch_size=int(_num(cfg, "batch-size", lo=1, integer=True)),
             full_batch=_bool(cfg, "full-batch"),
             learning_rate=_num(cfg, "learning-rate", lo=0.0, lo_open=True),
             projection_radius=_num(cfg, "projection-radius", lo=0.0),
-            aggregator=_choice(cfg, "aggregator", AGGREGATORS),
+            aggregator=_aggregator(cfg),
             eps_tilde=_num(cfg, "eps-tilde", lo=0.0, hi=0.25),
             sigma0=sigma0,
             num_malicious=int(_num(cfg, "num-malicious", lo=0, integer=True)),
-            attack=_choice(cfg, "attack"),
+            attack=_attack(cfg),
             attack_scale=_num(cfg, "attack-scale", lo=0.0),
             adversary=_choice(cfg, "adversary", ADVERSARIES),
             adversary_mode=_choice(cfg, "adversary-mode", ADVERSARY_MODES),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,17 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+def safe_stem(*parts: object) -> str:
+    """A file-name stem from ``parts`` joined by ``-`` that cannot leave its folder.
+
+    Every character outside ``[A-Za-z0-9._+=-]`` (path separators, whitespace, control
+    characters) and every run of dots becomes ``_``; the result is at most 120 characters.  Run-config strings go through this before they name a file.
+    """
+    stem = "-".join(re.sub(r"[^A-Za-z0-9._+=-]", "_", str(p)) for p in parts)
+    stem = re.sub(r"\.{2,}", "_", stem).lstrip(".")
+    return stem[:120] or "run"
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

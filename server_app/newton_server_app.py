@@ -28,8 +28,8 @@ from flwr.supercore import log
 
 from flwr_byzantine.data.libsvm import federated_split, load_glm_dataset
 from flwr_byzantine.newton.attacks import byzantine_partition_ids
-from flwr_byzantine.newton.config import NewtonConfig
-from flwr_byzantine.results import write_json_atomic
+from flwr_byzantine.newton.config import NewtonConfig, NewtonConfigError
+from flwr_byzantine.results import safe_stem, write_json_atomic
 from server_app.nodes import wait_for_nodes
 from flwr_byzantine.newton.objectives import federated_objective, make_objective, minimise
 from flwr_byzantine.strategies.comrade import Comrade, NewtonStrategyBase, make_evaluate_fn
@@ -59,6 +59,9 @@ def run_newton_federation(grid: Grid, context: Context, cfg: NewtonConfig) -> di
     """Run the configured COMRADE / GIANT federation; returns (and writes) the results dict."""
     t0 = time.time()
     num_nodes = len(wait_for_nodes(grid, max(2, cfg.min_nodes)))
+    if cfg.num_malicious > num_nodes:
+        raise NewtonConfigError(f"run config 'newton-num-malicious'={cfg.num_malicious} exceeds the "
+                                f"{num_nodes} connected nodes")
     data = load_glm_dataset(cfg.dataset, cfg.seed, path=cfg.data_path, test_path=cfg.test_path,
                             synthetic_n=cfg.synthetic_n, synthetic_d=cfg.synthetic_d)
     parts, server_rows = federated_split(data, num_nodes, partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha,
@@ -107,7 +110,7 @@ def run_newton_federation(grid: Grid, context: Context, cfg: NewtonConfig) -> di
         "final_w": [float(v) for v in (strategy.current_model if strategy.current_model is not None else [])],
         "wall_seconds": time.time() - t0,
     }
-    stem = f"newton-{cfg.method}-{cfg.attack if malicious else 'clean'}-run{payload['run_id']}"
+    stem = safe_stem("newton", cfg.method, cfg.attack if malicious else "clean", f"run{payload['run_id']}")
     path = Path(cfg.output_dir).expanduser().resolve() / f"{stem}.json"
     write_json_atomic(path, payload)
     log(INFO, "newton: final accuracy %s, ||w - w*|| %s, %d communication rounds; malicious %s, trimmed %s",

@@ -23,11 +23,11 @@ from flwr_byzantine.aggregators import Aggregator, build_for_federation
 from flwr_byzantine.attacks import MobileAdversary, make_attack
 from flwr_byzantine.checkpoint import Checkpointer
 from flwr_byzantine.compression import RandK
-from flwr_byzantine.config import SCALE_PARAM, RunConfig
+from flwr_byzantine.config import SCALE_PARAM, RunConfig, check_federation
 from flwr_byzantine.data import dataset_info, load_test_set
 from flwr_byzantine.federation import malicious_partition_ids
 from flwr_byzantine.models import build_model, loss_fn_for
-from flwr_byzantine.results import plot_accuracy, write_json_atomic
+from flwr_byzantine.results import plot_accuracy, safe_stem, write_json_atomic
 from flwr_byzantine.strategies.omniscient import OmniscientAdversary
 from flwr_byzantine.strategies.robust_sgd import RobustSGD
 from flwr_byzantine.strategies.validation import REJECTION_KINDS
@@ -116,6 +116,7 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, An
     t0 = time.time()
     nodes = wait_for_nodes(grid, 2)
     num_nodes = len(nodes)
+    check_federation(cfg, num_nodes)
     out_dir = Path(cfg.output_dir).expanduser().resolve()
     checkpointer = None
     if cfg.checkpoint:
@@ -181,7 +182,7 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, An
                    for adv, rep in zip(strategy.history, inner.history)}
         payload["corrupt_partitions_per_round"] = corrupt
     attacked = bool(malicious) or omniscient
-    stem = f"{cfg.aggregator}-{cfg.attack if attacked else 'clean'}-run{payload['run_id']}"
+    stem = safe_stem(cfg.aggregator, cfg.attack if attacked else "clean", f"run{payload['run_id']}")
     json_path = out_dir / f"{stem}.json"
     model_path = out_dir / f"{stem}-model.npz"
     save_model(model_path, result.arrays)

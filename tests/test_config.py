@@ -50,3 +50,60 @@ def test_readme_documents_every_key():
     readme = (ROOT / "README.md").read_text()
     missing = [k for k in DEFAULTS if f"| `{k}` |" not in readme]
     assert not missing, missing
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("attack", "sign_flip", "'attack' must be one of"),
+        ("attack", "/../../../escaped", "'attack' must be one of"),
+        ("aggregator", "bucketing:magic", "'aggregator' must be one of"),
+        ("aggregator", "rge:cclip", "'aggregator' must be one of"),
+        ("aggregator", "../x", "'aggregator' must be one of"),
+        ("dataset", "no-such-data", "'dataset'"),
+    ],
+)
+def test_names_come_from_the_registries(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.from_mapping({key: value})
+
+
+def test_registry_names_and_wrappers_are_accepted():
+    from flwr_byzantine.attacks import ATTACKS
+
+    for name in ATTACKS:
+        assert RunConfig.from_mapping({"attack": name}).attack == name
+    assert RunConfig.from_mapping({"aggregator": "bucketing:cclip"}).aggregator == "bucketing:cclip"
+    assert RunConfig.from_mapping({"dataset": "synthetic-logreg:d=5"}).dataset == "synthetic-logreg:d=5"
+
+
+def test_num_malicious_beyond_the_federation_is_refused():
+    from flwr_byzantine.config import check_federation
+
+    check_federation(RunConfig.from_mapping({"num-malicious": 20}), 20)
+    with pytest.raises(ConfigError, match="num-malicious"):
+        check_federation(RunConfig.from_mapping({"num-malicious": 25}), 20)
+    with pytest.raises(ConfigError, match="min-valid-replies"):
+        check_federation(RunConfig.from_mapping({"num-malicious": 0, "min-valid-replies": 5}), 4)
+
+
+def test_server_fails_before_round_one_when_num_malicious_exceeds_the_nodes(tmp_path):
+    """The ServerApp refuses the run before it sends any message (and writes no file)."""
+    from fakes import FakeGrid
+    from server_app.server_app import run_federation
+
+    grid = FakeGrid([11, 12, 13], lambda msg: None)
+    cfg = RunConfig.from_mapping({"num-malicious": 5, "output-dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="num-malicious"):
+        run_federation(grid, object(), cfg)
+    assert grid.sent == [] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("hostile", ["/../../../escaped", "../..", "a/b\\c", "x\ny", "." * 300])
+def test_file_stems_never_leave_the_output_dir(tmp_path, hostile):
+    from flwr_byzantine.results import safe_stem
+
+    stem = safe_stem("rge", hostile, "run1")
+    path = (tmp_path / f"{stem}.json").resolve()
+    assert path.parent == tmp_path.resolve() and "/" not in stem and "\\" not in stem and "\n" not in stem
+    assert not stem.startswith(".") and ".." not in stem and len(stem) <= 120
