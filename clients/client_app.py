@@ -36,6 +36,14 @@ depends on the kind of attack (see ``docs/attacks.md``):
 When run config ``adversary`` is ``'omniscient'`` every client
 is honest: the server-side :class:`~flwr_byzantine.strategies.omniscient.OmniscientAdversary`
 plays the attackers.
+
+Lean process: a SuperNode starts a fresh ClientApp process for every message, so
+this module never imports torch.  Gradients, losses and evaluation come from
+:mod:`flwr_byzantine.npmodels` (float32 numpy, checked against torch autograd in
+``tests/test_npmodels.py``); the aggregators (only the ``defence-aware`` attack
+needs one) are imported on first use, and the partition comes from the on-disk
+cache of :mod:`flwr_byzantine.data.cache` (no scikit-learn / ``datasets`` import
+after the first round).
 """
 
 from __future__ import annotations
@@ -44,17 +52,16 @@ import math
 from typing import Any, Mapping
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from flwr_byzantine.aggregators import make_aggregator
+from flwr_byzantine import npmodels
 from flwr_byzantine.attacks import ATTACKS, DataAttack, Erasure, UpdateAttack, make_attack
 from flwr_byzantine.compression.randk import RANDK_PROCEDURE, coordinate_digest, draw_coordinates
 from flwr_byzantine.config import SCALE_PARAM, RunConfig
-from flwr_byzantine.data import dataset_info, load_partition
+from flwr_byzantine.data import dataset_info
+from flwr_byzantine.data.cache import cached_partition
 from flwr_byzantine.federation import malicious_partition_ids
-from flwr_byzantine.models import build_model, loss_fn_for
 from flwr_byzantine import seeds
 
 #: Number of independent mini-batch gradients a colluding attacker draws from its own partition to
@@ -99,6 +106,8 @@ def colluders(cfg: RunConfig, node_config: Mapping[str, Any], partition_id: int,
 
 def _defence_aggregator(cfg: RunConfig, num_rows: int):
     """The run config's aggregator, as the defence-aware attacker simulates it on ``num_rows`` rows."""
+    from flwr_byzantine.aggregators import make_aggregator  # scipy.linalg: only this attack pays for it
+
     f = int(math.floor(cfg.eps_tilde * num_rows))
     params: dict[str, Any] = {
         "rge": {"eps_tilde": cfg.eps_tilde, "sigma0": cfg.sigma0},
@@ -142,23 +151,17 @@ def _partition(context: Context) -> tuple[int, int]:
 def _setup(msg: Message, context: Context, overrides: Mapping[str, Any] | None):
     cfg = RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})})
     pid, num = _partition(context)
-    X, y = load_partition(cfg.dataset, pid, num, cfg.dirichlet_alpha, cfg.seed)
+    X, y = cached_partition(cfg.dataset, pid, num, cfg.dirichlet_alpha, cfg.seed)
     info = dataset_info(cfg.dataset)
-    model = build_model(cfg.model, info["num_features"], info["num_classes"], cfg.seed)
-    state = msg.content["arrays"].to_torch_state_dict()
-    model.load_state_dict(state, strict=True)
-    return cfg, pid, num, X, y, info, model
+    arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+    params = npmodels.load_params(cfg.model, info["num_features"], info["num_classes"], arrays)
+    return cfg, pid, num, X, y, info, params
 
 
-def local_gradient(model: torch.nn.Module, loss_fn, X: np.ndarray, y: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
-    """Gradient of the mean loss on (X, y) with respect to every parameter of ``model``."""
-    model.zero_grad(set_to_none=True)
-    xt = torch.as_tensor(X)
-    yt = torch.as_tensor(y)
-    loss = loss_fn(model(xt), yt)
-    loss.backward()
-    grads = {name: p.grad.detach().cpu().numpy().copy() for name, p in model.named_parameters()}
-    return grads, float(loss.detach())
+def local_gradient(model: str, params: Mapping[str, np.ndarray], X: np.ndarray,
+                   y: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
+    """Gradient of the mean loss on (X, y) with respect to every parameter of ``model`` (numpy)."""
+    return npmodels.loss_and_gradient(model, params, X, y)
 
 
 def minibatch_indices(n: int, b: int, seed: int, partition_id: int, server_round: int) -> np.ndarray:
@@ -196,7 +199,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        cfg, pid, num, X, y, info, model = _setup(msg, context, overrides)
+        cfg, pid, num, X, y, info, params = _setup(msg, context, overrides)
         config = msg.content["config"]
         server_round = int(config["server-round"])
         node = context.node_config
@@ -215,14 +218,13 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         n = len(y)
         full = bool(config.get("full-batch", False))
         b = n if full else min(int(config.get("batch-size", cfg.batch_size)), n)
-        loss_fn = loss_fn_for(info["task"])
-        keys = list(model.state_dict().keys())
-        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        keys = list(params)
+        shapes = {k: tuple(v.shape) for k, v in params.items()}
         if isinstance(attack, UpdateAttack):
             batches = estimate_batches(n, b, num_est, cfg.seed, pid, server_round, full_batch=full)
             rows, losses = [], []
             for idx in batches:
-                grads, loss_j = local_gradient(model, loss_fn, X[idx], y[idx])
+                grads, loss_j = local_gradient(cfg.model, params, X[idx], y[idx])
                 rows.append(_flatten(grads, keys))
                 losses.append(loss_j)
             crafted = attack.craft(np.stack(rows), f, server_round)
@@ -232,7 +234,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             loss = float(np.mean(losses))
         else:
             idx = minibatch_indices(n, b, cfg.seed, pid, server_round)  # without replacement
-            grads, loss = local_gradient(model, loss_fn, X[idx], y[idx])
+            grads, loss = local_gradient(cfg.model, params, X[idx], y[idx])
             flat = _flatten(grads, keys)
 
         metrics.update({"num-examples": int(b), "train-loss": loss})
@@ -260,13 +262,11 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        cfg, pid, _num, X, y, info, model = _setup(msg, context, overrides)
-        with torch.no_grad():
-            out = model(torch.as_tensor(X))
-            loss = float(loss_fn_for(info["task"])(out, torch.as_tensor(y)))
-            metrics: dict[str, Any] = {"eval-loss": loss, "num-examples": int(len(y)), "partition-id": pid}
-            if info["task"] == "classification":
-                metrics["eval-accuracy"] = float((out.argmax(dim=1).numpy() == y).mean())
+        cfg, pid, _num, X, y, _info, params = _setup(msg, context, overrides)
+        result = npmodels.evaluate(cfg.model, params, X, y)
+        metrics: dict[str, Any] = {"eval-loss": result["loss"], "num-examples": int(len(y)), "partition-id": pid}
+        if "accuracy" in result:
+            metrics["eval-accuracy"] = result["accuracy"]
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app

@@ -8,14 +8,28 @@ device; the small R x R work runs in float64 numpy.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
 from typing import Any, Union
 
 import numpy as np
 
-try:  # torch is a hard dependency of the project, but keep the math importable without it
-    import torch
-except ImportError:  # pragma: no cover - exercised only without torch
-    torch = None  # type: ignore[assignment]
+
+class _LazyTorch:
+    """The ``torch`` module, imported on first attribute access.
+
+    Importing torch costs about a second and 300 MB per process; a deployment's
+    ClientApp runs in a fresh process per message and needs torch only when it
+    is handed tensors, so the numpy paths never pay for it.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(importlib.import_module("torch"), name)
+
+
+# torch is a hard dependency of the project, but keep the math importable without it
+torch: Any = _LazyTorch() if importlib.util.find_spec("torch") is not None else None
 
 ArrayLike = Union[np.ndarray, "torch.Tensor"]
 
@@ -25,7 +39,8 @@ GRAM_CHUNK = 1 << 16
 
 def is_torch(x: Any) -> bool:
     """Return True if ``x`` is a ``torch.Tensor``."""
-    return torch is not None and isinstance(x, torch.Tensor)
+    mod = sys.modules.get("torch")  # no tensor can exist before torch is imported
+    return mod is not None and isinstance(x, mod.Tensor)
 
 
 def check_matrix(updates: ArrayLike) -> ArrayLike:

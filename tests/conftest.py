@@ -13,3 +13,12 @@ def task_identity():
     TaskIdentity.node_id = 0
     TaskIdentity.task_id = 1
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def partition_cache(tmp_path_factory):
+    """Keep the ClientApp's on-disk partition cache (flwr_byzantine.data.cache) inside the test's tmp dir."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FLWR_BYZANTINE_CACHE", str(tmp_path_factory.mktemp("partition-cache")))
+    yield
+    mp.undo()
