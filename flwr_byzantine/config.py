@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "coordinate-form": "seed",
     "output-dir": "outputs",
     "checkpoint": False,
+    "reply-timeout": 30.0,
 }
 
 #: Pre-aggregation wrappers, written ``"<wrapper>:<inner rule>"`` (e.g. ``"bucketing:cclip"``).
@@ -174,6 +175,7 @@ class RunConfig:
     coordinate_form: str
     output_dir: str
     checkpoint: bool
+    reply_timeout: float
 
     @classmethod
     def from_mapping(cls, overrides: Mapping[str, Any] | None = None) -> "RunConfig":
@@ -222,6 +224,7 @@ class RunConfig:
             coordinate_form=_choice(cfg, "coordinate-form", COORDINATE_FORMS),
             output_dir=_choice(cfg, "output-dir"),
             checkpoint=_bool(cfg, "checkpoint"),
+            reply_timeout=_num(cfg, "reply-timeout", lo=0.0, lo_open=True),
         )
 
     def as_dict(self) -> dict[str, Any]:

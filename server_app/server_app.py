@@ -94,7 +94,7 @@ def central_evaluator(cfg: RunConfig):
 
 
 #: Run-config keys that may differ between a checkpointed run and its resumption.
-RESUMABLE_KEYS = ("checkpoint", "output-dir")
+RESUMABLE_KEYS = ("checkpoint", "output-dir", "reply-timeout")
 
 
 def checkpoint_identity(cfg: RunConfig) -> dict[str, Any]:
@@ -149,6 +149,7 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, An
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=cfg.num_server_rounds,
+        timeout=cfg.reply_timeout,  # per send_and_receive: late or missing replies are erasures
         evaluate_fn=evaluate,
         **start_kwargs,
     )

@@ -243,6 +243,22 @@ def _stable_norm(vec: np.ndarray) -> float:
     return scale * float(np.linalg.norm(vec / scale))
 
 
+def _errored_node(msg: Message, node_of_message: Mapping[str, int], default: int) -> int:
+    """The sampled node an *error* reply stands for, found by the message it answers.
+
+    The SuperLink answers for a node that is unavailable (code ``NODE_UNAVAILABLE``)
+    or a message that expired with an error message whose sender is the SuperLink
+    itself (node id 1), not the node: such a reply is that node's erasure, not a
+    foreign sender.  Only error replies are mapped; content from another sender is not.
+    """
+    try:
+        if msg.has_error():
+            return int(node_of_message.get(str(msg.metadata.reply_to_message_id), default))
+    except Exception:  # pylint: disable=broad-except
+        pass
+    return default
+
+
 def screen_replies(
     replies: Iterable[Message],
     expected_nodes: Iterable[int],
@@ -258,6 +274,7 @@ def screen_replies(
     """
     expected = set(int(n) for n in expected_nodes)
     sent_ids = dict(sent_message_ids or {})
+    node_of_message = {mid: n for n, mid in sent_ids.items() if mid}
     out = ScreenedReplies()
     seen: set[int] = set()
     anonymous = 0
@@ -268,6 +285,8 @@ def screen_replies(
             anonymous += 1
             out.reject(-anonymous, "sender", f"reply without a sender id ({type(exc).__name__})")
             continue
+        if node not in expected:
+            node = _errored_node(msg, node_of_message, node)
         try:
             if node not in expected:
                 raise Rejected("sender", "reply from a node that was not sampled this round")
