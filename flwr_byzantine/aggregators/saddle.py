@@ -47,7 +47,8 @@ class SaddleSolution:
 
     ``W`` is primal feasible; the dual point is ``Y = sum_k z[k] v_k v_k^T``
     (trace <= 1) where ``v_k`` are the left singular vectors of ``G (I - W) D``
-    matching the eigenvectors ``eigvecs[:, k]`` of ``P(W)``.
+    matching the eigenvectors ``eigvecs[:, k]`` of ``P(W)``.  ``mu`` is the final
+    soft-max smoothing parameter of the solve (0 when no iteration ran).
     """
 
     W: np.ndarray
@@ -61,6 +62,7 @@ class SaddleSolution:
     iterations: int
     converged: bool
     early_exit: bool = False
+    mu: float = 0.0
 
     @property
     def gap(self) -> float:
@@ -76,48 +78,103 @@ def capped_simplex_cap(alpha: float, num_points_total: int) -> float:
 def project_capped_simplex(V: np.ndarray, cap: float) -> np.ndarray:
     """Euclidean projection of every column of ``V`` on ``{0 <= w <= cap, sum w = 1}``.
 
-    Finds the shift ``t_j`` with ``sum_i clip(V_ij - t_j, 0, cap) = 1`` by vectorised
-    bisection, then solves for ``t_j`` exactly on the identified free set.
+    See :func:`project_capped_rows` (the same projection of the rows of ``V^T``).
     Requires ``n * cap >= 1`` (non-empty set).
     """
-    n = V.shape[0]
+    return np.ascontiguousarray(project_capped_rows(np.ascontiguousarray(np.asarray(V, dtype=np.float64).T), cap).T)
+
+
+#: Rows of at most this length are projected by one sort of their breakpoints; longer ones by bisection.
+_SORT_PROJ_MAX = 64
+
+
+def project_capped_rows(V: np.ndarray, cap: float) -> np.ndarray:
+    """Euclidean projection of every *row* of ``V`` (``m x n``) on the capped simplex of R^n.
+
+    The projection of a row ``v`` is ``clip(v - t, 0, cap)`` with the shift ``t``
+    solving ``s(t) = sum_i clip(v_i - t, 0, cap) = 1``; ``s`` is piecewise linear and
+    non-increasing with breakpoints ``{v_i - cap} U {v_i}`` (its slope drops by one at
+    every ``v_i - cap`` and rises by one at every ``v_i``).  For ``n <= 64`` one sort of
+    the ``2n`` breakpoints of every row gives ``s`` at all of them by a cumulative sum,
+    hence the linear piece holding the root (no iteration); longer rows bracket the
+    root by vectorised bisection.  Either way ``t`` is finally solved for exactly on
+    the identified free set.  Requires ``n * cap >= 1`` (non-empty set).
+    """
+    m, n = V.shape
     if n * cap < 1.0 - 1e-12:
         raise ValueError(f"capped simplex is empty: n={n}, cap={cap}")
-    lo = V.min(axis=0) - cap  # every entry clipped to cap -> sum = n*cap >= 1
-    hi = V.max(axis=0)  # every entry clipped to 0 -> sum = 0 < 1
-    for _ in range(45):
-        mid = 0.5 * (lo + hi)
-        s = np.clip(V - mid, 0.0, cap).sum(axis=0)
-        big = s > 1.0
-        lo = np.where(big, mid, lo)
-        hi = np.where(big, hi, mid)
-    t = 0.5 * (lo + hi)
-    X = V - t
+    if n <= _SORT_PROJ_MAX:
+        bp = np.concatenate([V - cap, V], axis=1)  # (m, 2n) breakpoints
+        order = np.argsort(bp, axis=1)
+        bps = np.take_along_axis(bp, order, axis=1)
+        slope = np.cumsum(np.where(order < n, -1.0, 1.0), axis=1)  # slope of s right of each breakpoint
+        s = np.empty_like(bps)
+        s[:, 0] = 0.0
+        np.cumsum(slope[:, :-1] * np.diff(bps, axis=1), axis=1, out=s[:, 1:])
+        s += n * cap
+        # last breakpoint with s >= 1 (s is non-increasing, s[:, 0] = n cap >= 1, s[:, -1] = 0)
+        k = np.maximum(np.count_nonzero(s >= 1.0, axis=1) - 1, 0)
+        rows = np.arange(m)
+        sk, slk, bk = s[rows, k], slope[rows, k], bps[rows, k]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.where(slk < 0, bk + (sk - 1.0) / -slk, bk)
+    else:
+        lo = V.min(axis=1) - cap  # every entry clipped to cap -> sum = n*cap >= 1
+        hi = V.max(axis=1)  # every entry clipped to 0 -> sum = 0 < 1
+        for _ in range(45):
+            mid = 0.5 * (lo + hi)
+            big = np.clip(V - mid[:, None], 0.0, cap).sum(axis=1) > 1.0
+            lo = np.where(big, mid, lo)
+            hi = np.where(big, hi, mid)
+        t = 0.5 * (lo + hi)
+    # exact shift on the free set identified by t (removes the round-off of the search)
+    X = V - t[:, None]
     upper = X >= cap
     free = (X > 0) & ~upper
-    n_free = free.sum(axis=0)
-    ok = n_free > 0
-    sum_free = np.where(free, V, 0.0).sum(axis=0)
-    t_exact = (sum_free + cap * upper.sum(axis=0) - 1.0) / np.maximum(n_free, 1)
-    t = np.where(ok, t_exact, t)
-    return np.clip(V - t, 0.0, cap)
+    n_free = np.count_nonzero(free, axis=1)
+    sum_free = np.where(free, V, 0.0).sum(axis=1)
+    t_exact = (sum_free + cap * np.count_nonzero(upper, axis=1) - 1.0) / np.maximum(n_free, 1)
+    t = np.where(n_free > 0, t_exact, t)
+    X = V - t[:, None]
+    np.clip(X, 0.0, cap, out=X)
+    return X
+
+
+def _lmo_rows(grad_t: np.ndarray, cap: float) -> np.ndarray:
+    """``min_{s in CS} <grad_t[i], s>`` for every *row* (greedy fill of the cap).
+
+    The ``m = floor(1/cap)`` smallest entries get ``cap`` and the next one the rest;
+    a partial sort (``np.partition``) finds them.
+    """
+    n = grad_t.shape[1]
+    m = min(int(math.floor(1.0 / cap + 1e-12)), n)
+    rest = 1.0 - m * cap
+    if m >= n:
+        return cap * grad_t.sum(axis=1)
+    part = np.partition(grad_t, m, axis=1)  # part[:, :m] are the m smallest, part[:, m] the next
+    val = cap * part[:, :m].sum(axis=1)
+    if rest > 1e-15:
+        val = val + rest * part[:, m]
+    return val
 
 
 def _lmo_values(grad: np.ndarray, cap: float) -> np.ndarray:
     """``min_{s in CS} <grad[:, i], s>`` for every column (greedy fill of the cap)."""
-    n = grad.shape[0]
-    srt = np.sort(grad, axis=0)
-    m = int(math.floor(1.0 / cap + 1e-12))
-    m = min(m, n)
-    val = cap * srt[:m].sum(axis=0)
-    rest = 1.0 - m * cap
-    if rest > 1e-15 and m < n:
-        val = val + rest * srt[m]
-    return val
+    return _lmo_rows(np.ascontiguousarray(grad.T), cap)
+
+
+#: Below this size the full symmetric eigendecomposition is cheaper than a windowed (MRRR) one.
+_FULL_EIG_MAX = 48
 
 
 class _Objective:
-    """Evaluates ``f_mu``, its gradient and the certificate for fixed ``K, c``."""
+    """Evaluates ``f_mu``, its gradient and the certificate for fixed ``K, c``.
+
+    Works on ``Wt = W^T`` (row ``i`` is the column ``w_i`` of (91)) so that every
+    per-point operation (projection, linear minimisation) runs along contiguous rows.
+    With ``Bt = D (I - Wt)`` and ``BK = Bt K``: ``P(W) = BK Bt^T`` and the gradient of
+    ``f_mu`` with respect to ``Wt`` is ``-2 D Z BK`` with ``Z = U diag(z) U^T``.
+    """
 
     def __init__(self, K: np.ndarray, c: np.ndarray) -> None:
         self.K = K
@@ -125,26 +182,34 @@ class _Objective:
         self.n = K.shape[0]
         self.eye = np.eye(self.n)
 
-    def eig(self, W: np.ndarray, floor: float | None = None, reach: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Eigenpairs of ``P(W)`` (ascending); only those above ``floor`` if it is given.
+    def eig(
+        self, Wt: np.ndarray, floor: float | None = None, reach: float = 0.0, vectors: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Eigenpairs of ``P(W)`` (ascending) and ``BK``; only those above ``floor`` if it is given.
 
         The soft-max weights of eigenvalues more than ``_WINDOW * mu`` below the top are
-        below ``exp(-_WINDOW)``, so the caller passes ``floor = top - _WINDOW * mu`` and a
-        partial (MRRR) eigensolver returns just that window; it falls back to the full
-        decomposition when the window would be empty or is most of the spectrum.
+        below ``exp(-_WINDOW)``, so the caller passes ``floor = top - _WINDOW * mu`` and,
+        for ``n > _FULL_EIG_MAX``, a partial (MRRR) eigensolver returns just that window;
+        it falls back to the full decomposition when the window would be empty or is most
+        of the spectrum.  Small problems always get the full (cheaper) decomposition, and
+        only the eigenvalues when ``vectors`` is false (``U`` is then ``None``).
         """
-        B = (self.eye - W) * self.d[None, :]  # (I - W) D
-        P = B.T @ self.K @ B
-        P = 0.5 * (P + P.T)
+        Bt = (self.eye - Wt) * self.d[:, None]  # D (I - W^T) = ((I - W) D)^T
+        BK = Bt @ self.K
+        P = BK @ Bt.T
+        P += P.T
+        P *= 0.5
         sig = None
-        if floor is not None and floor > 0 and self.n > 16:
-            sig, U = scipy.linalg.eigh(P, subset_by_value=(floor, np.inf), driver="evr")
+        if not vectors and self.n <= _FULL_EIG_MAX:
+            return np.maximum(np.linalg.eigvalsh(P), 0.0), None, BK
+        if floor is not None and floor > 0 and self.n > _FULL_EIG_MAX:
+            sig, U = scipy.linalg.eigh(P, subset_by_value=(floor, np.inf), driver="evr", check_finite=False)
             # The window must reach _WINDOW * mu below the *new* top, else fall back.
             if sig.size == 0 or sig.size > self.n // 2 or sig[-1] - floor < reach:
                 sig = None
         if sig is None:
             sig, U = np.linalg.eigh(P)
-        return np.maximum(sig, 0.0), U, B
+        return np.maximum(sig, 0.0), U, BK
 
     @staticmethod
     def smooth(sig: np.ndarray, mu: float) -> tuple[float, np.ndarray]:
@@ -153,9 +218,15 @@ class _Objective:
         s = e.sum()
         return smax + mu * math.log(s), e / s
 
-    def grad(self, B: np.ndarray, U: np.ndarray, z: np.ndarray) -> np.ndarray:
-        Z = (U * z[None, :]) @ U.T
-        return -2.0 * (self.K @ B @ Z) * self.d[None, :]
+    def grad(self, BK: np.ndarray, U: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Gradient of ``f_mu`` with respect to ``Wt`` (rows = points)."""
+        on = z > 1e-300  # eigenvectors with (numerically) zero weight do not contribute
+        if not on.all():
+            U, z = U[:, on], z[on]
+        Z = (U * z) @ U.T
+        g = Z @ BK
+        g *= (-2.0 * self.d)[:, None]
+        return g
 
 
 def solve_saddle(
@@ -195,18 +266,23 @@ def solve_saddle(
     n = K.shape[0]
     cap = max(cap, 1.0 / n)
     obj = _Objective(K, c)
-    W = np.full((n, n), 1.0 / n) if W0 is None else project_capped_simplex(W0, cap)
+    if W0 is None:
+        Wt = np.full((n, n), 1.0 / n)
+    else:
+        Wt = np.ascontiguousarray(np.asarray(W0, dtype=np.float64).T)
+        Wt = project_capped_rows(Wt, cap)
 
-    sig, U, B = obj.eig(W)
+    sig, U, BK = obj.eig(Wt)
     ub = float(sig[-1])
     scale = max(ub, float(np.trace(K)) * float(c.max()) / max(n, 1), 1e-300)
     tol_abs = tol_abs * scale  # relative to the problem's magnitude: scale-equivariant stopping
+    mu = 0.0
 
     def finish(z: np.ndarray, lower: float, it: int, converged: bool, early: bool) -> SaddleSolution:
         tau = (U**2 @ (z * sig)) / c
         return SaddleSolution(
-            W=W, z=z, eigvals=sig, eigvecs=U, upper=float(sig[-1]), lower=lower,
-            value=float(z @ sig), tau=tau, iterations=it, converged=converged, early_exit=early,
+            W=np.ascontiguousarray(Wt.T), z=z, eigvals=sig, eigvecs=U, upper=float(sig[-1]), lower=lower,
+            value=float(z @ sig), tau=tau, iterations=it, converged=converged, early_exit=early, mu=mu,
         )
 
     if n == 1 or ub <= tol_abs or cap * n <= 1.0 + 1e-12:
@@ -224,45 +300,64 @@ def solve_saddle(
         return finish(z, float(z @ sig), 0, False, True)
 
     log_n = math.log(n)
+    mu_floor = 1e-15 * scale
     mu = max(0.05 * ub, 1e-12 * scale) / log_n
     L = 2.0 * float(np.linalg.eigvalsh(K)[-1]) * float(c.max()) + 1e-300
     fval, z = obj.smooth(sig, mu)
-    Yk, Wprev, t = W.copy(), W.copy(), 1.0
+    Yk, t = Wt.copy(), 1.0
     lower = -math.inf
     it = 0
+    target = tol_abs + tol_rel * ub
+    last_check, stride = 0, 1
     for it in range(1, max_iter + 1):
         # --- one FISTA step on f_mu from the extrapolated point Yk ---
         reach = _WINDOW * mu
         win = float(sig[-1]) - reach - 0.05 * abs(float(sig[-1]))
-        sig_y, U_y, B_y = obj.eig(Yk, win, reach)
+        sig_y, U_y, BK_y = obj.eig(Yk, win, reach)
         f_y, z_y = obj.smooth(sig_y, mu)
-        g_y = obj.grad(B_y, U_y, z_y)
+        g_y = obj.grad(BK_y, U_y, z_y)
         while True:
-            Wn = project_capped_simplex(Yk - g_y / L, cap)
-            sig_n, U_n, B_n = obj.eig(Wn, win, reach)
+            Wn = project_capped_rows(Yk - g_y / L, cap)
+            sig_n, U_n, BK_n = obj.eig(Wn, win, reach, vectors=False)
             f_n, z_n = obj.smooth(sig_n, mu)
             diff = Wn - Yk
-            if f_n <= f_y + float(np.sum(g_y * diff)) + 0.5 * L * float(np.sum(diff * diff)) + 1e-14 * abs(f_y):
+            if f_n <= f_y + float(np.vdot(g_y, diff)) + 0.5 * L * float(np.vdot(diff, diff)) + 1e-14 * abs(f_y):
                 break
             L *= 2.0
         t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
-        Yk = Wn + ((t - 1.0) / t_new) * (Wn - W)
-        Wprev, W, t = W, Wn, t_new
-        sig, U, B, z = sig_n, U_n, B_n, z_n
+        Yk = Wn + ((t - 1.0) / t_new) * (Wn - Wt)
+        Wt, t = Wn, t_new
+        sig, U, BK, z = sig_n, U_n, BK_n, z_n
         L *= 0.9  # let the step grow again
 
         ub = float(sig[-1])
         if stop_below is not None and ub <= stop_below:
+            if U is None:
+                sig, U, BK = obj.eig(Wt, win, reach)
+                z = obj.smooth(sig, mu)[1]
             return finish(z, float(z @ sig), it, False, True)
         # --- certificate: UB = lambda_max, LB = Phi(W,Y) + Frank-Wolfe term ---
-        g = obj.grad(B, U, z)
+        # (every iteration once the gap is within 4x the tolerance, every 3rd before)
+        if it - last_check < stride:
+            continue
+        last_check = it
+        if U is None:
+            sig, U, BK = obj.eig(Wt, win, reach)
+            z = obj.smooth(sig, mu)[1]
+        g = obj.grad(BK, U, z)
         phi = float(z @ sig)
-        fw = float(np.sum(g * W) - _lmo_values(g, cap).sum())  # >= 0
+        fw = float(np.vdot(g, Wt) - _lmo_rows(g, cap).sum())  # >= 0
         lower = phi - fw
         gap = ub - lower
-        if gap <= tol_abs + tol_rel * ub:
+        target = tol_abs + tol_rel * ub
+        if gap <= target:
             return finish(z, lower, it, True, False)
+        stride = 1 if gap <= 4.0 * target else 3
         if ub - phi > fw:  # smoothing error dominates: sharpen, restart momentum
-            mu = max(mu / 4.0, 1e-15 * scale)
-            Yk, t = W.copy(), 1.0
+            mu = max(mu / 4.0, mu_floor)
+            Yk, t = Wt.copy(), 1.0
+    if U is None:
+        sig, U, BK = obj.eig(Wt)
+        z = obj.smooth(sig, mu)[1]
+        lower = -math.inf if not math.isfinite(lower) else lower
     return finish(z, lower, it, False, False)
