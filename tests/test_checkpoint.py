@@ -28,6 +28,8 @@ from flwr_byzantine.strategies.records import ArrayLayout
 from flwr_byzantine.strategies.robust_sgd import RobustSGD
 
 from fakes import FakeGrid
+from flwr_byzantine.compression import randk_compress
+from test_randk import client_coords, values_reply
 from test_robust_sgd import grad_reply, honest_handler, model_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,11 +100,19 @@ def _attacked_handler(seed: int):
         rnd = int(msg.content["config"]["server-round"])
         node = int(msg.metadata.dst_node_id)
         if node in (2, 7):
-            return grad_reply(msg, np.full((3, 4), 30.0), np.full((3,), -30.0))
-        rng = np.random.default_rng([seed, node, rnd])
-        arrays = msg.content["arrays"]
-        w, b = arrays["w"].numpy(), arrays["b"].numpy()
-        return grad_reply(msg, w - 1.0 + 0.1 * rng.normal(size=w.shape), b - 1.0 + 0.1 * rng.normal(size=b.shape))
+            reply = grad_reply(msg, np.full((3, 4), 30.0), np.full((3,), -30.0))
+        else:
+            rng = np.random.default_rng([seed, node, rnd])
+            arrays = msg.content["arrays"]
+            w, b = arrays["w"].numpy(), arrays["b"].numpy()
+            reply = grad_reply(msg, w - 1.0 + 0.1 * rng.normal(size=w.shape),
+                               b - 1.0 + 0.1 * rng.normal(size=b.shape))
+        if "randk-procedure" not in msg.content["config"]:
+            return reply
+        # Algorithm 2: the same gradient, compressed to (d/k) g[K_t] (as the ClientApp does).
+        g = ArrayLayout.of(reply.content["gradient"]).flatten(reply.content["gradient"])
+        idx = client_coords(msg)
+        return values_reply(msg, randk_compress(g, idx))
 
     return handler
 
@@ -140,6 +150,7 @@ def test_resumed_strategy_equals_uninterrupted(tmp_path, compression):
     assert {r: dict(m) for r, m in res.evaluate_metrics_serverapp.items()} == \
         {r: dict(m) for r, m in ref_res.evaluate_metrics_serverapp.items()}
     assert sorted(res.train_metrics_clientapp) == list(range(1, 8))
+    assert all(r.applied for r in ref.history)  # every round moved the model (no vacuous equality)
 
 
 def test_resume_refuses_other_strategy_setup(tmp_path):

@@ -8,6 +8,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 
 from flwr_byzantine.aggregators import RGE, Mean
 from flwr_byzantine.strategies.records import ArrayLayout
+from flwr_byzantine.strategies.robust_base import RunFailed
 from flwr_byzantine.strategies.robust_sgd import PROTOCOL, RobustSGD
 
 from fakes import FakeGrid
@@ -227,3 +228,42 @@ def test_large_node_ids_are_reported_exactly():
     run_round(strategy, FakeGrid(nodes, handler))
     assert strategy.history[-1].filtered == [nodes[4]]
     assert sorted(strategy.history[-1].kept) == sorted(set(nodes) - {nodes[4]})
+
+
+def weights_reply(msg: Message) -> Message:
+    """What a FedAvg (quickstart) client sends: its locally trained model under "arrays" + num-examples."""
+    arrays = msg.content["arrays"]
+    rec = RecordDict({"arrays": ArrayRecord({k: Array(a.numpy() + 0.1) for k, a in arrays.items()}),
+                      "metrics": MetricRecord({"train_loss": 0.5, "num-examples": 100})})
+    return Message(rec, reply_to=msg)
+
+
+def test_weights_sent_to_robust_sgd_fail_the_run_with_the_fix():
+    """Clients that train locally (replies "arrays") make RobustSGD fail after max_invalid_rounds, naming the fix."""
+    strategy = RobustSGD(aggregator=Mean(), learning_rate=1.0, max_invalid_rounds=3)
+    with pytest.raises(RunFailed, match=r"replies carry 'arrays': use RobustFedAvg") as err:
+        strategy.start(grid=FakeGrid(range(1, 6), weights_reply), initial_arrays=model_record(), num_rounds=10)
+    assert "3 consecutive rounds" in str(err.value) and len(strategy.history) == 3
+    assert "replies carry 'arrays': use RobustFedAvg" in strategy.history[0].rejected[1]
+
+
+def test_invalid_streak_resets_and_can_be_disabled():
+    """Only *consecutive* invalid rounds count; max_invalid_rounds=0 never fails."""
+    honest = honest_handler(target=1.0, noise=0.0)
+
+    def handler(msg):  # rounds 1, 2, 4, 5 broken, round 3 fine: never 3 in a row
+        rnd = int(msg.content["config"]["server-round"])
+        return honest(msg) if rnd == 3 else weights_reply(msg)
+
+    strategy = RobustSGD(aggregator=Mean(), learning_rate=0.5, max_invalid_rounds=3)
+    strategy.start(grid=FakeGrid(range(1, 6), handler), initial_arrays=model_record(), num_rounds=5)
+    assert [r.applied for r in strategy.history] == [False, False, True, False, False]
+    assert strategy.invalid_streak == 2
+    never = RobustSGD(aggregator=Mean(), max_invalid_rounds=0)
+    never.start(grid=FakeGrid(range(1, 6), weights_reply), initial_arrays=model_record(), num_rounds=4)
+    assert not any(r.applied for r in never.history)
+
+
+def test_reply_key_equal_to_model_key_is_refused():
+    with pytest.raises(ValueError, match="RobustFedAvg"):
+        RobustSGD(reply_key="arrays")

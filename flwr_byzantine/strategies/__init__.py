@@ -3,9 +3,10 @@
 from .comrade import Comrade, NewtonRoundReport, NewtonStrategyBase, make_evaluate_fn
 from .giant import Giant
 from .omniscient import AdversaryRound, OmniscientAdversary
-from .robust_sgd import PROTOCOL, RobustSGD, RoundReport
+from .robust_base import RobustStrategy, RoundReport, RunFailed, default_aggregator
+from .robust_sgd import PROTOCOL, RobustSGD
 
 __all__ = [
-    "PROTOCOL", "AdversaryRound", "Comrade", "Giant", "NewtonRoundReport", "NewtonStrategyBase", "OmniscientAdversary", "RobustSGD", "RoundReport",
-    "make_evaluate_fn",
+    "PROTOCOL", "AdversaryRound", "Comrade", "Giant", "NewtonRoundReport", "NewtonStrategyBase", "OmniscientAdversary",
+    "RobustSGD", "RobustStrategy", "RoundReport", "RunFailed", "default_aggregator", "make_evaluate_fn",
 ]

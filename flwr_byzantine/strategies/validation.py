@@ -80,6 +80,13 @@ class ReplyPolicy:
         gradients differ in norm by far less than the default factor 1e6.
     message_type:
         Required message type of a reply (``None``: not checked).
+    origin:
+        If set, replies carry a *model* w (FedAvg's protocol) and the screened
+        vector is the model update ``origin - w`` (origin = the round's x_t);
+        the magnitude checks apply to that update.  ``None``: the reply is the vector.
+    format_hints:
+        ``{record name: hint}``: a reply that lacks ``reply_key`` but carries this
+        record is rejected with the hint appended (it names the right strategy).
     """
 
     reply_key: str = "gradient"
@@ -88,6 +95,8 @@ class ReplyPolicy:
     max_abs_value: float = FLOAT32_MAX
     max_norm_ratio: float | None = 1e6
     message_type: str | None = MessageType.TRAIN
+    origin: np.ndarray | None = None
+    format_hints: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -199,7 +208,9 @@ def decode_reply(
     content = msg.content
     arecs = content.array_records
     if policy.reply_key not in arecs:
-        raise Rejected("format", f"missing ArrayRecord '{policy.reply_key}' (got {sorted(arecs)})")
+        hints = [hint for key, hint in policy.format_hints.items() if key in arecs]
+        raise Rejected("format", f"missing ArrayRecord '{policy.reply_key}' (got {sorted(arecs)})"
+                                 + "".join(f": {hint}" for hint in hints[:1]))
     if len(arecs) != 1:
         raise Rejected("format", f"expected exactly one ArrayRecord, got {sorted(arecs)}")
     crecs = content.config_records
@@ -225,6 +236,11 @@ def decode_reply(
     finite = np.isfinite(vec)
     if not finite.all():
         raise Rejected("non-finite", f"non-finite values ({int((~finite).sum())} of {vec.size})")
+    if policy.origin is not None:
+        with np.errstate(over="ignore", invalid="ignore"):
+            vec = np.asarray(policy.origin, dtype=np.float64) - vec  # model w -> update x_t - w
+        if not np.isfinite(vec).all():
+            raise Rejected("magnitude", "absurd magnitude: the model update overflows")
     peak = float(np.max(np.abs(vec))) if vec.size else 0.0
     if peak > policy.max_abs_value:
         raise Rejected("magnitude", f"absurd magnitude: entry {peak:.3g} exceeds {policy.max_abs_value:.3g}")

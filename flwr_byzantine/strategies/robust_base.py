@@ -1,0 +1,746 @@
+"""The round machinery shared by ``RobustSGD`` and ``RobustFedAvg`` (one training loop, one decode path).
+
+Every round: sample nodes (seeded), broadcast the model x_t, screen the replies
+(:mod:`~flwr_byzantine.strategies.validation`: a bad reply is an erasure with a
+logged reason), stack the valid replies' vectors v_i as an ``(R, d)`` matrix,
+decode it with the robust aggregator (RGE, Data & Diggavi Algorithm 3, by default)
+into ``g_hat`` and let the subclass turn ``g_hat`` into x_{t+1}:
+
+* :class:`~flwr_byzantine.strategies.RobustSGD`: v_i is client i's mini-batch
+  gradient at x_t and ``x_{t+1} = Proj_C(x_t - eta g_hat)`` (Algorithm 1);
+* :class:`~flwr_byzantine.strategies.RobustFedAvg`: client i trains locally and
+  replies with its weights w_i; v_i = x_t - w_i is its model update and
+  ``x_{t+1} = x_t - eta_s m_{t+1}``, ``m_{t+1} = beta m_t + g_hat`` (FedAvg with
+  server learning rate and momentum, the mean replaced by the robust decoder).
+
+Client-reported ``num-examples`` is never a weight: a Byzantine client would
+report a huge count and buy the influence the robust rule is there to deny it.
+Client metrics (train and evaluate) are combined by the median over the valid
+replies, never by a count-weighted mean.
+
+A run that cannot make progress fails loudly: after ``max_invalid_rounds``
+consecutive rounds with fewer than ``min_valid_replies`` valid replies
+``aggregate_train`` raises :class:`RunFailed` with the round's most common
+rejection reason (e.g. "replies carry 'arrays': use RobustFedAvg"); raised in a
+ServerApp, Flower ends the run as ``finished:failed`` with that message in its
+status details.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
+from flwr.supercore import log
+
+from ..aggregators import make_aggregator
+from ..aggregators.base import Aggregator
+from ..checkpoint import CheckpointError, CheckpointMismatch, Checkpointer, TrainingState
+from .records import ArrayLayout, record_nbytes
+from .validation import REJECTION_KINDS, ReplyPolicy, ScreenedReplies, clean_metrics, finite_number, screen_replies
+
+#: Registry name of the project's default defence (``make_aggregator`` with its default parameters).
+DEFAULT_AGGREGATOR = "rge"
+
+#: Client metrics that identify a reply rather than measure anything (never aggregated).
+ID_METRICS = ("server-round", "partition-id")
+
+#: ``fn(list[RecordDict], weighted_by_key) -> MetricRecord | None`` (FedAvg's metric hook signature).
+MetricsAggrFn = Callable[[list[RecordDict], str], "MetricRecord | None"]
+
+
+def default_aggregator() -> Aggregator:
+    """The project's default defence: the rule registered as :data:`DEFAULT_AGGREGATOR`, default parameters."""
+    return make_aggregator(DEFAULT_AGGREGATOR)
+
+
+class RunFailed(RuntimeError):
+    """The run cannot make progress (too many consecutive rounds without enough valid replies)."""
+
+
+@dataclass
+class RoundReport:
+    """Everything the strategy learned in one training round (kept in ``strategy.history``)."""
+
+    server_round: int
+    sampled: list[int]
+    accepted: list[int]
+    kept: list[int]
+    filtered: list[int]
+    rejected: dict[int, str]
+    decode_seconds: float
+    statistic: float
+    threshold: float
+    update_norm: float
+    learning_rate: float
+    bytes_up: int
+    bytes_down: int
+    applied: bool
+    partition_ids: dict[int, int] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    rejection_counts: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly view (node ids as strings in the rejection map)."""
+        out = dict(vars(self))
+        out["rejected"] = {str(k): v for k, v in self.rejected.items()}
+        out["partition_ids"] = {str(k): v for k, v in self.partition_ids.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RoundReport":
+        """Inverse of :meth:`as_dict` (as read back from JSON)."""
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in data.items() if k in known}
+        kw["rejected"] = {int(k): str(v) for k, v in dict(data.get("rejected", {})).items()}
+        kw["partition_ids"] = {int(k): int(v) for k, v in dict(data.get("partition_ids", {})).items()}
+        for key in ("sampled", "accepted", "kept", "filtered"):
+            kw[key] = [int(n) for n in data.get(key, [])]
+        return cls(**kw)
+
+
+class RobustStrategy(Strategy):
+    """Base of the robust strategies: sampling, screening, robust decode, metrics, checkpointed loop.
+
+    Subclasses define what a reply carries and how the decoded vector moves the
+    model (:meth:`_step`), and may add round config (:meth:`_round_config`,
+    :meth:`_round_records`), screening (:meth:`_screen_more`) and state
+    (:meth:`_extra_state`).  See the module docstring.
+
+    Parameters (shared)
+    -------------------
+    aggregator:
+        Robust rule decoding the ``(R, d)`` reply matrix (default: :func:`default_aggregator`).
+    fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes:
+        Node sampling, as in FedAvg (seeded by ``seed``).
+    min_valid_replies:
+        Fewer valid replies than this: the model is left unchanged for the round.
+    max_invalid_rounds:
+        That many consecutive such rounds raise :class:`RunFailed` (0: never).
+    max_update_norm, max_norm_ratio:
+        Reply screening limits (see :class:`~flwr_byzantine.strategies.validation.ReplyPolicy`).
+    arrayrecord_key, configrecord_key, reply_key:
+        Record names of the model / config sent and of the client's vector in a reply.
+    train_metrics_aggr_fn, evaluate_metrics_aggr_fn, weighted_by_key:
+        FedAvg's metric hooks: if given, called with the valid replies' (cleaned)
+        ``RecordDict`` s and ``weighted_by_key``; otherwise client metrics are
+        combined by the median (:func:`median_metrics`).
+    """
+
+    def __init__(
+        self,
+        aggregator: Aggregator | None = None,
+        *,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 0.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        min_valid_replies: int = 2,
+        max_invalid_rounds: int = 3,
+        max_update_norm: float | None = None,
+        max_norm_ratio: float | None = 1e6,
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        reply_key: str = "gradient",
+        train_metrics_aggr_fn: MetricsAggrFn | None = None,
+        evaluate_metrics_aggr_fn: MetricsAggrFn | None = None,
+        weighted_by_key: str = "num-examples",
+        seed: int = 0,
+    ) -> None:
+        if not 0 < fraction_train <= 1 or not 0 <= fraction_evaluate <= 1:
+            raise ValueError("fraction_train must be in (0, 1] and fraction_evaluate in [0, 1]")
+        if min_valid_replies < 1:
+            raise ValueError("min_valid_replies must be >= 1")
+        if max_invalid_rounds < 0 or int(max_invalid_rounds) != max_invalid_rounds:
+            raise ValueError("max_invalid_rounds must be an integer >= 0 (0: never fail)")
+        self.aggregator = aggregator if aggregator is not None else default_aggregator()
+        self.fraction_train = fraction_train
+        self.fraction_evaluate = fraction_evaluate
+        self.min_train_nodes = min_train_nodes
+        self.min_evaluate_nodes = min_evaluate_nodes
+        self.min_available_nodes = min_available_nodes
+        self.min_valid_replies = min_valid_replies
+        self.max_invalid_rounds = int(max_invalid_rounds)
+        self.max_update_norm = max_update_norm or None
+        self.max_norm_ratio = max_norm_ratio or None
+        self.arrayrecord_key = arrayrecord_key
+        self.configrecord_key = configrecord_key
+        self.reply_key = reply_key
+        self.train_metrics_aggr_fn = train_metrics_aggr_fn
+        self.evaluate_metrics_aggr_fn = evaluate_metrics_aggr_fn
+        self.weighted_by_key = weighted_by_key
+        self.history: list[RoundReport] = []
+        #: Consecutive rounds (up to the last one) without enough valid replies.
+        self.invalid_streak = 0
+        self._rng = random.Random(seed)
+        self._layout: ArrayLayout | None = None
+        self._x: np.ndarray | None = None
+        self._sampled: list[int] = []
+        self._bytes_down = 0
+        self._sent: dict[int, Message] = {}
+        self._eval_sampled: list[int] = []
+        #: Round the last :meth:`start` resumed from (None: started fresh).
+        self.resumed_from: int | None = None
+
+    # ------------------------------------------------------------ subclass hooks
+    #: Hints appended to the rejection reason when a reply carries this record instead of ``reply_key``.
+    def _format_hints(self) -> dict[str, str]:
+        return {}
+
+    def _round_config(self, cfg: ConfigRecord, server_round: int) -> None:
+        """Add protocol keys to the round's train config (in place)."""
+
+    def _round_records(self, server_round: int, layout: ArrayLayout, cfg: ConfigRecord) -> dict[str, ArrayRecord]:
+        """Extra records of the train message (e.g. randk coordinates)."""
+        return {}
+
+    def _expected_layout(self) -> ArrayLayout:
+        assert self._layout is not None
+        return self._layout
+
+    def _reply_policy(self) -> ReplyPolicy:
+        return ReplyPolicy(reply_key=self.reply_key, max_norm=self.max_update_norm,
+                           max_norm_ratio=self.max_norm_ratio, format_hints=self._format_hints())
+
+    def _screen_more(self, screened: ScreenedReplies) -> None:
+        """Protocol-specific checks after the generic screening (reject in place)."""
+
+    def _learning_rate(self, server_round: int) -> float:
+        raise NotImplementedError
+
+    def _step(self, x: np.ndarray, g_hat: np.ndarray, lr: float) -> np.ndarray:
+        """x_{t+1} from x_t and the decoded vector (no side effects: see :meth:`_commit`)."""
+        raise NotImplementedError
+
+    def _commit(self) -> None:
+        """Called once the step of :meth:`_step` was applied (e.g. keep the new momentum)."""
+
+    def _extra_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return {}, {}
+
+    def _load_extra_state(self, state: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+        """Restore what :meth:`_extra_state` returned."""
+
+    # -------------------------------------------------------------- sampling
+    def _sample(self, grid: Grid, fraction: float, min_nodes: int) -> list[int]:
+        """Seeded version of Flower's ``sample_nodes`` (waits for enough nodes)."""
+        all_nodes = sorted(grid.get_node_ids())
+        wanted = max(int(len(all_nodes) * fraction), min_nodes)
+        waited = 0.0
+        while len(all_nodes) < max(self.min_available_nodes, wanted):
+            if waited == 0.0 or waited % 10 == 0:
+                log(INFO, "Waiting for nodes: %d connected, %d needed", len(all_nodes),
+                    max(self.min_available_nodes, wanted))
+            time.sleep(1.0)
+            waited += 1.0
+            all_nodes = sorted(grid.get_node_ids())
+        return sorted(self._rng.sample(all_nodes, min(wanted, len(all_nodes))))
+
+    # -------------------------------------------------------------- training
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Broadcast x_t with the round's config (and the subclass's records) to the sampled nodes."""
+        layout = self._layout = ArrayLayout.of(arrays)
+        self._x = layout.flatten(arrays, np.float64)
+        self._sampled = self._sample(grid, self.fraction_train, self.min_train_nodes)
+        cfg = ConfigRecord(dict(config))
+        cfg["server-round"] = server_round
+        self._round_config(cfg, server_round)
+        extra = self._round_records(server_round, layout, cfg)
+        content: dict[str, Any] = {self.arrayrecord_key: arrays, self.configrecord_key: cfg, **extra}
+        record = RecordDict(content)
+        per_node = record_nbytes(arrays) + sum(record_nbytes(r) for r in extra.values())
+        self._bytes_down = per_node * len(self._sampled)
+        log(INFO, "configure_train: round %d, sampled %d nodes", server_round, len(self._sampled))
+        msgs = [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n, group_id=str(server_round))
+                for n in self._sampled]
+        # The Grid sets each message's id when it sends it; replies must answer exactly these.
+        self._sent = {int(m.metadata.dst_node_id): m for m in msgs}
+        return msgs
+
+    def _sent_message_ids(self) -> dict[int, str]:
+        out = {}
+        for node, msg in self._sent.items():
+            try:
+                out[node] = str(msg.metadata.message_id or "")
+            except Exception:  # pylint: disable=broad-except
+                out[node] = ""
+        return out
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Screen the replies, decode with the aggregator, take the subclass's step.
+
+        Never raises on client input: every bad reply is an erasure (logged with
+        its reason), and with fewer than ``min_valid_replies`` valid replies, a
+        failing aggregator or a non-finite / malformed result the model is left
+        unchanged for the round (``applied = 0`` in the metrics).  The one
+        exception is deliberate: the ``max_invalid_rounds``-th consecutive round
+        without enough valid replies raises :class:`RunFailed`.
+        """
+        if self._layout is None or self._x is None:
+            log(WARNING, "aggregate_train called before configure_train; skipping round %d", server_round)
+            return None, None
+        try:
+            replies = list(replies)
+        except Exception as exc:  # pylint: disable=broad-except
+            log(WARNING, "round %d: replies could not be read (%s: %s)", server_round, type(exc).__name__, exc)
+            replies = []
+        screened = screen_replies(replies, self._sampled, self._expected_layout(), server_round,
+                                  self._reply_policy(), sent_message_ids=self._sent_message_ids())
+        self._screen_more(screened)
+        _log_rejections(server_round, screened)
+        # Deterministic row order (by reported partition id, then node id): node ids are random per
+        # deployment, so this keeps the aggregator's floating-point sums identical across runs/resumes.
+        partitions = {
+            n: int(m["partition-id"]) for n, m in zip(screened.node_ids, screened.metrics)
+            if isinstance(m.get("partition-id"), int) and 0 <= m["partition-id"] < 2**63
+        }
+        order = sorted(range(len(screened.node_ids)),
+                       key=lambda i: (partitions.get(screened.node_ids[i], 2**63), screened.node_ids[i]))
+        for name in ("node_ids", "vectors", "metrics"):
+            lst = getattr(screened, name)
+            setattr(screened, name, [lst[i] for i in order])
+        lr = self._learning_rate(server_round)
+        report = RoundReport(
+            server_round=server_round, sampled=list(self._sampled), accepted=list(screened.node_ids),
+            kept=[], filtered=[], rejected=dict(screened.rejected), decode_seconds=0.0,
+            statistic=float("nan"), threshold=float("nan"), update_norm=0.0, learning_rate=lr,
+            bytes_up=screened.bytes_up, bytes_down=self._bytes_down, applied=False, partition_ids=partitions,
+            rejection_counts=screened.counts(),
+        )
+        if len(screened.vectors) < self.min_valid_replies:
+            log(WARNING, "round %d: only %d valid replies (< min-valid-replies=%d); model left unchanged",
+                server_round, len(screened.vectors), self.min_valid_replies)
+            self.history.append(report)
+            self.invalid_streak += 1
+            self._fail_if_stuck(server_round, screened)
+            return None, self._metrics(report, screened.metrics)
+        self.invalid_streak = 0
+
+        G = screened.matrix(np.float32)
+        R = G.shape[0]
+        expected_dim = self._expected_layout().size
+        t0 = time.perf_counter()
+        try:
+            res = self.aggregator.aggregate(G)
+            g_hat = np.asarray(res.estimate, dtype=np.float64).reshape(-1)
+            if g_hat.shape != (expected_dim,):
+                raise ValueError(f"estimate has shape {g_hat.shape}, expected ({expected_dim},)")
+            if not np.isfinite(g_hat).all():
+                raise ValueError("estimate is not finite")
+            kept = [int(i) for i in np.asarray(res.kept).reshape(-1)]
+            dropped = [int(i) for i in np.asarray(res.dropped).reshape(-1)]
+            if any(not 0 <= i < R for i in kept + dropped):
+                raise ValueError("kept/dropped indices out of range")
+        except Exception as exc:  # pylint: disable=broad-except
+            log(WARNING, "round %d: aggregator failed (%s: %s); model left unchanged",
+                server_round, type(exc).__name__, exc)
+            self.history.append(report)
+            return None, self._metrics(report, screened.metrics)
+        report.decode_seconds = time.perf_counter() - t0
+        ids = screened.node_ids  # uint64 node ids: never through a float array
+        report.kept = [ids[i] for i in kept]
+        report.filtered = [ids[i] for i in dropped]
+        report.statistic = _float_or_nan(res.statistic)
+        report.threshold = _float_or_nan(res.info.get("threshold", float("nan")))
+        report.info = {k: v for k, v in res.info.items()
+                       if k in ("sigma0_sq", "solver_iterations", "max_relative_gap")}
+
+        with np.errstate(over="ignore", invalid="ignore"):
+            x_new = self._step(self._x, g_hat, lr)
+        new_arrays = None
+        if np.isfinite(x_new).all():
+            with np.errstate(over="ignore", invalid="ignore"):
+                new_arrays = self._layout.unflatten(x_new)
+                # The model's own dtypes (e.g. float32) must hold the new values too.
+                x_cast = self._layout.flatten(new_arrays, np.float64)
+            if not np.isfinite(x_cast).all():
+                new_arrays = None
+        if new_arrays is None:
+            log(WARNING, "round %d: update is not finite; model left unchanged", server_round)
+            self.history.append(report)
+            return None, self._metrics(report, screened.metrics)
+        self._commit()
+        report.update_norm = float(np.linalg.norm(x_new - self._x))
+        report.applied = True
+        self._x = x_new
+        self.history.append(report)
+        self._log_round(report)
+        return new_arrays, self._metrics(report, screened.metrics)
+
+    def _fail_if_stuck(self, server_round: int, screened: ScreenedReplies) -> None:
+        """Raise :class:`RunFailed` once ``max_invalid_rounds`` consecutive rounds lacked valid replies."""
+        if not self.max_invalid_rounds or self.invalid_streak < self.max_invalid_rounds:
+            return
+        reasons = Counter(screened.rejected.values())
+        why = (f"most common rejection ({reasons.most_common(1)[0][1]} of {len(screened.rejected)} replies): "
+               f"{reasons.most_common(1)[0][0]}") if reasons else "no reply was rejected"
+        raise RunFailed(
+            f"{type(self).__name__}: no valid update in {self.invalid_streak} consecutive rounds "
+            f"(rounds {server_round - self.invalid_streak + 1}-{server_round}: fewer than "
+            f"min-valid-replies={self.min_valid_replies} valid replies); {why}")
+
+    def _log_round(self, r: RoundReport) -> None:
+        filtered_parts = [r.partition_ids.get(n) for n in r.filtered]
+        log(INFO, "round %d: %d/%d valid, kept %d, filtered %d %s (partitions %s), decode %.1f ms, "
+            "stat/threshold %.3g/%.3g, |step| %.3g, bytes up %d down %d",
+            r.server_round, len(r.accepted), len(r.sampled), len(r.kept), len(r.filtered), r.filtered,
+            filtered_parts, 1e3 * r.decode_seconds, r.statistic, r.threshold, r.update_norm,
+            r.bytes_up, r.bytes_down)
+
+    def _metrics(self, r: RoundReport, client_metrics: list[dict[str, Any]]) -> MetricRecord:
+        """Round diagnostics plus the client metrics (median, or ``train_metrics_aggr_fn``)."""
+        rec = MetricRecord({
+            "num-sampled": len(r.sampled),
+            "num-valid": len(r.accepted),
+            "num-rejected": len(r.rejected),
+            "num-kept": len(r.kept),
+            "num-filtered": len(r.filtered),
+            "decode-seconds": float(r.decode_seconds),
+            "update-norm": float(r.update_norm),
+            "bytes-up": int(r.bytes_up),
+            "bytes-down": int(r.bytes_down),
+            "applied": int(r.applied),
+        })
+        for kind in REJECTION_KINDS:
+            if r.rejection_counts.get(kind):
+                rec[f"rejected-{kind}"] = int(r.rejection_counts[kind])
+        if math.isfinite(r.statistic):
+            rec["statistic"] = float(r.statistic)
+        if math.isfinite(r.threshold):
+            rec["threshold"] = float(r.threshold)
+        if r.filtered:
+            rec["filtered-node-ids"] = [int(n) for n in r.filtered]
+        client = self._client_metrics(self.train_metrics_aggr_fn, client_metrics, len(client_metrics))
+        for key, val in client.items():
+            if key not in rec:
+                rec[key] = val
+        return rec
+
+    def _client_metrics(self, fn: MetricsAggrFn | None, metrics: list[dict[str, Any]],
+                        voters: int) -> dict[str, Any]:
+        """Client metrics of one round, combined by ``fn`` (FedAvg's hook) or by the median. Never raises."""
+        metrics = [{k: v for k, v in m.items() if k not in ID_METRICS} for m in metrics]
+        if fn is None:
+            return median_metrics(metrics, voters)
+        try:
+            out = fn([RecordDict({"metrics": MetricRecord(m)}) for m in metrics], self.weighted_by_key)
+            return dict(out) if out is not None else {}
+        except Exception as exc:  # pylint: disable=broad-except
+            log(WARNING, "metrics aggregation function failed (%s: %s); client metrics left out",
+                type(exc).__name__, exc)
+            return {}
+
+    # ------------------------------------------------------------ evaluation
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Federated evaluation (only if ``fraction_evaluate > 0``)."""
+        self._eval_sampled = []
+        if self.fraction_evaluate == 0.0:
+            return []
+        nodes = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
+        self._eval_sampled = list(nodes)
+        cfg = ConfigRecord(dict(config))
+        cfg["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
+        log(INFO, "configure_evaluate: round %d, sampled %d nodes", server_round, len(nodes))
+        return [Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n, group_id=str(server_round))
+                for n in nodes]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Median of each numeric metric over the valid replies (robust to liars and garbage).
+
+        One vote per sampled node (replies from other nodes, second replies and
+        error replies are ignored); a value counts only if it is a finite real
+        scalar; a metric is reported only if at least half of the valid replies
+        carry it, so a few liars cannot invent metric names (:func:`median_metrics`).
+        With ``evaluate_metrics_aggr_fn`` the valid replies' cleaned metrics go to
+        that function instead.  Never raises.
+        """
+        expected = set(self._eval_sampled)
+        voters: set[int] = set()
+        metrics: list[dict[str, Any]] = []
+        try:
+            replies = list(replies)
+        except Exception:  # pylint: disable=broad-except
+            replies = []
+        for msg in replies:
+            try:
+                if msg.has_error():
+                    continue
+                node = int(msg.metadata.src_node_id)
+                if (expected and node not in expected) or node in voters:
+                    continue
+                if msg.metadata.group_id and msg.metadata.group_id != str(server_round):
+                    continue
+                recs = list(msg.content.metric_records.values())
+                if len(recs) != 1:
+                    continue
+                voters.add(node)
+                metrics.append(clean_metrics(recs[0]))
+            except Exception:  # pylint: disable=broad-except
+                continue
+        out = self._client_metrics(self.evaluate_metrics_aggr_fn, metrics, len(voters))
+        return MetricRecord(out) if out else None
+
+    # ------------------------------------------------------------ state
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Strategy state for a checkpoint: ``(JSON part, array part)``.
+
+        The JSON part holds the node sampler's RNG state, the history of round
+        reports, the subclass's settings (e.g. randk's seed: K_t is a function of
+        the seed and the round) and the aggregator's scalar private state; the
+        array part its array-valued private state (e.g. a centred-clipping
+        momentum) and the subclass's arrays (e.g. the server momentum).
+        """
+        version, internal, gauss = self._rng.getstate()
+        agg_scalars: dict[str, Any] = {}
+        agg_arrays: dict[str, np.ndarray] = {}
+        _capture_state(self.aggregator, "aggregator", agg_scalars, agg_arrays)
+        extra, extra_arrays = self._extra_state()
+        state = {
+            "rng_state": [version, list(internal), gauss],
+            "history": [r.as_dict() for r in self.history],
+            "aggregator": type(self.aggregator).__name__,
+            "aggregator_state": agg_scalars,
+            "invalid_streak": self.invalid_streak,
+            **extra,
+        }
+        return state, {**agg_arrays, **{f"strategy.{k}": v for k, v in extra_arrays.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> None:
+        """Restore what :meth:`state_dict` returned (raises :class:`CheckpointMismatch` if incompatible)."""
+        arrays = dict(arrays or {})
+        if state.get("aggregator") != type(self.aggregator).__name__:
+            raise CheckpointMismatch(f"checkpoint was written with aggregator {state.get('aggregator')!r}, "
+                                     f"this strategy uses {type(self.aggregator).__name__!r}")
+        extra_arrays = {k[len("strategy."):]: v for k, v in arrays.items() if k.startswith("strategy.")}
+        self._load_extra_state(state, extra_arrays)
+        try:
+            version, internal, gauss = state["rng_state"]
+            self._rng.setstate((int(version), tuple(int(v) for v in internal), gauss))
+            history = [RoundReport.from_dict(r) for r in state.get("history", [])]
+            streak = int(state.get("invalid_streak", 0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint strategy state is malformed: {exc}") from exc
+        self.history = history
+        self.invalid_streak = streak
+        _restore_state(self.aggregator, "aggregator", dict(state.get("aggregator_state", {})), arrays)
+
+    # ------------------------------------------------------------ main loop
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        checkpoint: Checkpointer | None = None,
+    ) -> Result:
+        """Flower's strategy loop (same signature and steps as ``Strategy.start``) with crash-resume.
+
+        Without ``checkpoint`` this is Flower's loop: central evaluation of the
+        initial model, then per round train (configure, send/receive, aggregate),
+        federated evaluation and central evaluation.  ``result.arrays`` is the
+        final global model (the initial one if no round was applied).
+
+        With ``checkpoint`` the full state (model, completed round, strategy
+        state incl. sampler RNG, history, all metrics so far) is written
+        atomically after every completed round; if the checkpoint already holds
+        a state (same configuration, checked by the :class:`Checkpointer`), the
+        loop continues after its last completed round instead of starting over.
+        With deterministic clients (mini-batches drawn from seed, partition id
+        and round) the resumed run ends with the same model as an uninterrupted one.
+
+        Raises :class:`RunFailed` when ``max_invalid_rounds`` consecutive rounds
+        had too few valid replies (see :meth:`aggregate_train`).
+        """
+        log(INFO, "Starting %s strategy:", self.__class__.__name__)
+        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
+        self.summary()
+        log(INFO, "")
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result = Result()
+        t_start = time.time()
+        arrays = initial_arrays
+        first_round = 1
+        self.resumed_from = None
+
+        state = checkpoint.load() if checkpoint is not None else None
+        if state is not None:
+            if ArrayLayout.of(state.arrays) != ArrayLayout.of(initial_arrays):
+                raise CheckpointMismatch(
+                    f"checkpoint model layout {ArrayLayout.of(state.arrays)} differs from the initial "
+                    f"model's {ArrayLayout.of(initial_arrays)}")
+            if state.server_round > num_rounds:
+                raise CheckpointMismatch(f"checkpoint is at round {state.server_round}, beyond num_rounds={num_rounds}")
+            self.load_state_dict(state.strategy, state.strategy_arrays)
+            result = state.result
+            arrays = state.arrays
+            first_round = state.server_round + 1
+            self.resumed_from = state.server_round
+            log(INFO, "Resuming from checkpoint %s: %d of %d rounds already completed",
+                checkpoint.json_path, state.server_round, num_rounds)
+        elif evaluate_fn:
+            res = evaluate_fn(0, initial_arrays)
+            log(INFO, "Initial global evaluation results: %s", res)
+            if res is not None:
+                result.evaluate_metrics_serverapp[0] = res
+
+        for current_round in range(first_round, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", current_round, num_rounds)
+            train_replies = grid.send_and_receive(
+                messages=self.configure_train(current_round, arrays, train_config, grid), timeout=timeout,
+            )
+            agg_arrays, agg_train_metrics = self.aggregate_train(current_round, train_replies)
+            if agg_arrays is not None:
+                result.arrays = agg_arrays
+                arrays = agg_arrays
+            if agg_train_metrics is not None:
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_train_metrics)
+                result.train_metrics_clientapp[current_round] = agg_train_metrics
+
+            evaluate_replies = grid.send_and_receive(
+                messages=self.configure_evaluate(current_round, arrays, evaluate_config, grid), timeout=timeout,
+            )
+            agg_evaluate_metrics = self.aggregate_evaluate(current_round, evaluate_replies)
+            if agg_evaluate_metrics is not None:
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_evaluate_metrics)
+                result.evaluate_metrics_clientapp[current_round] = agg_evaluate_metrics
+
+            if evaluate_fn:
+                log(INFO, "Global evaluation")
+                res = evaluate_fn(current_round, arrays)
+                log(INFO, "\t└──> MetricRecord: %s", res)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[current_round] = res
+
+            if checkpoint is not None:
+                strategy_state, strategy_arrays = self.state_dict()
+                path = checkpoint.save(TrainingState(
+                    server_round=current_round, arrays=arrays, strategy=strategy_state,
+                    strategy_arrays=strategy_arrays, result=result,
+                ))
+                log(INFO, "Checkpoint written: %s (round %d)", path, current_round)
+
+        result.arrays = arrays
+        log(INFO, "")
+        log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
+        log(INFO, "")
+        log(INFO, "Final results:")
+        log(INFO, "")
+        for line in io.StringIO(str(result)):
+            log(INFO, "\t%s", line.strip("\n"))
+        log(INFO, "")
+        return result
+
+
+def _log_rejections(server_round: int, screened: ScreenedReplies) -> None:
+    """One WARNING per distinct (kind, reason), listing the nodes (not one line per node)."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for node, reason in sorted(screened.rejected.items()):
+        groups.setdefault((screened.kinds.get(node, "?"), reason), []).append(node)
+    for (kind, reason), nodes in groups.items():
+        shown = nodes if len(nodes) <= 5 else [*nodes[:5], f"... {len(nodes) - 5} more"]
+        log(WARNING, "round %d: rejected %d %s from node%s %s (%s): %s", server_round, len(nodes),
+            "reply" if len(nodes) == 1 else "replies", "" if len(nodes) == 1 else "s", shown, kind, reason)
+
+
+def median_metrics(metrics: list[Mapping[str, Any]], voters: int | None = None) -> dict[str, float]:
+    """Median of each finite numeric metric over ``metrics`` (one dict per valid reply).
+
+    A metric is reported only if at least half of the ``voters`` (default: the
+    number of dicts) carry it, so a few liars cannot invent metric names; a
+    minority of liars cannot move a median outside the honest values' range.
+    """
+    values: dict[str, list[float]] = {}
+    for m in metrics:
+        for key, val in m.items():
+            num = finite_number(val)
+            if num is not None:
+                values.setdefault(key, []).append(num)
+    n = len(metrics) if voters is None else voters
+    quorum = max(1, (n + 1) // 2)
+    return {k: _median(v) for k, v in values.items() if len(v) >= quorum}
+
+
+def _capture_state(obj: Any, prefix: str, scalars: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """Collect the mutable private state of an aggregator (and of aggregators it wraps).
+
+    Private attributes (``_name``) that are JSON scalars go to ``scalars``, numpy
+    arrays / torch tensors to ``arrays``, numpy Generators and ``random.Random``
+    as their (JSON) RNG state; public attributes that are aggregators are visited
+    recursively (e.g. the inner rule of bucketing).  Keys are ``prefix.attr``.
+    """
+    for key, val in getattr(obj, "__dict__", {}).items():
+        name = f"{prefix}.{key}"
+        if isinstance(val, Aggregator):
+            _capture_state(val, name, scalars, arrays)
+        elif not key.startswith("_"):
+            continue
+        elif val is None or isinstance(val, (bool, int, float, str)):
+            scalars[name] = val
+        elif isinstance(val, np.ndarray):
+            arrays[name] = val
+        elif isinstance(val, np.random.Generator):
+            scalars[name] = {"numpy-bit-generator-state": val.bit_generator.state}
+        elif isinstance(val, random.Random):
+            version, internal, gauss = val.getstate()
+            scalars[name] = {"python-random-state": [version, list(internal), gauss]}
+        elif hasattr(val, "detach") and hasattr(val, "cpu"):  # torch tensor
+            arrays[name] = val.detach().cpu().numpy()
+        else:
+            raise CheckpointError(f"cannot checkpoint aggregator state {name} of type {type(val).__name__}")
+
+
+def _restore_state(obj: Any, prefix: str, scalars: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+    """Inverse of :func:`_capture_state` (only keys below ``prefix`` are used)."""
+    for key, val in list(getattr(obj, "__dict__", {}).items()):
+        name = f"{prefix}.{key}"
+        if isinstance(val, Aggregator):
+            _restore_state(val, name, scalars, arrays)
+        elif name in arrays:
+            setattr(obj, key, np.array(arrays[name]))
+        elif name in scalars:
+            saved = scalars[name]
+            if isinstance(saved, dict) and "numpy-bit-generator-state" in saved and isinstance(val, np.random.Generator):
+                val.bit_generator.state = saved["numpy-bit-generator-state"]
+            elif isinstance(saved, dict) and "python-random-state" in saved and isinstance(val, random.Random):
+                version, internal, gauss = saved["python-random-state"]
+                val.setstate((int(version), tuple(int(v) for v in internal), gauss))
+            else:
+                setattr(obj, key, saved)
+
+
+def _median(values: list[float]) -> float:
+    """Median of finite floats without overflow (``np.median`` averages two huge values to inf)."""
+    v = sorted(values)
+    mid = len(v) // 2
+    return float(v[mid]) if len(v) % 2 else float(v[mid - 1] / 2 + v[mid] / 2)
+
+
+def _float_or_nan(val: Any) -> float:
+    out = finite_number(val)
+    return float("nan") if out is None else out
