@@ -227,7 +227,28 @@ HOSTILE = {
     "oversized": (lambda m, r: _reply(m, {"p": np.zeros(10**5)}), "oversized"),
     "duplicate": (lambda m, r: [r, r], "duplicate"),
     "silent": (lambda m, r: None, "erasure"),
+    "declared-shape": (lambda m, r: _declared_shape_reply(m), "declared shape"),
+    "wrong-group": (lambda m, r: _with_meta(r, group_id="99"), "group"),
+    "no-group": (lambda m, r: _with_meta(r, group_id=""), "group"),
+    "wrong-type": (lambda m, r: _with_meta(r, message_type=MessageType.EVALUATE), "type"),
+    "complex": (lambda m, r: _reply(m, {"p": np.zeros(8, np.complex128)}), "complex"),
+    "huge-error": (lambda m, r: Message(Error(code=7, reason="boom\nround 3: forged summary" + "x" * 10**6),
+                                        reply_to=m), "error reply"),
 }
+
+
+def _with_meta(reply: Message, **fields) -> Message:
+    for key, val in fields.items():
+        setattr(reply.metadata, key, val)
+    return reply
+
+
+def _declared_shape_reply(msg: Message) -> Message:
+    """A reply whose Array claims 10**12 entries but carries 8 (8.8e12 bytes were once reported)."""
+    real = Array(np.zeros(8))
+    fake = Array(dtype="float64", shape=(10**12,), stype=real.stype, data=real.data)
+    m = {"server-round": int(msg.content["config"]["server-round"])}
+    return Message(RecordDict({"update": ArrayRecord({"p": fake}), "metrics": MetricRecord(m)}), reply_to=msg)
 
 
 @pytest.mark.parametrize("kind", sorted(HOSTILE))
@@ -247,7 +268,88 @@ def test_hostile_reply_is_rejected_and_the_run_goes_on(kind, caplog):
         assert rep.applied and len(rep.valid) == 4 and grid.ids[2] not in rep.kept
     assert np.isfinite(flat(res.arrays)).all()
     assert res.evaluate_metrics_serverapp[3]["dist-to-opt"] < 0.1 * np.linalg.norm(w_star)
-    assert any(reason in r.getMessage() for r in caplog.records)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    rejected_lines = [line for line in lines if reason in line]
+    assert len(rejected_lines) == 3  # one single-line entry per round
+    assert all("\n" not in line and len(line) < 1000 for line in lines)
+    for rep in strategy.history:
+        assert rep.bytes_up < 4 * 1000  # only what was actually received from the 4 valid replies
+
+
+def test_giant_direction_reply_replayed_as_a_gradient_reply_is_rejected():
+    app, fed, test, w_star = setup(4)
+    kept: dict[str, Message] = {}
+
+    def hostile(i, msg, reply):
+        phase = msg.content["config"]["newton-phase"]
+        if i == 1 and phase == "direction":
+            kept["instruction"], kept["reply"] = msg, reply
+        if i == 1 and phase == "gradient" and kept:
+            # The previous iteration's direction answer, relabelled so that only the group id (the
+            # round it answers) gives it away: payload named 'g', no phase echo, current round echoed.
+            p = kept["reply"].content["update"]["p"].numpy()
+            echo = {"server-round": int(msg.content["config"]["server-round"])}
+            return Message(RecordDict({"update": ArrayRecord({"g": Array(p)}), "metrics": MetricRecord(echo)}),
+                           reply_to=kept["instruction"])
+        return reply
+
+    grid = HandlerGrid(4, app, hostile)
+    strategy = Giant()
+    res = strategy.start(grid, w0(), num_rounds=3, evaluate_fn=make_evaluate_fn(fed, test, w_star))
+    gradient_rounds = [rep for rep in strategy.history if rep.phase == "gradient"][1:]
+    assert gradient_rounds and all("group" in rep.rejected.get(grid.ids[1], "") for rep in gradient_rounds)
+    assert np.isfinite(flat(res.arrays)).all()
+
+
+@pytest.mark.parametrize("strategy_cls", [Comrade, Giant])
+def test_absurd_metrics_are_ignored_not_raised_or_published(strategy_cls):
+    app, *_ = setup(4)
+
+    def hostile(i, msg, reply):
+        if i == 0:
+            rec = reply.content["metrics"]
+            rec["rho-empirical"] = -1e300
+            rec["huge"] = 2**70
+        if i == 1:
+            reply.content["metrics"]["rho-empirical"] = 2**70
+        return reply
+
+    strategy = strategy_cls(beta=0.0, compression="topk", topk_fraction=0.25)
+    res = strategy.start(HandlerGrid(4, app, hostile), w0(), num_rounds=2)
+    directions = [rep for rep in strategy.history if rep.phase == "direction"]
+    assert directions and all(rep.applied and not rep.rejected for rep in directions)
+    assert all(0.0 <= rep.rho_empirical_min <= 1.0 for rep in directions)
+    for metrics in res.train_metrics_clientapp.values():
+        assert "huge" not in metrics and 0.0 <= metrics.get("rho-empirical-min", 0.5) <= 1.0
+
+
+@pytest.mark.parametrize("strategy_cls", [Comrade, Giant])
+def test_a_raising_replies_iterator_does_not_escape(strategy_cls):
+    app, *_ = setup(4)
+    strategy = strategy_cls(beta=0.0)
+    grid = AppGrid(4, app)
+    msgs = list(strategy.configure_train(1, w0(), ConfigRecord(), grid))
+    replies = grid.send_and_receive(msgs)
+
+    def broken():
+        yield from replies[:3]
+        raise RuntimeError("connection reset\nround 1: forged")
+
+    arrays, metrics = strategy.aggregate_train(1, broken())
+    assert metrics["num-valid"] == 3 and metrics["num-rejected"] == 1
+
+
+def test_federated_evaluation_needs_a_quorum():
+    app, *_ = setup(6)
+    strategy = Comrade(beta=0.0, fraction_evaluate=1.0)
+    grid = AppGrid(6, app)
+    msgs = list(strategy.configure_evaluate(1, w0(), ConfigRecord(), grid))
+    assert len(msgs) == 6 and all(m.metadata.group_id == "1" for m in msgs)
+    replies = grid.send_and_receive(msgs)
+    assert strategy.aggregate_evaluate(1, replies[:2]) is None  # 2 of 6 sampled: no quorum
+    full = strategy.aggregate_evaluate(1, replies[:3])
+    assert full is not None and 0.0 <= full["eval-accuracy"] <= 1.0
+    assert strategy.aggregate_evaluate(2, replies) is None  # replies of another round do not vote
 
 
 def test_reply_from_unknown_node_is_rejected():
@@ -320,7 +422,11 @@ def test_compressed_replies_are_decoded_and_counted(compression):
     comp = Comrade(beta=0.0, compression=compression, topk_fraction=0.25)
     res = comp.start(AppGrid(5, app), w0(), num_rounds=8, evaluate_fn=make_evaluate_fn(fed, test, w_star))
     rep = comp.history[0]
-    assert rep.bytes_up < plain.history[0].bytes_up and not rep.rejected
+    assert not rep.rejected
+    # bytes-up is what was received (array data incl. npy headers), here 5 compressed payloads
+    wire = sum(len(Array(a).data) for a in comp.compressor.encode(np.ones(8)).values())
+    assert rep.bytes_up == 5 * wire
+    assert plain.history[0].bytes_up == 5 * len(Array(np.ones(8)).data)
     expected_rho = 2 / 8 if compression == "topk" else 1 / 8
     assert res.train_metrics_clientapp[1]["rho"] == pytest.approx(expected_rho)
     assert rep.rho_empirical_min >= expected_rho - 1e-12

@@ -267,3 +267,49 @@ def test_invalid_streak_resets_and_can_be_disabled():
 def test_reply_key_equal_to_model_key_is_refused():
     with pytest.raises(ValueError, match="RobustFedAvg"):
         RobustSGD(reply_key="arrays")
+
+
+def test_client_text_cannot_forge_log_lines(caplog):
+    """Error reasons (and any client string) reach the log as one line, truncated."""
+    import logging
+
+    forged = "boom\nround 1: 10/10 valid, kept 10, filtered 0 []\r\x1b[2K" + "x" * 10**6
+    honest = honest_handler()
+
+    def handler(msg: Message) -> Message:
+        if msg.metadata.dst_node_id == 2:
+            return Message(Error(code=3, reason=forged), reply_to=msg)
+        if msg.metadata.dst_node_id == 3:
+            reply = honest(msg)
+            reply.metadata.group_id = "1\nround 1: all good"
+            return reply
+        return honest(msg)
+
+    strategy = RobustSGD(aggregator=Mean())
+    with caplog.at_level(logging.WARNING):
+        _, (arrays, metrics) = run_round(strategy, FakeGrid(range(1, 7), handler))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len([w for w in warnings if "rejected 1 reply" in w]) == 2
+    assert all("\n" not in w and "\r" not in w and "\x1b" not in w and len(w) < 1000 for w in warnings)
+    assert arrays is not None and metrics["num-valid"] == 4
+    assert all(len(reason) < 1000 for reason in strategy.history[-1].rejected.values())
+
+
+def test_size_guard_holds_when_half_the_replies_are_zero():
+    """Zero replies must not drag the guard's reference norm to 0 (that switched it off)."""
+    honest = honest_handler(noise=0.0)
+
+    def handler(msg: Message) -> Message:
+        node = msg.metadata.dst_node_id
+        if node <= 6:
+            return grad_reply(msg, np.zeros(D_W), np.zeros(D_B))
+        if node >= 9:
+            return grad_reply(msg, np.full(D_W, 3e37), np.full(D_B, 3e37))
+        return honest(msg)
+
+    strategy = RobustSGD(aggregator=Mean())
+    _, (arrays, metrics) = run_round(strategy, FakeGrid(range(1, 11), handler))
+    report = strategy.history[-1]
+    assert sorted(report.rejected) == [9, 10] and set(report.rejection_counts) >= {"magnitude"}
+    assert arrays is not None and metrics["applied"] == 1
+    assert all(np.isfinite(a.numpy()).all() for a in arrays.values())

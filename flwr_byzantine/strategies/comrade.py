@@ -24,10 +24,13 @@ compressor's payload (``{"p"}``, ``{"indices", "values"}`` or ``{"signs", "scale
 gradients ``{"g"}``) and a MetricRecord echoing ``server-round`` and ``phase-id`` (0: direction,
 1: gradient).
 
-Every reply is validated (error replies, unknown / duplicate senders, missing or extra
-arrays, wrong shape or dtype, NaN/Inf, out-of-range indices, stale round or wrong phase,
-optional norm cap): a rejected reply is logged with its reason and treated as an erasure.
-Nothing a client sends can raise in the server or put a NaN in the model.
+Every reply goes through the shared screening of :mod:`~flwr_byzantine.strategies.validation`
+(the one RobustSGD uses: error replies, unknown / duplicate senders, group id, round echo,
+message type, reply-to id, missing or extra records, payload size, wrong shape or dtype,
+NaN/Inf, absurd magnitudes, optional norm cap) plus the compressor's own payload checks
+(out-of-range indices, ...) and the phase echo: a rejected reply is logged on one line with
+its reason and treated as an erasure.  Nothing a client sends can raise in the server or put
+a NaN in the model.
 """
 
 from __future__ import annotations
@@ -49,6 +52,17 @@ from ..newton.compression import Compressor, Identity, make_compressor
 from ..newton.server import newton_step
 from ..newton.trimming import num_kept
 from ..newton.worker import PHASE_DIRECTION, PHASE_GRADIENT
+from .records import ArrayLayout, record_nbytes
+from .validation import (
+    FLOAT32_MAX,
+    ReplyPolicy,
+    ScreenedReplies,
+    log_rejections,
+    evaluate_votes,
+    median_metrics,
+    one_line,
+    screen_replies,
+)
 
 #: Protocol tag sent in every train config; the Newton ClientApp checks it.
 PROTOCOL = "flwr-byzantine/newton-v1"
@@ -57,59 +71,15 @@ PROTOCOL = "flwr-byzantine/newton-v1"
 PHASE_IDS = {PHASE_DIRECTION: 0, PHASE_GRADIENT: 1}
 
 
-# --------------------------------------------------------------------------- model layout
-@dataclass(frozen=True)
-class _Layout:
-    keys: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    dtypes: tuple[str, ...]
-
-    @classmethod
-    def of(cls, record: ArrayRecord) -> "_Layout":
-        keys, shapes, dtypes = [], [], []
-        for key, arr in record.items():
-            nd = arr.numpy()
-            if not np.issubdtype(nd.dtype, np.floating):
-                raise ValueError(f"model array '{key}' has dtype {nd.dtype}; Newton strategies need floating arrays")
-            keys.append(key)
-            shapes.append(tuple(int(s) for s in nd.shape))
-            dtypes.append(str(nd.dtype))
-        if not keys:
-            raise ValueError("the model ArrayRecord is empty")
-        return cls(tuple(keys), tuple(shapes), tuple(dtypes))
-
-    @property
-    def size(self) -> int:
-        return int(sum(int(np.prod(s)) for s in self.shapes))
-
-    def flatten(self, record: ArrayRecord) -> np.ndarray:
-        return np.concatenate([record[k].numpy().astype(np.float64).ravel() for k in self.keys])
-
-    def unflatten(self, vec: np.ndarray) -> ArrayRecord:
-        out, start = {}, 0
-        for key, shape, dt in zip(self.keys, self.shapes, self.dtypes):
-            n = int(np.prod(shape))
-            out[key] = Array(np.ascontiguousarray(vec[start:start + n].reshape(shape).astype(dt)))
-            start += n
-        return ArrayRecord(out)
-
-
-def _array_nbytes(arr: Array) -> int:
-    try:
-        return int(np.prod(arr.shape, dtype=np.int64)) * np.dtype(arr.dtype).itemsize
-    except Exception:  # pylint: disable=broad-except
-        return len(arr.data)
-
-
-def record_nbytes(record: ArrayRecord) -> int:
-    """Payload bytes of an ArrayRecord: the raw array data (shape x itemsize), serialization
-    headers excluded, so that the count is the compressor's wire size (12 k for top-k, ...)."""
-    return int(sum(_array_nbytes(a) for a in record.values()))
-
-
-def record_wire_nbytes(record: ArrayRecord) -> int:
-    """Serialized size of an ArrayRecord's arrays (raw data plus the npy headers)."""
-    return int(sum(len(a.data) for a in record.values()))
+def model_layout(record: ArrayRecord) -> ArrayLayout:
+    """Layout of a Newton model: a non-empty ArrayRecord of floating arrays (raises ValueError)."""
+    layout = ArrayLayout.of(record)
+    if not layout.keys:
+        raise ValueError("the model ArrayRecord is empty")
+    for key, dt in zip(layout.keys, layout.dtypes):
+        if not np.issubdtype(np.dtype(dt), np.floating):
+            raise ValueError(f"model array '{key}' has dtype {dt}; Newton strategies need floating arrays")
+    return layout
 
 
 # --------------------------------------------------------------------------- reports
@@ -117,8 +87,9 @@ def record_wire_nbytes(record: ArrayRecord) -> int:
 class NewtonRoundReport:
     """What the server learned in one communication round (kept in ``strategy.history``).
 
-    ``kept`` / ``trimmed`` / ``rejected`` are node ids; ``partition_ids`` maps node id to the
-    partition id the client *reported* (untrusted, for diagnostics only).
+    ``kept`` / ``trimmed`` / ``rejected`` are Flower node ids (the identity of a client);
+    ``partition_ids`` maps node id to the partition id the client *claimed* (an unverified
+    label for diagnostics, never an identity: two clients may claim the same one).
     """
 
     server_round: int
@@ -171,10 +142,6 @@ class NewtonRoundReport:
             rec["direction-norm"] = float(self.direction_norm)
         rec.update(extra or {})
         return MetricRecord(rec)
-
-
-class _Reject(Exception):
-    """A reply failed validation (the message is the logged reason)."""
 
 
 # --------------------------------------------------------------------------- base strategy
@@ -273,12 +240,14 @@ class NewtonStrategyBase(Strategy):
         self.communication_rounds = 0
         #: Training messages sent in total.
         self.messages_sent = 0
-        self._layout: _Layout | None = None
+        self._layout: ArrayLayout | None = None
         self._w: np.ndarray | None = None
         self._sampled: list[int] = []
         self._bytes_down = 0
         self._phase = PHASE_DIRECTION
         self._gradient: np.ndarray | None = None
+        self._sent: dict[int, Message] = {}
+        self._eval_sampled: list[int] = []
         self.warn_if_unprotected()
 
     # ------------------------------------------------------------------ checks / info
@@ -316,8 +285,8 @@ class NewtonStrategyBase(Strategy):
 
     def _train_messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid, phase: str) -> list[Message]:
-        layout = self._layout = _Layout.of(arrays)
-        self._w = layout.flatten(arrays)
+        layout = self._layout = model_layout(arrays)
+        self._w = layout.flatten(arrays, np.float64)
         if not np.isfinite(self._w).all():
             raise ValueError("the model contains non-finite values")
         self._sampled = self._sample(grid, self.fraction_train, self.min_train_nodes)
@@ -339,104 +308,62 @@ class NewtonStrategyBase(Strategy):
             self.communication_rounds += 1
         self.messages_sent += len(self._sampled)
         record = RecordDict(content)
-        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in self._sampled]
+        msgs = [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n, group_id=str(server_round))
+                for n in self._sampled]
+        self._sent = {int(m.metadata.dst_node_id): m for m in msgs}
+        return msgs
 
     # ------------------------------------------------------------------ validation
-    def _decode(self, msg: Message, server_round: int, phase: str) -> tuple[np.ndarray, dict[str, Any], int]:
-        """Decode one reply into ``(vector, metrics, bytes)`` or raise ``_Reject``."""
+    def _decoder(self, phase: str):
+        """The payload decoder of ``phase``: the compressor's (directions) or plain ``{"g"}`` (gradients)."""
         assert self._layout is not None
         d = self._layout.size
-        if msg.has_error():
-            raise _Reject(f"error reply (code {msg.error.code}): {msg.error.reason}")
-        content = msg.content
-        arecs = content.array_records
-        if self.reply_key not in arecs:
-            raise _Reject(f"missing ArrayRecord '{self.reply_key}' (got {sorted(arecs)})")
-        if len(arecs) != 1:
-            raise _Reject(f"expected exactly one ArrayRecord, got {sorted(arecs)}")
-        record = arecs[self.reply_key]
-        nbytes = record_wire_nbytes(record)
         codec: Compressor = self.compressor if phase == PHASE_DIRECTION else Identity()
-        limit = 2 * codec.expected_nbytes(d) + 4096
-        if nbytes > limit:
-            raise _Reject(f"oversized payload: {nbytes} bytes > {limit}")
-        metrics: dict[str, Any] = {}
-        for rec in content.metric_records.values():
-            metrics.update(dict(rec))
-        echoed = metrics.get("server-round")
-        if echoed is not None and echoed != server_round:
-            raise _Reject(f"reply for round {echoed}, current round is {server_round}")
-        echoed_phase = metrics.get("phase-id")
-        if echoed_phase is not None and echoed_phase != PHASE_IDS[phase]:
-            raise _Reject(f"reply for phase id {echoed_phase!r}, current phase is {phase!r} ({PHASE_IDS[phase]})")
-        payload = {k: a.numpy() for k, a in record.items()}
-        if phase == PHASE_GRADIENT:
-            if set(payload) != {"g"}:
-                raise _Reject(f"gradient reply must hold exactly array 'g', got {sorted(payload)}")
-            payload = {"p": payload["g"]}
-        try:
-            vec = codec.decode(payload, d)
-        except ValueError as exc:
-            raise _Reject(str(exc)) from None
-        if not np.isfinite(vec).all():
-            raise _Reject("non-finite values")
-        if self.max_direction_norm is not None:
-            norm = float(np.linalg.norm(vec))
-            if norm > self.max_direction_norm:
-                raise _Reject(f"norm {norm:.3g} exceeds max_direction_norm {self.max_direction_norm:.3g}")
-        return vec, metrics, nbytes
 
-    def _screen(self, replies: Iterable[Message], server_round: int, phase: str):
-        """Validate all replies; returns (node_ids, vectors, metrics, rejected, bytes_up)."""
-        expected = set(self._sampled)
-        nodes: list[int] = []
-        vecs: list[np.ndarray] = []
-        mets: list[dict[str, Any]] = []
-        rejected: dict[int, str] = {}
-        seen: set[int] = set()
-        bytes_up = 0
-        for msg in replies:
+        def decode(record: ArrayRecord) -> np.ndarray:
+            payload = {k: a.numpy() for k, a in record.items()}
+            if phase == PHASE_GRADIENT:
+                if set(payload) != {"g"}:
+                    raise ValueError(f"gradient reply must hold exactly array 'g', got {sorted(payload)}")
+                payload = {"p": payload["g"]}
+            for key, arr in payload.items():
+                if np.iscomplexobj(arr):
+                    raise ValueError(f"array '{key}' is complex")
+            return codec.decode(payload, d)
+
+        return decode
+
+    def _screen(self, replies: Iterable[Message], server_round: int, phase: str) -> ScreenedReplies:
+        """Shared reply screening (:func:`screen_replies`) with this phase's decoder and echo check."""
+        assert self._layout is not None
+        codec: Compressor = self.compressor if phase == PHASE_DIRECTION else Identity()
+        policy = ReplyPolicy(reply_key=self.reply_key, max_norm=self.max_direction_norm, max_norm_ratio=None,
+                             max_bytes=2 * codec.expected_nbytes(self._layout.size) + 4096,
+                             max_abs_value=FLOAT32_MAX)
+        sent_ids = {}
+        for node, msg in self._sent.items():
             try:
-                node = int(msg.metadata.src_node_id)
-            except Exception as exc:  # pylint: disable=broad-except
-                rejected[-1 - len(rejected)] = f"reply without a sender id ({exc})"
-                continue
-            try:  # everything received counts as uplink traffic, valid or not
-                if not msg.has_error():
-                    bytes_up += sum(record_nbytes(r) for r in msg.content.array_records.values())
+                sent_ids[node] = str(msg.metadata.message_id or "")
             except Exception:  # pylint: disable=broad-except
-                pass
-            try:
-                if node not in expected:
-                    raise _Reject("reply from a node that was not sampled this round")
-                if node in seen:
-                    if node in nodes:  # a second reply poisons the first one too
-                        i = nodes.index(node)
-                        for lst in (nodes, vecs, mets):
-                            lst.pop(i)
-                    raise _Reject("duplicate reply from the same node")
-                seen.add(node)
-                vec, metrics, _ = self._decode(msg, server_round, phase)
-                nodes.append(node)
-                vecs.append(vec)
-                mets.append(metrics)
-            except _Reject as rej:
-                rejected[node] = str(rej)
-            except Exception as exc:  # pylint: disable=broad-except
-                rejected[node] = f"malformed reply: {type(exc).__name__}: {exc}"
-        for node in sorted(expected - seen):
-            rejected.setdefault(node, "no reply (erasure)")
-        for node, reason in sorted(rejected.items()):
-            log(WARNING, "round %d (%s): rejected reply from node %s: %s", server_round, phase, node, reason)
-        return nodes, vecs, mets, rejected, bytes_up
+                sent_ids[node] = ""
+        screened = screen_replies(replies, self._sampled, self._layout, server_round, policy,
+                                  sent_message_ids=sent_ids, decode=self._decoder(phase))
+        for node, metrics in list(zip(screened.node_ids, screened.metrics)):
+            echoed = metrics.get("phase-id")
+            if echoed is not None and echoed != PHASE_IDS[phase]:
+                screened.reject(node, "stale", f"reply for phase id {echoed!r}, current phase is {phase!r} "
+                                               f"({PHASE_IDS[phase]})")
+        log_rejections(screened, server_round, phase)
+        return screened
 
     # ------------------------------------------------------------------ aggregation
     def _direction_round(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, NewtonRoundReport]:
         """Screen directions, trim, step (Algorithm 1, center machine)."""
         assert self._layout is not None and self._w is not None
-        nodes, vecs, mets, rejected, bytes_up = self._screen(replies, server_round, PHASE_DIRECTION)
-        rhos = [float(m["rho-empirical"]) for m in mets
-                if isinstance(m.get("rho-empirical"), (int, float)) and np.isfinite(m["rho-empirical"])]
+        screened = self._screen(replies, server_round, PHASE_DIRECTION)
+        nodes, vecs, mets = screened.node_ids, screened.vectors, screened.metrics
+        rejected, bytes_up = dict(screened.rejected), screened.bytes_up
+        rhos = [float(m["rho-empirical"]) for m in mets if _is_rho(m.get("rho-empirical"))]
         report = NewtonRoundReport(
             server_round=server_round, iteration=self._iteration(server_round), phase=PHASE_DIRECTION,
             sampled=list(self._sampled), valid=list(nodes), kept=[], trimmed=[], rejected=rejected,
@@ -451,7 +378,7 @@ class NewtonStrategyBase(Strategy):
             res = newton_step(self._w, P, self.beta, step_size=self.step_size,
                               server_objective=self.server_objective, min_valid=self.min_valid_replies)
         except Exception as exc:  # pylint: disable=broad-except
-            report.reason = f"aggregation failed: {type(exc).__name__}: {exc}"
+            report.reason = f"aggregation failed: {type(exc).__name__}: {one_line(exc)}"
             log(WARNING, "round %d: %s; model left unchanged", server_round, report.reason)
             return None, report
         report.kept = [int(nodes[i]) for i in res.kept]  # node ids may exceed int64: no numpy here
@@ -477,31 +404,23 @@ class NewtonStrategyBase(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """Federated evaluation (only if ``fraction_evaluate > 0``)."""
+        self._eval_sampled = []
         if self.fraction_evaluate == 0.0:
             return []
         nodes = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
+        self._eval_sampled = list(nodes)
         cfg = ConfigRecord(dict(config))
         cfg["server-round"] = int(server_round)
         cfg["protocol"] = PROTOCOL
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
-        return [Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n) for n in nodes]
+        return [Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n, group_id=str(server_round))
+                for n in nodes]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Median of each finite numeric metric over valid replies (robust to lying clients)."""
-        values: dict[str, list[float]] = {}
-        for msg in replies:
-            try:
-                if msg.has_error():
-                    continue
-                for rec in msg.content.metric_records.values():
-                    for key, val in rec.items():
-                        if isinstance(val, (int, float)) and not isinstance(val, bool) and np.isfinite(val):
-                            values.setdefault(key, []).append(float(val))
-            except Exception:  # pylint: disable=broad-except
-                continue
-        if not values:
-            return None
-        return MetricRecord({k: float(np.median(v)) for k, v in values.items()})
+        """Median of each numeric metric over the valid replies, with a quorum (:func:`median_metrics`)."""
+        votes = evaluate_votes(replies, self._eval_sampled, server_round)
+        out = median_metrics(votes, voters=len(self._eval_sampled))
+        return MetricRecord(out) if out else None
 
     # ------------------------------------------------------------------ state
     @property
@@ -541,6 +460,11 @@ class Comrade(NewtonStrategyBase):
         self.history.append(report)
         self._log_report(report)
         return arrays, report.metric_record({"communication-rounds": self.communication_rounds})
+
+
+def _is_rho(val: Any) -> bool:
+    """A plausible empirical rho: a finite real in [0, 1] (anything else a client reports is ignored)."""
+    return isinstance(val, (int, float)) and not isinstance(val, bool) and 0.0 <= float(val) <= 1.0
 
 
 def make_evaluate_fn(objective: Any, test_objective: Any = None, w_star: np.ndarray | None = None,

@@ -96,7 +96,9 @@ class Giant(NewtonStrategyBase):
 
     def _gradient_round(self, server_round: int, replies: Iterable[Message]) -> NewtonRoundReport:
         assert self._layout is not None
-        nodes, vecs, mets, rejected, bytes_up = self._screen(replies, server_round, PHASE_GRADIENT)
+        screened = self._screen(replies, server_round, PHASE_GRADIENT)
+        nodes, vecs, mets = screened.node_ids, screened.vectors, screened.metrics
+        rejected, bytes_up = dict(screened.rejected), screened.bytes_up
         report = NewtonRoundReport(
             server_round=server_round, iteration=self._iteration(server_round), phase=PHASE_GRADIENT,
             sampled=list(self._sampled), valid=list(nodes), kept=[], trimmed=[], rejected=rejected,

@@ -49,7 +49,16 @@ from ..aggregators import make_aggregator
 from ..aggregators.base import Aggregator
 from ..checkpoint import CheckpointError, CheckpointMismatch, Checkpointer, TrainingState
 from .records import ArrayLayout, record_nbytes
-from .validation import REJECTION_KINDS, ReplyPolicy, ScreenedReplies, clean_metrics, finite_number, screen_replies
+from .validation import (
+    REJECTION_KINDS,
+    ReplyPolicy,
+    ScreenedReplies,
+    evaluate_votes,
+    finite_number,
+    log_rejections,
+    median_metrics,
+    screen_replies,
+)
 
 #: Registry name of the project's default defence (``make_aggregator`` with its default parameters).
 DEFAULT_AGGREGATOR = "rge"
@@ -296,15 +305,10 @@ class RobustStrategy(Strategy):
         if self._layout is None or self._x is None:
             log(WARNING, "aggregate_train called before configure_train; skipping round %d", server_round)
             return None, None
-        try:
-            replies = list(replies)
-        except Exception as exc:  # pylint: disable=broad-except
-            log(WARNING, "round %d: replies could not be read (%s: %s)", server_round, type(exc).__name__, exc)
-            replies = []
         screened = screen_replies(replies, self._sampled, self._expected_layout(), server_round,
                                   self._reply_policy(), sent_message_ids=self._sent_message_ids())
         self._screen_more(screened)
-        _log_rejections(server_round, screened)
+        log_rejections(screened, server_round)
         # Deterministic row order (by reported partition id, then node id): node ids are random per
         # deployment, so this keeps the aggregator's floating-point sums identical across runs/resumes.
         partitions = {
@@ -467,37 +471,15 @@ class RobustStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Median of each numeric metric over the valid replies (robust to liars and garbage).
 
-        One vote per sampled node (replies from other nodes, second replies and
-        error replies are ignored); a value counts only if it is a finite real
-        scalar; a metric is reported only if at least half of the valid replies
-        carry it, so a few liars cannot invent metric names (:func:`median_metrics`).
+        One vote per sampled node (:func:`evaluate_votes`: replies from other nodes,
+        second replies, error replies, other rounds are ignored); a value counts only
+        if it is a finite real scalar; a metric is reported only if at least half of
+        the sampled nodes carry it, a quorum (:func:`median_metrics`).
         With ``evaluate_metrics_aggr_fn`` the valid replies' cleaned metrics go to
         that function instead.  Never raises.
         """
-        expected = set(self._eval_sampled)
-        voters: set[int] = set()
-        metrics: list[dict[str, Any]] = []
-        try:
-            replies = list(replies)
-        except Exception:  # pylint: disable=broad-except
-            replies = []
-        for msg in replies:
-            try:
-                if msg.has_error():
-                    continue
-                node = int(msg.metadata.src_node_id)
-                if (expected and node not in expected) or node in voters:
-                    continue
-                if msg.metadata.group_id and msg.metadata.group_id != str(server_round):
-                    continue
-                recs = list(msg.content.metric_records.values())
-                if len(recs) != 1:
-                    continue
-                voters.add(node)
-                metrics.append(clean_metrics(recs[0]))
-            except Exception:  # pylint: disable=broad-except
-                continue
-        out = self._client_metrics(self.evaluate_metrics_aggr_fn, metrics, len(voters))
+        metrics = evaluate_votes(replies, self._eval_sampled, server_round)
+        out = self._client_metrics(self.evaluate_metrics_aggr_fn, metrics, len(self._eval_sampled))
         return MetricRecord(out) if out else None
 
     # ------------------------------------------------------------ state
@@ -657,35 +639,6 @@ class RobustStrategy(Strategy):
         return result
 
 
-def _log_rejections(server_round: int, screened: ScreenedReplies) -> None:
-    """One WARNING per distinct (kind, reason), listing the nodes (not one line per node)."""
-    groups: dict[tuple[str, str], list[int]] = {}
-    for node, reason in sorted(screened.rejected.items()):
-        groups.setdefault((screened.kinds.get(node, "?"), reason), []).append(node)
-    for (kind, reason), nodes in groups.items():
-        shown = nodes if len(nodes) <= 5 else [*nodes[:5], f"... {len(nodes) - 5} more"]
-        log(WARNING, "round %d: rejected %d %s from node%s %s (%s): %s", server_round, len(nodes),
-            "reply" if len(nodes) == 1 else "replies", "" if len(nodes) == 1 else "s", shown, kind, reason)
-
-
-def median_metrics(metrics: list[Mapping[str, Any]], voters: int | None = None) -> dict[str, float]:
-    """Median of each finite numeric metric over ``metrics`` (one dict per valid reply).
-
-    A metric is reported only if at least half of the ``voters`` (default: the
-    number of dicts) carry it, so a few liars cannot invent metric names; a
-    minority of liars cannot move a median outside the honest values' range.
-    """
-    values: dict[str, list[float]] = {}
-    for m in metrics:
-        for key, val in m.items():
-            num = finite_number(val)
-            if num is not None:
-                values.setdefault(key, []).append(num)
-    n = len(metrics) if voters is None else voters
-    quorum = max(1, (n + 1) // 2)
-    return {k: _median(v) for k, v in values.items() if len(v) >= quorum}
-
-
 def _capture_state(obj: Any, prefix: str, scalars: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     """Collect the mutable private state of an aggregator (and of aggregators it wraps).
 
@@ -732,13 +685,6 @@ def _restore_state(obj: Any, prefix: str, scalars: Mapping[str, Any], arrays: Ma
                 val.setstate((int(version), tuple(int(v) for v in internal), gauss))
             else:
                 setattr(obj, key, saved)
-
-
-def _median(values: list[float]) -> float:
-    """Median of finite floats without overflow (``np.median`` averages two huge values to inf)."""
-    v = sorted(values)
-    mid = len(v) // 2
-    return float(v[mid]) if len(v) % 2 else float(v[mid - 1] / 2 + v[mid] / 2)
 
 
 def _float_or_nan(val: Any) -> float:

@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from logging import WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Message, MessageType
+from flwr.app import ArrayRecord, Message, MessageType
+from flwr.supercore import log
 
 from .records import ArrayLayout
 
@@ -54,6 +56,30 @@ MAX_METRIC_LIST = 64
 
 #: Largest integer metric passed on (uint64 node ids fit; bigger ints are garbage).
 MAX_METRIC_INT = 2**64
+
+#: Longest client-provided text (error reason, key, id) that reaches a log line or a results file.
+MAX_TEXT = 200
+
+#: A decoder turns the reply's ``ArrayRecord`` into the flat float64 vector (raises ValueError).
+Decoder = Callable[[ArrayRecord], np.ndarray]
+
+
+def one_line(text: Any, limit: int = MAX_TEXT) -> str:
+    """``str(text)`` made safe for one log line: control characters escaped, at most ``limit`` chars.
+
+    Newlines, carriage returns, ANSI escapes and every other non-printable character become
+    their ``\\x..`` / ``\\u....`` escapes, so a client cannot forge a line of the server's log;
+    longer text is cut and ends with ``...(+N chars)``.  Never raises.
+    """
+    try:
+        raw = text if isinstance(text, str) else str(text)
+    except Exception:  # pylint: disable=broad-except
+        raw = f"<unprintable {type(text).__name__}>"
+    head = raw[: limit + 1]
+    safe = "".join(c if c.isprintable() and c not in "\u2028\u2029" else ascii(c)[1:-1] for c in head)
+    if len(raw) > limit or len(safe) > limit:
+        return safe[:limit] + f"...(+{max(len(raw) - limit, 1)} chars)"
+    return safe
 
 
 @dataclass
@@ -73,9 +99,10 @@ class ReplyPolicy:
         Reject vectors with an entry larger than this in magnitude (default: the
         float32 maximum, since the aggregators work on a float32 matrix).
     max_norm_ratio:
-        Reject vectors whose norm exceeds this multiple of the median norm of the
-        round's otherwise valid replies (needs at least 3 of them and a positive
-        median; ``None``/0: off).  A scale-free guard against absurd magnitudes
+        Reject vectors whose norm exceeds this multiple of the lower median of the
+        non-zero norms of the round's otherwise valid replies (needs at least 3 of
+        them; zero replies do not count, so they cannot switch the guard off;
+        ``None``/0: off).  A scale-free guard against absurd magnitudes
         that would wreck the aggregator's float32 arithmetic; honest mini-batch
         gradients differ in norm by far less than the default factor 1e6.
     message_type:
@@ -109,6 +136,8 @@ class ScreenedReplies:
     rejected: dict[int, str] = field(default_factory=dict)
     kinds: dict[int, str] = field(default_factory=dict)
     bytes_up: int = 0
+    #: Why the replies could not all be read ("" if they could).
+    read_error: str = ""
 
     def matrix(self, dtype: type = np.float32) -> np.ndarray:
         """The accepted vectors stacked as an ``(R, d)`` array."""
@@ -120,7 +149,7 @@ class ScreenedReplies:
             i = self.node_ids.index(node)
             for lst in (self.node_ids, self.vectors, self.metrics):
                 lst.pop(i)
-        self.rejected[node] = reason
+        self.rejected[node] = one_line(reason, 2 * MAX_TEXT)
         self.kinds[node] = kind
 
     def counts(self) -> dict[str, int]:
@@ -133,7 +162,7 @@ class Rejected(Exception):
     """A reply failed screening: ``kind`` (see the module table) and a readable reason."""
 
     def __init__(self, kind: str, reason: str) -> None:
-        super().__init__(reason)
+        super().__init__(one_line(reason, 2 * MAX_TEXT))
         self.kind = kind
 
 
@@ -190,21 +219,29 @@ def decode_reply(
     server_round: int,
     policy: ReplyPolicy,
     sent_message_id: str = "",
+    decode: Decoder | None = None,
 ) -> tuple[np.ndarray, dict[str, Any], int]:
-    """Decode one reply into ``(vector float64, metrics, payload bytes)`` or raise :class:`Rejected`."""
+    """Decode one reply into ``(vector float64, metrics, payload bytes)`` or raise :class:`Rejected`.
+
+    ``decode`` turns the reply's ArrayRecord into the vector (default: the arrays of
+    ``layout``, flattened); it raises ``ValueError`` on a malformed payload.  The payload
+    bytes are those actually received (``len`` of every array's data), never a declared shape.
+    """
     if msg.has_error():
         try:
             code, reason = msg.error.code, msg.error.reason
         except Exception:  # pylint: disable=broad-except
             code, reason = "?", "?"
-        raise Rejected("error", f"error reply (code {code}): {str(reason)[:200]}")
+        raise Rejected("error", f"error reply (code {one_line(code, 20)}): {one_line(reason)}")
     meta = msg.metadata
     if sent_message_id and meta.reply_to_message_id and meta.reply_to_message_id != sent_message_id:
-        raise Rejected("stale", f"reply to message {meta.reply_to_message_id!r}, not to this round's message")
-    if meta.group_id and meta.group_id != str(server_round):
-        raise Rejected("stale", f"reply for round (group) {meta.group_id!r}, current round is {server_round}")
+        raise Rejected("stale", f"reply to message {one_line(meta.reply_to_message_id, 80)!r}, "
+                                "not to this round's message")
+    if meta.group_id != str(server_round):
+        raise Rejected("stale", f"reply for round (group) {one_line(meta.group_id, 40)!r}, "
+                                f"current round is {server_round}")
     if policy.message_type is not None and meta.message_type != policy.message_type:
-        raise Rejected("stale", f"reply of type {meta.message_type!r}, expected {policy.message_type!r}")
+        raise Rejected("stale", f"reply of type {one_line(meta.message_type, 40)!r}, expected {policy.message_type!r}")
     content = msg.content
     arecs = content.array_records
     if policy.reply_key not in arecs:
@@ -221,7 +258,11 @@ def decode_reply(
     limit = policy.max_bytes if policy.max_bytes else 2 * 8 * layout.size + _HEADER_SLACK
     if nbytes > limit:
         raise Rejected("format", f"oversized payload: {nbytes} bytes > limit {limit}")
-    if set(record.keys()) != set(layout.keys):
+    for key, arr in record.items():
+        if not _declared_size_matches(arr):
+            raise Rejected("format", f"array {one_line(key, 40)!r}: declared shape/dtype do not match its "
+                                     f"{len(arr.data)} data bytes")
+    if decode is None and set(record.keys()) != set(layout.keys):
         raise Rejected("format", f"array keys {sorted(record.keys())} != expected {sorted(layout.keys)} "
                                  f"({len(record.keys())} arrays, expected {len(layout.keys)})")
     metrics = _metric_dict(msg)
@@ -230,9 +271,11 @@ def decode_reply(
         if isinstance(echoed, bool) or not isinstance(echoed, (int, float)) or echoed != server_round:
             raise Rejected("stale", f"reply for round {echoed}, current round is {server_round}")
     try:
-        vec = layout.flatten(record, np.float64)
-    except ValueError as exc:
+        vec = layout.flatten(record, np.float64) if decode is None else np.asarray(decode(record), dtype=np.float64)
+    except (ValueError, TypeError) as exc:
         raise Rejected("format", str(exc)) from None
+    if vec.shape != (layout.size,):
+        raise Rejected("format", f"decoded vector has shape {vec.shape}, expected ({layout.size},)")
     finite = np.isfinite(vec)
     if not finite.all():
         raise Rejected("non-finite", f"non-finite values ({int((~finite).sum())} of {vec.size})")
@@ -249,6 +292,15 @@ def decode_reply(
         if not norm <= policy.max_norm:
             raise Rejected("magnitude", f"norm {norm:.3g} exceeds max-update-norm {policy.max_norm:.3g}")
     return vec, metrics, nbytes
+
+
+def _declared_size_matches(arr: Any) -> bool:
+    """Whether an Array's declared shape x dtype fits the bytes it carries (npy header aside)."""
+    try:
+        declared = math.prod(int(n) for n in arr.shape) * np.dtype(arr.dtype).itemsize
+        return declared <= len(arr.data) <= declared + _HEADER_SLACK
+    except Exception:  # pylint: disable=broad-except
+        return False
 
 
 def _stable_norm(vec: np.ndarray) -> float:
@@ -282,11 +334,14 @@ def screen_replies(
     server_round: int,
     policy: ReplyPolicy,
     sent_message_ids: Mapping[int, str] | None = None,
+    decode: Decoder | None = None,
 ) -> ScreenedReplies:
     """Validate all replies of a round; sampled nodes that did not answer are erasures.
 
     ``sent_message_ids`` maps each sampled node to the id of the message it was
     sent (when the Grid assigned one): a reply to any other message is stale.
+    ``decode``: see :func:`decode_reply`.  A ``replies`` iterable that raises part
+    way is read up to the failure (``out.read_error`` says why); nothing escapes.
     """
     expected = set(int(n) for n in expected_nodes)
     sent_ids = dict(sent_message_ids or {})
@@ -294,7 +349,7 @@ def screen_replies(
     out = ScreenedReplies()
     seen: set[int] = set()
     anonymous = 0
-    for msg in replies:
+    for msg in _read_all(replies, out):
         try:
             node = int(msg.metadata.src_node_id)
         except Exception as exc:  # pylint: disable=broad-except
@@ -310,7 +365,7 @@ def screen_replies(
                 # A second reply poisons the first too: the sender is misbehaving.
                 raise Rejected("sender", "duplicate reply from the same node")
             seen.add(node)
-            vec, metrics, nbytes = decode_reply(msg, layout, server_round, policy, sent_ids.get(node, ""))
+            vec, metrics, nbytes = decode_reply(msg, layout, server_round, policy, sent_ids.get(node, ""), decode)
             out.bytes_up += nbytes
             out.node_ids.append(node)
             out.vectors.append(vec)
@@ -318,10 +373,14 @@ def screen_replies(
         except Rejected as rej:
             out.reject(node, rej.kind, str(rej))
         except Exception as exc:  # pylint: disable=broad-except
-            out.reject(node, "format", f"malformed reply: {type(exc).__name__}: {str(exc)[:200]}")
+            out.reject(node, "format", f"malformed reply: {type(exc).__name__}: {one_line(exc)}")
     if policy.max_norm_ratio and len(out.vectors) >= 3:
         norms = np.array([_stable_norm(v) for v in out.vectors])
-        median = float(np.median(norms))
+        # The reference is the lower median of the *non-zero* norms: all-zero replies (cheap to
+        # send, and honest at a stationary point) must not drag it to 0 and switch the guard off
+        # for everybody else, and two absurd replies among four non-zero ones must not set it.
+        positive = np.sort(norms[norms > 0.0])
+        median = float(positive[(positive.size - 1) // 2]) if positive.size >= 3 else 0.0
         if median > 0.0:
             limit = policy.max_norm_ratio * median
             for node, norm in [(n, v) for n, v in zip(list(out.node_ids), norms) if v > limit]:
@@ -330,3 +389,90 @@ def screen_replies(
     for node in sorted(expected - seen):
         out.reject(node, "no-reply", "no reply (erasure)")
     return out
+
+
+def _read_all(replies: Iterable[Message], out: "ScreenedReplies") -> list[Message]:
+    """The replies as a list; an iterable that raises is read up to the failure (noted in ``out``)."""
+    got: list[Message] = []
+    try:
+        for msg in replies:
+            got.append(msg)
+    except Exception as exc:  # pylint: disable=broad-except
+        out.read_error = f"replies could not be read completely ({type(exc).__name__}: {one_line(exc)})"
+    return got
+
+
+def log_rejections(screened: ScreenedReplies, server_round: int, label: str = "") -> None:
+    """One WARNING per distinct (kind, reason), listing the nodes (not one line per node).
+
+    Reasons are already single-line and truncated (:func:`one_line`), so a client cannot
+    forge log lines through them.
+    """
+    where = f"round {server_round}{f' ({label})' if label else ''}"
+    if screened.read_error:
+        log(WARNING, "%s: %s", where, screened.read_error)
+    groups: dict[tuple[str, str], list[int]] = {}
+    for node, reason in sorted(screened.rejected.items()):
+        groups.setdefault((screened.kinds.get(node, "?"), reason), []).append(node)
+    for (kind, reason), nodes in groups.items():
+        shown = nodes if len(nodes) <= 5 else [*nodes[:5], f"... {len(nodes) - 5} more"]
+        log(WARNING, "%s: rejected %d %s from node%s %s (%s): %s", where, len(nodes),
+            "reply" if len(nodes) == 1 else "replies", "" if len(nodes) == 1 else "s", shown, kind, reason)
+
+
+def evaluate_votes(replies: Iterable[Message], expected_nodes: Iterable[int], server_round: int,
+                   ) -> list[dict[str, Any]]:
+    """The cleaned metrics of the valid evaluate replies: one vote per sampled node.
+
+    Replies from nodes that were not sampled, second replies, error replies, replies
+    for another round (group id) or of another message type, and replies without
+    exactly one MetricRecord do not vote.  A raising ``replies`` is read up to the
+    failure.  Never raises.
+    """
+    expected = set(int(n) for n in expected_nodes)
+    voters: set[int] = set()
+    votes: list[dict[str, Any]] = []
+    for msg in _read_all(replies, ScreenedReplies()):
+        try:
+            if msg.has_error():
+                continue
+            node = int(msg.metadata.src_node_id)
+            if node not in expected or node in voters:
+                continue
+            if msg.metadata.group_id != str(server_round) or msg.metadata.message_type != MessageType.EVALUATE:
+                continue
+            recs = list(msg.content.metric_records.values())
+            if len(recs) != 1:
+                continue
+            voters.add(node)
+            votes.append(clean_metrics(recs[0]))
+        except Exception:  # pylint: disable=broad-except
+            continue
+    return votes
+
+
+def median_metrics(metrics: list[Mapping[str, Any]], voters: int | None = None) -> dict[str, float]:
+    """Median of each finite numeric metric over ``metrics`` (one dict per valid reply).
+
+    A metric is reported only if at least half of the ``voters`` (default: the
+    number of dicts; the strategies pass the number of *sampled* nodes, a quorum)
+    carry it, so a few liars cannot invent metric names and two replies out of
+    twenty are not the federation's metric; a minority of liars cannot move a
+    median outside the honest values' range.
+    """
+    values: dict[str, list[float]] = {}
+    for m in metrics:
+        for key, val in m.items():
+            num = finite_number(val)
+            if num is not None:
+                values.setdefault(key, []).append(num)
+    n = len(metrics) if voters is None else voters
+    quorum = max(1, (n + 1) // 2)
+    return {k: median_of(v) for k, v in values.items() if len(v) >= quorum}
+
+
+def median_of(values: list[float]) -> float:
+    """Median of finite floats without overflow (``np.median`` averages two huge values to inf)."""
+    v = sorted(values)
+    mid = len(v) // 2
+    return float(v[mid]) if len(v) % 2 else float(v[mid - 1] / 2 + v[mid] / 2)
