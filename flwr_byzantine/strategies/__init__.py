@@ -4,9 +4,10 @@ from .comrade import Comrade, NewtonRoundReport, NewtonStrategyBase, make_evalua
 from .giant import Giant
 from .omniscient import AdversaryRound, OmniscientAdversary
 from .robust_base import RobustStrategy, RoundReport, RunFailed, default_aggregator
+from .robust_fedavg import RobustFedAvg
 from .robust_sgd import PROTOCOL, RobustSGD
 
 __all__ = [
     "PROTOCOL", "AdversaryRound", "Comrade", "Giant", "NewtonRoundReport", "NewtonStrategyBase", "OmniscientAdversary",
-    "RobustSGD", "RobustStrategy", "RoundReport", "RunFailed", "default_aggregator", "make_evaluate_fn",
+    "RobustFedAvg", "RobustSGD", "RobustStrategy", "RoundReport", "RunFailed", "default_aggregator", "make_evaluate_fn",
 ]
