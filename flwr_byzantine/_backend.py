@@ -43,31 +43,71 @@ def is_torch(x: Any) -> bool:
     return mod is not None and isinstance(x, mod.Tensor)
 
 
-def check_matrix(updates: ArrayLike) -> ArrayLike:
-    """Validate the aggregator input: a 2-D floating array ``(R, d)`` with R >= 1.
+#: Inputs whose squared Frobenius norm exceeds this are widened to float64 by
+#: ``check_matrix(..., widen_large=True)``: every rule's sums of squares (norms, pairwise
+#: distances, Gram entries) are at most a few times this, so they stay finite in float32.
+LARGE_ENERGY = float(np.finfo(np.float32).max) / 64
 
-    Integer inputs are converted to float64 (numpy) / float32 (torch).  Raises
-    ``ValueError`` on wrong rank, empty input or non-finite entries.
+
+def check_matrix(updates: ArrayLike, *, widen_large: bool = False) -> ArrayLike:
+    """Validate the aggregator input: a 2-D real floating array ``(R, d)`` with R >= 1.
+
+    Integer inputs are converted to float64 (numpy) / float32 (torch); complex input
+    is refused (its imaginary part would be silently dropped).  Raises ``ValueError``
+    on wrong rank, empty input, complex or non-finite entries.  With ``widen_large``
+    a float32/float16 input whose squared norm exceeds :data:`LARGE_ENERGY` (finite
+    entries near the float32 maximum, say) is returned as float64, so that the rules'
+    sums and squares cannot overflow; the caller casts the estimate back.  The check
+    is one reduction (a dot product) unless that reduction is not finite or large.
     """
     if is_torch(updates):
         if updates.ndim != 2 or updates.shape[0] < 1:
             raise ValueError(f"expected an (R, d) tensor with R >= 1, got shape {tuple(updates.shape)}")
+        if torch.is_complex(updates):
+            raise ValueError("aggregator input is complex; expected real floating point")
         if not torch.is_floating_point(updates):
             updates = updates.float()
-        # One reduction first (cheap); the elementwise scan only if the sum is not finite.
-        if not bool(torch.isfinite(updates.sum(dtype=torch.float64))) and not bool(torch.isfinite(updates).all()):
-            raise ValueError("aggregator input contains NaN or Inf")
+        flat = updates.reshape(-1)
+        energy = float(torch.dot(flat, flat))
+        if not np.isfinite(energy) or energy > LARGE_ENERGY:
+            if not bool(torch.isfinite(updates).all()):
+                raise ValueError("aggregator input contains NaN or Inf")
+            if widen_large and updates.dtype != torch.float64:
+                updates = updates.double()
         return updates
     arr = np.asarray(updates)
     if arr.ndim != 2 or arr.shape[0] < 1:
         raise ValueError(f"expected an (R, d) array with R >= 1, got shape {arr.shape}")
+    if np.iscomplexobj(arr):
+        raise ValueError(f"aggregator input is complex ({arr.dtype}); expected real floating point")
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float64)
+    flat = arr.reshape(-1)
     with np.errstate(over="ignore", invalid="ignore"):
-        total = arr.sum(dtype=np.float64)
-    if not np.isfinite(total) and not np.isfinite(arr).all():
-        raise ValueError("aggregator input contains NaN or Inf")
+        energy = float(np.dot(flat, flat))
+    if not np.isfinite(energy) or energy > LARGE_ENERGY:
+        if not np.isfinite(arr).all():
+            raise ValueError("aggregator input contains NaN or Inf")
+        if widen_large and arr.dtype.itemsize < 8:
+            arr = arr.astype(np.float64)
     return arr
+
+
+def restore_dtype(estimate: ArrayLike, like: ArrayLike) -> ArrayLike:
+    """``estimate`` in the floating dtype of ``like`` (undoes ``widen_large``; other inputs unchanged).
+
+    No clipping: a value beyond the target dtype's range becomes +-inf, which callers
+    treat as a failed aggregation (RobustSGD leaves the model unchanged).
+    """
+    if is_torch(like):
+        if like.is_floating_point() and estimate.dtype != like.dtype:
+            return estimate.to(like.dtype)
+        return estimate
+    dtype = getattr(like, "dtype", None)
+    if dtype is not None and np.issubdtype(dtype, np.floating) and np.asarray(estimate).dtype != dtype:
+        with np.errstate(over="ignore"):
+            return np.asarray(estimate).astype(dtype)
+    return estimate
 
 
 def to_numpy64(x: ArrayLike) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .._backend import ArrayLike, check_matrix
+from .._backend import ArrayLike, check_matrix, restore_dtype
 
 
 @dataclass
@@ -66,8 +66,17 @@ class Aggregator(ABC):
     name: str = "base"
 
     def aggregate(self, updates: ArrayLike) -> AggregationResult:
-        """Aggregate the rows of ``updates`` (shape ``(R, d)``)."""
-        return self._aggregate(check_matrix(updates))
+        """Aggregate the rows of ``updates`` (shape ``(R, d)``).
+
+        Finite inputs too large for the input dtype's arithmetic (float32 entries near
+        3e38, whose sums and squares overflow) are aggregated in float64 and the
+        estimate is cast back to the input dtype (:func:`check_matrix` ``widen_large``).
+        """
+        checked = check_matrix(updates, widen_large=True)
+        result = self._aggregate(checked)
+        if checked is not updates:
+            result.estimate = restore_dtype(result.estimate, updates)
+        return result
 
     __call__ = aggregate
 
