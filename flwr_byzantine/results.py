@@ -6,6 +6,7 @@ import json
 import os
 import re
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,49 @@ def safe_stem(*parts: object) -> str:
     stem = "-".join(re.sub(r"[^A-Za-z0-9._+=-]", "_", str(p)) for p in parts)
     stem = re.sub(r"\.{2,}", "_", stem).lstrip(".")
     return stem[:120] or "run"
+
+
+def blame(reports: list[dict[str, Any]], num_nodes: int, key: str = "filtered") -> dict[str, Any]:
+    """Who the defence removed, by identity (Flower node id), with the claimed partitions as labels.
+
+    ``reports`` are per-round report dicts (``RoundReport.as_dict()`` / Newton reports) with
+    ``key`` (``"filtered"`` or ``"trimmed"``: node ids) and ``partition_ids`` (node id ->
+    partition id the client *claimed*; nothing verifies it).  Returns
+
+    * ``<key>_node_ids``: every node id the defence removed in some round (the identity);
+    * ``<key>_partitions``: their claimed partition ids, only where the claim is
+      unambiguous: in ``[0, num_nodes)``, claimed by no other replying node in that
+      round, and never changed by that node (a label for simulations, not an identity);
+    * ``partition_claim_conflicts``: partition ids that were claimed ambiguously (two
+      nodes in one round, a node changing its claim, or out of range).
+    """
+    removed: set[int] = set()
+    labels: set[int] = set()
+    conflicts: set[int] = set()
+    claims_of: dict[str, set[int]] = {}
+    for rep in reports:
+        for node, pid in rep.get("partition_ids", {}).items():
+            claims_of.setdefault(str(node), set()).add(int(pid))
+    for rep in reports:
+        claims = {str(n): int(p) for n, p in rep.get("partition_ids", {}).items()}
+        counts = Counter(claims.values())
+        for pid, c in counts.items():
+            if c > 1 or not 0 <= pid < num_nodes:
+                conflicts.add(pid)
+        for node in rep.get(key, []):
+            removed.add(int(node))
+            pid = claims.get(str(node))
+            if pid is None:
+                continue
+            if counts[pid] == 1 and 0 <= pid < num_nodes and len(claims_of.get(str(node), ())) == 1:
+                labels.add(pid)
+            else:
+                conflicts.add(pid)
+    for node, pids in claims_of.items():
+        if len(pids) > 1:
+            conflicts.update(pids)
+    return {f"{key}_node_ids": sorted(removed), f"{key}_partitions": sorted(labels),
+            "partition_claim_conflicts": sorted(conflicts)}
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

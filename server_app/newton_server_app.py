@@ -29,7 +29,7 @@ from flwr.supercore import log
 from flwr_byzantine.data.libsvm import federated_split, load_glm_dataset
 from flwr_byzantine.newton.attacks import byzantine_partition_ids
 from flwr_byzantine.newton.config import NewtonConfig, NewtonConfigError
-from flwr_byzantine.results import safe_stem, write_json_atomic
+from flwr_byzantine.results import blame, safe_stem, write_json_atomic
 from server_app.nodes import wait_for_nodes
 from flwr_byzantine.newton.objectives import federated_objective, make_objective, minimise
 from flwr_byzantine.strategies.comrade import Comrade, NewtonStrategyBase, make_evaluate_fn
@@ -85,10 +85,7 @@ def run_newton_federation(grid: Grid, context: Context, cfg: NewtonConfig) -> di
     central = {int(r): dict(m) for r, m in result.evaluate_metrics_serverapp.items()}
     rounds = sorted(central)
     reports = [r.as_dict() for r in strategy.history]
-    trimmed_partitions = sorted({
-        rep["partition_ids"].get(str(n)) for rep in reports for n in rep["trimmed"]
-        if rep["partition_ids"].get(str(n)) is not None
-    })
+    blamed = blame(reports, num_nodes, "trimmed")
     last = central[rounds[-1]] if rounds else {}
     payload = {
         "run_id": int(getattr(context, "run_id", 0) or 0),
@@ -97,7 +94,7 @@ def run_newton_federation(grid: Grid, context: Context, cfg: NewtonConfig) -> di
         "num_nodes": num_nodes,
         "num_features": d,
         "malicious_partitions": malicious,
-        "trimmed_partitions": trimmed_partitions,
+        **blamed,
         "central": {str(r): central[r] for r in rounds},
         "final_accuracy": last.get("accuracy"),
         "final_loss": last.get("loss"),
@@ -113,9 +110,10 @@ def run_newton_federation(grid: Grid, context: Context, cfg: NewtonConfig) -> di
     stem = safe_stem("newton", cfg.method, cfg.attack if malicious else "clean", f"run{payload['run_id']}")
     path = Path(cfg.output_dir).expanduser().resolve() / f"{stem}.json"
     write_json_atomic(path, payload)
-    log(INFO, "newton: final accuracy %s, ||w - w*|| %s, %d communication rounds; malicious %s, trimmed %s",
+    log(INFO, "newton: final accuracy %s, ||w - w*|| %s, %d communication rounds; malicious partitions %s, "
+        "trimmed nodes %s",
         payload["final_accuracy"], payload["final_dist_to_opt"], payload["communication_rounds"], malicious,
-        trimmed_partitions)
+        blamed["trimmed_node_ids"])
     log(INFO, "newton: results written to %s", path)
     return payload
 

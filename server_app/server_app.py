@@ -27,7 +27,7 @@ from flwr_byzantine.config import SCALE_PARAM, RunConfig, check_federation
 from flwr_byzantine.data import dataset_info, load_test_set
 from flwr_byzantine.federation import malicious_partition_ids
 from flwr_byzantine.models import build_model, loss_fn_for
-from flwr_byzantine.results import plot_accuracy, safe_stem, write_json_atomic
+from flwr_byzantine.results import blame, plot_accuracy, safe_stem, write_json_atomic
 from flwr_byzantine.strategies.omniscient import OmniscientAdversary
 from flwr_byzantine.strategies.robust_sgd import RobustSGD
 from flwr_byzantine.strategies.validation import REJECTION_KINDS
@@ -157,16 +157,13 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, An
     rounds = sorted(central)
     acc = [central[r].get("accuracy", float("nan")) for r in rounds]
     reports = [r.as_dict() for r in inner.history]
-    filtered_partitions = sorted({
-        rep["partition_ids"].get(str(n)) for rep in reports for n in rep["filtered"]
-        if rep["partition_ids"].get(str(n)) is not None
-    })
+    blamed = blame(reports, num_nodes, "filtered")
     payload = {
         "run_id": int(getattr(context, "run_id", 0) or 0),
         "config": cfg.as_dict(),
         "num_nodes": num_nodes,
         "malicious_partitions": malicious,
-        "filtered_partitions": filtered_partitions,
+        **blamed,
         "central": {str(r): central[r] for r in rounds},
         "final_accuracy": acc[-1] if acc else None,
         "final_loss": central[rounds[-1]].get("loss") if rounds else None,
@@ -192,8 +189,9 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, An
     if info["task"] == "classification":
         plot_accuracy({f"{cfg.aggregator} ({cfg.attack if attacked else 'no attack'})": (rounds, acc)},
                       out_dir / f"{stem}.png", f"{cfg.dataset}: {num_nodes} clients, {len(malicious)} malicious")
-    log(INFO, "flwr-byzantine: final accuracy %s; malicious partitions %s, filtered partitions %s",
-        payload["final_accuracy"], malicious, filtered_partitions)
+    log(INFO, "flwr-byzantine: final accuracy %s; malicious partitions %s; filtered nodes %s "
+        "(claimed partitions %s, ambiguous claims %s)", payload["final_accuracy"], malicious,
+        blamed["filtered_node_ids"], blamed["filtered_partitions"], blamed["partition_claim_conflicts"])
     log(INFO, "flwr-byzantine: results written to %s", json_path)
     return payload
 

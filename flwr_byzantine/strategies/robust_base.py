@@ -402,7 +402,7 @@ class RobustStrategy(Strategy):
 
     def _log_round(self, r: RoundReport) -> None:
         filtered_parts = [r.partition_ids.get(n) for n in r.filtered]
-        log(INFO, "round %d: %d/%d valid, kept %d, filtered %d %s (partitions %s), decode %.1f ms, "
+        log(INFO, "round %d: %d/%d valid, kept %d, filtered %d %s (claimed partitions %s), decode %.1f ms, "
             "stat/threshold %.3g/%.3g, |step| %.3g, bytes up %d down %d",
             r.server_round, len(r.accepted), len(r.sampled), len(r.kept), len(r.filtered), r.filtered,
             filtered_parts, 1e3 * r.decode_seconds, r.statistic, r.threshold, r.update_norm,
