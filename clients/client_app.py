@@ -37,6 +37,17 @@ When run config ``adversary`` is ``'omniscient'`` every client
 is honest: the server-side :class:`~flwr_byzantine.strategies.omniscient.OmniscientAdversary`
 plays the attackers.
 
+With run config ``client-mode = "local"`` the client trains locally instead, as a
+FedAvg client does (:func:`flwr_byzantine.local_training.train_locally`:
+``local-epochs`` epochs, or ``local-steps`` steps, of SGD with ``client-lr`` and
+mini-batches of ``batch-size``, seeded by run seed, partition id and round) and
+replies with its weights under ``"arrays"`` plus ``num-examples`` (served by
+``RobustFedAvg``).  A malicious client's model-update attack then acts on the
+model update ``u = x_t - w``: its estimate rows are the updates of
+``estimate-batches`` local trainings of its own data with independent batch
+orders, and it replies with the weights ``x_t - u_crafted``.  Data attacks poison
+the data and train honestly; an erasure replies without ``"arrays"``.
+
 Lean process: a SuperNode starts a fresh ClientApp process for every message, so
 this module never imports torch.  Gradients, losses and evaluation come from
 :mod:`flwr_byzantine.npmodels` (float32 numpy, checked against torch autograd in
@@ -62,6 +73,7 @@ from flwr_byzantine.config import SCALE_PARAM, RunConfig
 from flwr_byzantine.data import dataset_info
 from flwr_byzantine.data.cache import cached_partition
 from flwr_byzantine.federation import malicious_partition_ids
+from flwr_byzantine.local_training import apply_update, model_update, train_locally
 from flwr_byzantine import seeds
 
 #: Number of independent mini-batch gradients a colluding attacker draws from its own partition to
@@ -193,6 +205,44 @@ def _flatten(grads: Mapping[str, np.ndarray], keys: list[str]) -> np.ndarray:
     return np.concatenate([grads[k].ravel() for k in keys]).astype(np.float32)
 
 
+def _unflatten(flat: np.ndarray, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out, start = {}, 0
+    for k, v in params.items():
+        out[k] = flat[start : start + v.size].reshape(v.shape)
+        start += v.size
+    return out
+
+
+def local_training_weights(cfg: RunConfig, params: Mapping[str, np.ndarray], X: np.ndarray, y: np.ndarray,
+                           partition_id: int, server_round: int, attack: UpdateAttack | None = None,
+                           num_byzantine: int = 0, row: int = 0,
+                           num_estimates: int = DEFAULT_ESTIMATE_BATCHES) -> tuple[dict[str, np.ndarray] | None, float]:
+    """``(weights to reply, mean local loss)`` of a ``client-mode='local'`` client (weights None: erasure).
+
+    Honest: :func:`train_locally` from x_t = ``params`` with seed ``[seed, partition id, round]``.
+    With a model-update ``attack``: ``num_estimates`` local trainings with seeds
+    ``[seed, partition id, round, ESTIMATE_BATCHES, j]`` give the estimate updates
+    ``x_t - w_j``; the crafted update u (row ``row``) is sent as the weights ``x_t - u``.
+    """
+    kw = {"local_epochs": cfg.local_epochs, "local_steps": cfg.local_steps, "client_lr": cfg.client_lr,
+          "batch_size": cfg.batch_size}
+    if attack is None:
+        res = train_locally(cfg.model, params, X, y, seed=[cfg.seed, partition_id, server_round], **kw)
+        return res.weights, res.loss
+    keys = list(params)
+    rows, losses = [], []
+    for j in range(num_estimates):
+        res = train_locally(cfg.model, params, X, y, seed=[cfg.seed, partition_id, server_round, _ESTIMATE_SALT, j],
+                            **kw)
+        rows.append(_flatten(model_update(params, res.weights), keys))
+        losses.append(res.loss)
+    crafted = attack.craft(np.stack(rows), num_byzantine, server_round)
+    if crafted is None:
+        return None, float(np.mean(losses))
+    u = np.asarray(crafted, dtype=np.float64)[row % len(crafted)].reshape(-1)
+    return apply_update(params, _unflatten(u, params)), float(np.mean(losses))
+
+
 def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp whose run config is ``context.run_config`` updated with ``overrides``."""
     app = ClientApp()
@@ -214,6 +264,15 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
         if isinstance(attack, DataAttack):
             X, y = attack.poison(X, y, info["num_classes"])
+
+        if cfg.client_mode == "local":
+            update_attack = attack if isinstance(attack, UpdateAttack) else None
+            weights, loss = local_training_weights(cfg, params, X, y, pid, server_round, update_attack, f, row, num_est)
+            if weights is None:  # an attack that erases in this round
+                return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+            metrics.update({"num-examples": int(len(y)), "train-loss": loss})
+            payload = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+            return Message(RecordDict({"arrays": payload, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
         n = len(y)
         full = bool(config.get("full-batch", False))

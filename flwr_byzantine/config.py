@@ -42,11 +42,21 @@ DEFAULTS: dict[str, Any] = {
     "output-dir": "outputs",
     "checkpoint": False,
     "reply-timeout": 30.0,
+    "max-invalid-rounds": 3,
+    "client-mode": "gradient",
+    "local-epochs": 1,
+    "local-steps": 0,
+    "client-lr": 0.1,
+    "server-lr": 1.0,
+    "server-momentum": 0.0,
 }
 
 #: Pre-aggregation wrappers, written ``"<wrapper>:<inner rule>"`` (e.g. ``"bucketing:cclip"``).
 PRE_AGGREGATORS = ("bucketing", "nnm")
 COMPRESSIONS = ("none", "randk")
+#: ``gradient``: clients send one mini-batch gradient (RobustSGD); ``local``: clients train locally and send
+#: their weights (RobustFedAvg).
+CLIENT_MODES = ("gradient", "local")
 COORDINATE_FORMS = ("seed", "indices")
 ADVERSARIES = ("client", "omniscient")
 ADVERSARY_MODES = ("static", "random", "rotate")
@@ -176,6 +186,13 @@ class RunConfig:
     output_dir: str
     checkpoint: bool
     reply_timeout: float
+    max_invalid_rounds: int
+    client_mode: str
+    local_epochs: int
+    local_steps: int
+    client_lr: float
+    server_lr: float
+    server_momentum: float
 
     @classmethod
     def from_mapping(cls, overrides: Mapping[str, Any] | None = None) -> "RunConfig":
@@ -197,6 +214,17 @@ class RunConfig:
                 raise ConfigError(f"attack {cfg['attack']!r} poisons client data: use adversary='client'")
             if cfg["checkpoint"] is True:
                 raise ConfigError("checkpoint=true is not supported with adversary='omniscient'")
+        if cfg["client-mode"] == "local":
+            if cfg["compression"] != "none":
+                raise ConfigError("compression='randk' compresses gradients: it needs client-mode='gradient'")
+            if cfg["adversary"] == "omniscient":
+                raise ConfigError("adversary='omniscient' attacks gradient replies: use adversary='client' "
+                                  "with client-mode='local'")
+            if cfg["local-epochs"] == 0 and cfg["local-steps"] == 0:
+                raise ConfigError("client-mode='local' needs local-epochs >= 1 or local-steps >= 1")
+        momentum = _num(cfg, "server-momentum", lo=0.0)
+        if momentum >= 1.0:
+            raise ConfigError(f"run config 'server-momentum' must be < 1, got {momentum!r}")
         return cls(
             num_server_rounds=int(_num(cfg, "num-server-rounds", lo=1, integer=True)),
             seed=int(_num(cfg, "seed", lo=0, integer=True)),
@@ -225,6 +253,13 @@ class RunConfig:
             output_dir=_choice(cfg, "output-dir"),
             checkpoint=_bool(cfg, "checkpoint"),
             reply_timeout=_num(cfg, "reply-timeout", lo=0.0, lo_open=True),
+            max_invalid_rounds=int(_num(cfg, "max-invalid-rounds", lo=0, integer=True)),
+            client_mode=_choice(cfg, "client-mode", CLIENT_MODES),
+            local_epochs=int(_num(cfg, "local-epochs", lo=0, integer=True)),
+            local_steps=int(_num(cfg, "local-steps", lo=0, integer=True)),
+            client_lr=_num(cfg, "client-lr", lo=0.0, lo_open=True),
+            server_lr=_num(cfg, "server-lr", lo=0.0, lo_open=True),
+            server_momentum=momentum,
         )
 
     def as_dict(self) -> dict[str, Any]:

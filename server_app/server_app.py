@@ -1,4 +1,10 @@
-"""ServerApp of flwr-byzantine: RobustSGD + central evaluation + results file, final model and plot.
+"""ServerApp of flwr-byzantine: RobustSGD or RobustFedAvg + central evaluation + results file, final model and plot.
+
+Run config ``client-mode``: ``"gradient"`` (default) serves clients that send one
+mini-batch gradient per round with :class:`RobustSGD` (Algorithm 1); ``"local"``
+serves clients that train locally (``local-epochs`` / ``local-steps`` of SGD with
+``client-lr``) and reply with their weights, with :class:`RobustFedAvg` (server step
+``server-lr``, ``server-momentum``).  The same aggregator decodes either kind of vector.
 
 With run config ``checkpoint=true`` the server checkpoints its full state after
 every completed round to ``<output-dir>/checkpoint/`` and, when started again
@@ -29,6 +35,8 @@ from flwr_byzantine.federation import malicious_partition_ids
 from flwr_byzantine.models import build_model, loss_fn_for
 from flwr_byzantine.results import blame, plot_accuracy, safe_stem, write_json_atomic
 from flwr_byzantine.strategies.omniscient import OmniscientAdversary
+from flwr_byzantine.strategies.robust_base import RobustStrategy
+from flwr_byzantine.strategies.robust_fedavg import RobustFedAvg
 from flwr_byzantine.strategies.robust_sgd import RobustSGD
 from flwr_byzantine.strategies.validation import REJECTION_KINDS
 from server_app.nodes import wait_for_nodes
@@ -51,8 +59,20 @@ def build_omniscient_adversary(cfg: RunConfig, inner: RobustSGD) -> OmniscientAd
     return OmniscientAdversary(inner, attack, adversary)
 
 
-def build_strategy(cfg: RunConfig, num_nodes: int) -> RobustSGD:
-    """RobustSGD wired from the run config."""
+def build_strategy(cfg: RunConfig, num_nodes: int) -> RobustStrategy:
+    """RobustSGD (``client-mode='gradient'``) or RobustFedAvg (``'local'``) wired from the run config."""
+    if cfg.client_mode == "local":
+        return RobustFedAvg(
+            fraction_train=cfg.fraction_train,
+            fraction_evaluate=0.0,  # the App evaluates centrally, as in gradient mode
+            aggregator=build_aggregator(cfg, num_nodes),
+            server_learning_rate=cfg.server_lr,
+            server_momentum=cfg.server_momentum,
+            min_valid_replies=cfg.min_valid_replies,
+            max_invalid_rounds=cfg.max_invalid_rounds,
+            max_update_norm=cfg.max_update_norm or None,
+            seed=cfg.seed,
+        )
     compression = None
     if cfg.compression == "randk":
         if cfg.k > 0:
@@ -68,6 +88,7 @@ def build_strategy(cfg: RunConfig, num_nodes: int) -> RobustSGD:
         compression=compression,
         fraction_train=cfg.fraction_train,
         min_valid_replies=cfg.min_valid_replies,
+        max_invalid_rounds=cfg.max_invalid_rounds,
         max_update_norm=cfg.max_update_norm or None,
         seed=cfg.seed,
     )
@@ -141,8 +162,9 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, An
         malicious = malicious_partition_ids(num_nodes, cfg.num_malicious, cfg.seed)
     if cfg.num_malicious > num_nodes // 2:
         log(WARNING, "num-malicious=%d is more than half of the %d nodes", cfg.num_malicious, num_nodes)
-    log(INFO, "flwr-byzantine: %d nodes, aggregator=%s, attack=%s on partitions %s", num_nodes,
-        cfg.aggregator, cfg.attack if malicious else "none", malicious)
+    log(INFO, "flwr-byzantine: %d nodes, client-mode=%s (%s), aggregator=%s, attack=%s on partitions %s",
+        num_nodes, cfg.client_mode, type(inner).__name__, cfg.aggregator, cfg.attack if malicious else "none",
+        malicious)
 
     start_kwargs: dict[str, Any] = {} if omniscient else {"checkpoint": checkpointer}
     result = strategy.start(

@@ -107,3 +107,29 @@ def test_file_stems_never_leave_the_output_dir(tmp_path, hostile):
     path = (tmp_path / f"{stem}.json").resolve()
     assert path.parent == tmp_path.resolve() and "/" not in stem and "\\" not in stem and "\n" not in stem
     assert not stem.startswith(".") and ".." not in stem and len(stem) <= 120
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"client-mode": "weights"}, "'client-mode' must be one of"),
+        ({"local-epochs": -1}, "'local-epochs' must be >= 0"),
+        ({"local-steps": 1.5}, "'local-steps' must be an integer"),
+        ({"client-lr": 0.0}, "'client-lr' must be > 0"),
+        ({"server-lr": -1.0}, "'server-lr' must be > 0"),
+        ({"server-momentum": 1.0}, "'server-momentum' must be < 1"),
+        ({"max-invalid-rounds": -1}, "'max-invalid-rounds' must be >= 0"),
+        ({"client-mode": "local", "local-epochs": 0, "local-steps": 0}, "local-epochs >= 1 or local-steps >= 1"),
+        ({"client-mode": "local", "compression": "randk"}, "needs client-mode='gradient'"),
+        ({"client-mode": "local", "adversary": "omniscient"}, "adversary='client'"),
+    ],
+)
+def test_local_training_mode_keys_are_validated(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.from_mapping(overrides)
+
+
+def test_local_training_mode_config():
+    cfg = RunConfig.from_mapping({"client-mode": "local", "local-steps": 5, "client-lr": 0.05, "server-momentum": 0.9})
+    assert (cfg.client_mode, cfg.local_steps, cfg.client_lr, cfg.server_momentum) == ("local", 5, 0.05, 0.9)
+    assert RunConfig.from_mapping(cfg.as_dict()) == cfg

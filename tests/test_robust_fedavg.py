@@ -317,3 +317,37 @@ def test_quickstart_ray_simulation(tmp_path):
     assert abs(accs["robust"] - accs["fedavg"]) <= 0.01, accs
     assert accs["robust-attacked"] >= accs["fedavg"] - 0.02, accs
     assert accs["fedavg-attacked"] < 0.2, accs
+
+
+# ----------------------------------------------------------------------------- the App's local-training mode
+
+
+def test_app_local_mode_serves_robust_fedavg_and_filters_the_attackers(tmp_path):
+    """client-mode='local': the App's clients train locally, 2 of 10 send -10x their model update."""
+    from benchmarks.inprocess import run_app
+
+    common = {"client-mode": "local", "local-epochs": 2, "num-server-rounds": 10, "num-malicious": 2,
+              "attack": "scaled-negative", "attack-scale": 10.0, "seed": 0}
+    rge = run_app({**common, "aggregator": "rge", "output-dir": str(tmp_path / "rge")}, 10)
+    mean = run_app({**common, "aggregator": "mean", "output-dir": str(tmp_path / "mean")}, 10)
+    assert rge["final_accuracy"] > 0.85, rge["final_accuracy"]
+    assert mean["final_accuracy"] < 0.2, mean["final_accuracy"]
+    assert rge["filtered_partitions"] == rge["malicious_partitions"] and len(rge["malicious_partitions"]) == 2
+    assert all(r["applied"] and not r["rejected"] for r in rge["rounds"])
+    assert rge["config"]["client-mode"] == "local" and list((tmp_path / "rge").glob("*.json"))
+
+
+def test_app_server_and_clients_in_different_modes_fail_the_run():
+    """The App's server in gradient mode, its clients training locally: the run fails naming RobustFedAvg."""
+    from flwr.app import Context
+
+    from clients.client_app import build_client_app
+    from flwr_byzantine.config import RunConfig
+    from server_app.server_app import run_federation
+
+    cfg = RunConfig.from_mapping({"num-server-rounds": 5, "num-malicious": 0, "max-invalid-rounds": 2,
+                                  "output-dir": "/nonexistent/never-written"})
+    grid = InProcessGrid(build_client_app({"client-mode": "local", "num-malicious": 0}), 4, {}, seed=0)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(RunFailed, match=r"2 consecutive rounds.*replies carry 'arrays': use RobustFedAvg"):
+        run_federation(grid, context, cfg)
