@@ -35,8 +35,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import Result
 
-#: Format version of ``checkpoint.json``.
-FORMAT_VERSION = 1
+#: Format version of ``checkpoint.json`` (2: explicit ``state_dict`` names for aggregator state).
+FORMAT_VERSION = 2
 
 JSON_NAME = "checkpoint.json"
 _NPZ_RE = re.compile(r"^state-r(\d+)\.npz$")
@@ -230,7 +230,7 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ load
     def read_document(self) -> dict[str, Any] | None:
-        """The raw ``checkpoint.json`` (validated format and identity), or None if there is none."""
+        """The raw ``checkpoint.json`` (validated format, fields and identity), or None if there is none."""
         if not self.exists():
             return None
         try:
@@ -242,7 +242,8 @@ class Checkpointer:
         if doc.get("version") != FORMAT_VERSION:
             raise CheckpointError(f"checkpoint {self.json_path} has format version {doc.get('version')}, "
                                   f"this code reads version {FORMAT_VERSION}")
-        stored = doc.get("identity", {})
+        _check_fields(doc, self.json_path)
+        stored = doc["identity"]
         if stored != self.identity:
             keys = sorted(set(stored) | set(self.identity))
             diff = [f"{k}: checkpoint={stored.get(k, '<missing>')!r} now={self.identity.get(k, '<missing>')!r}"
@@ -255,34 +256,79 @@ class Checkpointer:
         return doc
 
     def load(self) -> TrainingState | None:
-        """The stored state, or None if no checkpoint exists (raises on mismatch/corruption)."""
+        """The stored state, or None if no checkpoint exists.
+
+        Raises :class:`CheckpointMismatch` for another run's checkpoint and
+        :class:`CheckpointError` for anything malformed: unreadable or truncated files,
+        missing or mistyped fields, a ``server_round`` that is not a positive integer,
+        an array file outside the checkpoint folder, a hash mismatch, a corrupt
+        ``.npz``, or a model with NaN/Inf entries.
+        """
         if self._loaded is not None:
             return self._loaded
         doc = self.read_document()
         if doc is None:
             return None
-        npz_path = self.directory / str(doc.get("arrays_file", ""))
+        npz_path = self.directory / doc["arrays_file"]
         if not npz_path.is_file():
             raise CheckpointError(f"checkpoint {self.json_path} names {npz_path.name}, which is missing")
-        if _sha256(npz_path) != doc.get("arrays_sha256"):
+        if _sha256(npz_path) != doc["arrays_sha256"]:
             raise CheckpointError(f"checkpoint arrays {npz_path} do not match the hash in {self.json_path}")
         try:
             with np.load(npz_path, allow_pickle=False) as data:
                 model = {key: data[f"model_{i}"] for i, key in enumerate(doc["model_keys"])}
                 strategy_arrays = {key: data[f"strategy_{i}"] for i, key in enumerate(doc["strategy_array_keys"])}
-        except (OSError, KeyError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint arrays {npz_path} are unreadable: {exc}") from exc
+        except Exception as exc:  # pylint: disable=broad-except  # BadZipFile, EOFError, KeyError, ValueError ...
+            raise CheckpointError(f"checkpoint arrays {npz_path} are unreadable: {type(exc).__name__}: {exc}") from exc
+        for key, arr in model.items():
+            if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+                raise CheckpointError(f"checkpoint model array {key!r} has dtype {arr.dtype}")
+            if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+                raise CheckpointError(f"checkpoint model array {key!r} contains NaN or Inf: refusing to resume "
+                                      f"(every round would be skipped)")
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in model.items()})
+        try:
+            result = result_from_dict(doc["result"], arrays)
+        except Exception as exc:  # pylint: disable=broad-except
+            raise CheckpointError(f"checkpoint {self.json_path} has malformed metrics: {type(exc).__name__}: "
+                                  f"{exc}") from exc
         state = TrainingState(
-            server_round=int(doc["server_round"]),
+            server_round=doc["server_round"],
             arrays=arrays,
-            strategy=dict(doc.get("strategy", {})),
+            strategy=dict(doc["strategy"]),
             strategy_arrays=strategy_arrays,
-            result=result_from_dict(doc.get("result", {}), arrays),
-            meta=dict(doc.get("meta", {})),
+            result=result,
+            meta=dict(doc["meta"]),
         )
         self._loaded = state
         return state
+
+
+def _check_fields(doc: Mapping[str, Any], where: Path) -> None:
+    """Types of every field of ``checkpoint.json`` (raises :class:`CheckpointError`)."""
+    def fail(msg: str) -> None:
+        raise CheckpointError(f"checkpoint {where} is malformed: {msg}")
+
+    rnd = doc.get("server_round")
+    if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 1:
+        fail(f"'server_round' must be a positive integer, got {rnd!r}")
+    name = doc.get("arrays_file")
+    match = _NPZ_RE.fullmatch(name) if isinstance(name, str) else None
+    if match is None or Path(name).name != name:
+        fail(f"'arrays_file' must be a file name like state-r000012.npz inside the checkpoint folder, got {name!r}")
+    if int(match.group(1)) != rnd:
+        fail(f"'arrays_file' {name!r} does not belong to round {rnd}")
+    if not isinstance(doc.get("arrays_sha256"), str):
+        fail("'arrays_sha256' must be a string")
+    for key in ("model_keys", "strategy_array_keys"):
+        val = doc.get(key)
+        if not isinstance(val, list) or not all(isinstance(k, str) for k in val) or len(set(val)) != len(val):
+            fail(f"'{key}' must be a list of distinct strings")
+    if not doc["model_keys"]:
+        fail("'model_keys' is empty")
+    for key in ("identity", "strategy", "result", "meta"):
+        if not isinstance(doc.get(key), dict):
+            fail(f"'{key}' must be an object")
 
 
 __all__ = [

@@ -27,7 +27,7 @@ from flwr.supercore import log
 
 from flwr_byzantine.aggregators import Aggregator, build_for_federation
 from flwr_byzantine.attacks import MobileAdversary, make_attack
-from flwr_byzantine.checkpoint import Checkpointer
+from flwr_byzantine.checkpoint import CheckpointError, Checkpointer
 from flwr_byzantine.compression import RandK
 from flwr_byzantine.config import SCALE_PARAM, RunConfig, check_federation
 from flwr_byzantine.data import dataset_info, load_test_set
@@ -144,7 +144,9 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, An
         checkpointer = Checkpointer(out_dir / "checkpoint", checkpoint_identity(cfg))
         state = checkpointer.load()  # raises CheckpointMismatch on a different run config
         if state is not None:
-            stored = int(state.meta.get("num_nodes", num_nodes))
+            stored = state.meta.get("num_nodes", num_nodes)
+            if isinstance(stored, bool) or not isinstance(stored, int) or stored < 1:
+                raise CheckpointError(f"checkpoint meta 'num_nodes' must be a positive integer, got {stored!r}")
             if stored != num_nodes:
                 log(WARNING, "checkpoint: %d nodes connected now, %d when the checkpoint was written; "
                     "building the aggregator for %d as before", num_nodes, stored, stored)

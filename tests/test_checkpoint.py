@@ -43,7 +43,7 @@ def _state(rnd: int, value: float) -> TrainingState:
     result = Result(arrays=arrays, evaluate_metrics_serverapp={0: MetricRecord({"loss": 1.5, "n": 3})},
                     train_metrics_clientapp={1: MetricRecord({"ids": [1, 2**63 + 5], "nan": float("nan")})})
     return TrainingState(server_round=rnd, arrays=arrays, strategy={"rng_state": [3, [1, 2], None]},
-                         strategy_arrays={"aggregator._centre": np.ones(5)}, result=result)
+                         strategy_arrays={"aggregator/centre": np.ones(5)}, result=result)
 
 
 def test_checkpointer_roundtrip_and_atomic_files(tmp_path):
@@ -58,7 +58,7 @@ def test_checkpointer_roundtrip_and_atomic_files(tmp_path):
     np.testing.assert_array_equal(st.arrays["w"].numpy(), np.full((3, 4), 2.0, np.float32))
     assert st.arrays["w"].numpy().dtype == np.float32 and st.arrays["b"].numpy().dtype == np.float64
     assert list(st.arrays.keys()) == ["w", "b"]
-    np.testing.assert_array_equal(st.strategy_arrays["aggregator._centre"], np.ones(5))
+    np.testing.assert_array_equal(st.strategy_arrays["aggregator/centre"], np.ones(5))
     assert st.result.evaluate_metrics_serverapp[0]["n"] == 3
     assert st.result.train_metrics_clientapp[1]["ids"] == [1, 2**63 + 5]
     assert np.isnan(st.result.train_metrics_clientapp[1]["nan"])
@@ -75,6 +75,132 @@ def test_checkpointer_refuses_other_config_and_corrupt_files(tmp_path):
     npz.unlink()
     with pytest.raises(CheckpointError, match="missing"):
         Checkpointer(tmp_path, {"seed": 1, "aggregator": "rge"}).load()
+
+
+def _rewrite(tmp_path: Path, **changes) -> None:
+    """Edit checkpoint.json (a value of ``...`` deletes the field)."""
+    doc = json.loads((tmp_path / "checkpoint.json").read_text())
+    for key, val in changes.items():
+        if val is ...:
+            doc.pop(key, None)
+        else:
+            doc[key] = val
+    (tmp_path / "checkpoint.json").write_text(json.dumps(doc))
+
+
+def _rehash(tmp_path: Path, name: str) -> str:
+    import hashlib
+
+    return hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+
+
+MALFORMED_DOCS = {
+    "round-negative": {"server_round": -1},
+    "round-zero": {"server_round": 0},
+    "round-float": {"server_round": 1.9},
+    "round-bool": {"server_round": True},
+    "round-string": {"server_round": "3"},
+    "round-missing": {"server_round": ...},
+    "arrays-file-escape": {"arrays_file": "../state-r000003.npz"},
+    "arrays-file-absolute": {"arrays_file": "/etc/passwd"},
+    "arrays-file-other-round": {"arrays_file": "state-r000002.npz"},
+    "arrays-file-type": {"arrays_file": 3},
+    "hash-type": {"arrays_sha256": None},
+    "model-keys-missing": {"model_keys": ...},
+    "model-keys-type": {"model_keys": "w"},
+    "model-keys-too-many": {"model_keys": ["w", "b", "c"]},
+    "strategy-keys-too-many": {"strategy_array_keys": ["x", "y"]},
+    "strategy-type": {"strategy": []},
+    "result-type": {"result": "none"},
+    "result-garbage": {"result": {"train_metrics_clientapp": {"x": {"a": 1}}}},
+    "meta-type": {"meta": 5},
+    "identity-missing": {"identity": ...},
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_DOCS))
+def test_every_malformed_checkpoint_document_raises_checkpoint_error(tmp_path, case):
+    Checkpointer(tmp_path, {"seed": 1}).save(_state(3, 0.0))
+    _rewrite(tmp_path, **MALFORMED_DOCS[case])
+    with pytest.raises(CheckpointError):
+        Checkpointer(tmp_path, {"seed": 1}).load()
+
+
+def test_arrays_file_outside_the_checkpoint_folder_is_refused(tmp_path):
+    """Even when the named file exists (with the right hash) outside the folder."""
+    ck_dir = tmp_path / "ck"
+    Checkpointer(ck_dir, {"seed": 1}).save(_state(3, 0.0))
+    (tmp_path / "state-r000003.npz").write_bytes((ck_dir / "state-r000003.npz").read_bytes())
+    _rewrite(ck_dir, arrays_file="../state-r000003.npz")
+    with pytest.raises(CheckpointError, match="arrays_file"):
+        Checkpointer(ck_dir, {"seed": 1}).load()
+
+
+@pytest.mark.parametrize("content", [b"", b"{", b"[1, 2]", b"null", b"\xff\xfe", b'{"format": "flwr-byzantine-checkpoint"}'])
+def test_unreadable_checkpoint_json_raises_checkpoint_error(tmp_path, content):
+    Checkpointer(tmp_path, {"seed": 1}).save(_state(3, 0.0))
+    (tmp_path / "checkpoint.json").write_bytes(content)
+    with pytest.raises(CheckpointError):
+        Checkpointer(tmp_path, {"seed": 1}).load()
+
+
+@pytest.mark.parametrize("payload", ["truncated", "not-a-zip", "nan-model", "complex-model", "pickled"])
+def test_malformed_array_files_raise_checkpoint_error(tmp_path, payload):
+    Checkpointer(tmp_path, {"seed": 1}).save(_state(3, 0.0))
+    npz = tmp_path / "state-r000003.npz"
+    if payload == "truncated":
+        npz.write_bytes(npz.read_bytes()[:100])
+    elif payload == "not-a-zip":
+        npz.write_bytes(b"garbage" * 10)
+    else:
+        w = {"nan-model": np.full((3, 4), np.nan, np.float32), "complex-model": np.ones((3, 4), np.complex64),
+             "pickled": np.array([{"a": 1}], dtype=object)}[payload]
+        with npz.open("wb") as fh:
+            np.savez(fh, model_0=w, model_1=np.arange(3.0), strategy_0=np.ones(5))
+    _rewrite(tmp_path, arrays_sha256=_rehash(tmp_path, npz.name))  # a consistent hash: the content is the problem
+    with pytest.raises(CheckpointError):
+        Checkpointer(tmp_path, {"seed": 1}).load()
+
+
+def test_wrong_size_clipping_centre_is_rejected_not_replaced(tmp_path):
+    """A clipping centre that does not fit the model is a CheckpointError, not silently the median."""
+    from flwr_byzantine.aggregators import make_aggregator
+
+    def strategy():
+        return RobustSGD(aggregator=make_aggregator("cclip", momentum=0.5), learning_rate=0.3, seed=1)
+
+    nodes = range(1, 8)
+    with pytest.raises(KeyboardInterrupt):
+        strategy().start(CrashingGrid(nodes, honest_handler(), crash_round=3), model_record(), num_rounds=5,
+                         checkpoint=Checkpointer(tmp_path, {}))
+    doc = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert doc["strategy_array_keys"] == ["aggregator/centre"]
+    npz = tmp_path / doc["arrays_file"]
+    with np.load(npz) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["strategy_0"] = np.ones(arrays["strategy_0"].size + 1)
+    with npz.open("wb") as fh:
+        np.savez(fh, **arrays)
+    _rewrite(tmp_path, arrays_sha256=_rehash(tmp_path, npz.name))
+    with pytest.raises(CheckpointError, match="centre"):
+        strategy().start(FakeGrid(nodes, honest_handler()), model_record(), num_rounds=5,
+                         checkpoint=Checkpointer(tmp_path, {}))
+
+
+def test_aggregator_state_roundtrip_by_explicit_names():
+    from flwr_byzantine.aggregators import make_aggregator
+
+    agg = make_aggregator("nnm", inner="cclip", num_byzantine=1, inner_params={"momentum": 0.5})
+    agg.aggregate(np.random.default_rng(0).normal(size=(6, 4)))
+    state, arrays = agg.state_dict()
+    assert state == {"inner": {"centre_given": False}} and sorted(arrays) == ["inner/centre"]
+    fresh = make_aggregator("nnm", inner="cclip", num_byzantine=1, inner_params={"momentum": 0.5})
+    fresh.load_state_dict(state, arrays, dim=4)
+    np.testing.assert_array_equal(fresh.inner.centre, arrays["inner/centre"])
+    with pytest.raises(ValueError, match="stateless"):
+        make_aggregator("mean").load_state_dict({"x": 1}, {})
+    with pytest.raises(ValueError):
+        fresh.load_state_dict({"inner": {"centre_given": False}}, {"inner/centre": np.full(4, np.nan)}, dim=4)
 
 
 # ----------------------------------------------------------------------------- strategy resume
@@ -309,8 +435,10 @@ def test_resume_restores_stateful_aggregators(tmp_path):
         first.start(CrashingGrid(nodes, _attacked_handler(1), crash_round=4), model_record(), num_rounds=6,
                     checkpoint=Checkpointer(tmp_path, {}))
     doc = json.loads((tmp_path / "checkpoint.json").read_text())
-    assert any("numpy-bit-generator-state" in str(v) for v in doc["strategy"]["aggregator_state"].values())
-    assert doc["strategy_array_keys"] == ["aggregator.inner._centre"]
+    # explicit state_dict() names, not attribute names
+    assert doc["strategy"]["aggregator_state"]["permutation_rng"]["bit_generator"] == "PCG64"
+    assert doc["strategy"]["aggregator_state"]["inner"] == {"centre_given": False}
+    assert doc["strategy_array_keys"] == ["aggregator/inner/centre"]
     res = strategy().start(FakeGrid(nodes, _attacked_handler(1)), model_record(), num_rounds=6,
                            checkpoint=Checkpointer(tmp_path, {}))
     for key in ("w", "b"):

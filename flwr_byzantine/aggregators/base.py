@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -83,6 +84,26 @@ class Aggregator(ABC):
     @abstractmethod
     def _aggregate(self, updates: ArrayLike) -> AggregationResult:
         """Rule-specific aggregation of a validated ``(R, d)`` array."""
+
+    # ------------------------------------------------------------ state (checkpoints)
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The rule's mutable state as ``(JSON-serialisable part, arrays by name)``.
+
+        The names are part of the checkpoint format, chosen explicitly by each stateful
+        rule (never derived from attribute names).  Stateless rules (the default) return
+        two empty dicts.
+        """
+        return {}, {}
+
+    def load_state_dict(self, state: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
+                        *, dim: int | None = None) -> None:
+        """Restore :meth:`state_dict`'s output; ``dim`` is the input dimension d the state must fit.
+
+        Raises ``ValueError`` on state that does not belong to this rule or does not fit.
+        """
+        if state or arrays:
+            raise ValueError(f"{type(self).__name__} is stateless, but the checkpoint holds state "
+                             f"{sorted(state)} / arrays {sorted(arrays)}")
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in sorted(vars(self).items()) if not k.startswith("_"))

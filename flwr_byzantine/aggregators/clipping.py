@@ -11,6 +11,9 @@ inputs move little between rounds, so the previous output is a good centre).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
 from .._backend import ArrayLike, is_torch, to_numpy64, weighted_sum
@@ -127,6 +130,30 @@ class CenteredClipping(Aggregator):
         else:
             self._centre = None
         self._centre_given = centre is not None
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """``({"centre_given": bool}, {"centre": v}`` if a centre is held, else ``{}``)."""
+        arrays = {} if self._centre is None else {"centre": to_numpy64(self._centre)}
+        return {"centre_given": bool(self._centre_given)}, arrays
+
+    def load_state_dict(self, state: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
+                        *, dim: int | None = None) -> None:
+        """Restore the centre; it must be a finite 1-D vector of length ``dim`` (when given)."""
+        unknown = sorted(set(state) - {"centre_given"}) + sorted(set(arrays) - {"centre"})
+        if unknown:
+            raise ValueError(f"unknown centred-clipping state {unknown}")
+        given = state.get("centre_given", False)
+        if not isinstance(given, bool):
+            raise ValueError(f"centre_given must be a bool, got {given!r}")
+        if "centre" not in arrays:
+            self._centre, self._centre_given = None, False
+            return
+        centre = np.asarray(arrays["centre"])
+        if centre.ndim != 1 or not np.issubdtype(centre.dtype, np.floating) or not np.isfinite(centre).all():
+            raise ValueError(f"clipping centre must be a finite 1-D float vector, got {centre.dtype}{centre.shape}")
+        if dim is not None and centre.shape != (dim,):
+            raise ValueError(f"clipping centre has {centre.size} entries, the inputs have d={dim}")
+        self._centre, self._centre_given = centre.copy(), given
 
     def _aggregate(self, updates: ArrayLike) -> AggregationResult:
         R, d = updates.shape

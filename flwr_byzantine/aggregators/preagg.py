@@ -11,6 +11,7 @@ median, this keeps that meaning).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,16 @@ try:
     import torch
 except ImportError:  # pragma: no cover - torch is a hard dependency of the project
     torch = None  # type: ignore[assignment]
+
+
+def _load_inner(inner: Aggregator, state: Any, arrays: Mapping[str, np.ndarray], dim: int | None) -> None:
+    """Restore a wrapper's inner rule from its ``inner/``-prefixed arrays."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"inner rule state must be a mapping, got {type(state).__name__}")
+    stray = sorted(k for k in arrays if not k.startswith("inner/"))
+    if stray:
+        raise ValueError(f"unknown arrays {stray} in a pre-aggregation wrapper's state")
+    inner.load_state_dict(state, {k[len("inner/"):]: v for k, v in arrays.items()}, dim=dim)
 
 
 def _build_inner(inner: Aggregator | str, inner_params: dict[str, Any] | None) -> Aggregator:
@@ -96,6 +107,29 @@ class Bucketing(Aggregator):
         self._rng = np.random.default_rng(self.seed)
         if hasattr(self.inner, "reset"):
             self.inner.reset()
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The permutation generator's state and the inner rule's state (arrays ``inner/<name>``)."""
+        inner, inner_arrays = self.inner.state_dict()
+        state = {"permutation_rng": self._rng.bit_generator.state, "inner": inner}
+        return state, {f"inner/{k}": v for k, v in inner_arrays.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
+                        *, dim: int | None = None) -> None:
+        """Restore the generator (same bit generator kind) and the inner rule (on the bucket means, also d)."""
+        unknown = sorted(set(state) - {"permutation_rng", "inner"})
+        if unknown:
+            raise ValueError(f"unknown bucketing state {unknown}")
+        rng_state = state.get("permutation_rng")
+        if not isinstance(rng_state, Mapping) or rng_state.get("bit_generator") != type(self._rng.bit_generator).__name__:
+            raise ValueError("bucketing state lacks a matching 'permutation_rng'")
+        rng = np.random.default_rng()
+        try:
+            rng.bit_generator.state = dict(rng_state)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"bucketing permutation_rng state is malformed: {exc}") from None
+        _load_inner(self.inner, state.get("inner", {}), arrays, dim)
+        self._rng = rng
 
     def buckets(self, R: int) -> list[np.ndarray]:
         """Draw the next permutation and split it into buckets (advances the generator)."""
@@ -178,6 +212,19 @@ class NearestNeighborMixing(Aggregator):
         """Reset a stateful inner rule (NNM itself has no state)."""
         if hasattr(self.inner, "reset"):
             self.inner.reset()
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The inner rule's state (NNM itself has none; arrays ``inner/<name>``)."""
+        inner, inner_arrays = self.inner.state_dict()
+        return {"inner": inner}, {f"inner/{k}": v for k, v in inner_arrays.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
+                        *, dim: int | None = None) -> None:
+        """Restore the inner rule (it aggregates the mixed inputs, also of dimension d)."""
+        unknown = sorted(set(state) - {"inner"})
+        if unknown:
+            raise ValueError(f"unknown nnm state {unknown}")
+        _load_inner(self.inner, state.get("inner", {}), arrays, dim)
 
     def mixing_matrix(self, updates: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
         """``(A, neighbours)``: the row-stochastic mixing matrix and each row's ``R - f`` neighbours."""

@@ -240,6 +240,10 @@ class RobustStrategy(Strategy):
     def _extra_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         return {}, {}
 
+    def _aggregator_dim(self, model_dim: int) -> int:
+        """Dimension of the vectors the aggregator receives for a model of ``model_dim`` scalars."""
+        return model_dim
+
     def _load_extra_state(self, state: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
         """Restore what :meth:`_extra_state` returned."""
 
@@ -488,14 +492,15 @@ class RobustStrategy(Strategy):
 
         The JSON part holds the node sampler's RNG state, the history of round
         reports, the subclass's settings (e.g. randk's seed: K_t is a function of
-        the seed and the round) and the aggregator's scalar private state; the
-        array part its array-valued private state (e.g. a centred-clipping
-        momentum) and the subclass's arrays (e.g. the server momentum).
+        the seed and the round) and the aggregator's :meth:`~Aggregator.state_dict`;
+        the array part the aggregator's arrays (``aggregator/<name>``, e.g. a
+        centred-clipping centre) and the subclass's arrays (``strategy.<name>``,
+        e.g. the server momentum).  Every name is chosen explicitly by the part
+        that owns the state: the file format does not depend on attribute names.
         """
         version, internal, gauss = self._rng.getstate()
-        agg_scalars: dict[str, Any] = {}
-        agg_arrays: dict[str, np.ndarray] = {}
-        _capture_state(self.aggregator, "aggregator", agg_scalars, agg_arrays)
+        agg_scalars, agg_state_arrays = self.aggregator.state_dict()
+        agg_arrays = {f"aggregator/{k}": np.asarray(v) for k, v in agg_state_arrays.items()}
         extra, extra_arrays = self._extra_state()
         state = {
             "rng_state": [version, list(internal), gauss],
@@ -507,8 +512,17 @@ class RobustStrategy(Strategy):
         }
         return state, {**agg_arrays, **{f"strategy.{k}": v for k, v in extra_arrays.items()}}
 
-    def load_state_dict(self, state: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> None:
-        """Restore what :meth:`state_dict` returned (raises :class:`CheckpointMismatch` if incompatible)."""
+    def load_state_dict(self, state: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None,
+                        *, dim: int | None = None) -> None:
+        """Restore what :meth:`state_dict` returned.
+
+        ``dim``: the aggregator's input dimension (model size, or k with randk), which
+        array state such as a clipping centre must match.  Raises :class:`CheckpointMismatch`
+        if the state belongs to another configuration and :class:`CheckpointError` if it
+        is malformed.
+        """
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"checkpoint strategy state must be a mapping, got {type(state).__name__}")
         arrays = dict(arrays or {})
         if state.get("aggregator") != type(self.aggregator).__name__:
             raise CheckpointMismatch(f"checkpoint was written with aggregator {state.get('aggregator')!r}, "
@@ -522,9 +536,19 @@ class RobustStrategy(Strategy):
             streak = int(state.get("invalid_streak", 0))
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint strategy state is malformed: {exc}") from exc
+        agg_state = state.get("aggregator_state", {})
+        agg_arrays = {k[len("aggregator/"):]: v for k, v in arrays.items() if k.startswith("aggregator/")}
+        stray = sorted(k for k in arrays if not k.startswith(("aggregator/", "strategy.")))
+        try:
+            if stray:
+                raise ValueError(f"unknown state arrays {stray}")
+            if not isinstance(agg_state, Mapping):
+                raise ValueError(f"aggregator_state must be a mapping, got {type(agg_state).__name__}")
+            self.aggregator.load_state_dict(agg_state, agg_arrays, dim=dim)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint aggregator state is unusable: {exc}") from exc
         self.history = history
         self.invalid_streak = streak
-        _restore_state(self.aggregator, "aggregator", dict(state.get("aggregator_state", {})), arrays)
 
     # ------------------------------------------------------------ main loop
     def start(
@@ -577,7 +601,8 @@ class RobustStrategy(Strategy):
                     f"model's {ArrayLayout.of(initial_arrays)}")
             if state.server_round > num_rounds:
                 raise CheckpointMismatch(f"checkpoint is at round {state.server_round}, beyond num_rounds={num_rounds}")
-            self.load_state_dict(state.strategy, state.strategy_arrays)
+            self.load_state_dict(state.strategy, state.strategy_arrays,
+                                 dim=self._aggregator_dim(ArrayLayout.of(state.arrays).size))
             result = state.result
             arrays = state.arrays
             first_round = state.server_round + 1
@@ -637,54 +662,6 @@ class RobustStrategy(Strategy):
             log(INFO, "\t%s", line.strip("\n"))
         log(INFO, "")
         return result
-
-
-def _capture_state(obj: Any, prefix: str, scalars: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-    """Collect the mutable private state of an aggregator (and of aggregators it wraps).
-
-    Private attributes (``_name``) that are JSON scalars go to ``scalars``, numpy
-    arrays / torch tensors to ``arrays``, numpy Generators and ``random.Random``
-    as their (JSON) RNG state; public attributes that are aggregators are visited
-    recursively (e.g. the inner rule of bucketing).  Keys are ``prefix.attr``.
-    """
-    for key, val in getattr(obj, "__dict__", {}).items():
-        name = f"{prefix}.{key}"
-        if isinstance(val, Aggregator):
-            _capture_state(val, name, scalars, arrays)
-        elif not key.startswith("_"):
-            continue
-        elif val is None or isinstance(val, (bool, int, float, str)):
-            scalars[name] = val
-        elif isinstance(val, np.ndarray):
-            arrays[name] = val
-        elif isinstance(val, np.random.Generator):
-            scalars[name] = {"numpy-bit-generator-state": val.bit_generator.state}
-        elif isinstance(val, random.Random):
-            version, internal, gauss = val.getstate()
-            scalars[name] = {"python-random-state": [version, list(internal), gauss]}
-        elif hasattr(val, "detach") and hasattr(val, "cpu"):  # torch tensor
-            arrays[name] = val.detach().cpu().numpy()
-        else:
-            raise CheckpointError(f"cannot checkpoint aggregator state {name} of type {type(val).__name__}")
-
-
-def _restore_state(obj: Any, prefix: str, scalars: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
-    """Inverse of :func:`_capture_state` (only keys below ``prefix`` are used)."""
-    for key, val in list(getattr(obj, "__dict__", {}).items()):
-        name = f"{prefix}.{key}"
-        if isinstance(val, Aggregator):
-            _restore_state(val, name, scalars, arrays)
-        elif name in arrays:
-            setattr(obj, key, np.array(arrays[name]))
-        elif name in scalars:
-            saved = scalars[name]
-            if isinstance(saved, dict) and "numpy-bit-generator-state" in saved and isinstance(val, np.random.Generator):
-                val.bit_generator.state = saved["numpy-bit-generator-state"]
-            elif isinstance(saved, dict) and "python-random-state" in saved and isinstance(val, random.Random):
-                version, internal, gauss = saved["python-random-state"]
-                val.setstate((int(version), tuple(int(v) for v in internal), gauss))
-            else:
-                setattr(obj, key, saved)
 
 
 def _float_or_nan(val: Any) -> float:

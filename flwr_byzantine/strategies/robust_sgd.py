@@ -214,6 +214,10 @@ class RobustSGD(RobustStrategy):
         """The randk settings (K_t is a function of the seed and the round, so that is all randk needs)."""
         return {"compression": self._compression_state()}, {}
 
+    def _aggregator_dim(self, model_dim: int) -> int:
+        """With randk the aggregator decodes k values per client."""
+        return model_dim if self.compression is None else int(self.compression.k_for(model_dim))
+
     def _load_extra_state(self, state, arrays) -> None:
         comp = self._compression_state()
         if state.get("compression") != comp:
