@@ -1,155 +1,167 @@
-"""A real Flower deployment on loopback: SuperLink, 4 SuperNodes (one malicious by node config), `flwr run`.
+"""Real Flower deployments on loopback: SuperLink, SuperNodes (some malicious by node config), `flwr run`.
 
-Slow (real processes; every round starts one ClientApp process per SuperNode):
-run with ``pytest -m slow tests/test_deployment.py``; about 2 minutes on 2 cores.
+Slow (real processes; every round starts one ClientApp process per SuperNode): run with
+``python -m pytest -m slow tests/test_deployment.py``; a few minutes on 2 cores.
 
-The commands are the ones of ``docs/deployment.md``, with free ports on 127.0.0.1,
-an isolated ``FLWR_HOME`` whose ``config.toml`` names the SuperLink connection,
-and ``--insecure`` (TLS is described in the docs).  The run's final status comes
-from ``flwr ls --run-id N --format json`` (``flwr run`` returns as soon as the run
-is submitted).  Every process started here is stopped in ``finally`` (SIGTERM to
-its process group and descendants, then SIGKILL).
+The processes are started by :class:`flwr_byzantine.deploy.local.LocalDeployment` with the
+commands of ``docs/deployment.md``: free ports on 127.0.0.1, an isolated ``FLWR_HOME``
+whose ``config.toml`` names the connection, the venv's ``bin`` on ``PATH``.  A run's
+final status comes from ``flwr ls --run-id N --format json``.  Every process started
+here is stopped at the end (SIGTERM to its process group and descendants, then SIGKILL)
+and the test checks that none is left.
+
+* the malicious node (by node config) is exactly the filtered one, by node id;
+* a SuperNode killed with SIGKILL costs a round at most ``reply-timeout`` (plus the
+  Grid's 3 s polling), is an erasure of its own node id, and its restart rejoins;
+* the SuperLink killed with SIGKILL and restarted: the same ``flwr run`` resumes from
+  the checkpoint and ends with the model of an uninterrupted run;
+* TLS and SuperNode authentication: registered nodes run the federation, a SuperNode
+  with an unregistered key or without a key is refused.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from test_checkpoint import _descendants
+from flwr_byzantine.deploy.certs import make_node_key, make_tls
+from flwr_byzantine.deploy.local import LocalDeployment, load_model, read_results
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-NUM_NODES = 4
-MALICIOUS_PARTITION = 2
-ROUNDS = 3
+#: Grid polling (flwr's HTTP Grid sleeps 3 s between pulls) and scheduling slack on a loaded machine.
+POLL_SLACK = 6.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _deployment(tmp_path: Path, **kw) -> LocalDeployment:
+    return LocalDeployment(tmp_path / "deploy", ROOT, env={"FLWR_BYZANTINE_CACHE": str(tmp_path / "cache")}, **kw)
 
 
-def _signal_tree(proc: subprocess.Popen, pids: list[int], sig: int) -> None:
-    for pid in [proc.pid, *pids]:
-        try:
-            if pid == proc.pid:
-                os.killpg(pid, sig)  # the process group we created (start_new_session=True)
-            else:
-                os.kill(pid, sig)  # descendants that left our group
-        except (ProcessLookupError, PermissionError):
-            pass
+def _start(dep: LocalDeployment, num: int, malicious: tuple[int, ...] = (), keys=None) -> None:
+    dep.start_superlink()
+    for i in range(num):
+        cfg = {"partition-id": i, "num-partitions": num}
+        if i in malicious:
+            cfg.update({"malicious": True, "attack": "scaled-negative"})
+        dep.add_node(i, cfg, key=None if keys is None else keys[i])
+        dep.start_node(i)
 
 
-def stop_all(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
-    """SIGTERM every process we started and its descendants, wait ``grace`` s, then SIGKILL the rest."""
-    trees = {p.pid: _descendants(p.pid) for p in procs}
-    for proc in procs:
-        _signal_tree(proc, trees[proc.pid], signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            pass
-    for proc in procs:
-        _signal_tree(proc, trees[proc.pid] + _descendants(proc.pid), signal.SIGKILL)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def flwr(env, *args, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "flwr"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def _assert_all_stopped(dep: LocalDeployment) -> None:
+    dep.close()
+    assert dep.pids() == [], dep.pids()
 
 
 @pytest.mark.slow
 def test_superlink_supernodes_flwr_run_filters_the_malicious_node(tmp_path):
-    home, out, logs = tmp_path / "flwr-home", tmp_path / "out", tmp_path / "logs"
-    home.mkdir()
-    logs.mkdir()
-    port = free_port()  # the SuperLink's HTTP port: Fleet, Control and Runtime APIs (flwr 1.41)
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    procs: list[subprocess.Popen] = []
-
-    def start(name: str, cmd: list[str]) -> subprocess.Popen:
-        fh = (logs / f"{name}.log").open("wb")
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        procs.append(proc)
-        return proc
-
-    def all_logs() -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(logs.iterdir()))
-
+    num, malicious, rounds = 4, 2, 3
+    dep = _deployment(tmp_path)
     try:
-        start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--isolation", "subprocess",
-                            "--host", "127.0.0.1", "--port", str(port)])
-        for pid in range(NUM_NODES):
-            node_config = f"partition-id={pid} num-partitions={NUM_NODES}"
-            if pid == MALICIOUS_PARTITION:
-                node_config += " malicious=true attack='scaled-negative'"
-            start(f"supernode{pid}", [str(BIN / "flower-supernode"), "--insecure",
-                                      "--superlink", f"127.0.0.1:{port}",
-                                      "--host", "127.0.0.1", "--port", str(free_port()),
-                                      "--node-config", node_config])
-
-        # wait until all SuperNodes are registered and online
-        deadline = time.monotonic() + 120
-        online = 0
-        while time.monotonic() < deadline:
-            assert all(p.poll() is None for p in procs), all_logs()
-            ls = flwr(env, "supernode", "ls", "loopback", "--format", "json")
-            if ls.returncode == 0 and "{" in ls.stdout:
-                nodes = json.loads(ls.stdout[ls.stdout.index("{"):]).get("nodes", [])
-                online = sum(n.get("status") == "online" for n in nodes)
-                if online >= NUM_NODES:
-                    break
-            time.sleep(2)
-        assert online == NUM_NODES, all_logs()
-
-        run_cfg = f"num-server-rounds={ROUNDS} num-malicious=0 aggregator='rge' output-dir='{out}'"
-        started = flwr(env, "run", ".", "loopback", "--format", "json", "--run-config", run_cfg, timeout=300)
-        assert started.returncode == 0, started.stdout + started.stderr
-        run_id = json.loads(started.stdout[started.stdout.index("{"):])["run-id"]
-
-        status = ""
-        deadline = time.monotonic() + 420
-        while time.monotonic() < deadline:
-            ls = flwr(env, "ls", "loopback", "--run-id", str(run_id), "--format", "json")
-            if ls.returncode == 0 and "{" in ls.stdout:
-                runs = json.loads(ls.stdout[ls.stdout.index("{"):]).get("runs", [])
-                status = runs[0].get("status", "") if runs else ""
-                if status.startswith("finished"):
-                    break
-            time.sleep(3)
-        assert status == "finished:completed", status + all_logs()
-
-        files = list(out.glob("*.json"))
-        assert len(files) == 1, (files, all_logs())
-        res = json.loads(files[0].read_text())
-        assert res["num_nodes"] == NUM_NODES and len(res["rounds"]) == ROUNDS
-        assert res["filtered_partitions"] == [MALICIOUS_PARTITION]
+        _start(dep, num, (malicious,))
+        dep.wait_online(num, timeout=180)
+        out = tmp_path / "out"
+        run_id, _, _ = dep.run_and_wait("filter", {"num-server-rounds": rounds, "num-malicious": 0,
+                                                   "aggregator": "rge"}, out, timeout=600)
+        res = read_results(out, run_id)
+        bad = dep.node_ids()[malicious]  # by node config, not by what a client claims
+        assert res["num_nodes"] == num and len(res["rounds"]) == rounds
+        assert res["filtered_partitions"] == [malicious]
         for rep in res["rounds"]:
-            assert rep["applied"] and len(rep["accepted"]) == NUM_NODES
-            assert [rep["partition_ids"][str(n)] for n in rep["filtered"]] == [MALICIOUS_PARTITION]
+            assert rep["applied"] and len(rep["accepted"]) == num
+            assert rep["filtered"] == [bad]
         assert (out / res["model_file"]).is_file()
     finally:
-        stop_all(procs)
-        for proc in procs:
-            assert proc.poll() is not None
+        _assert_all_stopped(dep)
+
+
+@pytest.mark.slow
+def test_killed_supernode_costs_at_most_the_reply_timeout_and_rejoins(tmp_path):
+    num, victim, timeout, rounds = 4, 3, 15.0, 6
+    dep = _deployment(tmp_path)
+    try:
+        _start(dep, num)
+        dep.wait_online(num, timeout=180)
+        old_id = dep.node_ids()[victim]
+        out = tmp_path / "out"
+        events = [(1, lambda: dep.kill_node(victim) or "killed"), (3, lambda: dep.start_node(victim) and "restarted")]
+        run_id, _, log = dep.run_and_wait("churn", {"num-server-rounds": rounds, "num-malicious": 0,
+                                                    "checkpoint": True, "reply-timeout": timeout},
+                                          out, timeout=900, events=events)
+        assert [e["event"] for e in log] == ["killed", "restarted"]
+        res = read_results(out, run_id)
+        new_id = dep.node_ids()[victim]
+        for rep in res["rounds"]:
+            assert rep["reply_seconds"] <= timeout + POLL_SLACK, rep
+            assert rep["rejection_counts"].get("sender", 0) == 0, rep["rejected"]  # no "foreign sender" filings
+            assert set(rep["rejected"]) <= {str(old_id), str(new_id)}, rep["rejected"]
+        assert str(old_id) in res["rounds"][1]["rejected"]  # round 2: the killed node is an erasure
+        assert any(new_id in rep["accepted"] for rep in res["rounds"][3:]), [r["accepted"] for r in res["rounds"]]
+        assert all(rep["applied"] for rep in res["rounds"])
+    finally:
+        _assert_all_stopped(dep)
+
+
+@pytest.mark.slow
+def test_superlink_kill_and_resume_ends_with_the_uninterrupted_model(tmp_path):
+    num, rounds = 3, 4
+    cfg = {"num-server-rounds": rounds, "num-malicious": 0, "checkpoint": True, "reply-timeout": 120.0}
+    dep = _deployment(tmp_path, database=tmp_path / "superlink.db")
+    try:
+        _start(dep, num)
+        dep.wait_online(num, timeout=180)
+        ref_out, out = tmp_path / "reference", tmp_path / "crashed"
+        ref_id, _, _ = dep.run_and_wait("reference", cfg, ref_out, timeout=600)
+        _, _, log = dep.run_and_wait("crash", cfg, out, timeout=600, crash=(2, lambda: dep.kill_superlink() or "killed"))
+        assert log[-1]["event"] == "killed"
+        dep.start_superlink()  # same port and database; the SuperNodes reconnect by themselves
+        dep.wait_online(num, timeout=180)
+        run_id, _, _ = dep.run_and_wait("resume", cfg, out, timeout=600)
+        ref, res = read_results(ref_out, ref_id), read_results(out, run_id)
+        assert res["resumed_from_round"] >= 2 and len(res["rounds"]) == rounds
+        for rep in ref["rounds"] + res["rounds"]:  # no erasure in either run: the comparison is exact
+            assert rep["applied"] and not rep["rejected"], rep["rejected"]
+        ref_model, model = load_model(ref_out, ref), load_model(out, res)
+        assert sorted(model) == sorted(ref_model)
+        for key in model:
+            np.testing.assert_array_equal(model[key], ref_model[key])
+    finally:
+        _assert_all_stopped(dep)
+
+
+@pytest.mark.slow
+def test_tls_and_supernode_auth_refuse_unknown_nodes(tmp_path):
+    num = 3
+    tls = make_tls(tmp_path / "certs")
+    keys = [make_node_key(tmp_path / "certs" / "keys" / f"supernode-{i}") for i in range(num + 1)]
+    dep = _deployment(tmp_path, tls=tls, supernode_auth=True)
+    try:
+        dep.start_superlink()
+        for i in range(num):  # authorise the first three keys only
+            reg = dep.register(keys[i][1])
+            for _ in range(10):  # the SuperLink may still be starting
+                if reg.returncode == 0:
+                    break
+                time.sleep(3)
+                reg = dep.register(keys[i][1])
+            assert reg.returncode == 0, reg.stdout + reg.stderr
+        for i in range(num):
+            dep.add_node(i, {"partition-id": i, "num-partitions": num}, key=keys[i][0])
+            dep.start_node(i)
+        dep.add_node(num, {"partition-id": 0, "num-partitions": num}, key=keys[num][0])  # unregistered key
+        dep.add_node(num + 1, {"partition-id": 1, "num-partitions": num})  # no key at all
+        intruders = [dep.start_node(num), dep.start_node(num + 1)]
+        dep.wait_online(num, timeout=180)
+        for proc in intruders:
+            assert proc.wait(timeout=120) != 0  # refused: the SuperNode exits
+        assert len(dep.node_list()) == num  # registered keys only
+        superlink_log = "".join(p.read_text(errors="replace") for p in dep.logs.glob("superlink.*.log"))
+        assert "No SuperNode found with the given public key" in superlink_log
+        out = tmp_path / "out"
+        run_id, _, _ = dep.run_and_wait("tls", {"num-server-rounds": 2, "num-malicious": 0}, out, timeout=600)
+        res = read_results(out, run_id)
+        assert res["num_nodes"] == num
+        assert all(rep["applied"] and len(rep["accepted"]) == num for rep in res["rounds"])
+    finally:
+        _assert_all_stopped(dep)

@@ -94,3 +94,17 @@ def test_error_reply_to_an_unknown_message_stays_a_foreign_sender():
     rep = strategy.history[-1]
     assert rep.rejection_counts["sender"] == 1 and 1 in rep.rejected
     assert len(rep.accepted) == len(NODES)
+
+
+def test_round_report_records_the_seconds_spent_waiting_for_replies():
+    import time
+
+    def slow(msg):
+        time.sleep(0.05)
+        return honest_handler()(msg)
+
+    strategy = RobustSGD(aggregator=RGE(), learning_rate=0.5, seed=0)
+    strategy.start(FakeGrid(NODES, slow), model_record(), num_rounds=1, timeout=5.0)
+    rep = strategy.history[0]
+    assert rep.reply_seconds >= 0.05 * len(NODES)
+    assert rep.as_dict()["reply_seconds"] == rep.reply_seconds

@@ -100,6 +100,9 @@ class RoundReport:
     partition_ids: dict[int, int] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     rejection_counts: dict[str, int] = field(default_factory=dict)
+    #: Seconds from configuring the round to having screened its replies (waiting for the
+    #: nodes included, the decode not: see ``decode_seconds``).
+    reply_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly view (node ids as strings in the rejection map)."""
@@ -201,6 +204,7 @@ class RobustStrategy(Strategy):
         self._bytes_down = 0
         self._sent: dict[int, Message] = {}
         self._eval_sampled: list[int] = []
+        self._round_t0 = time.perf_counter()
         #: Round the last :meth:`start` resumed from (None: started fresh).
         self.resumed_from: int | None = None
 
@@ -267,6 +271,7 @@ class RobustStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Broadcast x_t with the round's config (and the subclass's records) to the sampled nodes."""
+        self._round_t0 = time.perf_counter()
         layout = self._layout = ArrayLayout.of(arrays)
         self._x = layout.flatten(arrays, np.float64)
         self._sampled = self._sample(grid, self.fraction_train, self.min_train_nodes)
@@ -330,7 +335,7 @@ class RobustStrategy(Strategy):
             kept=[], filtered=[], rejected=dict(screened.rejected), decode_seconds=0.0,
             statistic=float("nan"), threshold=float("nan"), update_norm=0.0, learning_rate=lr,
             bytes_up=screened.bytes_up, bytes_down=self._bytes_down, applied=False, partition_ids=partitions,
-            rejection_counts=screened.counts(),
+            rejection_counts=screened.counts(), reply_seconds=time.perf_counter() - self._round_t0,
         )
         if len(screened.vectors) < self.min_valid_replies:
             log(WARNING, "round %d: only %d valid replies (< min-valid-replies=%d); model left unchanged",

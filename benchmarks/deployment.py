@@ -1,0 +1,232 @@
+"""Deployment benchmark: a real SuperLink + N SuperNodes on 127.0.0.1, with node crashes and a SuperLink crash.
+
+One command (the venv's ``bin`` goes on ``PATH`` by itself, see
+:mod:`flwr_byzantine.deploy.local`)::
+
+    nice -n 5 python -m benchmarks.deployment [--nodes 20] [--attackers 4] [--rounds 5] [--out DIR]
+
+It starts a SuperLink (``--insecure``, state in an SQLite ``--database``) and
+``--nodes`` SuperNodes; the first ``--attackers`` partitions are malicious by node
+config (``malicious=true attack='scaled-negative'``, so the server is told
+nothing: run config ``num-malicious=0``).  Three runs of the default App
+(``num-server-rounds = --rounds``, ``checkpoint = true``, ``reply-timeout =
+--reply-timeout``) follow on the same deployment:
+
+1. ``reference``: uninterrupted;
+2. ``node-churn``: after round 1 ``--kill`` honest SuperNodes are killed with
+   SIGKILL, after round 3 they are started again (new node ids, same node config);
+3. ``superlink-restart``: after round 2 the SuperLink (with its SuperExec and
+   ServerApp processes) is killed with SIGKILL, started again on the same port and
+   database, and the same ``flwr run`` resumes from the checkpoint.
+
+Recorded (``deployment.json`` and ``deployment.png`` in ``--out``, default
+``benchmarks/results``): start-up time (SuperLink start until every SuperNode is
+online), per run the wall time from ``flwr run`` to ``finished:completed``, the
+ServerApp's own per-round seconds (``reply_seconds`` + ``decode_seconds``), the
+erasures (rejections by kind) per round, the filtered nodes against the malicious
+ones (node ids from each SuperNode's log, i.e. from node config, not from what a
+client claims), the peak PSS and RSS summed over every process of the deployment
+(``/proc/PID/smaps_rollup``, sampled every second) and the final model of each
+run (``superlink-restart`` against ``reference``: maximum absolute difference).
+Every process is started in its own process group and killed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flwr_byzantine.deploy.local import LocalDeployment, MemorySampler, load_model, read_results
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+GIB = 1024.0**3
+
+
+def summarise(res: dict[str, Any], malicious_ids: set[int], wall: float) -> dict[str, Any]:
+    """Per-round view of a results file: seconds, erasures, filtered vs malicious nodes."""
+    rounds = []
+    for rep in res["rounds"]:
+        counts = {k: v for k, v in rep.get("rejection_counts", {}).items() if v}
+        rounds.append({
+            "round": rep["server_round"],
+            "seconds": round(float(rep.get("reply_seconds", 0.0)) + float(rep["decode_seconds"]), 3),
+            "decode_seconds": round(float(rep["decode_seconds"]), 4),
+            "sampled": len(rep["sampled"]), "accepted": len(rep["accepted"]),
+            "erasures": counts,
+            "filtered_node_ids": sorted(int(n) for n in rep["filtered"]),
+            "filtered_exactly_the_attackers": set(int(n) for n in rep["filtered"]) == malicious_ids,
+            "accepted_node_ids": sorted(int(n) for n in rep["accepted"]),
+        })
+    return {
+        "run_id": res["run_id"], "wall_seconds_flwr_run_to_finished": round(wall, 2),
+        "server_wall_seconds": round(float(res["wall_seconds"]), 2),
+        "rounds_seconds_sum": round(sum(r["seconds"] for r in rounds), 2),
+        "final_accuracy": res["final_accuracy"], "resumed_from_round": res["resumed_from_round"],
+        "rounds": rounds,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=20)
+    parser.add_argument("--attackers", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--kill", type=int, default=3, help="honest SuperNodes killed in the node-churn run")
+    parser.add_argument("--reply-timeout", type=float, default=30.0, help="run config reply-timeout (s)")
+    parser.add_argument("--phases", default="reference,node-churn,superlink-restart")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--workdir", type=Path, default=None, help="logs and state (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    phases = [p for p in args.phases.split(",") if p]
+    if args.rounds < 5 and {"node-churn", "superlink-restart"} & set(phases):
+        parser.error("the node-churn and superlink-restart runs need --rounds >= 5")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="flwr-byz-deploy-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    attackers = list(range(args.attackers))
+    run_config = {"num-server-rounds": args.rounds, "num-malicious": 0, "checkpoint": True,
+                  "reply-timeout": args.reply_timeout}
+    report: dict[str, Any] = {
+        "command": "nice -n 5 python -m benchmarks.deployment " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "nodes": args.nodes, "attackers_partitions": attackers, "rounds": args.rounds,
+        "reply_timeout": args.reply_timeout, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                                          "platform": platform.platform()},
+        "runs": {},
+    }
+    dep = LocalDeployment(workdir, ROOT, database=workdir / "superlink.db",
+                          env={"FLWR_BYZANTINE_CACHE": str(workdir / "partition-cache")})
+    try:
+        with MemorySampler(dep) as mem:
+            t0 = time.monotonic()
+            dep.start_superlink()
+            for i in range(args.nodes):
+                cfg: dict[str, Any] = {"partition-id": i, "num-partitions": args.nodes}
+                if i in attackers:
+                    cfg.update({"malicious": True, "attack": "scaled-negative"})
+                dep.add_node(i, cfg)
+                dep.start_node(i)
+            dep.wait_online(args.nodes, timeout=600)
+            report["startup_seconds"] = round(time.monotonic() - t0, 2)
+            print(f"{args.nodes} SuperNodes online after {report['startup_seconds']} s", flush=True)
+            honest = [i for i in range(args.nodes) if i not in attackers]
+            victims = honest[-args.kill:] if args.kill else []
+            models: dict[str, dict[str, np.ndarray]] = {}
+
+            for phase in phases:
+                out_dir = workdir / f"out-{phase}"
+                events: list[tuple[int, Any]] = []
+                crash = None
+                if phase == "node-churn":
+                    def kill_victims() -> str:
+                        for i in victims:
+                            dep.kill_node(i)
+                        return f"killed SuperNodes {victims} (SIGKILL)"
+
+                    def restart_victims() -> str:
+                        for i in victims:
+                            dep.start_node(i)
+                        return f"restarted SuperNodes {victims}"
+                    events = [(1, kill_victims), (3, restart_victims)]
+                if phase == "superlink-restart":
+                    def crash_superlink() -> str:
+                        dep.kill_superlink()
+                        return "killed the SuperLink (SIGKILL, with its SuperExec and ServerApp)"
+                    crash = (2, crash_superlink)
+                malicious_ids = {dep.node_ids()[i] for i in attackers}
+                run_id, wall, log = dep.run_and_wait(phase, run_config, out_dir, timeout=900, events=events,
+                                              crash=crash)
+                if phase == "superlink-restart":
+                    # the first run died with the SuperLink; start it again and resume the same run config
+                    t_restart = time.monotonic()
+                    dep.start_superlink()
+                    dep.wait_online(args.nodes, timeout=600)
+                    online_after = time.monotonic() - t_restart
+                    first_wall = wall
+                    run_id, wall, _ = dep.run_and_wait(phase + "-resume", run_config, out_dir, timeout=900)
+                    log.append({"event": f"SuperLink restarted, {args.nodes} SuperNodes online after "
+                                         f"{online_after:.1f} s, same flwr run resumed",
+                                "first_run_seconds_until_crash": round(first_wall, 2)})
+                res = read_results(out_dir, run_id)
+                models[phase] = load_model(out_dir, res)
+                summary = summarise(res, malicious_ids, wall)
+                summary["events"] = log
+                summary["malicious_node_ids"] = sorted(malicious_ids)
+                summary["peak_pss_gib_so_far"] = round(mem.peak_pss / GIB, 3)
+                if phase == "node-churn":
+                    ids_now = dep.node_ids()
+                    summary["restarted_node_ids"] = sorted(ids_now[i] for i in victims)
+                    after = [r for r in summary["rounds"] if r["round"] > 3]  # restarted after round 3
+                    summary["restarted_nodes_rejoined"] = all(
+                        any(ids_now[i] in r["accepted_node_ids"] for r in after) for i in victims)
+                    killed = [r for r in summary["rounds"] if 1 < r["round"] <= 3]
+                    summary["max_round_seconds_while_killed"] = max((r["seconds"] for r in killed), default=0.0)
+                    malicious_ids = {ids_now[i] for i in attackers}
+                report["runs"][phase] = summary
+                print(json.dumps({k: v for k, v in summary.items() if k != "rounds"}, default=str), flush=True)
+            if "reference" in models:
+                for phase, model in models.items():
+                    if phase != "reference":
+                        diff = max(float(np.max(np.abs(model[k] - models["reference"][k]))) for k in model)
+                        report["runs"][phase]["max_abs_diff_to_reference_model"] = diff
+        report["peak_pss_gib"] = round(mem.peak_pss / GIB, 3)
+        report["peak_rss_gib"] = round(mem.peak_rss / GIB, 3)
+        report["peak_processes"] = mem.peak_processes
+    finally:
+        dep.close()
+    report["left_running"] = dep.pids()
+    ref = report["runs"].get("reference")
+    if ref:
+        report["targets"] = {
+            "completes": True,
+            "exactly_the_attackers_filtered_every_round": all(r["filtered_exactly_the_attackers"] for r in ref["rounds"]),
+            "rounds_within_120_s": ref["wall_seconds_flwr_run_to_finished"] <= 120.0,
+            "peak_pss_within_6_gib": report["peak_pss_gib"] <= 6.0,
+        }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "deployment.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    plot(report, args.out / "deployment.png")
+    print(json.dumps({k: report.get(k) for k in ("startup_seconds", "peak_pss_gib", "peak_rss_gib", "targets")}))
+    return report
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Seconds per round of every run (bars), erasures marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["runs"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(len(runs), 1)
+    for j, (name, run) in enumerate(runs.items()):
+        xs = [r["round"] + (j - (len(runs) - 1) / 2) * width for r in run["rounds"]]
+        ys = [r["seconds"] for r in run["rounds"]]
+        ax.bar(xs, ys, width=width, label=name)
+        for x, r in zip(xs, run["rounds"]):
+            n = sum(r["erasures"].values())
+            if n:
+                ax.annotate(f"{n} eras.", (x, 0), xytext=(0, 2), textcoords="offset points", ha="center",
+                            rotation=90, fontsize=7)
+    ax.axhline(report["reply_timeout"], color="grey", ls=":", lw=1, label="reply-timeout")
+    ax.set_xlabel("server round")
+    ax.set_ylabel("seconds (ServerApp: replies + decode)")
+    ax.set_title(f"{report['nodes']} SuperNodes ({len(report['attackers_partitions'])} attackers) on "
+                 f"{report['machine']['cpus']} cores; peak {report.get('peak_pss_gib', float('nan')):.2f} GiB PSS")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

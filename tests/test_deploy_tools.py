@@ -1,0 +1,114 @@
+"""Deployment tooling without a deployment: certificates, keys, process cleanup, memory, log parsing."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import stat
+import sys
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
+
+from flwr_byzantine.deploy.certs import main as certs_main
+from flwr_byzantine.deploy.certs import make_node_key, make_tls
+from flwr_byzantine.deploy.local import (
+    BIN,
+    LocalDeployment,
+    checkpoint_round,
+    format_node_config,
+    process_memory,
+)
+
+
+def test_tls_files_form_a_chain_for_loopback(tmp_path):
+    files = make_tls(tmp_path, hosts=("127.0.0.1", "localhost", "edge.example"))
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)  # raises if the CA did not sign it
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert ipaddress.ip_address("127.0.0.1") in san.get_values_for_type(x509.IPAddress)
+    assert {"localhost", "edge.example"} <= set(san.get_values_for_type(x509.DNSName))
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    key = load_pem_private_key(files.server_key.read_bytes(), None)
+    assert key.public_key().public_numbers() == server.public_key().public_numbers()
+    assert stat.S_IMODE(os.stat(files.server_key).st_mode) == 0o600
+
+
+def test_node_keys_are_what_flower_node_auth_reads(tmp_path):
+    from flwr.cli.supernode.register import try_load_public_key
+
+    priv, pub = make_node_key(tmp_path / "keys" / "supernode-0")
+    key = load_ssh_private_key(priv.read_bytes(), None)  # as flower-supernode --auth-supernode-private-key
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert try_load_public_key(pub)  # as flwr supernode register (NIST curve check included)
+    assert stat.S_IMODE(os.stat(priv).st_mode) == 0o600
+    other = make_node_key(tmp_path / "keys" / "supernode-1")[1]
+    assert other.read_bytes() != pub.read_bytes()
+
+
+def test_certs_command_line(tmp_path, capsys):
+    certs_main(["--out", str(tmp_path), "--nodes", "2"])
+    assert {p.name for p in tmp_path.iterdir()} == {"ca.crt", "ca.key", "server.pem", "server.key", "keys"}
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == [
+        "supernode-0", "supernode-0.pub", "supernode-1", "supernode-1.pub"]
+    assert "server.pem" in capsys.readouterr().out
+
+
+def test_deployment_environment_and_config(tmp_path):
+    dep = LocalDeployment(tmp_path, tmp_path)
+    assert dep.env["PATH"].split(os.pathsep)[0] == str(BIN)  # flower-superexec is found by name
+    assert (BIN / "flower-superexec").exists() and BIN == __import__("pathlib").Path(sys.executable).parent
+    conf = (tmp_path / "flwr-home" / "config.toml").read_text()
+    assert f'address = "{dep.address}"' in conf and "insecure = true" in conf
+    tls = make_tls(tmp_path / "certs")
+    conf = (LocalDeployment(tmp_path / "t", tmp_path, tls=tls).home / "config.toml").read_text()
+    assert f'root-certificates = "{tls.ca_cert}"' in conf and "insecure" not in conf
+    with pytest.raises(ValueError, match="TLS"):
+        LocalDeployment(tmp_path / "u", tmp_path, supernode_auth=True)
+
+
+def test_close_kills_every_process_group_and_descendant(tmp_path):
+    dep = LocalDeployment(tmp_path, tmp_path)
+    script = "import subprocess, time; subprocess.Popen(['sleep', '300']); time.sleep(300)"
+    procs = [dep._spawn(f"p{i}", [sys.executable, "-c", script]) for i in range(2)]  # noqa: SLF001
+    import time
+
+    deadline = time.monotonic() + 30
+    while len(dep.pids()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(dep.pids()) == 4  # two pythons, two sleeps
+    pss, rss, n = dep.memory()
+    assert n == 4 and 0 < pss <= rss
+    dep.close(grace=2)
+    assert dep.pids() == [] and all(p.poll() is not None for p in procs)
+
+
+def test_process_memory_of_self_and_of_a_missing_process():
+    pss, rss = process_memory(os.getpid())
+    assert 0 < pss <= rss
+    assert process_memory(2**22 + 12345) == (0, 0)
+
+
+def test_node_ids_come_from_each_supernodes_latest_log(tmp_path):
+    dep = LocalDeployment(tmp_path, tmp_path)
+    dep.add_node(0, {"partition-id": 0})
+    dep.add_node(1, {"partition-id": 1})
+    (dep.logs / "supernode0.1.log").write_text("INFO : SuperNode ID: 111\n")
+    (dep.logs / "supernode0.2.log").write_text("INFO : SuperNode ID: 222\n")
+    (dep.logs / "supernode1.1.log").write_text("connection failed\n")
+    assert dep.node_ids() == {0: 222}
+
+
+def test_checkpoint_round_and_node_config_format(tmp_path):
+    assert checkpoint_round(tmp_path) == 0
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "checkpoint.json").write_text(json.dumps({"server_round": 3}))
+    assert checkpoint_round(tmp_path) == 3
+    (tmp_path / "checkpoint" / "checkpoint.json").write_text("{half")
+    assert checkpoint_round(tmp_path) == 0
+    assert format_node_config({"partition-id": 2, "malicious": True, "attack": "alie", "lr": 0.5}) == \
+        "partition-id=2 malicious=true attack='alie' lr=0.5"
