@@ -49,7 +49,7 @@ def is_torch(x: Any) -> bool:
 LARGE_ENERGY = float(np.finfo(np.float32).max) / 64
 
 
-def check_matrix(updates: ArrayLike, *, widen_large: bool = False) -> ArrayLike:
+def check_matrix(updates: ArrayLike, *, widen_large: bool = False, screen: bool = True) -> ArrayLike:
     """Validate the aggregator input: a 2-D real floating array ``(R, d)`` with R >= 1.
 
     Integer inputs are converted to float64 (numpy) / float32 (torch); complex input
@@ -59,6 +59,8 @@ def check_matrix(updates: ArrayLike, *, widen_large: bool = False) -> ArrayLike:
     entries near the float32 maximum, say) is returned as float64, so that the rules'
     sums and squares cannot overflow; the caller casts the estimate back.  The check
     is one reduction (a dot product) unless that reduction is not finite or large.
+    With ``screen=False`` only the shape and dtype are checked: the caller screens a
+    reduction it computes anyway (:func:`screened_mean`), saving that pass.
     """
     if is_torch(updates):
         if updates.ndim != 2 or updates.shape[0] < 1:
@@ -67,6 +69,8 @@ def check_matrix(updates: ArrayLike, *, widen_large: bool = False) -> ArrayLike:
             raise ValueError("aggregator input is complex; expected real floating point")
         if not torch.is_floating_point(updates):
             updates = updates.float()
+        if not screen:
+            return updates
         flat = updates.reshape(-1)
         energy = float(torch.dot(flat, flat))
         if not np.isfinite(energy) or energy > LARGE_ENERGY:
@@ -82,6 +86,8 @@ def check_matrix(updates: ArrayLike, *, widen_large: bool = False) -> ArrayLike:
         raise ValueError(f"aggregator input is complex ({arr.dtype}); expected real floating point")
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float64)
+    if not screen:
+        return arr
     flat = arr.reshape(-1)
     with np.errstate(over="ignore", invalid="ignore"):
         energy = float(np.dot(flat, flat))
@@ -91,6 +97,32 @@ def check_matrix(updates: ArrayLike, *, widen_large: bool = False) -> ArrayLike:
         if widen_large and arr.dtype.itemsize < 8:
             arr = arr.astype(np.float64)
     return arr
+
+
+def screened_mean(updates: ArrayLike) -> tuple[ArrayLike, ArrayLike]:
+    """Row mean of a shape-checked ``(R, d)`` array, screening the input for NaN/Inf on the mean.
+
+    A NaN or Inf entry always makes its column's mean non-finite, so a finite mean proves
+    the input finite without a second pass.  A non-finite mean triggers the elementwise
+    scan: NaN/Inf entries raise ``ValueError``; finite entries whose sum overflowed the
+    input dtype (float32 near 3e38) are widened to float64 and averaged again.  Returns
+    ``(updates, mean)``, ``updates`` possibly widened (the caller casts its estimate back
+    with :func:`restore_dtype`).
+    """
+    mean = mean_rows(updates)
+    if is_torch(mean):
+        if bool(torch.isfinite(mean).all()):
+            return updates, mean
+        if not bool(torch.isfinite(updates).all()):
+            raise ValueError("aggregator input contains NaN or Inf")
+        wide = updates.double()
+    else:
+        if np.isfinite(mean).all():
+            return updates, mean
+        if not np.isfinite(updates).all():
+            raise ValueError("aggregator input contains NaN or Inf")
+        wide = updates.astype(np.float64)
+    return wide, mean_rows(wide)
 
 
 def restore_dtype(estimate: ArrayLike, like: ArrayLike) -> ArrayLike:

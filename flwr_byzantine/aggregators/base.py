@@ -65,6 +65,9 @@ class Aggregator(ABC):
 
     #: Short registry name (``"rge"``, ``"mean"``, ...).
     name: str = "base"
+    #: True for rules whose :meth:`_aggregate` starts with the row mean anyway and screens the
+    #: input on it (:func:`~flwr_byzantine._backend.screened_mean`): one pass over the data fewer.
+    screens_finiteness: bool = False
 
     def aggregate(self, updates: ArrayLike) -> AggregationResult:
         """Aggregate the rows of ``updates`` (shape ``(R, d)``).
@@ -73,9 +76,9 @@ class Aggregator(ABC):
         3e38, whose sums and squares overflow) are aggregated in float64 and the
         estimate is cast back to the input dtype (:func:`check_matrix` ``widen_large``).
         """
-        checked = check_matrix(updates, widen_large=True)
+        checked = check_matrix(updates, widen_large=True, screen=not self.screens_finiteness)
         result = self._aggregate(checked)
-        if checked is not updates:
+        if checked is not updates or self.screens_finiteness:
             result.estimate = restore_dtype(result.estimate, updates)
         return result
 

@@ -7,7 +7,10 @@ down-weights ``c_i <- (1 - tau_i / tau_max) c_i`` (line 6), removes points with
 (line 5).  It returns the plain mean of the surviving points (line 12).
 
 Everything after one centred Gram product (O(d R^2), chunked, in the input's
-framework and device) happens on R x R matrices; no d x d matrix is formed.
+framework and device) happens on R x R matrices; no d x d matrix is formed.  With
+``sketch_dim`` the Gram matrix is that of a server-private sketch of the rows
+(:mod:`.sketch`, two streaming passes instead of ``O(d R^2)``); the estimate is still
+the exact mean of the surviving rows.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ import time
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from .._backend import ArrayLike, centred_gram, subset_mean
+from .._backend import ArrayLike, centred_gram, screened_mean, subset_mean, to_numpy64
 from .base import AggregationResult, Aggregator
 from .saddle import capped_simplex_cap, solve_saddle
 from .sigma import estimate_sigma0_sq
+from .sketch import sketched_centred_gram
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +64,13 @@ class RGE(Aggregator):
         The constant of the stopping rule ``sum_i c_i tau_i <= threshold_factor * R * sigma_0^2``
         (Algorithm 3 line 5 uses 4, the default).  Smaller values filter more aggressively and
         may drop honest points on clean data; ``benchmarks/robustness.py`` measures the trade-off.
+    sketch_dim:
+        ``None`` (default): the exact centred Gram matrix.  An integer ``m``: when ``d > 2 m``
+        the filter runs on the Gram matrix of a length-``m`` sketch of the rows
+        (:func:`~flwr_byzantine.aggregators.sketch.sketched_centred_gram`, fresh server-private
+        signs every call); the estimate is the exact mean of the surviving rows.
+    seed:
+        Seed of the sketch's generator (``None``: fresh OS entropy); only used with ``sketch_dim``.
     """
 
     name = "rge"
@@ -71,6 +82,8 @@ class RGE(Aggregator):
         tol_rel: float = 1e-3,
         max_solver_iter: int = 3000,
         threshold_factor: float = 4.0,
+        sketch_dim: int | None = None,
+        seed: int | None = None,
     ) -> None:
         if not 0.0 <= eps_tilde <= 0.25:
             raise ValueError(f"eps_tilde must be in [0, 1/4] (alpha = 1 - eps_tilde >= 3/4), got {eps_tilde}")
@@ -85,16 +98,35 @@ class RGE(Aggregator):
         if not (np.isfinite(threshold_factor) and threshold_factor > 0):
             raise ValueError(f"threshold_factor must be a positive finite number, got {threshold_factor}")
         self.threshold_factor = float(threshold_factor)
+        if sketch_dim is not None and (isinstance(sketch_dim, bool) or int(sketch_dim) != sketch_dim or sketch_dim < 4):
+            raise ValueError(f"sketch_dim must be an integer >= 4 or None, got {sketch_dim!r}")
+        self.sketch_dim = None if sketch_dim is None else int(sketch_dim)
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
+
+    #: The row mean, computed once for the centring, screens the input for NaN/Inf.
+    screens_finiteness = True
 
     def _aggregate(self, updates: ArrayLike) -> AggregationResult:
         t0 = time.perf_counter()
-        gram, scale = centred_gram(updates, with_scale=True)
+        updates, mean = screened_mean(updates)
+        R, d = updates.shape
+        sketched = self.sketch_dim is not None and d > 2 * self.sketch_dim
+        if sketched:
+            gram = sketched_centred_gram(updates, self.sketch_dim, self._rng)
+            mean64 = to_numpy64(mean)
+            scale = float(np.trace(gram) + R * float(mean64 @ mean64))
+        else:
+            gram, scale = centred_gram(updates, with_scale=True, mean=mean)
         t_gram = time.perf_counter() - t0
         eps_dtype = float(np.finfo(np.float32 if str(updates.dtype).endswith(("float32", "float16", "bfloat16"))
                                    else np.float64).eps)
         # The R x R loop is latency-bound: BLAS threads only add contention there.
         with _single_thread_blas():
-            return self.filter_gram(gram, updates, t_gram=t_gram, noise_floor=10.0 * eps_dtype * scale)
+            res = self.filter_gram(gram, None, t_gram=t_gram, noise_floor=10.0 * eps_dtype * scale)
+        res.estimate = mean if res.kept.size == R else subset_mean(updates, res.kept)
+        res.info["sketch_dim"] = self.sketch_dim if sketched else None
+        return res
 
     def filter_gram(
         self,

@@ -84,8 +84,39 @@ def project_capped_simplex(V: np.ndarray, cap: float) -> np.ndarray:
     return np.ascontiguousarray(project_capped_rows(np.ascontiguousarray(np.asarray(V, dtype=np.float64).T), cap).T)
 
 
-#: Rows of at most this length are projected by one sort of their breakpoints; longer ones by bisection.
-_SORT_PROJ_MAX = 64
+def _newton_shift(V: np.ndarray, cap: float, max_iter: int = 100) -> np.ndarray:
+    """Root ``t`` of ``s(t) = sum_i clip(V[r, i] - t, 0, cap) = 1`` for every row: safeguarded Newton.
+
+    ``s`` is piecewise linear and non-increasing with slope ``-#{free entries}``, so a Newton
+    step lands on the root as soon as it is taken on the root's linear piece; steps that
+    leave the bracket ``[lo, hi]`` (kept with ``s(lo) >= 1 > s(hi)``) are replaced by
+    bisection.  A handful of passes instead of a fixed 45-step bisection.
+    """
+    lo = V.min(axis=1) - cap  # s(lo) = n cap >= 1
+    hi = V.max(axis=1)  # s(hi) = 0 < 1
+    t = (V.sum(axis=1) - 1.0) / V.shape[1]  # the root when nothing is clipped
+    t = np.clip(t, lo, hi)
+    todo = np.arange(V.shape[0])
+    for _ in range(max_iter):
+        X = V[todo] - t[todo, None]
+        free = (X > 0.0) & (X < cap)
+        s = np.clip(X, 0.0, cap).sum(axis=1)
+        n_free = np.count_nonzero(free, axis=1)
+        tt, ll, hh = t[todo], lo[todo], hi[todo]
+        done = np.abs(s - 1.0) <= 1e-14 * np.maximum(1.0, n_free)
+        big = s > 1.0
+        ll = np.where(big, tt, ll)
+        hh = np.where(big, hh, tt)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            step = tt + (s - 1.0) / n_free
+        bad = (n_free == 0) | ~(step > ll) | ~(step < hh)
+        tt = np.where(done, tt, np.where(bad, 0.5 * (ll + hh), step))
+        t[todo], lo[todo], hi[todo] = tt, ll, hh
+        done |= (hh - ll) <= 1e-15 * np.maximum(np.abs(hh), 1.0)
+        todo = todo[~done]
+        if todo.size == 0:
+            break
+    return t
 
 
 def project_capped_rows(V: np.ndarray, cap: float) -> np.ndarray:
@@ -93,40 +124,14 @@ def project_capped_rows(V: np.ndarray, cap: float) -> np.ndarray:
 
     The projection of a row ``v`` is ``clip(v - t, 0, cap)`` with the shift ``t``
     solving ``s(t) = sum_i clip(v_i - t, 0, cap) = 1``; ``s`` is piecewise linear and
-    non-increasing with breakpoints ``{v_i - cap} U {v_i}`` (its slope drops by one at
-    every ``v_i - cap`` and rises by one at every ``v_i``).  For ``n <= 64`` one sort of
-    the ``2n`` breakpoints of every row gives ``s`` at all of them by a cumulative sum,
-    hence the linear piece holding the root (no iteration); longer rows bracket the
-    root by vectorised bisection.  Either way ``t`` is finally solved for exactly on
-    the identified free set.  Requires ``n * cap >= 1`` (non-empty set).
+    non-increasing, and safeguarded Newton steps (:func:`_newton_shift`, vectorised over
+    rows) find its root in a few passes.  ``t`` is finally solved for exactly on the
+    identified free set.  Requires ``n * cap >= 1`` (non-empty set).
     """
     m, n = V.shape
     if n * cap < 1.0 - 1e-12:
         raise ValueError(f"capped simplex is empty: n={n}, cap={cap}")
-    if n <= _SORT_PROJ_MAX:
-        bp = np.concatenate([V - cap, V], axis=1)  # (m, 2n) breakpoints
-        order = np.argsort(bp, axis=1)
-        bps = np.take_along_axis(bp, order, axis=1)
-        slope = np.cumsum(np.where(order < n, -1.0, 1.0), axis=1)  # slope of s right of each breakpoint
-        s = np.empty_like(bps)
-        s[:, 0] = 0.0
-        np.cumsum(slope[:, :-1] * np.diff(bps, axis=1), axis=1, out=s[:, 1:])
-        s += n * cap
-        # last breakpoint with s >= 1 (s is non-increasing, s[:, 0] = n cap >= 1, s[:, -1] = 0)
-        k = np.maximum(np.count_nonzero(s >= 1.0, axis=1) - 1, 0)
-        rows = np.arange(m)
-        sk, slk, bk = s[rows, k], slope[rows, k], bps[rows, k]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            t = np.where(slk < 0, bk + (sk - 1.0) / -slk, bk)
-    else:
-        lo = V.min(axis=1) - cap  # every entry clipped to cap -> sum = n*cap >= 1
-        hi = V.max(axis=1)  # every entry clipped to 0 -> sum = 0 < 1
-        for _ in range(45):
-            mid = 0.5 * (lo + hi)
-            big = np.clip(V - mid[:, None], 0.0, cap).sum(axis=1) > 1.0
-            lo = np.where(big, mid, lo)
-            hi = np.where(big, hi, mid)
-        t = 0.5 * (lo + hi)
+    t = _newton_shift(V, cap)
     # exact shift on the free set identified by t (removes the round-off of the search)
     X = V - t[:, None]
     upper = X >= cap
