@@ -175,7 +175,8 @@ def weighted_sum(updates: ArrayLike, weights: np.ndarray) -> ArrayLike:
     return weights.astype(updates.dtype, copy=False) @ updates
 
 
-def centred_gram(updates: ArrayLike, chunk: int = GRAM_CHUNK, *, with_scale: bool = False):
+def centred_gram(updates: ArrayLike, chunk: int = GRAM_CHUNK, *, with_scale: bool = False,
+                 mean: ArrayLike | None = None):
     """Gram matrix of the rows after subtracting their mean, as float64 ``(R, R)``.
 
     ``K = (G - 1 gbar^T)(G - 1 gbar^T)^T`` computed in chunks of ``chunk``
@@ -188,11 +189,13 @@ def centred_gram(updates: ArrayLike, chunk: int = GRAM_CHUNK, *, with_scale: boo
 
     With ``with_scale=True`` returns ``(K, scale)`` where ``scale = sum_i ||g_i||^2``
     of the *uncentred* rows (``trace(K) + R ||gbar||^2``): the magnitude against
-    which rounding noise of the inputs is measured.
+    which rounding noise of the inputs is measured.  ``mean`` is the row mean when the
+    caller has it already (it saves one pass over the data).
     """
     n, d = updates.shape
     gram = np.zeros((n, n), dtype=np.float64)
-    mean = mean_rows(updates)
+    if mean is None:
+        mean = mean_rows(updates)
     for start in range(0, d, chunk):
         block = updates[:, start : start + chunk] - mean[start : start + chunk]
         prod = block @ block.T
