@@ -351,3 +351,91 @@ def test_app_server_and_clients_in_different_modes_fail_the_run():
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(RunFailed, match=r"2 consecutive rounds.*replies carry 'arrays': use RobustFedAvg"):
         run_federation(grid, context, cfg)
+
+
+# ----------------------------------------------------------------------------- `flwr run`: the failed status
+
+MISMATCH_APP = '''
+import sys
+sys.path.insert(0, {tests!r})
+from flwr.app import ArrayRecord
+from flwr.serverapp import ServerApp
+from flwr_byzantine.strategies import RobustSGD
+import quickstart_app as qa
+
+client = qa.build_client_app(local_epochs=1)
+server = ServerApp()
+
+
+@server.main()
+def main(grid, context):
+    RobustSGD(learning_rate=0.5, max_invalid_rounds=2).start(
+        grid=grid, initial_arrays=ArrayRecord(qa.new_model().state_dict()), num_rounds=5)
+'''
+
+MISMATCH_PYPROJECT = '''
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "mismatch-app"
+version = "1.0.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "flwr-byzantine-tests"
+
+[tool.flwr.app.components]
+serverapp = "mismatch:server"
+clientapp = "mismatch:client"
+
+[tool.flwr.app.config]
+num-server-rounds = 5
+'''
+
+
+@pytest.mark.slow
+def test_flwr_run_with_wrong_reply_format_ends_as_failed_with_the_fix(tmp_path):
+    """`flwr run` of a ServerApp with RobustSGD and a quickstart (weights) ClientApp: finished:failed + message."""
+    import socket
+    import time
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "mismatch.py").write_text(MISMATCH_APP.format(tests=str(ROOT / "tests")))
+    (app_dir / "pyproject.toml").write_text(MISMATCH_PYPROJECT)
+    home = tmp_path / "flwr-home"
+    flwr = str(Path(sys.executable).parent / "flwr")
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_TELEMETRY_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+    try:
+        started = subprocess.run([flwr, "run", ".", "--format", "json", "--federation-config", "num-supernodes=4"],
+                                 cwd=app_dir, env=env, capture_output=True, text=True, timeout=300)
+        assert started.returncode == 0, started.stdout + started.stderr
+        run_id = json.loads(started.stdout[started.stdout.index("{"):])["run-id"]
+        status, deadline = "timeout", time.monotonic() + 420
+        while time.monotonic() < deadline:
+            ls = subprocess.run([flwr, "ls", "--run-id", str(run_id), "--format", "json"],
+                                cwd=app_dir, env=env, capture_output=True, text=True, timeout=60)
+            if ls.returncode == 0:
+                run = json.loads(ls.stdout[ls.stdout.index("{"):])["runs"][0]
+                if run["status"].startswith("finished"):
+                    status = f"{run['status']}:{run['status-details']}"
+                    break
+            time.sleep(3)
+        assert status.startswith("finished:failed"), status
+        assert "replies carry 'arrays': use RobustFedAvg" in status, status
+    finally:  # stop the local SuperLink this test started (its command line names our FLWR_HOME)
+        pids = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            subprocess.run(["kill", pid], check=False)
