@@ -29,8 +29,11 @@ depends on the kind of attack (see ``docs/attacks.md``):
   or ``partition-id mod f`` (deployment).  The attack is seeded by the run seed
   only and called with the round, so colluders agree on every random choice
   (``gaussian`` gives each colluder its own row of one shared draw).
-  ``defence-aware`` targets the run config's ``aggregator`` (with ``eps-tilde``
-  and ``sigma0``), simulated on the ``n_est + f`` rows the attacker knows.
+  ``defence-aware`` targets the run config's ``aggregator`` built as the ServerApp
+  builds it (``build_for_federation``: ``eps-tilde``, ``sigma0``, the per-rule caps
+  on f), simulated on the ``n_est`` estimates plus ``f'`` crafted rows, where ``f'``
+  keeps the simulated Byzantine share at most ``eps-tilde``
+  (:func:`simulated_byzantine_rows`).
   With randk the crafted vector is compressed exactly like an honest one.
 
 When run config ``adversary`` is ``'omniscient'`` every client
@@ -59,6 +62,7 @@ after the first round).
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Mapping
 
@@ -116,19 +120,31 @@ def colluders(cfg: RunConfig, node_config: Mapping[str, Any], partition_id: int,
     return f, partition_id % f
 
 
-def _defence_aggregator(cfg: RunConfig, num_rows: int):
-    """The run config's aggregator, as the defence-aware attacker simulates it on ``num_rows`` rows."""
-    from flwr_byzantine.aggregators import make_aggregator  # scipy.linalg: only this attack pays for it
+def simulated_byzantine_rows(eps_tilde: float, num_estimates: int, num_byzantine: int) -> int:
+    """Byzantine rows a defence-aware attacker adds to its ``num_estimates`` honest estimates.
 
-    f = int(math.floor(cfg.eps_tilde * num_rows))
-    params: dict[str, Any] = {
-        "rge": {"eps_tilde": cfg.eps_tilde, "sigma0": cfg.sigma0},
-        "trimmed-mean": {"num_trim": f},
-        "krum": {"num_byzantine": f},
-        "multi-krum": {"num_byzantine": f, "num_selected": max(num_rows - f, 1)},
-        "bulyan": {"num_byzantine": f},
-    }.get(cfg.aggregator, {})
-    return make_aggregator(cfg.aggregator, **params)
+    The simulated federation must have the Byzantine share the defence is configured
+    for: the largest ``f' <= num_byzantine`` with ``f' / (num_estimates + f') <=
+    eps_tilde``, at least 1.  (Adding all ``f`` colluders to 8 estimates simulated a
+    33 % share; the gamma found there was so large that the real server screened the
+    rows out, i.e. the attack degenerated into an erasure.)
+    """
+    eps = min(max(float(eps_tilde), 0.0), 0.5)
+    cap = int(math.floor(eps * num_estimates / (1.0 - eps) + 1e-9))
+    return max(1, min(int(num_byzantine), cap))
+
+
+def _defence_aggregator(cfg: RunConfig, num_rows: int):
+    """The run config's aggregator as the ServerApp builds it (:func:`build_for_federation`) for ``num_rows``."""
+    from flwr_byzantine.aggregators import build_for_federation  # scipy.linalg: only this attack pays for it
+
+    quiet = logging.getLogger("flwr_byzantine.aggregators")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the per-rule cap on f is the server's to report, not every attacker's
+    try:
+        return build_for_federation(cfg.aggregator, num_rows, cfg.eps_tilde, cfg.sigma0)
+    finally:
+        quiet.setLevel(level)
 
 
 def build_attack(name: str, cfg: RunConfig, partition_id: int, num_partitions: int | None = None,
@@ -140,7 +156,8 @@ def build_attack(name: str, cfg: RunConfig, partition_id: int, num_partitions: i
     seeded by the run seed only (colluders agree); data attacks by run seed and
     partition id (each client poisons its own data independently).  ALIE's
     ``z_max`` counts ``num_partitions`` workers; ``defence-aware`` targets the run
-    config's aggregator simulated on ``num_estimates + num_byzantine`` rows.
+    config's aggregator simulated on ``num_estimates + num_byzantine`` rows (pass
+    ``num_byzantine`` = :func:`simulated_byzantine_rows`, as the ClientApp does).
     """
     params: dict[str, Any] = {}
     if name in SCALE_PARAM and cfg.attack_scale > 0:
@@ -258,6 +275,8 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         if num_est < 1:
             raise ValueError(f"node config 'estimate-batches' must be >= 1, got {num_est}")
         f, row = colluders(cfg, node, pid, num) if attack_name else (0, 0)
+        if attack_name == "defence-aware":
+            f = simulated_byzantine_rows(cfg.eps_tilde, num_est, f)
         attack = build_attack(attack_name, cfg, pid, num, num_est, f) if attack_name else None
         metrics: dict[str, Any] = {"server-round": server_round, "partition-id": pid}
         if isinstance(attack, Erasure):  # erasure: a reply without any gradient, screened out by the server

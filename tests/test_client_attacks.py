@@ -200,3 +200,34 @@ def test_omniscient_mode_keeps_every_client_honest():
     assert _node_attack(cfg, {"malicious": True, "attack": "alie"}, 0, NUM) is None
     cfg.adversary = "client"
     assert _node_attack(cfg, {"malicious": True, "attack": "alie"}, 0, NUM) == "alie"
+
+
+def test_defence_aware_simulates_the_byzantine_share_of_eps_tilde():
+    from clients.client_app import simulated_byzantine_rows
+
+    assert simulated_byzantine_rows(0.25, 8, 4) == 2  # 2 / 10 <= 0.25 < 3 / 11
+    assert simulated_byzantine_rows(0.25, 8, 1) == 1
+    assert simulated_byzantine_rows(0.25, 3, 4) == 1  # at least one row
+    assert simulated_byzantine_rows(0.2, 8, 5) == 2
+    for eps in (0.05, 0.1, 0.2, 0.25):
+        for n in range(1, 20):
+            f = simulated_byzantine_rows(eps, n, 100)
+            assert f == 1 or f / (n + f) <= eps + 1e-12
+
+
+@pytest.mark.parametrize("aggregator", ["rge", "bulyan", "krum", "trimmed-mean", "cclip", "bucketing:cclip"])
+def test_defence_aware_row_is_accepted_by_the_defence_it_targets(aggregator):
+    """The crafted row passes the server's screening and sits inside the rule (no erasure, no crash)."""
+    from flwr_byzantine.aggregators import build_for_federation
+
+    rc = run_config(**{"aggregator": aggregator, "eps-tilde": 0.25, "num-malicious": 4})
+    row = flat(train({"malicious": True, "attack": "defence-aware"}, rc=rc))
+    E = estimates()
+    assert np.isfinite(row).all()
+    # not an absurd vector: far inside the server's size guard (1e6 x the median norm)
+    assert np.linalg.norm(row) < 1e3 * np.median(np.linalg.norm(E, axis=1))
+    if aggregator == "rge":
+        assert not np.allclose(row, E.mean(axis=0), atol=1e-5)
+        G = np.vstack([E] + [row[None, :]] * 2)  # 8 estimates + 2 crafted rows: a 20 % share <= eps-tilde
+        kept = build_for_federation("rge", len(G), 0.25).aggregate(G).kept.tolist()
+        assert {8, 9} <= set(kept)
