@@ -219,6 +219,17 @@ def test_evaluate_rounds_on_by_default_with_robust_median():
         1, model_record(), ConfigRecord(), FakeGrid(range(1, 6), None))) == []
 
 
+def test_fraction_train_zero_is_evaluation_only_as_in_fedavg():
+    def handler(msg):
+        assert msg.metadata.message_type == "evaluate", "no train message expected"
+        return Message(RecordDict({"metrics": MetricRecord({"eval_acc": 0.5})}), reply_to=msg)
+
+    s = RobustFedAvg(fraction_train=0.0, max_invalid_rounds=1)
+    result = s.start(grid=FakeGrid(range(1, 4), handler), initial_arrays=model_record(0.5), num_rounds=3)
+    np.testing.assert_array_equal(flat(result.arrays), 0.5)
+    assert sorted(result.evaluate_metrics_clientapp) == [1, 2, 3] and s.history == []
+
+
 def test_checkpoint_resume_keeps_the_momentum(tmp_path):
     handler = local_handler(target=1.0, step=0.5, noise=0.01, seed=4, bad={3})
 

@@ -172,8 +172,8 @@ class RobustStrategy(Strategy):
         weighted_by_key: str = "num-examples",
         seed: int = 0,
     ) -> None:
-        if not 0 < fraction_train <= 1 or not 0 <= fraction_evaluate <= 1:
-            raise ValueError("fraction_train must be in (0, 1] and fraction_evaluate in [0, 1]")
+        if not 0 <= fraction_train <= 1 or not 0 <= fraction_evaluate <= 1:
+            raise ValueError("fraction_train and fraction_evaluate must be in [0, 1]")
         if min_valid_replies < 1:
             raise ValueError("min_valid_replies must be >= 1")
         if max_invalid_rounds < 0 or int(max_invalid_rounds) != max_invalid_rounds:
@@ -274,6 +274,9 @@ class RobustStrategy(Strategy):
         self._round_t0 = time.perf_counter()
         layout = self._layout = ArrayLayout.of(arrays)
         self._x = layout.flatten(arrays, np.float64)
+        if self.fraction_train == 0.0:  # as FedAvg: federated training skipped (evaluation only)
+            self._sampled, self._sent = [], {}
+            return []
         self._sampled = self._sample(grid, self.fraction_train, self.min_train_nodes)
         cfg = ConfigRecord(dict(config))
         cfg["server-round"] = server_round
@@ -313,6 +316,8 @@ class RobustStrategy(Strategy):
         """
         if self._layout is None or self._x is None:
             log(WARNING, "aggregate_train called before configure_train; skipping round %d", server_round)
+            return None, None
+        if self.fraction_train == 0.0:
             return None, None
         screened = screen_replies(replies, self._sampled, self._expected_layout(), server_round,
                                   self._reply_policy(), sent_message_ids=self._sent_message_ids())

@@ -106,6 +106,9 @@ class RobustFedAvg(RobustStrategy):
         if fraction_evaluate == 0.0:
             min_evaluate_nodes = 0
             log(WARNING, "fraction_evaluate is set to 0.0. Federated evaluation will be skipped.")
+        if fraction_train == 0.0:
+            min_train_nodes = 0
+            log(WARNING, "fraction_train is set to 0.0. Federated training will be skipped.")
         super().__init__(
             aggregator, fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
             min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
