@@ -65,3 +65,29 @@ def test_update_algebra():
     for k in x:
         assert back[k].dtype == np.float32
         np.testing.assert_allclose(back[k], w[k], rtol=1e-6)
+
+
+def test_local_mode_attacker_reverses_its_estimated_update():
+    """client-mode='local': a scaled-negative attacker replies x_t - u with u = -10 mean_j (x_t - w_j)."""
+    from clients.client_app import local_training_weights
+    from flwr_byzantine.attacks import ScaledNegative, make_attack
+    from flwr_byzantine.config import RunConfig
+    from flwr_byzantine.seeds import ESTIMATE_BATCHES
+
+    cfg = RunConfig.from_mapping({"client-mode": "local", "local-epochs": 1, "client-lr": 0.2, "batch-size": 16})
+    X, y = load_partition("digits", 1, 10, 1.0, 0)
+    net = build_model("logreg", 64, 10, seed=0)
+    x = {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
+    honest, _ = local_training_weights(cfg, x, X, y, partition_id=1, server_round=3)
+    ref = train_locally("logreg", x, X, y, local_epochs=1, client_lr=0.2, batch_size=16, seed=[0, 1, 3])
+    assert all(np.array_equal(honest[k], ref.weights[k]) for k in x)
+
+    bad, _ = local_training_weights(cfg, x, X, y, 1, 3, ScaledNegative(scale=10.0, seed=0), num_byzantine=2,
+                                    row=1, num_estimates=3)
+    updates = [model_update(x, train_locally("logreg", x, X, y, local_epochs=1, client_lr=0.2, batch_size=16,
+                                             seed=[0, 1, 3, ESTIMATE_BATCHES, j]).weights) for j in range(3)]
+    for k in x:
+        expected = x[k] + 10.0 * np.mean([u[k] for u in updates], axis=0)
+        np.testing.assert_allclose(bad[k], expected, rtol=1e-5, atol=1e-6)
+    erased, _ = local_training_weights(cfg, x, X, y, 1, 3, make_attack("erasure"), 1, 0, num_estimates=2)
+    assert erased is None
