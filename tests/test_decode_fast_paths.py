@@ -138,3 +138,40 @@ def test_projection_kkt_long_rows(n):
             assert np.ptp(t) <= 1e-9 * max(1.0, np.abs(v).max())
             assert np.all(v[x <= 1e-12] <= t[0] + 1e-9 * max(1.0, np.abs(v).max()))
             assert np.all(v[x >= cap - 1e-12] - cap >= t[0] - 1e-9 * max(1.0, np.abs(v).max()))
+
+
+def _stable_window_counts(G: np.ndarray, positions) -> np.ndarray:
+    order = np.argsort(G, axis=0, kind="stable")
+    return np.bincount(order[positions].ravel(), minlength=G.shape[0])
+
+
+@pytest.mark.parametrize("R,b", [(9, 4), (10, 4), (12, 3), (7, 1)])
+def test_partition_window_usage_with_ties_matches_a_stable_sort(R, b):
+    """Rows tied at the window's edges are attributed as a stable column sort would (row-index order)."""
+    from flwr_byzantine.aggregators.coordinate import trimmed_window
+
+    rng = np.random.default_rng(R + b)
+    G = rng.integers(0, 4, size=(R, 300)).astype(np.float32)  # many ties
+    G[:, :50] = 1.0  # whole columns equal
+    est, counts = trimmed_window(G, b)
+    srt = np.sort(G, axis=0)
+    np.testing.assert_allclose(est, srt[b : R - b].mean(axis=0), rtol=1e-6)
+    np.testing.assert_array_equal(counts, _stable_window_counts(G, slice(b, R - b)))
+
+
+def test_bulyan_window_with_ties_matches_the_stable_definition():
+    from flwr_byzantine.aggregators.krum import _closest_to_median_mean
+
+    rng = np.random.default_rng(7)
+    for theta, beta in [(11, 3), (12, 4), (9, 5)]:
+        sub = rng.integers(0, 5, size=(theta, 200)).astype(np.float64)
+        est, counts = _closest_to_median_mean(sub, beta)
+        # reference: stable sort of the values, stable sort of the distances to the median
+        order = np.argsort(sub, axis=0, kind="stable")
+        vals = np.take_along_axis(sub, order, axis=0)
+        lo, hi = (theta - 1) // 2, theta // 2
+        dev = np.abs(vals - 0.5 * (vals[lo] + vals[hi]))
+        rows = np.argsort(dev, axis=0, kind="stable")[:beta]
+        np.testing.assert_allclose(est, np.take_along_axis(vals, rows, axis=0).mean(axis=0), rtol=1e-12)
+        ref = np.bincount(np.take_along_axis(order, rows, axis=0).ravel(), minlength=theta)
+        np.testing.assert_array_equal(counts, ref)

@@ -46,7 +46,7 @@ def _norm(vec: ArrayLike) -> float:
 
 
 def row_distances(updates: ArrayLike, centre: ArrayLike) -> np.ndarray:
-    """``||g_i - centre||`` for every row, accumulated in float64 over column chunks."""
+    """``||g_i - centre||`` for every row: per column chunk in the input dtype, chunks accumulated in float64."""
     R, d = updates.shape
     acc = np.zeros(R)
     for sl in column_chunks(R, d):
@@ -54,9 +54,8 @@ def row_distances(updates: ArrayLike, centre: ArrayLike) -> np.ndarray:
         if is_torch(diff):
             d64 = diff.to(torch.float64)
             acc += (d64 * d64).sum(dim=1).cpu().numpy()
-        else:
-            d64 = diff.astype(np.float64, copy=False)
-            acc += np.einsum("ij,ij->i", d64, d64)
+        else:  # squares summed in the input dtype within a chunk, chunks accumulated in float64
+            acc += np.einsum("ij,ij->i", diff, diff)
     return np.sqrt(acc)
 
 

@@ -7,6 +7,9 @@ processed in chunks so that the sort buffers hold at most ``COORD_BUDGET`` value
 (no ``(R, R, d)`` or ``d x d`` intermediates), in the input's framework, dtype and
 device.
 
+numpy inputs are transposed chunk by chunk to contiguous ``(chunk, R)`` blocks and
+partially sorted (``np.partition``), the fast numpy formulation of these rules.
+
 Diagnostics (shared by both rules, and by Bulyan's coordinate stage):
 
 * ``weights[i]`` is the *average coefficient* of row ``i`` over the ``d``
@@ -22,7 +25,7 @@ Diagnostics (shared by both rules, and by Bulyan's coordinate stage):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -87,25 +90,62 @@ def usage_result(
     return AggregationResult(estimate=estimate, kept=kept, weights=weights, info=info)
 
 
+def window_usage(
+    T: np.ndarray, lo: np.ndarray, hi: np.ndarray, k: int, resolve: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """Row usage counts of a per-coordinate window of ``k`` values, ties broken by ``resolve``.
+
+    ``T`` is ``(c, R)`` (a row per coordinate) and the window of row ``j`` holds ``k`` of its
+    values, the smallest ``lo[j]`` and the largest ``hi[j]``.  Every value strictly inside
+    ``[lo, hi]`` is in the window, so when exactly ``k`` values of a row lie in ``[lo, hi]``
+    those are the window.  Rows with more (values tied with an edge of the window, rare)
+    are passed to ``resolve``, which returns their exact usage counts under the rule's
+    tie-breaking (a stable sort: equal values in row-index order).
+    """
+    inside = (T >= lo[:, None]) & (T <= hi[:, None])
+    counts = np.count_nonzero(inside, axis=0).astype(np.int64)
+    ties = np.flatnonzero(np.count_nonzero(inside, axis=1) != k)
+    if ties.size:
+        counts -= np.count_nonzero(inside[ties], axis=0)
+        counts += resolve(T[ties])
+    return counts
+
+
+def _stable_window_counts(T: np.ndarray, start: int, k: int) -> np.ndarray:
+    """Usage counts of the sorted positions ``start .. start + k - 1`` of every row of ``T`` (stable sort)."""
+    order = np.argsort(T, axis=1, kind="stable")[:, start : start + k]
+    return np.bincount(order.ravel(), minlength=T.shape[1])
+
+
 def trimmed_window(updates: ArrayLike, b: int) -> tuple[ArrayLike, np.ndarray]:
     """Average, per coordinate, the sorted values ``b .. R-b-1``; also return row usage counts.
 
     With ``b = (R - 1) // 2`` this is exactly the coordinate-wise median (the middle
-    value for odd R, the average of the two middle values for even R).
+    value for odd R, the average of the two middle values for even R).  numpy inputs
+    are processed on contiguous ``(chunk, R)`` transposed blocks with a partial sort
+    (``np.partition`` at positions ``b`` and ``R - b - 1``: O(R) per coordinate, along
+    contiguous memory); torch inputs are sorted on their device.
     """
     R, d = updates.shape
     k = R - 2 * b
     out = empty_vector(updates)
     counts = np.zeros(R, dtype=np.int64)
+    torch_in = is_torch(updates)
     for sl in column_chunks(R, d):
         block = updates[:, sl]
         if b == 0:  # plain mean; no sort needed, every row is used in every coordinate
             out[sl] = block.sum(0) / k
             counts += sl.stop - sl.start
             continue
-        vals, idx = sort_columns(block)
-        out[sl] = vals[b : R - b].sum(0) / k
-        counts += count_rows(idx[b : R - b], R)
+        if torch_in:
+            vals, idx = sort_columns(block)
+            out[sl] = vals[b : R - b].sum(0) / k
+            counts += count_rows(idx[b : R - b], R)
+            continue
+        T = np.ascontiguousarray(block.T)
+        P = np.partition(T, [b] if k == 1 else [b, R - b - 1], axis=1)
+        out[sl] = P[:, b : R - b].sum(axis=1) / k
+        counts += window_usage(T, P[:, b], P[:, R - b - 1], k, lambda X: _stable_window_counts(X, b, k))
     return out, counts
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from .._backend import ArrayLike, centred_gram, is_torch, sq_distances_from_gram, subset_mean
 from .base import AggregationResult, Aggregator
-from .coordinate import column_chunks, count_rows, empty_vector, sort_columns, usage_result
+from .coordinate import column_chunks, count_rows, empty_vector, sort_columns, usage_result, window_usage
 
 try:
     import torch
@@ -203,14 +203,18 @@ def _closest_to_median_mean(sub: ArrayLike, beta: int) -> tuple[ArrayLike, np.nd
 
     The values of a column are sorted, their distances to the median computed in
     float64 and the ``beta`` smallest distances taken with a stable sort, so equal
-    distances go to the lower value; the chosen values are a contiguous window of
-    the sorted column.
+    distances go to the lower value; the chosen *values* are a contiguous window of
+    the sorted column (numpy: grown from the median, :func:`_closest_window_numpy`).
     """
     theta, d = sub.shape
     out = empty_vector(sub)
     counts = np.zeros(theta, dtype=np.int64)
     lo, hi = (theta - 1) // 2, theta // 2
     for sl in column_chunks(theta, d):
+        if not is_torch(sub) and beta != theta:
+            out[sl], c = _closest_window_numpy(np.ascontiguousarray(sub[:, sl].T), beta)
+            counts += c
+            continue
         vals, idx = sort_columns(sub[:, sl])
         if beta == theta:
             out[sl] = vals.sum(0) / beta
@@ -222,10 +226,45 @@ def _closest_to_median_mean(sub: ArrayLike, beta: int) -> tuple[ArrayLike, np.nd
             rows = torch.sort(dev, dim=0, stable=True).indices[:beta]
             out[sl] = vals.gather(0, rows).sum(0) / beta
             counts += count_rows(idx.gather(0, rows), theta)
-        else:
-            v64 = vals.astype(np.float64, copy=False)
-            dev = np.abs(v64 - 0.5 * (v64[lo] + v64[hi]))
-            rows = np.argsort(dev, axis=0, kind="stable")[:beta]
-            out[sl] = np.take_along_axis(vals, rows, axis=0).sum(0) / beta
-            counts += count_rows(np.take_along_axis(idx, rows, axis=0), theta)
     return out, counts
+
+
+def _closest_counts_stable(T: np.ndarray, beta: int) -> np.ndarray:
+    """Usage counts of the rule's definition on rows of ``T`` (stable sorts of the values, then of
+    the distances to the median): the exact tie-breaking, used for the rare tied coordinates."""
+    order = np.argsort(T, axis=1, kind="stable")
+    vals = np.take_along_axis(T, order, axis=1).astype(np.float64, copy=False)
+    lo, hi = (T.shape[1] - 1) // 2, T.shape[1] // 2
+    dev = np.abs(vals - 0.5 * (vals[:, lo : lo + 1] + vals[:, hi : hi + 1]))
+    pos = np.argsort(dev, axis=1, kind="stable")[:, :beta]
+    return np.bincount(np.take_along_axis(order, pos, axis=1).ravel(), minlength=T.shape[1])
+
+
+def _closest_window_numpy(T: np.ndarray, beta: int) -> tuple[np.ndarray, np.ndarray]:
+    """numpy path of :func:`_closest_to_median_mean` on a contiguous ``(c, theta)`` block.
+
+    Each row is sorted along contiguous memory; the ``beta`` values closest to the median
+    (as values) are a contiguous window of the sorted row, grown from the median outwards (at
+    each step the closer neighbour joins, the lower one on a tie: the order of a stable sort
+    of the distances).  Row usage comes from :func:`~.coordinate.window_usage`, ties at the
+    window's edges resolved by the definition itself (:func:`_closest_counts_stable`).
+    """
+    c, theta = T.shape
+    V = np.sort(T, axis=1)
+    lo, hi = (theta - 1) // 2, theta // 2
+    v64 = V.astype(np.float64, copy=False)
+    med = 0.5 * (v64[:, lo] + v64[:, hi])
+    rows = np.arange(c)
+    left = np.full(c, hi)  # the window is [left, right): empty, just before the upper median
+    right = np.full(c, hi)
+    for _ in range(beta):
+        dl = np.where(left > 0, np.abs(v64[rows, np.maximum(left - 1, 0)] - med), np.inf)
+        dr = np.where(right < theta, np.abs(v64[rows, np.minimum(right, theta - 1)] - med), np.inf)
+        take_left = dl <= dr
+        left = left - take_left
+        right = right + ~take_left
+    cols = np.arange(theta)[None, :]
+    in_window = (cols >= left[:, None]) & (cols < right[:, None])
+    est = np.where(in_window, V, 0).sum(axis=1) / beta
+    return est.astype(T.dtype, copy=False), window_usage(T, V[rows, left], V[rows, right - 1], beta,
+                                                         lambda X: _closest_counts_stable(X, beta))
