@@ -52,6 +52,7 @@ from ..newton.compression import Compressor, Identity, make_compressor
 from ..newton.server import newton_step
 from ..newton.trimming import num_kept
 from ..newton.worker import PHASE_DIRECTION, PHASE_GRADIENT
+from .loop import RoundLoop
 from .records import ArrayLayout, record_nbytes
 from .validation import (
     FLOAT32_MAX,
@@ -145,7 +146,7 @@ class NewtonRoundReport:
 
 
 # --------------------------------------------------------------------------- base strategy
-class NewtonStrategyBase(Strategy):
+class NewtonStrategyBase(RoundLoop, Strategy):
     """Shared machinery of :class:`Comrade` and :class:`~flwr_byzantine.strategies.giant.Giant`.
 
     Parameters
@@ -393,12 +394,27 @@ class NewtonStrategyBase(Strategy):
         self._w = res.w
         return self._layout.unflatten(res.w), report
 
-    def _log_report(self, r: NewtonRoundReport) -> None:
-        log(INFO, "round %d (iteration %d, %s): %d/%d valid, kept %s, trimmed %s (partitions %s), "
-            "rejected %s, step %.3g, |p_hat| %.3g, rho %.3g, bytes up %d down %d",
-            r.server_round, r.iteration, r.phase, len(r.valid), len(r.sampled), r.kept, r.trimmed,
-            [r.partition_ids.get(n) for n in r.trimmed], sorted(r.rejected), r.step, r.direction_norm,
-            r.rho, r.bytes_up, r.bytes_down)
+    def round_summary(self, server_round: int) -> str:
+        """The iteration's communication round(s) in one line (valid, kept, trimmed node ids, step, traffic)."""
+        parts = []
+        for r in (rep for rep in self.history if rep.iteration == server_round):
+            line = f"{r.phase}: {len(r.valid)}/{len(r.sampled)} valid"
+            if r.rejected:
+                line += f" ({len(r.rejected)} rejected)"
+            if r.trimmed:
+                line += f", trimmed nodes {r.trimmed} (claimed partitions {[r.partition_ids.get(n) for n in r.trimmed]})"
+            if r.phase == PHASE_DIRECTION:
+                line += (f", step {r.step:.3g}, |p_hat| {r.direction_norm:.3g}, rho {r.rho:.3g}"
+                         if r.applied else f", model unchanged ({r.reason})")
+            parts.append(line + f", bytes up {r.bytes_up} down {r.bytes_down}")
+        return "; ".join(parts) or "no training report"
+
+    def final_summary(self) -> str:
+        """Communication rounds, messages, nodes trimmed at least once, traffic."""
+        trimmed = sorted({n for r in self.history for n in r.trimmed})
+        return (f"{self.communication_rounds} communication rounds, {self.messages_sent} messages, nodes trimmed "
+                f"at least once: {trimmed}, bytes up {sum(r.bytes_up for r in self.history)} "
+                f"down {sum(r.bytes_down for r in self.history)}")
 
     # ------------------------------------------------------------------ evaluation
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -446,9 +462,7 @@ class Comrade(NewtonStrategyBase):
                         grid: Grid) -> Iterable[Message]:
         """Broadcast w_t: exactly one message per sampled client."""
         self._gradient = None
-        msgs = self._train_messages(server_round, arrays, config, grid, PHASE_DIRECTION)
-        log(INFO, "configure_train: round %d, %d messages", server_round, len(msgs))
-        return msgs
+        return self._train_messages(server_round, arrays, config, grid, PHASE_DIRECTION)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -458,7 +472,6 @@ class Comrade(NewtonStrategyBase):
             return None, None
         arrays, report = self._direction_round(server_round, replies)
         self.history.append(report)
-        self._log_report(report)
         return arrays, report.metric_record({"communication-rounds": self.communication_rounds})
 
 

@@ -9,8 +9,8 @@ Per Newton iteration t GIANT needs **two communication rounds**:
   with Q(H_i^{-1} g_t); the server averages them (norm-trimmed if ``beta > 0``; GIANT proper
   is ``beta = 0``) and steps w_{t+1} = w_t - step * p_hat.
 
-Design choice: Flower's ``Strategy.start`` does one training send/receive per server round, so
-:meth:`Giant.start` is overridden to run both rounds inside one *iteration*: ``num_rounds``
+Design choice: the project's shared loop (:class:`~flwr_byzantine.strategies.loop.RoundLoop`)
+calls :meth:`Giant.train_round` once per *iteration*, which runs both rounds: ``num_rounds``
 counts Newton iterations, ``Result`` is indexed by iteration, and every iteration's train
 metrics report ``communication-rounds`` (the running total, 2 per completed iteration) and
 the bytes of both rounds.  The message-level server round numbers are 2t - 1 (round A) and
@@ -20,17 +20,13 @@ the bytes of both rounds.  The message-level server round numbers are 2t - 1 (ro
 
 from __future__ import annotations
 
-import io
-import time
-from collections.abc import Callable, Iterable
-from logging import INFO, WARNING
+from collections.abc import Iterable
+from logging import WARNING
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result
-from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 from flwr.supercore import log
 
 from ..newton.server import average_gradients
@@ -73,7 +69,6 @@ class Giant(NewtonStrategyBase):
             self._gradient = None
         msgs = self._train_messages(server_round, arrays, config, grid, phase)
         self._phase = phase
-        log(INFO, "configure_train: round %d (%s), %d messages", server_round, phase, len(msgs))
         return msgs
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -85,13 +80,11 @@ class Giant(NewtonStrategyBase):
         if self._phase == PHASE_GRADIENT:
             report = self._gradient_round(server_round, replies)
             self.history.append(report)
-            self._log_report(report)
             return None, report.metric_record({"communication-rounds": self.communication_rounds})
         arrays, report = self._direction_round(server_round, replies)
         self._gradient = None
         self._phase = PHASE_GRADIENT
         self.history.append(report)
-        self._log_report(report)
         return arrays, report.metric_record({"communication-rounds": self.communication_rounds})
 
     def _gradient_round(self, server_round: int, replies: Iterable[Message]) -> NewtonRoundReport:
@@ -129,78 +122,39 @@ class Giant(NewtonStrategyBase):
     def _average(self, G: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return average_gradients(G, self.gradient_beta)
 
-    # ------------------------------------------------------------------ the loop
-    # pylint: disable=too-many-arguments, too-many-locals
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-    ) -> Result:
-        """Run ``num_rounds`` GIANT *iterations* (two communication rounds each).
+    # ------------------------------------------------------------------ one iteration
+    def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                    timeout: float) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Newton iteration ``server_round``: communication rounds 2t - 1 (gradients) and 2t (directions).
 
-        Same signature and ``Result`` as :meth:`flwr.serverapp.strategy.Strategy.start`, with
-        every dict indexed by iteration.  Round B is skipped (and the model kept) when round A
-        yields fewer than ``min_valid_replies`` valid gradients.
+        The shared loop (:class:`~flwr_byzantine.strategies.loop.RoundLoop`) calls this once per
+        iteration, so ``num_rounds`` counts iterations and ``Result`` is indexed by iteration.  The
+        metrics merge both rounds (gradient round's keys prefixed ``gradient-``; ``bytes-up`` /
+        ``bytes-down`` summed; ``communication-rounds`` the running total).  Round B is skipped
+        (and the model kept) when round A yields fewer than ``min_valid_replies`` valid gradients.
         """
-        log(INFO, "Starting %s strategy (2 communication rounds per iteration):", type(self).__name__)
-        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
-        self.summary()
-        train_config = ConfigRecord() if train_config is None else train_config
-        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
-        result = Result()
-        t_start = time.time()
-        if evaluate_fn:
-            res = evaluate_fn(0, initial_arrays)
-            log(INFO, "Initial global evaluation results: %s", res)
-            if res is not None:
-                result.evaluate_metrics_serverapp[0] = res
-        arrays = initial_arrays
-        for it in range(1, num_rounds + 1):
-            log(INFO, "")
-            log(INFO, "[ITERATION %s/%s]", it, num_rounds)
-            self._gradient = None
-            merged: dict[str, Any] = {}
-            for server_round in (2 * it - 1, 2 * it):
-                if server_round == 2 * it and self._gradient is None:
-                    break  # round A failed: no direction round
-                replies = grid.send_and_receive(
-                    messages=self.configure_train(server_round, arrays, train_config, grid), timeout=timeout)
-                new_arrays, metrics = self.aggregate_train(server_round, replies)
-                if new_arrays is not None:
-                    result.arrays = new_arrays
-                    arrays = new_arrays
-                if metrics is not None:
-                    prefix = "gradient-" if server_round % 2 == 1 else ""
-                    merged.update({f"{prefix}{k}": v for k, v in metrics.items()})
-            if merged:
-                merged["bytes-up"] = int(merged.get("bytes-up", 0)) + int(merged.get("gradient-bytes-up", 0))
-                merged["bytes-down"] = int(merged.get("bytes-down", 0)) + int(merged.get("gradient-bytes-down", 0))
-                merged["communication-rounds"] = self.communication_rounds
-                merged["iteration"] = it
-                merged.setdefault("applied", 0)
-                for key in ("gradient-communication-rounds", "gradient-iteration"):
-                    merged.pop(key, None)
-                rec = MetricRecord(merged)
-                log(INFO, "\t└──> Aggregated MetricRecord: %s", rec)
-                result.train_metrics_clientapp[it] = rec
-            eval_replies = grid.send_and_receive(
-                messages=self.configure_evaluate(it, arrays, evaluate_config, grid), timeout=timeout)
-            agg_eval = self.aggregate_evaluate(it, eval_replies)
-            if agg_eval is not None:
-                result.evaluate_metrics_clientapp[it] = agg_eval
-            if evaluate_fn:
-                res = evaluate_fn(it, arrays)
-                log(INFO, "\t└──> MetricRecord: %s", res)
-                if res is not None:
-                    result.evaluate_metrics_serverapp[it] = res
-        log(INFO, "")
-        log(INFO, "Strategy execution finished in %.2fs (%d communication rounds)",
-            time.time() - t_start, self.communication_rounds)
-        for line in io.StringIO(str(result)):
-            log(INFO, "\t%s", line.strip("\n"))
-        return result
+        it = server_round
+        self._gradient = None
+        merged: dict[str, Any] = {}
+        new_model: ArrayRecord | None = None
+        for message_round in (2 * it - 1, 2 * it):
+            if message_round == 2 * it and self._gradient is None:
+                break  # round A failed: no direction round
+            replies = grid.send_and_receive(
+                messages=self.configure_train(message_round, arrays, config, grid), timeout=timeout)
+            new_arrays, metrics = self.aggregate_train(message_round, replies)
+            if new_arrays is not None:
+                new_model = new_arrays
+            if metrics is not None:
+                prefix = "gradient-" if message_round % 2 == 1 else ""
+                merged.update({f"{prefix}{k}": v for k, v in metrics.items()})
+        if not merged:
+            return new_model, None
+        merged["bytes-up"] = int(merged.get("bytes-up", 0)) + int(merged.get("gradient-bytes-up", 0))
+        merged["bytes-down"] = int(merged.get("bytes-down", 0)) + int(merged.get("gradient-bytes-down", 0))
+        merged["communication-rounds"] = self.communication_rounds
+        merged["iteration"] = it
+        merged.setdefault("applied", 0)
+        for key in ("gradient-communication-rounds", "gradient-iteration"):
+            merged.pop(key, None)
+        return new_model, MetricRecord(merged)

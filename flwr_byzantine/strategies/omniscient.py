@@ -61,6 +61,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from ..attacks import MobileAdversary, UpdateAttack, make_attack
+from .loop import RoundLoop
 from .records import ArrayLayout
 
 _Layout = tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]
@@ -104,7 +105,7 @@ class AdversaryRound:
         return dict(vars(self))
 
 
-class OmniscientAdversary(Strategy):
+class OmniscientAdversary(RoundLoop, Strategy):
     """Strategy wrapper that replaces the corrupt nodes' replies with an omniscient attack.
 
     Parameters
@@ -158,6 +159,19 @@ class OmniscientAdversary(Strategy):
         log(INFO, "\t├──> Omniscient adversary: attack=%r, adversary=%r", self.attack, self.adversary)
         self.strategy.summary()
 
+    def round_summary(self, server_round: int) -> str:
+        """The wrapped strategy's round line, prefixed with what the adversary did this round."""
+        inner = self.strategy.round_summary(server_round) if isinstance(self.strategy, RoundLoop) else ""
+        rec = next((r for r in reversed(self.history) if r.server_round == server_round), None)
+        did = ""
+        if rec is not None and (rec.crafted or rec.erased):
+            did = f" ({self.attack.name}: crafted {rec.crafted})" if rec.crafted else f" (erased {rec.erased})"
+        return f"corrupt nodes {self.corrupt_nodes(server_round)}{did}; {inner}"
+
+    def final_summary(self) -> str:
+        """The wrapped strategy's final summary."""
+        return self.strategy.final_summary() if isinstance(self.strategy, RoundLoop) else ""
+
     def corrupt_nodes(self, server_round: int) -> list[int]:
         """The corrupt set recorded for ``server_round`` (empty if that round was not configured)."""
         for rec in reversed(self.history):
@@ -176,7 +190,6 @@ class OmniscientAdversary(Strategy):
         self._sent = {int(m.metadata.dst_node_id): m for m in messages}
         self._round = server_round
         self._corrupt = sorted(int(n) for n in self.adversary.corrupt_set(server_round, sorted(self._sent)))
-        log(INFO, "omniscient adversary: round %d, corrupt nodes %s", server_round, self._corrupt)
         return messages
 
     def aggregate_train(
@@ -248,7 +261,6 @@ class OmniscientAdversary(Strategy):
             rec.erased = targets
             if not rows:
                 rec.info["reason"] = "no finite reply to craft from"
-            log(INFO, "omniscient adversary: round %d, erased %s", server_round, targets)
             self.history.append(rec)
             return passed
         crafted = np.asarray(crafted)
@@ -260,8 +272,6 @@ class OmniscientAdversary(Strategy):
                 content[key] = mrec
             passed.append(Message(content, reply_to=self._sent[node]))
             rec.crafted.append(node)
-        log(INFO, "omniscient adversary: round %d, %s crafted %s from %d honest replies",
-            server_round, self.attack.name, rec.crafted, len(rows))
         self.history.append(rec)
         return passed
 

@@ -28,7 +28,6 @@ status details.
 
 from __future__ import annotations
 
-import io
 import math
 import random
 import time
@@ -41,13 +40,13 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result, Strategy
-from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
+from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from ..aggregators import make_aggregator
 from ..aggregators.base import Aggregator
-from ..checkpoint import CheckpointError, CheckpointMismatch, Checkpointer, TrainingState
+from ..checkpoint import CheckpointError, CheckpointMismatch, TrainingState
+from .loop import RoundLoop
 from .records import ArrayLayout, record_nbytes
 from .validation import (
     REJECTION_KINDS,
@@ -123,7 +122,7 @@ class RoundReport:
         return cls(**kw)
 
 
-class RobustStrategy(Strategy):
+class RobustStrategy(RoundLoop, Strategy):
     """Base of the robust strategies: sampling, screening, robust decode, metrics, checkpointed loop.
 
     Subclasses define what a reply carries and how the decoded vector moves the
@@ -286,7 +285,6 @@ class RobustStrategy(Strategy):
         record = RecordDict(content)
         per_node = record_nbytes(arrays) + sum(record_nbytes(r) for r in extra.values())
         self._bytes_down = per_node * len(self._sampled)
-        log(INFO, "configure_train: round %d, sampled %d nodes", server_round, len(self._sampled))
         msgs = [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n, group_id=str(server_round))
                 for n in self._sampled]
         # The Grid sets each message's id when it sends it; replies must answer exactly these.
@@ -399,7 +397,6 @@ class RobustStrategy(Strategy):
         report.applied = True
         self._x = x_new
         self.history.append(report)
-        self._log_round(report)
         return new_arrays, self._metrics(report, screened.metrics)
 
     def _fail_if_stuck(self, server_round: int, screened: ScreenedReplies) -> None:
@@ -414,13 +411,36 @@ class RobustStrategy(Strategy):
             f"(rounds {server_round - self.invalid_streak + 1}-{server_round}: fewer than "
             f"min-valid-replies={self.min_valid_replies} valid replies); {why}")
 
-    def _log_round(self, r: RoundReport) -> None:
-        filtered_parts = [r.partition_ids.get(n) for n in r.filtered]
-        log(INFO, "round %d: %d/%d valid, kept %d, filtered %d %s (claimed partitions %s), decode %.1f ms, "
-            "stat/threshold %.3g/%.3g, |step| %.3g, bytes up %d down %d",
-            r.server_round, len(r.accepted), len(r.sampled), len(r.kept), len(r.filtered), r.filtered,
-            filtered_parts, 1e3 * r.decode_seconds, r.statistic, r.threshold, r.update_norm,
-            r.bytes_up, r.bytes_down)
+    def round_summary(self, server_round: int) -> str:
+        """The round's report in one line: valid replies, filtered node ids (claimed partitions), decode, step."""
+        r = next((rep for rep in reversed(self.history) if rep.server_round == server_round), None)
+        if r is None:
+            return "no training report"
+        line = f"{len(r.accepted)}/{len(r.sampled)} valid"
+        if r.rejected:
+            counts = ", ".join(f"{n} {k}" for k, n in r.rejection_counts.items() if n)
+            line += f" ({counts})"
+        if not r.applied:
+            return line + ", model unchanged"
+        claimed = [r.partition_ids.get(n) for n in r.filtered]
+        line += f", filtered {len(r.filtered)}"
+        if r.filtered:
+            line += f" nodes {r.filtered}"
+            if any(c is not None for c in claimed):
+                line += f" (claimed partitions {claimed})"
+        return (line + f", decode {1e3 * r.decode_seconds:.1f} ms, stat/threshold {r.statistic:.3g}/{r.threshold:.3g}"
+                f", |step| {r.update_norm:.3g}, bytes up {r.bytes_up} down {r.bytes_down}")
+
+    def final_summary(self) -> str:
+        """Rounds applied, nodes filtered at least once, rejections by kind, traffic."""
+        applied = sum(r.applied for r in self.history)
+        filtered = sorted({n for r in self.history for n in r.filtered})
+        rejected = Counter()
+        for r in self.history:
+            rejected.update({k: v for k, v in r.rejection_counts.items() if v})
+        return (f"{applied}/{len(self.history)} rounds applied, nodes filtered at least once: {filtered}, "
+                f"rejected replies: {dict(rejected) or 'none'}, bytes up {sum(r.bytes_up for r in self.history)} "
+                f"down {sum(r.bytes_down for r in self.history)}")
 
     def _metrics(self, r: RoundReport, client_metrics: list[dict[str, Any]]) -> MetricRecord:
         """Round diagnostics plus the client metrics (median, or ``train_metrics_aggr_fn``)."""
@@ -478,7 +498,6 @@ class RobustStrategy(Strategy):
         cfg = ConfigRecord(dict(config))
         cfg["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
-        log(INFO, "configure_evaluate: round %d, sampled %d nodes", server_round, len(nodes))
         return [Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n, group_id=str(server_round))
                 for n in nodes]
 
@@ -560,118 +579,21 @@ class RobustStrategy(Strategy):
         self.history = history
         self.invalid_streak = streak
 
-    # ------------------------------------------------------------ main loop
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-        *,
-        checkpoint: Checkpointer | None = None,
-    ) -> Result:
-        """Flower's strategy loop (same signature and steps as ``Strategy.start``) with crash-resume.
+    # ------------------------------------------------------------ loop hooks (checkpoints)
+    def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """:meth:`state_dict` (what :class:`~flwr_byzantine.strategies.loop.RoundLoop` saves per round)."""
+        return self.state_dict()
 
-        Without ``checkpoint`` this is Flower's loop: central evaluation of the
-        initial model, then per round train (configure, send/receive, aggregate),
-        federated evaluation and central evaluation.  ``result.arrays`` is the
-        final global model (the initial one if no round was applied).
-
-        With ``checkpoint`` the full state (model, completed round, strategy
-        state incl. sampler RNG, history, all metrics so far) is written
-        atomically after every completed round; if the checkpoint already holds
-        a state (same configuration, checked by the :class:`Checkpointer`), the
-        loop continues after its last completed round instead of starting over.
-        With deterministic clients (mini-batches drawn from seed, partition id
-        and round) the resumed run ends with the same model as an uninterrupted one.
-
-        Raises :class:`RunFailed` when ``max_invalid_rounds`` consecutive rounds
-        had too few valid replies (see :meth:`aggregate_train`).
-        """
-        log(INFO, "Starting %s strategy:", self.__class__.__name__)
-        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
-        self.summary()
-        log(INFO, "")
-        train_config = ConfigRecord() if train_config is None else train_config
-        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
-        result = Result()
-        t_start = time.time()
-        arrays = initial_arrays
-        first_round = 1
-        self.resumed_from = None
-
-        state = checkpoint.load() if checkpoint is not None else None
-        if state is not None:
-            if ArrayLayout.of(state.arrays) != ArrayLayout.of(initial_arrays):
-                raise CheckpointMismatch(
-                    f"checkpoint model layout {ArrayLayout.of(state.arrays)} differs from the initial "
-                    f"model's {ArrayLayout.of(initial_arrays)}")
-            if state.server_round > num_rounds:
-                raise CheckpointMismatch(f"checkpoint is at round {state.server_round}, beyond num_rounds={num_rounds}")
-            self.load_state_dict(state.strategy, state.strategy_arrays,
-                                 dim=self._aggregator_dim(ArrayLayout.of(state.arrays).size))
-            result = state.result
-            arrays = state.arrays
-            first_round = state.server_round + 1
-            self.resumed_from = state.server_round
-            log(INFO, "Resuming from checkpoint %s: %d of %d rounds already completed",
-                checkpoint.json_path, state.server_round, num_rounds)
-        elif evaluate_fn:
-            res = evaluate_fn(0, initial_arrays)
-            log(INFO, "Initial global evaluation results: %s", res)
-            if res is not None:
-                result.evaluate_metrics_serverapp[0] = res
-
-        for current_round in range(first_round, num_rounds + 1):
-            log(INFO, "")
-            log(INFO, "[ROUND %s/%s]", current_round, num_rounds)
-            train_replies = grid.send_and_receive(
-                messages=self.configure_train(current_round, arrays, train_config, grid), timeout=timeout,
-            )
-            agg_arrays, agg_train_metrics = self.aggregate_train(current_round, train_replies)
-            if agg_arrays is not None:
-                result.arrays = agg_arrays
-                arrays = agg_arrays
-            if agg_train_metrics is not None:
-                log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_train_metrics)
-                result.train_metrics_clientapp[current_round] = agg_train_metrics
-
-            evaluate_replies = grid.send_and_receive(
-                messages=self.configure_evaluate(current_round, arrays, evaluate_config, grid), timeout=timeout,
-            )
-            agg_evaluate_metrics = self.aggregate_evaluate(current_round, evaluate_replies)
-            if agg_evaluate_metrics is not None:
-                log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_evaluate_metrics)
-                result.evaluate_metrics_clientapp[current_round] = agg_evaluate_metrics
-
-            if evaluate_fn:
-                log(INFO, "Global evaluation")
-                res = evaluate_fn(current_round, arrays)
-                log(INFO, "\t└──> MetricRecord: %s", res)
-                if res is not None:
-                    result.evaluate_metrics_serverapp[current_round] = res
-
-            if checkpoint is not None:
-                strategy_state, strategy_arrays = self.state_dict()
-                path = checkpoint.save(TrainingState(
-                    server_round=current_round, arrays=arrays, strategy=strategy_state,
-                    strategy_arrays=strategy_arrays, result=result,
-                ))
-                log(INFO, "Checkpoint written: %s (round %d)", path, current_round)
-
-        result.arrays = arrays
-        log(INFO, "")
-        log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
-        log(INFO, "")
-        log(INFO, "Final results:")
-        log(INFO, "")
-        for line in io.StringIO(str(result)):
-            log(INFO, "\t%s", line.strip("\n"))
-        log(INFO, "")
-        return result
+    def restore(self, state: TrainingState, initial_arrays: ArrayRecord, num_rounds: int) -> None:
+        """Check that the checkpoint fits this run, then :meth:`load_state_dict` it."""
+        if ArrayLayout.of(state.arrays) != ArrayLayout.of(initial_arrays):
+            raise CheckpointMismatch(
+                f"checkpoint model layout {ArrayLayout.of(state.arrays)} differs from the initial "
+                f"model's {ArrayLayout.of(initial_arrays)}")
+        if state.server_round > num_rounds:
+            raise CheckpointMismatch(f"checkpoint is at round {state.server_round}, beyond num_rounds={num_rounds}")
+        self.load_state_dict(state.strategy, state.strategy_arrays,
+                             dim=self._aggregator_dim(ArrayLayout.of(state.arrays).size))
 
 
 def _float_or_nan(val: Any) -> float:
