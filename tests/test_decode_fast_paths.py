@@ -175,3 +175,50 @@ def test_bulyan_window_with_ties_matches_the_stable_definition():
         np.testing.assert_allclose(est, np.take_along_axis(vals, rows, axis=0).mean(axis=0), rtol=1e-12)
         ref = np.bincount(np.take_along_axis(order, rows, axis=0).ravel(), minlength=theta)
         np.testing.assert_array_equal(counts, ref)
+
+
+def test_sigma0_lanczos_matches_the_dense_solver(monkeypatch):
+    import flwr_byzantine.aggregators.sigma as sigma
+
+    rng = np.random.default_rng(8)
+    G = rng.normal(size=(300, 400))
+    G[:60] += 0.8 * rng.normal(size=400)
+    K = centred_gram(G)
+    fast = sigma.estimate_sigma0_sq(K, 0.2)
+    monkeypatch.setattr(sigma, "LANCZOS_MIN_N", 10**9)
+    dense = sigma.estimate_sigma0_sq(K, 0.2)
+    assert fast == pytest.approx(dense, rel=1e-8)
+
+
+def test_sigma0_batches_removals_beyond_max_steps(monkeypatch):
+    import flwr_byzantine.aggregators.sigma as sigma
+
+    calls = []
+    orig = sigma.top_eig_centred
+    monkeypatch.setattr(sigma, "top_eig_centred", lambda *a: calls.append(1) or orig(*a))
+    K = centred_gram(np.random.default_rng(9).normal(size=(200, 30)))
+    sigma.estimate_sigma0_sq(K, 0.25)  # 50 removals
+    per_step = math.ceil(50 / sigma.MAX_TRIM_STEPS)
+    assert len(calls) == math.ceil(50 / per_step) + 1 <= sigma.MAX_TRIM_STEPS + 1
+
+
+def test_spectral_passes_remove_far_outliers_at_large_r():
+    from flwr_byzantine.aggregators.saddle import capped_simplex_cap, solve_saddle, spectral_step
+
+    rng = np.random.default_rng(10)
+    R, d, f = 300, 2000, 60
+    G = rng.normal(size=(R, d))
+    u = rng.normal(size=d)
+    G[:f] += 10.0 * math.sqrt(d) * u / np.linalg.norm(u)
+    res = RGE(eps_tilde=0.2, spectral_above=100).aggregate(G)
+    assert res.info["spectral_passes"] >= 1
+    np.testing.assert_array_equal(res.kept, np.arange(f, R))
+    np.testing.assert_allclose(res.estimate, G[f:].mean(axis=0), rtol=1e-12)
+    # the spectral step's statistic bounds the saddle value from above (same K, c)
+    K = centred_gram(G[:40])
+    c = rng.uniform(0.5, 1.0, size=40)
+    cap = capped_simplex_cap(0.8, 40)
+    sp = spectral_step(K, c, cap)
+    sol = solve_saddle(K, c, cap, tol_rel=1e-4)
+    assert sp.upper >= sol.lower
+    assert float(c @ sp.tau) == pytest.approx(sp.value, rel=1e-9)

@@ -24,7 +24,7 @@ from threadpoolctl import ThreadpoolController
 
 from .._backend import ArrayLike, centred_gram, screened_mean, subset_mean, to_numpy64
 from .base import AggregationResult, Aggregator
-from .saddle import capped_simplex_cap, solve_saddle
+from .saddle import capped_simplex_cap, solve_saddle, spectral_step
 from .sigma import estimate_sigma0_sq
 from .sketch import sketched_centred_gram
 
@@ -71,6 +71,13 @@ class RGE(Aggregator):
         signs every call); the estimate is the exact mean of the surviving rows.
     seed:
         Seed of the sketch's generator (``None``: fresh OS entropy); only used with ``sketch_dim``.
+    spectral_above:
+        ``None`` (default): every pass solves the saddle problem (91).  An integer ``n``: passes
+        with more than ``n`` active points take the classical spectral filter step instead
+        (:func:`~flwr_byzantine.aggregators.saddle.spectral_step`, ``W`` fixed at the weighted
+        mean): O(n^2) per Lanczos iteration instead of O(n^3) per solver iteration, for
+        hundreds to thousands of clients.  Its statistic is an upper bound on (91)'s value, so
+        it stops no later than Algorithm 3 would at that pass.
     """
 
     name = "rge"
@@ -84,6 +91,7 @@ class RGE(Aggregator):
         threshold_factor: float = 4.0,
         sketch_dim: int | None = None,
         seed: int | None = None,
+        spectral_above: int | None = None,
     ) -> None:
         if not 0.0 <= eps_tilde <= 0.25:
             raise ValueError(f"eps_tilde must be in [0, 1/4] (alpha = 1 - eps_tilde >= 3/4), got {eps_tilde}")
@@ -103,6 +111,10 @@ class RGE(Aggregator):
         self.sketch_dim = None if sketch_dim is None else int(sketch_dim)
         self.seed = seed
         self._rng = np.random.default_rng(seed)
+        if spectral_above is not None and (isinstance(spectral_above, bool) or int(spectral_above) != spectral_above
+                                           or spectral_above < 1):
+            raise ValueError(f"spectral_above must be a positive integer or None, got {spectral_above!r}")
+        self.spectral_above = None if spectral_above is None else int(spectral_above)
 
     #: The row mean, computed once for the centring, screens the input for NaN/Inf.
     screens_finiteness = True
@@ -164,18 +176,24 @@ class RGE(Aggregator):
         solver_iters = 0
         max_gap = 0.0
         not_converged = 0
+        spectral_passes = 0
         history: list[dict[str, float]] = []
         for iterations in range(1, R + 1):
             if active.size <= 1:
                 statistic = 0.0
                 break
             Ka = gram[np.ix_(active, active)]
-            sol = solve_saddle(
-                Ka, c[active], cap, W0=W_warm, tol_rel=self.tol_rel,
-                max_iter=self.max_solver_iter, stop_below=threshold,
-            )
+            spectral = self.spectral_above is not None and active.size > self.spectral_above
+            if spectral:
+                sol = spectral_step(Ka, c[active], cap, stop_below=threshold)
+                spectral_passes += 1
+            else:
+                sol = solve_saddle(
+                    Ka, c[active], cap, W0=W_warm, tol_rel=self.tol_rel,
+                    max_iter=self.max_solver_iter, stop_below=threshold,
+                )
             solver_iters += sol.iterations
-            if not sol.early_exit:
+            if not sol.early_exit and not spectral:
                 max_gap = max(max_gap, sol.gap / max(sol.upper, 1e-300))
                 if not sol.converged:
                     not_converged += 1
@@ -221,6 +239,7 @@ class RGE(Aggregator):
                 "solver_iterations": int(solver_iters),
                 "max_relative_gap": float(max_gap),
                 "unconverged_solves": int(not_converged),
+                "spectral_passes": int(spectral_passes),
                 "soft_weights": c.tolist(),
                 "history": history,
                 "gram_seconds": float(t_gram),

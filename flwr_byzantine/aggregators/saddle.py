@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+import scipy.sparse.linalg
 
 #: Eigenvalues more than _WINDOW * mu below the top get soft-max weight < exp(-_WINDOW).
 _WINDOW = 40.0
@@ -366,3 +367,43 @@ def solve_saddle(
         z = obj.smooth(sig, mu)[1]
         lower = -math.inf if not math.isfinite(lower) else lower
     return finish(z, lower, it, False, False)
+
+
+def spectral_step(K: np.ndarray, c: np.ndarray, cap: float, *, stop_below: float | None = None) -> SaddleSolution:
+    """One filter step at a *fixed* ``W``: every column the c-weighted mean (projected on ``CS``).
+
+    The classical spectral filter step (the saddle problem (91) without the minimisation
+    over ``W``): ``P(W)`` is formed in O(n^2), its top eigenpair ``(sigma, u)`` comes from
+    Lanczos (LAPACK below 256 points), ``Y = v v^T`` for the matching singular vector and
+    ``tau_i = sigma u_i^2 / c_i`` (93).  ``upper = sigma >= `` the saddle value, so
+    ``upper <= stop_below`` certifies Algorithm 3's stopping test exactly as the solver's
+    early exit does; otherwise ``value = upper`` over-states the saddle value, so the filter
+    can only continue where Algorithm 3 might already stop.  For large R, where one
+    iteration of :func:`solve_saddle` costs O(n^3).  ``converged`` is False (no certificate).
+    """
+    K = np.asarray(K, dtype=np.float64)
+    c = np.asarray(c, dtype=np.float64)
+    n = K.shape[0]
+    cap = max(cap, 1.0 / n)
+    w = project_capped_rows((c / c.sum())[None, :], cap)[0]
+    Kw = K @ w
+    wKw = float(w @ Kw)
+    d = np.sqrt(c)
+    P = K - Kw[:, None] - Kw[None, :] + wKw  # (I - 1 w^T) K (I - w 1^T)
+    P *= d[:, None]
+    P *= d[None, :]
+    P = 0.5 * (P + P.T)
+    if n >= 256:
+        sig, U = scipy.sparse.linalg.eigsh(P, k=1, which="LA", tol=1e-10)
+    elif n > 1:
+        sig, U = scipy.linalg.eigh(P, subset_by_index=[n - 1, n - 1], driver="evr")
+    else:
+        sig, U = np.linalg.eigh(P)
+    sig = np.maximum(sig, 0.0)
+    z = np.ones(1)
+    tau = (U[:, 0] ** 2 * sig[0]) / c
+    ub = float(sig[0])
+    return SaddleSolution(
+        W=np.repeat(w[:, None], n, axis=1), z=z, eigvals=sig, eigvecs=U, upper=ub, lower=-math.inf, value=ub,
+        tau=tau, iterations=1, converged=False, early_exit=stop_below is not None and ub <= stop_below,
+    )

@@ -79,5 +79,9 @@ def sketched_centred_gram(updates: ArrayLike, dim: int, rng: np.random.Generator
     """Gram matrix of the centred sketched rows, ``(R, R)`` float64 (an unbiased estimate of the centred Gram)."""
     Y = sketch_rows(updates, dim, rng)
     Y -= Y.mean(axis=0)
-    gram = Y @ Y.T
+    if str(updates.dtype).endswith(("float32", "float16")):  # the sketch is approximate anyway
+        Y32 = Y.astype(np.float32)
+        gram = (Y32 @ Y32.T).astype(np.float64)
+    else:
+        gram = Y @ Y.T
     return 0.5 * (gram + gram.T)
