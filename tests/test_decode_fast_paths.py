@@ -222,3 +222,36 @@ def test_spectral_passes_remove_far_outliers_at_large_r():
     sol = solve_saddle(K, c, cap, tol_rel=1e-4)
     assert sp.upper >= sol.lower
     assert float(c @ sp.tau) == pytest.approx(sp.value, rel=1e-9)
+
+
+def test_blas_threads_parameter():
+    G = np.random.default_rng(11).normal(size=(12, 50))
+    assert RGE(blas_threads=2).aggregate(G).kept.size >= 1
+    np.testing.assert_array_equal(RGE(blas_threads=None).aggregate(G).kept, RGE().aggregate(G).kept)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError):
+            RGE(blas_threads=bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan", "cclip", "rge",
+                                  "rge-sketch"])
+def test_cuda_gives_the_cpu_result(name):
+    from flwr_byzantine.aggregators import build_for_federation
+
+    rng = np.random.default_rng(12)
+    R, d, f = 24, 30_000, 4
+    G = rng.normal(size=(R, d)).astype(np.float32)
+    u = rng.normal(size=d)
+    G[:f] += (3.0 * math.sqrt(d) * u / np.linalg.norm(u)).astype(np.float32)
+
+    def rule():
+        if name == "rge-sketch":
+            return RGE(eps_tilde=0.2, sketch_dim=1024, seed=0)
+        return build_for_federation(name, R, 0.2)
+
+    cpu = rule().aggregate(G)
+    gpu = rule().aggregate(torch.as_tensor(G, device="cuda"))
+    assert gpu.estimate.device.type == "cuda"
+    np.testing.assert_array_equal(gpu.kept, cpu.kept)
+    np.testing.assert_allclose(gpu.estimate.cpu().numpy(), cpu.estimate, rtol=1e-4, atol=1e-4)

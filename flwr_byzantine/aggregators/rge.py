@@ -15,6 +15,7 @@ the exact mean of the surviving rows.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -39,6 +40,11 @@ def _blas_controller() -> ThreadpoolController:
 def _single_thread_blas():
     """Context limiting BLAS to one thread (threadpoolctl, a scikit-learn dependency)."""
     return _blas_controller().limit(limits=1, user_api="blas")
+
+
+def _blas_threads(n: int | None):
+    """Context limiting BLAS to ``n`` threads (``None``: leave the process setting alone)."""
+    return contextlib.nullcontext() if n is None else _blas_controller().limit(limits=n, user_api="blas")
 
 
 class RGE(Aggregator):
@@ -71,6 +77,11 @@ class RGE(Aggregator):
         signs every call); the estimate is the exact mean of the surviving rows.
     seed:
         Seed of the sketch's generator (``None``: fresh OS entropy); only used with ``sketch_dim``.
+    blas_threads:
+        BLAS threads of the whole decode (default 1; ``None`` keeps the process setting).  The
+        passes over the data are memory-bound and the R x R filter latency-bound, so on a
+        server shared with other work extra threads make a decode slower, never faster
+        (``benchmarks/decode_time.py`` measures 1 against 2); the filter loop always uses one.
     spectral_above:
         ``None`` (default): every pass solves the saddle problem (91).  An integer ``n``: passes
         with more than ``n`` active points take the classical spectral filter step instead
@@ -92,6 +103,7 @@ class RGE(Aggregator):
         sketch_dim: int | None = None,
         seed: int | None = None,
         spectral_above: int | None = None,
+        blas_threads: int | None = 1,
     ) -> None:
         if not 0.0 <= eps_tilde <= 0.25:
             raise ValueError(f"eps_tilde must be in [0, 1/4] (alpha = 1 - eps_tilde >= 3/4), got {eps_tilde}")
@@ -115,11 +127,19 @@ class RGE(Aggregator):
                                            or spectral_above < 1):
             raise ValueError(f"spectral_above must be a positive integer or None, got {spectral_above!r}")
         self.spectral_above = None if spectral_above is None else int(spectral_above)
+        if blas_threads is not None and (isinstance(blas_threads, bool) or int(blas_threads) != blas_threads
+                                         or blas_threads < 1):
+            raise ValueError(f"blas_threads must be a positive integer or None, got {blas_threads!r}")
+        self.blas_threads = None if blas_threads is None else int(blas_threads)
 
     #: The row mean, computed once for the centring, screens the input for NaN/Inf.
     screens_finiteness = True
 
     def _aggregate(self, updates: ArrayLike) -> AggregationResult:
+        with _blas_threads(self.blas_threads):
+            return self._decode(updates)
+
+    def _decode(self, updates: ArrayLike) -> AggregationResult:
         t0 = time.perf_counter()
         updates, mean = screened_mean(updates)
         R, d = updates.shape
