@@ -55,3 +55,14 @@ def test_key_depends_on_the_data_code(monkeypatch):
     assert key != data_cache.cache_key(DS, 0, 4, 0.5, 0)
     monkeypatch.setattr(data_cache, "_code_digest", lambda: "edited")
     assert key != data_cache.cache_key(DS, 0, 4, 1.0, 0)
+
+
+def test_command_line_fills_the_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(data_cache.CACHE_ENV, str(tmp_path))
+    data_cache.main(["--dataset", DS, "--num-partitions", "3", "--partition-id", "1", "--seed", "2"])
+    assert len(list(tmp_path.glob("partition-*.npz"))) == 1
+    data_cache.main(["--dataset", DS, "--num-partitions", "3", "--seed", "2"])
+    assert len(list(tmp_path.glob("partition-*.npz"))) == 3
+    assert "partition 2/3" in capsys.readouterr().out
+    monkeypatch.setattr(data_cache, "load_partition", lambda *a: (_ for _ in ()).throw(AssertionError("miss")))
+    data_cache.cached_partition(DS, 2, 3, 1.0, 2)  # a hit: the loader is not called

@@ -21,7 +21,6 @@ and the test checks that none is left.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ def _deployment(tmp_path: Path, **kw) -> LocalDeployment:
 
 
 def _start(dep: LocalDeployment, num: int, malicious: tuple[int, ...] = (), keys=None) -> None:
+    dep.prefetch_partitions(num)  # provisioning: the nodes' data is in place before round 1
     dep.start_superlink()
     for i in range(num):
         cfg = {"partition-id": i, "num-partitions": num}
@@ -78,7 +78,7 @@ def test_superlink_supernodes_flwr_run_filters_the_malicious_node(tmp_path):
 
 @pytest.mark.slow
 def test_killed_supernode_costs_at_most_the_reply_timeout_and_rejoins(tmp_path):
-    num, victim, timeout, rounds = 4, 3, 15.0, 6
+    num, victim, timeout, rounds = 4, 3, 25.0, 6
     dep = _deployment(tmp_path)
     try:
         _start(dep, num)
@@ -137,15 +137,10 @@ def test_tls_and_supernode_auth_refuse_unknown_nodes(tmp_path):
     keys = [make_node_key(tmp_path / "certs" / "keys" / f"supernode-{i}") for i in range(num + 1)]
     dep = _deployment(tmp_path, tls=tls, supernode_auth=True)
     try:
+        dep.prefetch_partitions(num)
         dep.start_superlink()
-        for i in range(num):  # authorise the first three keys only
-            reg = dep.register(keys[i][1])
-            for _ in range(10):  # the SuperLink may still be starting
-                if reg.returncode == 0:
-                    break
-                time.sleep(3)
-                reg = dep.register(keys[i][1])
-            assert reg.returncode == 0, reg.stdout + reg.stderr
+        registered = [dep.register(keys[i][1]) for i in range(num)]  # authorise the first three keys only
+        assert len(set(registered)) == num
         for i in range(num):
             dep.add_node(i, {"partition-id": i, "num-partitions": num}, key=keys[i][0])
             dep.start_node(i)
@@ -155,9 +150,11 @@ def test_tls_and_supernode_auth_refuse_unknown_nodes(tmp_path):
         dep.wait_online(num, timeout=180)
         for proc in intruders:
             assert proc.wait(timeout=120) != 0  # refused: the SuperNode exits
-        assert len(dep.node_list()) == num  # registered keys only
+        assert sorted(int(n["node-id"]) for n in dep.node_list()) == sorted(registered)  # registered keys only
+        assert sorted(dep.node_ids().values()) == sorted(registered)  # the intruders never got an id
         superlink_log = "".join(p.read_text(errors="replace") for p in dep.logs.glob("superlink.*.log"))
-        assert "No SuperNode found with the given public key" in superlink_log
+        assert "No SuperNode found with the given public key" in superlink_log  # the unregistered key
+        assert "SuperNode authentication is enabled" in dep.logs.joinpath(f"supernode{num + 1}.1.log").read_text()
         out = tmp_path / "out"
         run_id, _, _ = dep.run_and_wait("tls", {"num-server-rounds": 2, "num-malicious": 0}, out, timeout=600)
         res = read_results(out, run_id)

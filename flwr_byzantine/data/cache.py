@@ -13,10 +13,18 @@ machine never read a half-written entry.  The directory is environment variable
 ``FLWR_BYZANTINE_CACHE`` (``off`` disables the cache), else
 ``~/.cache/flwr-byzantine``.  Any cache failure falls back to computing the
 partition; a corrupt entry is recomputed and replaced.
+
+Provisioning a device (so that not even its first round pays for the imports)::
+
+    python -m flwr_byzantine.data.cache --dataset digits --num-partitions 20 --partition-id 3
+
+(without ``--partition-id``: every partition), with the run's ``dirichlet-alpha``
+(``--alpha``) and ``seed`` (``--seed``) and the SuperNode's ``FLWR_BYZANTINE_CACHE``.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import json
@@ -81,3 +89,26 @@ def cached_partition(dataset: str, partition_id: int, num_partitions: int, alpha
     except OSError:
         pass  # read-only or full disk: the cache is an optimisation only
     return X, y
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: write the cache entries of some or all partitions (see the module docstring)."""
+    parser = argparse.ArgumentParser(description="Fill the ClientApp's partition cache.")
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--num-partitions", type=int, required=True)
+    parser.add_argument("--partition-id", type=int, action="append", default=None,
+                        help="partition to cache (repeatable; default: all)")
+    parser.add_argument("--alpha", type=float, default=1.0, help="run config dirichlet-alpha")
+    parser.add_argument("--seed", type=int, default=0, help="run config seed")
+    args = parser.parse_args(argv)
+    root = cache_dir()
+    if root is None:
+        parser.error(f"the cache is off ({CACHE_ENV}=off)")
+    ids = args.partition_id if args.partition_id is not None else range(args.num_partitions)
+    for pid in ids:
+        X, _ = cached_partition(args.dataset, pid, args.num_partitions, args.alpha, args.seed)
+        print(f"partition {pid}/{args.num_partitions} of {args.dataset}: {len(X)} examples, cached in {root}")
+
+
+if __name__ == "__main__":
+    main()

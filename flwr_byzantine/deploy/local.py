@@ -337,15 +337,43 @@ class LocalDeployment:
         """The end of every log file (for assertion messages)."""
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-chars:]}" for p in sorted(self.logs.iterdir()))
 
+    def prefetch_partitions(self, num_partitions: int, dataset: str = "digits", alpha: float = 1.0,
+                            seed: int = 0) -> float:
+        """Provision the nodes' data: ``python -m flwr_byzantine.data.cache`` with this deployment's environment.
+
+        Fills the ClientApp's partition cache, so that even the first round's ClientApps
+        skip scikit-learn and ``datasets``.  Returns the seconds it took.
+        """
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-m", "flwr_byzantine.data.cache", "--dataset", dataset,
+                        "--num-partitions", str(num_partitions), "--alpha", repr(float(alpha)), "--seed", str(seed)],
+                       cwd=self.app_dir, env=self.env, check=True, capture_output=True, timeout=600)
+        return time.monotonic() - t0
+
     # ----------------------------------------------------------- flwr CLI
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """Run the ``flwr`` CLI against this deployment (from the App's folder)."""
         return subprocess.run([str(BIN / "flwr"), *args], cwd=self.app_dir, env=self.env, capture_output=True,
                               text=True, timeout=timeout)
 
-    def register(self, public_key: Path) -> subprocess.CompletedProcess:
-        """``flwr supernode register PUBLIC_KEY``: authorise a SuperNode key on the SuperLink."""
-        return self.flwr("supernode", "register", str(public_key), self.connection, "--format", "json")
+    def register(self, public_key: Path, attempts: int = 20, wait: float = 3.0) -> int:
+        """``flwr supernode register PUBLIC_KEY``: authorise a SuperNode key; returns its node id.
+
+        Retried while the SuperLink is not answering yet (``flwr`` may exit 0 on a
+        connection error, so success is read from the JSON output); raises ``RuntimeError``.
+        """
+        out = ""
+        for _ in range(attempts):
+            reg = self.flwr("supernode", "register", str(public_key), self.connection, "--format", "json")
+            out = reg.stdout + reg.stderr
+            try:
+                doc = _json_tail(reg.stdout)
+            except ValueError:
+                doc = {}
+            if reg.returncode == 0 and doc.get("success") is True and doc.get("node-id"):
+                return int(doc["node-id"])
+            time.sleep(wait)
+        raise RuntimeError(f"could not register {public_key}: {out[-2000:]}")
 
     def node_list(self) -> list[dict[str, Any]]:
         """``flwr supernode ls`` as a list of dicts ([] if the SuperLink does not answer)."""
