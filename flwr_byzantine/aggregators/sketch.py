@@ -31,11 +31,6 @@ import numpy as np
 
 from .._backend import ArrayLike, is_torch, to_numpy64
 
-try:
-    import torch
-except ImportError:  # pragma: no cover - torch is a hard dependency of the project
-    torch = None  # type: ignore[assignment]
-
 #: Default sketch length ``m`` (about ``2 * k1``).
 DEFAULT_SKETCH_DIM = 2048
 
@@ -52,6 +47,9 @@ def _one_sketch(updates: ArrayLike, k: int, rng: np.random.Generator) -> np.ndar
     L, tail = divmod(d, k)
     signs = rng.integers(0, 2, size=L + (tail > 0)) * 2.0 - 1.0
     if is_torch(updates):
+        import torch  # already imported (the input is a tensor); a module-level import would cost every
+        #               importer of the aggregators torch, the lean ClientApp included
+
         s = torch.as_tensor(signs, dtype=updates.dtype, device=updates.device)
         out = torch.zeros((R, k), dtype=updates.dtype, device=updates.device)
         if L:
