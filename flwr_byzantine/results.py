@@ -96,6 +96,72 @@ def plot_accuracy(curves: dict[str, tuple[list[int], list[float]]], path: Path, 
     plt.close(fig)
 
 
+def plot_run(payload: dict[str, Any], path: Path, title: str) -> Path:
+    """The run's figure: the defence against the undefended mean (top) and who was removed (bottom).
+
+    Top: central test accuracy per round of the defended model, and of the model one
+    plain-mean step would have produced from the same defended model in that round
+    (``payload["undefended_one_step"]``: the damage the attack does when nothing filters it).
+    Bottom: one row per node id (labelled with its claimed partition, ``*`` for a claimed
+    malicious partition); ``x`` marks a round in which the defence filtered that node's
+    reply, ``o`` a round in which its reply was rejected by screening.  Returns ``path``.
+    """
+    central = payload.get("central", {})
+    rounds = sorted(int(r) for r in central)
+    metric = "accuracy" if any("accuracy" in central[str(r)] for r in rounds) else "loss"
+    reports = payload.get("rounds", [])
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    top.plot(rounds, [central[str(r)].get(metric, float("nan")) for r in rounds], marker=".",
+             label=f"{payload.get('config', {}).get('aggregator', 'defence')} (defended run)")
+    undefended = payload.get("undefended_one_step", {})
+    if undefended:
+        u_rounds = sorted(int(r) for r in undefended)
+        top.plot(u_rounds, [undefended[str(r)].get(metric, float("nan")) for r in u_rounds], ls="--", marker=".",
+                 color="tab:red", label="plain mean: one step from the same model")
+    top.set_ylabel(f"central test {metric}")
+    if metric == "accuracy":
+        top.set_ylim(0, 1)
+    top.grid(alpha=0.3)
+    top.set_title(title)
+    top.legend(loc="best", fontsize=8)
+    nodes = sorted({int(n) for rep in reports for n in rep.get("sampled", [])})
+    row = {n: i for i, n in enumerate(nodes)}
+    claims: dict[int, int] = {}
+    for rep in reports:
+        claims.update({int(n): int(p) for n, p in rep.get("partition_ids", {}).items()})
+    malicious = set(payload.get("malicious_partitions", []))
+    fx, fy, rx, ry = [], [], [], []
+    for rep in reports:
+        rnd = int(rep["server_round"])
+        for n in rep.get("filtered", []):
+            fx.append(rnd)
+            fy.append(row.get(int(n), -1))
+        for n in rep.get("rejected", {}):
+            if int(n) in row:
+                rx.append(rnd)
+                ry.append(row[int(n)])
+    bottom.scatter(fx, fy, marker="x", color="tab:red", label="filtered by the defence")
+    bottom.scatter(rx, ry, marker="o", facecolors="none", edgecolors="tab:gray", label="rejected by screening")
+    if len(nodes) <= 40:
+        labels = []
+        for n in nodes:
+            claim = claims.get(n)
+            mark = "*" if claim is not None and claim in malicious else ""
+            labels.append(f"{n}" + (f" (p{claim}{mark})" if claim is not None else ""))
+        bottom.set_yticks(range(len(nodes)))
+        bottom.set_yticklabels(labels, fontsize=6)
+    bottom.set_ylim(-1, max(len(nodes), 1))
+    bottom.set_ylabel("node id (claimed partition)")
+    bottom.set_xlabel("server round")
+    bottom.grid(alpha=0.3)
+    bottom.legend(loc="upper right", fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def load_result(path: Path) -> dict[str, Any]:
     """Read one results JSON written by the ServerApp."""
     return json.loads(Path(path).read_text(encoding="utf-8"))

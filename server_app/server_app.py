@@ -33,7 +33,7 @@ from flwr_byzantine.config import SCALE_PARAM, RunConfig, check_federation
 from flwr_byzantine.data import dataset_info, load_test_set
 from flwr_byzantine.federation import malicious_partition_ids
 from flwr_byzantine.models import build_model, loss_fn_for
-from flwr_byzantine.results import blame, plot_accuracy, safe_stem, write_json_atomic
+from flwr_byzantine.results import blame, plot_run, safe_stem, write_json_atomic
 from flwr_byzantine.strategies.omniscient import OmniscientAdversary
 from flwr_byzantine.strategies.robust_base import RobustStrategy
 from flwr_byzantine.strategies.robust_fedavg import RobustFedAvg
@@ -168,6 +168,7 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, An
         num_nodes, cfg.client_mode, type(inner).__name__, cfg.aggregator, cfg.attack if malicious else "none",
         malicious)
 
+    inner.track_undefended = True  # the plot's "plain mean, one step from the same model" curve
     start_kwargs: dict[str, Any] = {} if omniscient else {"checkpoint": checkpointer}
     result = strategy.start(
         grid=grid,
@@ -196,6 +197,7 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, An
         "total_bytes_down": int(sum(r["bytes_down"] for r in reports)),
         "rejections": {kind: int(sum(r.get("rejection_counts", {}).get(kind, 0) for r in reports))
                        for kind in REJECTION_KINDS},
+        "undefended_one_step": {str(r): m for r, m in sorted(strategy.undefended_metrics.items())},
         "resumed_from_round": inner.resumed_from,
         "wall_seconds": time.time() - t0,
     }
@@ -209,14 +211,15 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, An
     model_path = out_dir / f"{stem}-model.npz"
     save_model(model_path, result.arrays)
     payload["model_file"] = model_path.name
+    plot_path = plot_run(payload, out_dir / f"{stem}.png",
+                         f"{cfg.dataset}: {num_nodes} clients, {cfg.aggregator}, "
+                         f"{cfg.attack if attacked else 'no attack'} ({len(malicious)} malicious)")
+    payload["plot_file"] = plot_path.name
     write_json_atomic(json_path, payload)
-    if info["task"] == "classification":
-        plot_accuracy({f"{cfg.aggregator} ({cfg.attack if attacked else 'no attack'})": (rounds, acc)},
-                      out_dir / f"{stem}.png", f"{cfg.dataset}: {num_nodes} clients, {len(malicious)} malicious")
     log(INFO, "flwr-byzantine: final accuracy %s; malicious partitions %s; filtered nodes %s "
         "(claimed partitions %s, ambiguous claims %s)", payload["final_accuracy"], malicious,
         blamed["filtered_node_ids"], blamed["filtered_partitions"], blamed["partition_claim_conflicts"])
-    log(INFO, "flwr-byzantine: results written to %s", json_path)
+    log(INFO, "flwr-byzantine: results written to %s, plot to %s", json_path, plot_path)
     return payload
 
 

@@ -45,10 +45,28 @@ def _handler(msg: Message) -> Message:
     return Message(rec, reply_to=msg)
 
 
-def test_results_name_filtered_nodes_not_claimed_partitions(tmp_path):
+def test_results_name_filtered_nodes_not_claimed_partitions(tmp_path, caplog):
+    import logging
+
     cfg = RunConfig.from_mapping({"num-server-rounds": 2, "num-malicious": 0, "output-dir": str(tmp_path),
                                   "aggregator": "rge"})
-    payload = run_federation(FakeGrid(NODES, _handler), object(), cfg)
+    flwr_logger = logging.getLogger("flwr")  # other tests may stop it propagating: listen to it directly
+    direct = not flwr_logger.propagate
+    if direct:
+        flwr_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="flwr"):
+            payload = run_federation(FakeGrid(NODES, _handler), object(), cfg)
+    finally:
+        if direct:
+            flwr_logger.removeHandler(caplog.handler)
+    # the run's plot: the defence against one plain-mean step from the same model, filtered nodes marked
+    plot = tmp_path / payload["plot_file"]
+    assert plot.is_file() and plot.stat().st_size > 10_000
+    assert any(str(plot) in r.getMessage() for r in caplog.records)
+    assert sorted(payload["undefended_one_step"]) == ["1", "2"]
+    for rnd, metrics in payload["undefended_one_step"].items():
+        assert metrics["loss"] != payload["central"][rnd]["loss"]  # the -1e3 rows move the plain mean
     assert payload["filtered_node_ids"] == sorted(ATTACKERS)
     assert payload["filtered_partitions"] == []  # 0 and 3 were claimed by two nodes each: not a label
     assert payload["partition_claim_conflicts"] == [0, 3]

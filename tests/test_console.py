@@ -24,6 +24,18 @@ def attacked(msg):
     return honest_handler()(msg)
 
 
+@pytest.fixture(autouse=True)
+def _listen_to_flwr(caplog):
+    """Capture Flower's logger directly (other tests may stop it propagating to the root logger)."""
+    flwr_logger = logging.getLogger("flwr")
+    direct = not flwr_logger.propagate
+    if direct:
+        flwr_logger.addHandler(caplog.handler)
+    yield
+    if direct:
+        flwr_logger.removeHandler(caplog.handler)
+
+
 def _info_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
 
@@ -34,7 +46,7 @@ def _central(rnd, arrays):
 
 def test_robust_sgd_logs_one_line_per_round_and_a_summary(caplog):
     strategy = RobustSGD(aggregator=RGE(eps_tilde=0.25), learning_rate=0.3)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="flwr"):
         strategy.start(FakeGrid(range(1, 11), attacked), model_record(), num_rounds=ROUNDS, evaluate_fn=_central)
     lines = _info_lines(caplog)
     per_round = [line for line in lines if re.match(r"\[\d+/\d+\] ", line)]
@@ -54,7 +66,7 @@ def test_newton_strategies_use_the_same_loop(caplog, method):
 
     app, *_ = setup(4)
     strategy = Comrade(beta=0.25) if method == "comrade" else Giant()
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="flwr"):
         result = strategy.start(AppGrid(4, app), w0(), num_rounds=3)
     lines = _info_lines(caplog)
     per_round = [line for line in lines if re.match(r"\[\d+/3\] ", line)]

@@ -43,6 +43,8 @@ class RoundLoop:
 
     #: Round the last :meth:`start` resumed from (None: started fresh).
     resumed_from: int | None = None
+    #: Central metrics of :meth:`undefended_arrays` per round (filled by :meth:`start`).
+    undefended_metrics: dict[int, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ hooks
     def round_summary(self, server_round: int) -> str:
@@ -59,6 +61,10 @@ class RoundLoop:
         replies = grid.send_and_receive(messages=self.configure_train(server_round, arrays, config, grid),
                                         timeout=timeout)
         return self.aggregate_train(server_round, replies)
+
+    def undefended_arrays(self, server_round: int) -> ArrayRecord | None:
+        """The model this round's step would have produced with the plain mean (None: not tracked)."""
+        return None
 
     def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """``(JSON part, arrays)`` of the strategy for a checkpoint (strategies that support resuming)."""
@@ -100,6 +106,7 @@ class RoundLoop:
         arrays = initial_arrays
         first_round = 1
         self.resumed_from = None
+        self.undefended_metrics = {}
 
         state = checkpoint.load() if checkpoint is not None else None
         if state is not None:
@@ -129,6 +136,10 @@ class RoundLoop:
             central = evaluate_fn(current_round, arrays) if evaluate_fn else None
             if central is not None:
                 result.evaluate_metrics_serverapp[current_round] = central
+                counterfactual = self.undefended_arrays(current_round)
+                undefended = evaluate_fn(current_round, counterfactual) if counterfactual is not None else None
+                if undefended is not None:
+                    self.undefended_metrics[current_round] = dict(undefended)
             parts = [self.round_summary(current_round)]
             if central is not None:
                 parts.append(f"central: {format_metrics(central)}")

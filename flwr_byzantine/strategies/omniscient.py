@@ -168,6 +168,10 @@ class OmniscientAdversary(RoundLoop, Strategy):
             did = f" ({self.attack.name}: crafted {rec.crafted})" if rec.crafted else f" (erased {rec.erased})"
         return f"corrupt nodes {self.corrupt_nodes(server_round)}{did}; {inner}"
 
+    def undefended_arrays(self, server_round: int) -> ArrayRecord | None:
+        """The wrapped strategy's plain-mean counterfactual (it saw the tampered replies)."""
+        return self.strategy.undefended_arrays(server_round) if isinstance(self.strategy, RoundLoop) else None
+
     def final_summary(self) -> str:
         """The wrapped strategy's final summary."""
         return self.strategy.final_summary() if isinstance(self.strategy, RoundLoop) else ""

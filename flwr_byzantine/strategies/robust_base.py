@@ -206,6 +206,9 @@ class RobustStrategy(RoundLoop, Strategy):
         self._round_t0 = time.perf_counter()
         #: Round the last :meth:`start` resumed from (None: started fresh).
         self.resumed_from: int | None = None
+        #: Also compute the plain mean's step each round (:meth:`undefended_arrays`, for the run plot).
+        self.track_undefended = False
+        self._undefended: tuple[int, ArrayRecord] | None = None
 
     # ------------------------------------------------------------ subclass hooks
     #: Hints appended to the rejection reason when a reply carries this record instead of ``reply_key``.
@@ -378,6 +381,13 @@ class RobustStrategy(RoundLoop, Strategy):
         report.info = {k: v for k, v in res.info.items()
                        if k in ("sigma0_sq", "solver_iterations", "max_relative_gap")}
 
+        self._undefended = None
+        if self.track_undefended:  # the same step with the plain mean (before the real one: _step may stage state)
+            with np.errstate(over="ignore", invalid="ignore"):
+                x_mean = self._step(self._x, G.astype(np.float64).mean(axis=0), lr)
+                undefended = self._layout.unflatten(x_mean) if np.isfinite(x_mean).all() else None
+                if undefended is not None and np.isfinite(self._layout.flatten(undefended, np.float64)).all():
+                    self._undefended = (server_round, undefended)
         with np.errstate(over="ignore", invalid="ignore"):
             x_new = self._step(self._x, g_hat, lr)
         new_arrays = None
@@ -578,6 +588,18 @@ class RobustStrategy(RoundLoop, Strategy):
             raise CheckpointError(f"checkpoint aggregator state is unusable: {exc}") from exc
         self.history = history
         self.invalid_streak = streak
+
+    # ------------------------------------------------------------ loop hooks
+    def undefended_arrays(self, server_round: int) -> ArrayRecord | None:
+        """With ``track_undefended``: x_t moved by the plain mean of the same valid replies.
+
+        A one-step counterfactual (the step taken from the *defended* x_t), for the
+        plot's "what the undefended mean would do" curve; None when not tracked,
+        not finite, or the round was skipped.
+        """
+        if self._undefended is None or self._undefended[0] != server_round:
+            return None
+        return self._undefended[1]
 
     # ------------------------------------------------------------ loop hooks (checkpoints)
     def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
