@@ -397,7 +397,8 @@ def test_newton_config_defaults_validation_and_unknown_keys():
     assert cfg.beta == 0.3 and cfg.num_server_rounds == 4 and cfg.method == "comrade"
     assert cfg.as_dict()["newton-lambda"] == cfg.lam
     for bad in ({"newton-beta": 1.0}, {"newton-method": "sgd"}, {"newton-lambda": "x"},
-                {"newton-attack": "bogus"}, {"num-server-rounds": 0}, {"newton-step-size": 0}):
+                {"newton-attack": "bogus"}, {"num-server-rounds": 0}, {"newton-step-size": 0},
+                {"newton-bta": 0.3}, {"no-such-key": 1}):
         with pytest.raises(NewtonConfigError):
             NewtonConfig.from_mapping(bad)
 

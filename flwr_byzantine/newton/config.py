@@ -4,8 +4,10 @@ The ServerApp ``server_app/newton_server_app.py`` and the ClientApp
 ``clients/newton_client_app.py`` read the keys below from ``context.run_config`` (``flwr run
 --run-config``) merged with programmatic overrides (``build_newton_*_app(overrides)``, used by
 ``run_simulation``).  Keys specific to Newton methods carry a ``newton-`` prefix so they cannot
-clash with the gradient app's keys in the same ``pyproject.toml``; unknown keys are ignored for
-the same reason.  Bad values raise :class:`NewtonConfigError` naming the key.
+clash with the gradient app's keys in the same ``pyproject.toml``; the gradient app's keys
+(:data:`flwr_byzantine.config.DEFAULTS`) are accepted and ignored for the same reason, any other
+key (a typo such as ``newton-bta``) is refused.  Bad values raise :class:`NewtonConfigError`
+naming the key.
 """
 
 from __future__ import annotations
@@ -115,12 +117,20 @@ class NewtonConfig:
 
     @classmethod
     def from_mapping(cls, *mappings: Mapping[str, Any] | None) -> "NewtonConfig":
-        """Merge ``mappings`` (later wins) over :data:`NEWTON_DEFAULTS`; unknown keys are ignored."""
+        """Merge ``mappings`` (later wins) over :data:`NEWTON_DEFAULTS`.
+
+        The gradient app's keys are ignored (same ``pyproject.toml`` table); any other
+        unknown key raises :class:`NewtonConfigError`.
+        """
+        from ..config import DEFAULTS as GRADIENT_DEFAULTS  # pure Python, no cycle at import time
+
         cfg = dict(NEWTON_DEFAULTS)
         for mapping in mappings:
             for key, val in (mapping or {}).items():
                 if key in cfg:
                     cfg[key] = val
+                elif key not in GRADIENT_DEFAULTS:
+                    raise NewtonConfigError(f"unknown run config key '{key}'; Newton keys: {sorted(NEWTON_DEFAULTS)}")
         return cls(
             num_server_rounds=int(_num(cfg, "num-server-rounds", lo=1, integer=True)),
             seed=int(_num(cfg, "seed", lo=0, integer=True)),
