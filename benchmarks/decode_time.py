@@ -1,39 +1,40 @@
-"""Decode-time benchmark: every aggregation rule as a ratio to the plain mean, in the same run.
+"""Decode-time benchmark: every rule as a ratio to ``np.mean(G, axis=0)`` measured in the same process.
 
 One command::
 
-    python -m benchmarks.decode_time [--quick] [--out DIR]
+    nice -n 5 python -m benchmarks.decode_time [--quick] [--device cpu|cuda] [--out DIR]
 
-For every ``R`` in {20, 100} and ``d`` in {1e4, 1e6} (``--quick``: R in {10, 20},
-d in {1e3, 1e4}) one float32 ``R x d`` round is built: honest rows ``N(0, I_d)`` and
-``f = eps R`` Byzantine rows (eps = 0.2) colluding on a common shift ``2 sqrt(d) u``
-(``u`` a random unit vector; the honest spread is ``E||g - mean||^2 = d``), the
-attacked case in which filters iterate.  Then, in the same process and on the same
-matrix, it times:
+Every time is the median of ``--repeats`` (>= 5) calls, interleaved with as many calls of
+``np.mean(G, axis=0)`` on the same float32 matrix (the denominator of every ratio), with
+the BLAS/OpenMP pools limited to ``--blas-threads`` (default 1) for the whole process
+(except in the ``threads`` section).  Sections (``--sections``, default all):
 
-* the plain mean, ``Mean().aggregate(G)`` (our interface: input validation + mean),
-  the denominator of every ratio; ``np.mean(G, axis=0)`` is recorded too;
-* every rule of :mod:`flwr_byzantine.aggregators` (``rge`` with ``eps_tilde = eps`` and
-  automatic sigma_0; peers told ``f``; ``bucketing:cclip``, ``nnm:cclip``), a fresh
-  instance per call (centred clipping and bucketing are stateful);
-* Flower's own rules (``--no-flower`` skips them): ``aggregate_train`` of
-  ``flwr.serverapp.strategy`` ``FedMedian``, ``FedTrimmedAvg`` (``beta = eps``), ``Krum``,
-  ``MultiKrum``, ``Bulyan`` and, as their own baseline, ``FedAvg`` on ``R`` model
-  replies (one float32 array each, ``num-examples`` 32).  The replies are rebuilt
-  before every call, untimed (Flower's median, trimmed mean and Bulyan consume them).
-  Flower's ``ArrayRecord.to_numpy_ndarrays(keep_input=False)`` (used by its Bulyan)
-  calls ``gc.collect()`` once per reply; those collections are skipped
-  (:class:`benchmarks.robustness.without_flower_gc`), so the timings measure the rule,
-  not the size of the interpreter's heap (with torch loaded each collection costs
-  about 0.3 s on the benchmark machine: R of them per round).
+* ``grid``: every rule of :mod:`flwr_byzantine.aggregators` at R in {20, 100}, d in {1e4, 1e5}
+  (f = 0.2 R Byzantine rows on a common ``2 sqrt(d)`` shift), and for each peer the *best
+  numpy formulation of the same rule* (partition on contiguous transposed blocks, one
+  ``G @ G.T``, ...) timed alongside: the ``vs best`` column.  ``--flower`` adds Flower's
+  strategies (``aggregate_train`` on R replies).
+* ``small``: the App's size, R = 20, d = 650: digits logistic-regression mini-batch gradients
+  of 20 Dirichlet(alpha) clients at several points of a training run, 4 of which are replaced
+  by ``-5x`` another client's gradient; RGE's milliseconds per decode (median and 90th
+  percentile over the rounds).
+* ``large``: R = 100, d = 1e6, 20 attackers, far (``2 sqrt(d)`` shift) and ALIE-like (a
+  cluster 0.5 std off the honest mean): ``Mean``, the registry's default ``rge``, the paper's
+  RGE (exact) and ``rge-fast`` (sketched Gram, spectral steps above 64 points, stopping
+  constant 1.5); attackers removed / honest dropped.
+* ``xlarge``: R = 1000, d = 1e5, 200 attackers, same two attacks, ``rge-fast`` only (the exact
+  Gram alone is O(d R^2) = 1e11 flops).
+* ``randk``: RGE on the uncompressed ``R x d`` round against the ``R x d/100`` randk round
+  (R = 100, d = 1e6, the randk benchmark's colluding attack).
+* ``threads``: RGE (exact and fast, and the process setting ``blas_threads=None``) with the
+  process limited to 1 and to 2 BLAS threads.
+* ``agreement``: kept sets of ``rge-fast``'s sketched filter against the exact filter (same
+  rule, exact Gram) over attacks x seeds at R = 100, d = 1e5.
 
-Each time is the median of ``--repeats`` calls (the mean: of at least 5), after one
-untimed warm-up call for ``d <= 1e5`` (none at ``d = 1e6``, where a call is long
-enough).  ``--blas-threads`` limits BLAS/OpenMP threads (default 1: the machine
-is usually shared).  Outputs in ``--out`` (default ``benchmarks/results``):
-``decode_time.json``, ``decode_time.md`` (also printed) and ``decode_time.png``.
-Timings depend on the machine and its load; ratios taken in the same run are the
-comparable quantity.
+``--device cuda`` runs the rules on CUDA tensors (the denominator is then ``torch.mean``).
+Outputs in ``--out`` (default ``benchmarks/results``): ``decode_time.json``,
+``decode_time.md`` (also printed) and ``decode_time.png``.  Timings depend on the machine
+and its load; the ratios taken in the same run are the comparable quantity.
 """
 
 from __future__ import annotations
@@ -53,180 +54,512 @@ import numpy as np
 RULES = ("rge", "median", "trimmed-mean", "krum", "multi-krum", "bulyan", "geomed", "cclip", "bucketing:cclip",
          "nnm:cclip")
 FLOWER = ("flwr-fedavg", "flwr-fedmedian", "flwr-fedtrimmedavg", "flwr-krum", "flwr-multikrum", "flwr-bulyan")
+SECTIONS = ("grid", "small", "large", "xlarge", "randk", "threads", "agreement")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+#: The fast RGE configuration measured here (sketched Gram, spectral steps for large R, calibrated stop).
+FAST = {"sketch_dim": 2048, "spectral_above": 64, "threshold_factor": 1.5}
 
 
-def make_round(R: int, d: int, eps: float, seed: int) -> tuple[np.ndarray, int]:
-    """Float32 ``(R, d)`` round with ``f = round(eps R)`` shifted Byzantine rows first; returns ``(G, f)``."""
+def rge_fast(eps: float, R: int, seed: int = 0, **extra: Any):
+    """RGE with :data:`FAST` (sketch length 1024 from R = 500 on: its R x R Gram stays cheap)."""
+    from flwr_byzantine.aggregators import RGE
+
+    params = dict(FAST) | extra
+    if R >= 500:
+        params["sketch_dim"] = 1024
+    return RGE(eps_tilde=min(eps, 0.25), seed=seed, **params)
+
+
+def make_round(R: int, d: int, eps: float, seed: int, kind: str = "far") -> tuple[np.ndarray, int]:
+    """Float32 ``(R, d)`` round with ``f = round(eps R)`` Byzantine rows first; returns ``(G, f)``.
+
+    ``far``: honest ``N(0, I)``, Byzantine shifted by a common ``2 sqrt(d) u``.  ``alie``: the
+    Byzantine rows are the honest mean minus 0.5 honest standard deviations per coordinate,
+    plus ``0.1 N(0, I)`` (a tight cluster).
+    """
     rng = np.random.default_rng(seed)
     G = rng.standard_normal((R, d), dtype=np.float32)
     f = int(round(eps * R))
-    u = rng.standard_normal(d)
-    u *= 2.0 * np.sqrt(d) / np.linalg.norm(u)
-    G[:f] += u.astype(np.float32)
+    if kind == "far":
+        u = rng.standard_normal(d)
+        u *= 2.0 * np.sqrt(d) / np.linalg.norm(u)
+        G[:f] += u.astype(np.float32)
+    elif kind == "alie":
+        H = G[f:]
+        target = H.mean(axis=0) - 0.5 * H.std(axis=0)
+        G[:f] = target + 0.1 * rng.standard_normal((f, d), dtype=np.float32)
+    else:
+        raise ValueError(f"unknown attack kind {kind!r}")
     return G, f
 
 
-def _time(fn: Callable[[], Any], repeats: int, warmup: bool, setup: Callable[[], Any] | None = None) -> list[float]:
-    """``repeats`` timed calls of ``fn(setup())`` (or ``fn()``), after an optional untimed warm-up call."""
-    def once() -> float:
-        arg = setup() if setup is not None else None
+class Timer:
+    """Interleaves every timed call with a call of the reference mean on the same matrix."""
+
+    def __init__(self, G: Any, repeats: int) -> None:
+        self.G = G
+        self.repeats = max(int(repeats), 5)
+        from flwr_byzantine._backend import is_torch
+
+        if is_torch(G):
+            import torch
+
+            self.ref = lambda: torch.mean(G, dim=0)
+            self.sync = (lambda: torch.cuda.synchronize()) if G.device.type == "cuda" else (lambda: None)
+        else:
+            self.ref = lambda: np.mean(G, axis=0)
+            self.sync = lambda: None
+        self.ref_times: list[float] = []
+
+    def _once(self, fn: Callable[[], Any]) -> tuple[float, Any]:
+        self.sync()
         t0 = time.perf_counter()
-        fn(arg) if setup is not None else fn()  # type: ignore[call-arg]
-        return time.perf_counter() - t0
+        out = fn()
+        self.sync()
+        return time.perf_counter() - t0, out
 
-    if warmup:
-        once()
-    return [once() for _ in range(repeats)]
+    def time(self, fn: Callable[[], Any], warmup: bool = True, repeats: int | None = None) -> dict[str, Any]:
+        """Median seconds of ``fn`` and its ratio to the median reference time (both over the same loop)."""
+        if warmup:
+            fn()
+        ts, refs, out = [], [], None
+        for _ in range(repeats or self.repeats):
+            refs.append(self._once(self.ref)[0])
+            t, out = self._once(fn)
+            ts.append(t)
+        self.ref_times += refs
+        med, ref = statistics.median(ts), statistics.median(refs)
+        return {"seconds": med, "all_seconds": ts, "ratio": med / ref, "ref_seconds": ref, "result": out}
 
 
-def flower_rule(name: str, R: int, f: int, eps: float):
-    """Flower's strategy ``name`` configured for ``R`` replies with ``f`` Byzantine."""
+def _kept_stats(res: Any, f: int, R: int) -> dict[str, int]:
+    kept = np.asarray(res.kept)
+    return {"byzantine_kept": int(np.sum(kept < f)), "honest_dropped": int((R - f) - np.sum(kept >= f))}
+
+
+def _device(G: np.ndarray, device: str) -> Any:
+    if device == "cpu":
+        return G
+    import torch
+
+    return torch.as_tensor(G, device=device)
+
+
+# ---------------------------------------------------------------------------------------------- best numpy
+
+
+def best_numpy(name: str, G: np.ndarray, f: int) -> Callable[[], Any] | None:
+    """The fastest plain-numpy formulation we know of rule ``name`` (no diagnostics), or None."""
+    R, d = G.shape
+    step = max(1, (1 << 22) // R)
+
+    def windowed(b: int) -> np.ndarray:
+        out = np.empty(d, G.dtype)
+        kth = [b] if R - 2 * b == 1 else [b, R - b - 1]
+        for s in range(0, d, step):
+            P = np.partition(np.ascontiguousarray(G[:, s : s + step].T), kth, axis=1)
+            out[s : s + step] = P[:, b : R - b].mean(axis=1)
+        return out
+
+    def sq_dist() -> np.ndarray:
+        K = (G @ G.T).astype(np.float64)
+        n = np.diag(K)
+        D = n[:, None] + n[None, :] - 2.0 * K
+        np.fill_diagonal(D, np.inf)
+        return D
+
+    def krum_scores(D: np.ndarray, k: int) -> np.ndarray:
+        return np.sort(D, axis=1)[:, :k].sum(axis=1)
+
+    if name == "median":
+        return lambda: windowed((R - 1) // 2)
+    if name == "trimmed-mean":
+        return lambda: windowed(f)
+    if name == "krum":
+        return lambda: G[int(np.argmin(krum_scores(sq_dist(), R - f - 2)))].copy()
+    if name == "multi-krum":
+        return lambda: G[np.sort(np.argsort(krum_scores(sq_dist(), R - f - 2))[: R - f])].mean(axis=0)
+    if name == "cclip":
+        def cclip() -> np.ndarray:
+            v = windowed((R - 1) // 2)
+            for _ in range(3):
+                diff = G - v
+                dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+                tau = np.median(dist)
+                a = (np.minimum(1.0, tau / np.maximum(dist, 1e-30)) / R).astype(G.dtype)
+                v = (1 - a.sum()) * v + a @ G
+            return v
+        return cclip
+    if name == "bulyan" and R >= 4 * f + 3:
+        def bulyan() -> np.ndarray:
+            D = sq_dist()
+            theta, beta = R - 2 * f, R - 4 * f
+            rem, sel = list(range(R)), []
+            while len(sel) < theta:
+                if len(rem) == 1:
+                    sel.append(rem.pop())
+                    continue
+                k = min(max(len(rem) - f - 2, 1), len(rem) - 1)
+                sel.append(rem.pop(int(np.argmin(krum_scores(D[np.ix_(rem, rem)], k)))))
+            S = G[np.sort(sel)]
+            out = np.empty(d, G.dtype)
+            for s in range(0, d, step):
+                V = np.sort(np.ascontiguousarray(S[:, s : s + step].T), axis=1)
+                m = 0.5 * (V[:, (theta - 1) // 2] + V[:, theta // 2])
+                idx = np.argsort(np.abs(V - m[:, None]), axis=1)[:, :beta]
+                out[s : s + step] = np.take_along_axis(V, idx, axis=1).mean(axis=1)
+            return out
+        return bulyan
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- sections
+
+
+def section_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from flwr_byzantine.aggregators import Mean, build_for_federation
+
+    Rs = [12, 20] if args.quick else [20, 100]
+    dims = [1000, 10_000] if args.quick else [10_000, 100_000]
+    cases = []
+    for R in Rs:
+        for d in dims:
+            G, f = make_round(R, d, args.eps, args.seed + R + d)
+            X = _device(G, args.device)
+            timer = Timer(X, args.repeats)
+            rows: dict[str, dict[str, Any]] = {"mean": _strip(timer.time(lambda: Mean().aggregate(X)))}
+            for rule in args.rules:
+                try:
+                    t = timer.time(lambda rule=rule: build_for_federation(rule, R, args.eps).aggregate(X))
+                except ValueError as exc:  # e.g. Bulyan needs R >= 4f + 3
+                    rows[rule] = {"seconds": None, "ratio": None, "error": str(exc)}
+                    continue
+                row = _strip(t) | _kept_stats(t["result"], f, R)
+                best = best_numpy(rule, G, f) if args.device == "cpu" else None
+                if best is not None:
+                    b = timer.time(best)
+                    row["best_numpy_seconds"] = b["seconds"]
+                    row["vs_best_numpy"] = t["seconds"] / b["seconds"]
+                rows[rule] = row
+            for name in (FLOWER if args.flower else ()):
+                rows[name] = _strip(flower_time(name, G, f, args.eps, timer))
+            cases.append({"R": R, "d": d, "f": f, "np_mean_seconds": statistics.median(timer.ref_times),
+                          "rules": rows})
+            print(f"grid R={R} d={d}: done", flush=True)
+    return cases
+
+
+def flower_time(name: str, G: np.ndarray, f: int, eps: float, timer: Timer) -> dict[str, Any]:
+    """``aggregate_train`` of Flower's strategy ``name`` on R fresh model replies (rebuilt untimed)."""
     from flwr.serverapp import strategy as fs
 
-    if name == "flwr-fedavg":
-        return fs.FedAvg(fraction_evaluate=0.0)
-    if name == "flwr-fedmedian":
-        return fs.FedMedian(fraction_evaluate=0.0)
-    if name == "flwr-fedtrimmedavg":
-        return fs.FedTrimmedAvg(beta=eps, fraction_evaluate=0.0)
-    if name == "flwr-krum":
-        return fs.Krum(num_malicious_nodes=f, fraction_evaluate=0.0)
-    if name == "flwr-multikrum":
-        return fs.MultiKrum(num_malicious_nodes=f, num_nodes_to_select=R - f, fraction_evaluate=0.0)
-    if name == "flwr-bulyan":
-        return fs.Bulyan(num_malicious_nodes=f, fraction_evaluate=0.0)
-    raise ValueError(f"unknown Flower rule {name!r}")
-
-
-def model_replies(G: np.ndarray) -> list[Any]:
-    """One Flower reply Message per row: ``{"arrays": ArrayRecord({"w": row}), "metrics": num-examples}``."""
+    from benchmarks.inprocess import set_server_identity
+    from benchmarks.robustness import without_flower_gc
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-    from benchmarks.inprocess import set_server_identity
-
+    R = G.shape[0]
+    strategy = {
+        "flwr-fedavg": lambda: fs.FedAvg(fraction_evaluate=0.0),
+        "flwr-fedmedian": lambda: fs.FedMedian(fraction_evaluate=0.0),
+        "flwr-fedtrimmedavg": lambda: fs.FedTrimmedAvg(beta=eps, fraction_evaluate=0.0),
+        "flwr-krum": lambda: fs.Krum(num_malicious_nodes=f, fraction_evaluate=0.0),
+        "flwr-multikrum": lambda: fs.MultiKrum(num_malicious_nodes=f, num_nodes_to_select=R - f, fraction_evaluate=0.0),
+        "flwr-bulyan": lambda: fs.Bulyan(num_malicious_nodes=f, fraction_evaluate=0.0),
+    }[name]()
     set_server_identity()
+
+    def replies() -> list[Any]:
+        out = []
+        for i, row in enumerate(G):
+            ins = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=i + 1,
+                          message_type=MessageType.TRAIN, group_id="1")
+            ins.metadata.__dict__["_message_id"] = f"m{i}"
+            out.append(Message(RecordDict({"arrays": ArrayRecord({"w": Array(row)}),
+                                           "metrics": MetricRecord({"num-examples": 32})}), reply_to=ins))
+        return out
+
+    ts, refs = [], []
+    for _ in range(timer.repeats):
+        rep = replies()
+        refs.append(timer._once(timer.ref)[0])
+        with without_flower_gc():
+            ts.append(timer._once(lambda: strategy.aggregate_train(1, rep))[0])
+    med, ref = statistics.median(ts), statistics.median(refs)
+    return {"seconds": med, "all_seconds": ts, "ratio": med / ref, "ref_seconds": ref}
+
+
+def digits_rounds(R: int = 20, nb: int = 4, alphas=(0.3, 1.0), seeds=(0, 1), steps=(0, 3, 10, 30, 60),
+                  batch: int = 32) -> list[np.ndarray]:
+    """float32 ``(R, 650)`` rounds: logistic-regression mini-batch gradients of R digits clients along a
+    training run (the mean of the honest ones, step 0.5), rows ``0..nb-1`` replaced by ``-5x`` rows ``nb..2nb-1``."""
+    import torch
+    import torch.nn.functional as F
+
+    from flwr_byzantine.data.partition import load_partition
+    from flwr_byzantine.models import build_model
+
     out = []
-    for i, row in enumerate(G):
-        ins = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=i + 1,
-                      message_type=MessageType.TRAIN, group_id="1")
-        ins.metadata.__dict__["_message_id"] = f"m{i}"
-        out.append(Message(RecordDict({"arrays": ArrayRecord({"w": Array(row)}),
-                                       "metrics": MetricRecord({"num-examples": 32})}), reply_to=ins))
+    for alpha in alphas:
+        for seed in seeds:
+            parts = [load_partition("digits", i, R, alpha, seed) for i in range(R)]
+            model = build_model("logreg", 64, 10, seed)
+            rng = np.random.default_rng(seed)
+            for step in range(max(steps) + 1):
+                grads = []
+                for X, y in parts:
+                    idx = rng.choice(len(y), size=min(batch, len(y)), replace=False)
+                    model.zero_grad()
+                    F.cross_entropy(model(torch.as_tensor(X[idx])), torch.as_tensor(y[idx])).backward()
+                    grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy().copy())
+                G = np.stack(grads).astype(np.float32)
+                if step in steps:
+                    A = G.copy()
+                    A[:nb] = -5.0 * G[nb : 2 * nb]
+                    out.append(A)
+                mean = torch.as_tensor(G[nb:].mean(axis=0))
+                with torch.no_grad():
+                    off = 0
+                    for p in model.parameters():
+                        p -= 0.5 * mean[off : off + p.numel()].reshape(p.shape)
+                        off += p.numel()
     return out
 
 
-def run_case(R: int, d: int, eps: float, rules: list[str], flower: list[str], repeats: int,
-             seed: int) -> dict[str, Any]:
-    """Time every rule on one ``(R, d)`` round."""
+def section_small(args: argparse.Namespace) -> dict[str, Any]:
+    from flwr_byzantine.aggregators import RGE, build_for_federation
 
-    from flwr_byzantine.aggregators import Mean
-
-    from benchmarks.mean_estimation import build_rule
-    from benchmarks.robustness import without_flower_gc
-
-    G, f = make_round(R, d, eps, seed + R + d)
-    warm = d <= 100_000
-    t_mean = statistics.median(_time(lambda: Mean().aggregate(G), max(repeats, 5), True))
-    t_np = statistics.median(_time(lambda: np.mean(G, axis=0), max(repeats, 5), True))
-    rows: dict[str, dict[str, Any]] = {}
-    for rule in rules:
-        kept: list[Any] = []
-
-        def call(rule: str = rule) -> None:
-            res = build_rule(rule, R, f, eps).aggregate(G)
-            kept.append(res.kept)
-
-        try:
-            times = _time(call, repeats, warm)
-        except ValueError as exc:  # e.g. Bulyan needs R >= 4f + 3
-            rows[rule] = {"seconds": None, "ratio_to_mean": None, "error": str(exc)}
-            continue
-        byz_kept = int(np.sum(np.asarray(kept[-1]) < f)) if kept else None
-        rows[rule] = {"seconds": statistics.median(times), "all_seconds": times,
-                      "ratio_to_mean": statistics.median(times) / t_mean, "byzantine_kept": byz_kept}
-    t_fedavg = None
-    for name in flower:
-        strategy = flower_rule(name, R, f, eps)
-        def agg_call(replies: list[Any], s: Any = strategy) -> None:
-            with without_flower_gc():
-                s.aggregate_train(1, replies)
-
-        times = _time(agg_call, repeats, warm, setup=lambda: model_replies(G))
-        rows[name] = {"seconds": statistics.median(times), "all_seconds": times,
-                      "ratio_to_mean": statistics.median(times) / t_mean}
-        if name == "flwr-bulyan" and R < 4 * f + 3:
-            rows[name]["note"] = "skipped aggregation (needs R >= 4f + 3)"
-        if name == "flwr-fedavg":
-            t_fedavg = rows[name]["seconds"]
-    if t_fedavg:
-        for name in flower:
-            rows[name]["ratio_to_flwr_fedavg"] = rows[name]["seconds"] / t_fedavg
-    return {"R": R, "d": d, "f": f, "mean_seconds": t_mean, "np_mean_seconds": t_np, "rules": rows}
+    rounds = digits_rounds(alphas=(1.0,), seeds=(0,), steps=(0, 10)) if args.quick else digits_rounds()
+    rows: dict[str, Any] = {}
+    for name, make in (("rge (paper)", lambda: RGE(eps_tilde=args.eps)),
+                       ("rge (registry default)", lambda: build_for_federation("rge", 20, args.eps)),
+                       ("rge-fast", lambda: rge_fast(args.eps, 20))):
+        ms, ratios, byz, hon, iters = [], [], [], [], []
+        for G in rounds:
+            X = _device(G, args.device)
+            t = Timer(X, args.repeats).time(lambda: make().aggregate(X))
+            ms.append(1e3 * t["seconds"])
+            ratios.append(t["ratio"])
+            st = _kept_stats(t["result"], 4, 20)
+            byz.append(st["byzantine_kept"])
+            hon.append(st["honest_dropped"])
+            iters.append(t["result"].info.get("solver_iterations", 0))
+        rows[name] = {"ms_median": float(np.median(ms)), "ms_p90": float(np.percentile(ms, 90)),
+                      "ms_max": float(np.max(ms)), "ratio_median": float(np.median(ratios)),
+                      "byzantine_kept_mean": float(np.mean(byz)), "honest_dropped_mean": float(np.mean(hon)),
+                      "solver_iterations_median": float(np.median(iters)), "ms_all": ms}
+    print("small: done", flush=True)
+    return {"R": 20, "d": int(rounds[0].shape[1]), "rounds": len(rounds), "rules": rows}
 
 
-def render_markdown(payload: dict[str, Any]) -> str:
-    """Table: rows = rules, columns = (R, d): median time and ratio to the plain mean."""
-    cases = payload["cases"]
-    cols = [f"R={c['R']}, d={c['d']:.0e}" for c in cases]
-    lines = ["# Decode time: every rule as a ratio to the plain mean (same run)", "",
-             f"Command: `{payload['command']}`", "",
-             f"float32 rounds, eps = {payload['config']['eps']} (f = eps R Byzantine rows on a common 2 sqrt(d) shift); "
-             f"median of {payload['config']['repeats']} calls; BLAS threads: {payload['config']['blas_threads']}; "
-             f"machine: {payload['machine']} (shared, loaded). Cell: ratio to `Mean().aggregate` "
-             "(absolute time in parentheses). Flower's rules: `aggregate_train` on R model replies; the last "
-             "column group repeats their ratio to Flower's own FedAvg.", "",
-             "| rule | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    lines.append("| mean (seconds) | " + " | ".join(f"{c['mean_seconds'] * 1e3:.2f} ms" for c in cases) + " |")
-    names = list(cases[0]["rules"]) if cases else []
-    for name in names:
-        cells = []
-        for c in cases:
-            r = c["rules"][name]
-            if r.get("seconds") is None:
-                cells.append("n/a")
+def section_scale(args: argparse.Namespace, R: int, d: int, exact: bool) -> list[dict[str, Any]]:
+    from flwr_byzantine.aggregators import RGE, Mean, build_for_federation
+
+    out = []
+    for kind in ("far", "alie"):
+        G, f = make_round(R, d, 0.2, args.seed + R, kind)
+        X = _device(G, args.device)
+        timer = Timer(X, args.repeats)
+        rows: dict[str, Any] = {"mean": _strip(timer.time(lambda: Mean().aggregate(X), warmup=False))}
+        rules: list[tuple[str, Callable[[], Any]]] = [("rge-fast", lambda: rge_fast(0.2, R))]
+        if exact:
+            rules = [("rge (registry default)", lambda: build_for_federation("rge", R, 0.2)),
+                     ("rge (paper, exact)", lambda: RGE(eps_tilde=0.2)), *rules]
+        for name, make in rules:
+            t = timer.time(lambda make=make: make().aggregate(X), warmup=False)
+            info = t["result"].info
+            rows[name] = _strip(t) | _kept_stats(t["result"], f, R) | {
+                "gram_seconds": info.get("gram_seconds"), "filter_seconds": info.get("filter_seconds")}
+        out.append({"R": R, "d": d, "f": f, "attack": kind, "np_mean_seconds": statistics.median(timer.ref_times),
+                    "rules": rows})
+        print(f"scale R={R} d={d} {kind}: done", flush=True)
+        del G, X
+    return out
+
+
+def section_randk(args: argparse.Namespace) -> dict[str, Any]:
+    from flwr_byzantine.aggregators import RGE
+    from flwr_byzantine.compression import draw_coordinates, randk_compress
+
+    from benchmarks.randk import round_matrix
+
+    R, d = (40, 100_000) if args.quick else (100, 1_000_000)
+    G = round_matrix(R, d, R // 10, args.seed)
+    Gk = randk_compress(G, draw_coordinates(d, d // 100, args.seed, 1)).astype(np.float32)
+    timer = Timer(G, args.repeats)
+    full = timer.time(lambda: RGE(eps_tilde=0.25).aggregate(G), warmup=False)
+    comp = timer.time(lambda: RGE(eps_tilde=0.25).aggregate(Gk))
+    print("randk: done", flush=True)
+    return {"R": R, "d": d, "k": d // 100, "uncompressed": _strip(full), "compressed": _strip(comp),
+            "speedup": full["seconds"] / comp["seconds"]}
+
+
+def section_threads(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from threadpoolctl import threadpool_limits
+
+    from flwr_byzantine.aggregators import RGE
+
+    R, d = (40, 100_000) if args.quick else (100, 1_000_000)
+    G, _ = make_round(R, d, 0.2, args.seed)
+    rows = []
+    for name, make in (("rge (blas_threads=1, default)", lambda: RGE(eps_tilde=0.2)),
+                       ("rge (process setting)", lambda: RGE(eps_tilde=0.2, blas_threads=None)),
+                       ("rge-fast (process setting)", lambda: rge_fast(0.2, R, blas_threads=None))):
+        row: dict[str, Any] = {"rule": name}
+        for n in (1, 2):
+            with threadpool_limits(limits=n):
+                row[f"threads_{n}"] = _strip(Timer(G, args.repeats).time(lambda: make().aggregate(G), warmup=False))
+        row["slowdown_2_vs_1"] = row["threads_2"]["seconds"] / row["threads_1"]["seconds"]
+        rows.append(row)
+    print("threads: done", flush=True)
+    return rows
+
+
+def section_agreement(args: argparse.Namespace) -> dict[str, Any]:
+    from flwr_byzantine.aggregators import RGE
+
+    R, d = (40, 20_000) if args.quick else (100, 100_000)
+    seeds = range(2 if args.quick else 10)
+    kinds = ("far", "alie", "clean", "gaussian", "sign-flip")
+    rows, same, total = [], 0, 0
+    for kind in kinds:
+        for s in seeds:
+            rng = np.random.default_rng(1000 + s)
+            if kind in ("far", "alie"):
+                G, f = make_round(R, d, 0.2, 1000 + s, kind)
             else:
-                cells.append(f"{r['ratio_to_mean']:.1f}x ({_fmt_s(r['seconds'])})" + (" (skipped)" if r.get("note") else ""))
-        label = f"**{name}**" if name == "rge" else name
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    flower = [n for n in names if n.startswith("flwr-")]
-    if flower and all("ratio_to_flwr_fedavg" in cases[0]["rules"][n] for n in flower):
-        lines += ["", "Flower's rules relative to Flower's FedAvg `aggregate_train` (same replies):", "",
-                  "| rule | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-        for n in flower:
-            lines.append(f"| {n} | " + " | ".join(f"{c['rules'][n]['ratio_to_flwr_fedavg']:.1f}x" for c in cases) + " |")
-    lines += ["", "Byzantine rows kept by our rules (of f): " + "; ".join(
-        f"R={c['R']}, d={c['d']:.0e}: " + ", ".join(
-            f"{n}={c['rules'][n]['byzantine_kept']}" for n in names if c["rules"][n].get("byzantine_kept") is not None)
-        for c in cases), ""]
-    return "\n".join(lines)
+                G = (0.3 + rng.standard_normal((R, d), dtype=np.float32))
+                f = 0 if kind == "clean" else R // 5
+                if kind == "gaussian":
+                    G[:f] = 3.0 * rng.standard_normal((f, d), dtype=np.float32)
+                elif kind == "sign-flip":
+                    G[:f] = -G[f:].mean(axis=0)
+            fast = rge_fast(0.2, R, seed=s)
+            exact = RGE(eps_tilde=0.2, spectral_above=FAST["spectral_above"], threshold_factor=FAST["threshold_factor"])
+            a, b = fast.aggregate(G), exact.aggregate(G)
+            ok = np.array_equal(a.kept, b.kept)
+            same += ok
+            total += 1
+            rows.append({"attack": kind, "seed": s, "identical": bool(ok), "sketch_kept": len(a.kept),
+                         "exact_kept": len(b.kept), **{f"sketch_{k}": v for k, v in _kept_stats(a, f, R).items()},
+                         **{f"exact_{k}": v for k, v in _kept_stats(b, f, R).items()}})
+    print("agreement: done", flush=True)
+    return {"R": R, "d": d, "identical_fraction": same / total, "rounds": total, "rows": rows}
 
 
-def _fmt_s(s: float) -> str:
-    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+def _strip(t: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in t.items() if k != "result"}
 
 
-def plot(payload: dict[str, Any], path: Path) -> Path:
-    """Grouped bars of the ratio to the plain mean (log scale), a group per rule, a bar per (R, d)."""
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _fmt_s(s: float | None) -> str:
+    if s is None:
+        return "n/a"
+    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def render_markdown(p: dict[str, Any]) -> str:
+    L = ["# Decode time: ratios to `np.mean(G, axis=0)` measured in the same process", "",
+         f"Command: `{p['command']}`", "",
+         f"float32; median of {p['config']['repeats']} calls, each interleaved with a call of `np.mean(G, axis=0)` "
+         f"on the same matrix; BLAS threads: {p['config']['blas_threads']} (except the threads section); device: "
+         f"{p['config']['device']}; machine: {p['machine']} (shared with other jobs: absolute times vary, ratios "
+         f"are the comparable quantity). `rge-fast` = RGE(sketch_dim={FAST['sketch_dim']} (1024 from R=500), "
+         f"spectral_above={FAST['spectral_above']}, threshold_factor={FAST['threshold_factor']}).", ""]
+    s = p["sections"]
+    if "small" in s:
+        sm = s["small"]
+        L += [f"## App size: R = {sm['R']}, d = {sm['d']}, 4 attackers sending -5x a peer's gradient "
+              f"({sm['rounds']} digits rounds)", "",
+              "| rule | ms / decode (median) | p90 | max | ratio to np.mean (median) | Byzantine kept (mean) | "
+              "honest dropped (mean) | solver iterations (median) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for n, r in sm["rules"].items():
+            L.append(f"| {n} | {r['ms_median']:.2f} | {r['ms_p90']:.2f} | {r['ms_max']:.2f} | {r['ratio_median']:.0f}x | "
+                     f"{r['byzantine_kept_mean']:.2f} | {r['honest_dropped_mean']:.2f} | "
+                     f"{r['solver_iterations_median']:.0f} |")
+        L.append("")
+    for key, title in (("large", "R = 100, d = 1e6, 20 attackers"), ("xlarge", "R = 1000, d = 1e5, 200 attackers")):
+        if key not in s:
+            continue
+        L += [f"## {title}", "", "| attack | rule | time | ratio to np.mean | Byzantine kept | honest dropped | "
+              "Gram/sketch part | filter part |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for c in s[key]:
+            L.append(f"| {c['attack']} | np.mean | {_fmt_s(c['np_mean_seconds'])} | 1.0x | | | | |")
+            for n, r in c["rules"].items():
+                L.append(f"| {c['attack']} | {n} | {_fmt_s(r['seconds'])} | {r['ratio']:.1f}x | "
+                         f"{r.get('byzantine_kept', '')} | {r.get('honest_dropped', '')} | "
+                         f"{_fmt_s(r.get('gram_seconds')) if r.get('gram_seconds') else ''} | "
+                         f"{_fmt_s(r.get('filter_seconds')) if r.get('filter_seconds') else ''} |")
+        L.append("")
+    if "grid" in s:
+        cases = s["grid"]
+        cols = [f"R={c['R']}, d={c['d']:.0e}" for c in cases]
+        L += ["## Every rule (f = 0.2 R rows on a common 2 sqrt(d) shift)", "",
+              "Cell: ratio to np.mean (time) [ours / best numpy formulation of the same rule].", "",
+              "| rule | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
+              "| np.mean | " + " | ".join(_fmt_s(c["np_mean_seconds"]) for c in cases) + " |"]
+        for n in cases[0]["rules"]:
+            cells = []
+            for c in cases:
+                r = c["rules"][n]
+                if r.get("seconds") is None:
+                    cells.append("n/a")
+                    continue
+                vs = f" [{r['vs_best_numpy']:.2f}x]" if "vs_best_numpy" in r else ""
+                cells.append(f"{r['ratio']:.1f}x ({_fmt_s(r['seconds'])}){vs}")
+            L.append(f"| {n} | " + " | ".join(cells) + " |")
+        L += ["", "Byzantine rows kept: " + "; ".join(
+            f"R={c['R']}, d={c['d']:.0e}: " + ", ".join(f"{n}={r['byzantine_kept']}" for n, r in c["rules"].items()
+                                                    if r.get("byzantine_kept") is not None) for c in cases), ""]
+    if "randk" in s:
+        r = s["randk"]
+        L += [f"## randk: R = {r['R']}, d = {r['d']:.0e}, k = d/100 (attacked)", "",
+              f"RGE on the uncompressed round {_fmt_s(r['uncompressed']['seconds'])}, on the randk round "
+              f"{_fmt_s(r['compressed']['seconds'])}: **{r['speedup']:.1f}x** faster.", ""]
+    if "threads" in s:
+        L += ["## BLAS threads: 1 vs 2 (process limit)", "", "| rule | 1 thread | 2 threads | 2 / 1 |",
+              "|---|---:|---:|---:|"]
+        for r in s["threads"]:
+            L.append(f"| {r['rule']} | {_fmt_s(r['threads_1']['seconds'])} | {_fmt_s(r['threads_2']['seconds'])} | "
+                     f"{r['slowdown_2_vs_1']:.2f} |")
+        L.append("")
+    if "agreement" in s:
+        a = s["agreement"]
+        by: dict[str, list[bool]] = {}
+        for r in a["rows"]:
+            by.setdefault(r["attack"], []).append(r["identical"])
+        L += [f"## Sketched vs exact filter: identical kept sets (R = {a['R']}, d = {a['d']:.0e})", "",
+              f"{100 * a['identical_fraction']:.0f} % of {a['rounds']} rounds; per attack: "
+              + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in by.items()) + ".", ""]
+    return "\n".join(L)
+
+
+def plot(p: dict[str, Any], path: Path) -> Path:
+    """Bars of the ratio to np.mean (log scale): the grid's rules and the large cases."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = payload["cases"]
-    names = list(cases[0]["rules"])
-    width = 0.8 / max(len(cases), 1)
-    fig, ax = plt.subplots(figsize=(max(8, 0.75 * len(names) + 2), 4.6))
-    for j, c in enumerate(cases):
-        vals = [c["rules"][n]["ratio_to_mean"] or 0.0 for n in names]
-        ax.bar(np.arange(len(names)) + (j - (len(cases) - 1) / 2) * width, vals, width,
-               label=f"R={c['R']}, d={c['d']:.0e}")
+    groups: list[tuple[str, dict[str, float]]] = []
+    for c in p["sections"].get("grid", []):
+        groups.append((f"R={c['R']}, d={c['d']:.0e}", {n: r["ratio"] for n, r in c["rules"].items() if r.get("ratio")}))
+    for key in ("large", "xlarge"):
+        for c in p["sections"].get(key, []):
+            groups.append((f"R={c['R']}, d={c['d']:.0e}, {c['attack']}", {n: r["ratio"] for n, r in c["rules"].items()}))
+    fig, ax = plt.subplots(figsize=(12, 5))
+    names = sorted({n for _, g in groups for n in g})
+    width = 0.8 / max(len(groups), 1)
+    for j, (label, g) in enumerate(groups):
+        ax.bar(np.arange(len(names)) + (j - (len(groups) - 1) / 2) * width, [g.get(n, 0.0) for n in names], width,
+               label=label)
     ax.set_yscale("log")
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel("decode time / plain mean")
-    ax.set_title("Decode time relative to the plain mean (same run, float32)")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("decode time / np.mean(G, axis=0)")
+    ax.set_title("Decode time relative to np.mean (same process, float32)")
+    ax.legend(fontsize=7, ncol=2)
     ax.grid(axis="y", alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -236,14 +569,14 @@ def plot(payload: dict[str, Any], path: Path) -> Path:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="R in {12, 20}, d in {1e3, 1e4}")
-    p.add_argument("--num-nodes", nargs="+", type=int)
-    p.add_argument("--dims", nargs="+", type=int)
-    p.add_argument("--eps", type=float, default=0.2)
+    p.add_argument("--quick", action="store_true", help="small sizes everywhere")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     p.add_argument("--rules", nargs="+", default=list(RULES))
-    p.add_argument("--no-flower", action="store_true", help="skip Flower's strategies")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--flower", action="store_true", help="add Flower's strategies to the grid")
+    p.add_argument("--eps", type=float, default=0.2)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--blas-threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (rules run on torch CUDA tensors)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return p.parse_args(argv)
@@ -251,45 +584,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    limiter = None
-    try:
-        from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits
 
-        limiter = threadpool_limits(limits=args.blas_threads)
-    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
-        pass
     try:
         import torch
 
         torch.set_num_threads(args.blas_threads)
+        if args.device != "cpu" and not torch.cuda.is_available():
+            print(f"--device {args.device}: no CUDA device available", file=sys.stderr)
+            return 2
     except ImportError:  # pragma: no cover
         pass
-    Rs = args.num_nodes or ([12, 20] if args.quick else [20, 100])
-    dims = args.dims or ([1000, 10_000] if args.quick else [10_000, 1_000_000])
-    flower = [] if args.no_flower else list(FLOWER)
     t0 = time.time()
-    cases = []
-    try:
-        from tqdm import tqdm
-
-        it = tqdm([(R, d) for R in Rs for d in dims], desc="decode time", unit="case")
-    except ImportError:  # pragma: no cover
-        it = [(R, d) for R in Rs for d in dims]
-    for R, d in it:
-        cases.append(run_case(R, d, args.eps, list(args.rules), flower, args.repeats, args.seed))
+    sections: dict[str, Any] = {}
+    with threadpool_limits(limits=args.blas_threads):
+        if "small" in args.sections:
+            sections["small"] = section_small(args)
+        if "large" in args.sections:
+            sections["large"] = section_scale(args, *((40, 100_000) if args.quick else (100, 1_000_000)), exact=True)
+        if "xlarge" in args.sections:
+            sections["xlarge"] = section_scale(args, *((200, 20_000) if args.quick else (1000, 100_000)), exact=False)
+        if "grid" in args.sections:
+            sections["grid"] = section_grid(args)
+        if "randk" in args.sections and args.device == "cpu":
+            sections["randk"] = section_randk(args)
+        if "agreement" in args.sections and args.device == "cpu":
+            sections["agreement"] = section_agreement(args)
+    if "threads" in args.sections and args.device == "cpu":
+        sections["threads"] = section_threads(args)
     payload = {
         "command": ("python -m benchmarks.decode_time " + " ".join(sys.argv[1:] if argv is None else argv)).strip(),
-        "config": {"num_nodes": Rs, "dims": dims, "eps": args.eps, "repeats": args.repeats,
-                   "blas_threads": args.blas_threads, "seed": args.seed, "dtype": "float32"},
+        "config": {"eps": args.eps, "repeats": max(args.repeats, 5), "blas_threads": args.blas_threads,
+                   "device": args.device, "seed": args.seed, "dtype": "float32", "quick": args.quick,
+                   "fast_rge": FAST},
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-                   f"numpy {np.__version__}",
-        "cases": cases,
+                   f"numpy {np.__version__}, load average {os.getloadavg()[0]:.1f}",
+        "sections": sections,
         "wall_seconds": time.time() - t0,
     }
-    if limiter is not None:
-        limiter.unregister() if hasattr(limiter, "unregister") else None
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decode_time.json").write_text(json.dumps(payload, indent=1))
+    (args.out / "decode_time.json").write_text(json.dumps(payload, indent=1, default=float))
     md = render_markdown(payload) + f"\nWall time: {payload['wall_seconds']:.0f} s.\n"
     (args.out / "decode_time.md").write_text(md)
     plot(payload, args.out / "decode_time.png")

@@ -125,16 +125,30 @@ def test_mean_estimation_tiny(tmp_path):
 
 
 def test_decode_time_tiny(tmp_path):
-    assert decode_time.main(["--num-nodes", "12", "--dims", "1000", "--rules", "rge", "median", "bulyan",
-                             "--repeats", "1", "--out", str(tmp_path)]) == 0
+    assert decode_time.main(["--quick", "--sections", "grid", "--rules", "rge", "median", "bulyan",
+                             "--out", str(tmp_path)]) == 0
     payload = json.loads((tmp_path / "decode_time.json").read_text())
-    (case,) = payload["cases"]
-    assert case["mean_seconds"] > 0
-    assert set(case["rules"]) == {"rge", "median", "bulyan", *decode_time.FLOWER}
-    for name, row in case["rules"].items():
-        assert row["ratio_to_mean"] > 0, name
-    assert "| **rge** |" in (tmp_path / "decode_time.md").read_text()
+    cases = payload["sections"]["grid"]
+    assert [(c["R"], c["d"]) for c in cases] == [(12, 1000), (12, 10_000), (20, 1000), (20, 10_000)]
+    for case in cases:
+        assert case["np_mean_seconds"] > 0
+        assert set(case["rules"]) == {"mean", "rge", "median", "bulyan"}
+        for name, row in case["rules"].items():
+            assert row["ratio"] > 0, name
+        assert case["rules"]["median"]["vs_best_numpy"] > 0
+    assert "| rge |" in (tmp_path / "decode_time.md").read_text()
     assert (tmp_path / "decode_time.png").stat().st_size > 0
+
+
+def test_decode_time_best_numpy_formulations_agree_with_the_rules():
+    """The 'best numpy formulation' references compute the same estimate as our rules."""
+    from flwr_byzantine.aggregators import build_for_federation
+
+    G, f = decode_time.make_round(20, 300, 0.2, 0)
+    for name in ("median", "trimmed-mean", "krum", "multi-krum", "bulyan"):
+        ref = decode_time.best_numpy(name, G, f)()
+        ours = build_for_federation(name, 20, 0.2).aggregate(G).estimate
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 @pytest.mark.slow
