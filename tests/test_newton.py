@@ -472,3 +472,23 @@ def test_non_robust_comrade_breaks_under_gaussian_attack():
     w0, _ = run_comrade(workers, np.zeros(fed.d), 10, 0.0, reference=fed, w_star=w_star)
     w1, _ = run_comrade(workers, np.zeros(fed.d), 10, 0.25, reference=fed, w_star=w_star)
     assert np.linalg.norm(w0 - w_star) > 5 * np.linalg.norm(w1 - w_star)
+
+
+def test_norm_trimming_is_an_ordinary_registered_aggregator():
+    from flwr_byzantine.aggregators import build_for_federation, make_aggregator
+    from flwr_byzantine.config import RunConfig
+
+    rng = np.random.default_rng(3)
+    P = rng.normal(size=(10, 5))
+    P[[2, 7]] *= 100.0  # two long rows
+    res = make_aggregator("norm-trim", beta=0.25).aggregate(P)
+    assert 2 not in res.kept and 7 not in res.kept and len(res.kept) == 8  # ceil(0.75 * 10)
+    np.testing.assert_allclose(res.estimate, P[res.kept].mean(axis=0))
+    mean, kept = trim_by_norm(P, 0.25)
+    np.testing.assert_array_equal(kept, res.kept)
+    np.testing.assert_allclose(mean, res.estimate)
+    assert RunConfig.from_mapping({"aggregator": "norm-trim"}).aggregator == "norm-trim"
+    assert build_for_federation("norm-trim", 10, 0.2).beta == 0.25
+    torch = pytest.importorskip("torch")
+    est = make_aggregator("norm-trim").aggregate(torch.as_tensor(P, dtype=torch.float32)).estimate
+    np.testing.assert_allclose(est.numpy(), res.estimate, rtol=1e-5)

@@ -30,6 +30,7 @@ REGISTRY: dict[str, str] = {
     "cclip": "clipping:CenteredClipping",
     "bucketing": "preagg:Bucketing",
     "nnm": "preagg:NearestNeighborMixing",
+    "norm-trim": "normtrim:NormTrimming",
 }
 
 
