@@ -276,6 +276,36 @@ def test_hostile_reply_is_rejected_and_the_run_goes_on(kind, caplog):
         assert rep.bytes_up < 4 * 1000  # only what was actually received from the 4 valid replies
 
 
+@pytest.mark.parametrize("kind", sorted(set(HOSTILE) - {"wrong-phase"}))  # phases: see the test below
+def test_giant_rejects_every_hostile_reply_class_in_both_phases(kind, caplog):
+    """The same hostile classes against GIANT: nothing raises, the model stays finite, one line each."""
+    make_bad, _ = HOSTILE[kind]
+    app, *_ = setup(5)
+
+    def hostile(i, msg, reply):
+        if i != 2:
+            return reply
+        bad = make_bad(msg, reply)
+        if msg.content["config"]["newton-phase"] == "gradient" and isinstance(bad, Message) \
+                and not bad.has_error() and "update" in bad.content.array_records:
+            arrays = {("g" if k == "p" else k): a for k, a in bad.content["update"].items()}
+            bad.content["update"] = ArrayRecord(arrays)  # the gradient phase's array name
+        return bad
+
+    grid = HandlerGrid(5, app, hostile)
+    strategy = Giant()
+    with caplog.at_level(logging.WARNING):
+        res = strategy.start(grid, w0(), num_rounds=2)
+    assert len(strategy.history) == 4
+    for rep in strategy.history:
+        assert set(rep.rejected) == {grid.ids[2]}, (rep.phase, rep.rejected)
+        assert rep.applied and len(rep.valid) == 4
+    assert np.isfinite(flat(res.arrays)).all()
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len([line for line in lines if "rejected 1 reply" in line]) == 4
+    assert all("\n" not in line and len(line) < 1000 for line in lines)
+
+
 def test_giant_direction_reply_replayed_as_a_gradient_reply_is_rejected():
     app, fed, test, w_star = setup(4)
     kept: dict[str, Message] = {}
