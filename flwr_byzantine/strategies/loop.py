@@ -114,8 +114,8 @@ class RoundLoop:
             result, arrays = state.result, state.arrays
             first_round = state.server_round + 1
             self.resumed_from = state.server_round
-            log(INFO, "%s: resuming from checkpoint %s, %d of %d rounds already completed",
-                name, checkpoint.json_path, state.server_round, num_rounds)
+            log(INFO, "Resuming from checkpoint %s: %d of %d rounds already completed",
+                checkpoint.json_path, state.server_round, num_rounds)
         elif evaluate_fn:
             res = evaluate_fn(0, initial_arrays)
             if res is not None:
