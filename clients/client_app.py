@@ -178,7 +178,8 @@ def _partition(context: Context) -> tuple[int, int]:
 
 
 def _setup(msg: Message, context: Context, overrides: Mapping[str, Any] | None):
-    cfg = RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})})
+    # The ServerApp checked the aggregator name against the registry before round 1.
+    cfg = RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})}, check_aggregator=False)
     pid, num = _partition(context)
     X, y = cached_partition(cfg.dataset, pid, num, cfg.dirichlet_alpha, cfg.seed)
     info = dataset_info(cfg.dataset)

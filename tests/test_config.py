@@ -133,3 +133,17 @@ def test_local_training_mode_config():
     cfg = RunConfig.from_mapping({"client-mode": "local", "local-steps": 5, "client-lr": 0.05, "server-momentum": 0.9})
     assert (cfg.client_mode, cfg.local_steps, cfg.client_lr, cfg.server_momentum) == ("local", 5, 0.05, 0.9)
     assert RunConfig.from_mapping(cfg.as_dict()) == cfg
+
+
+def test_client_side_validation_does_not_import_the_aggregators():
+    """The lean ClientApp validates its run config without scipy; the server checks the rule name."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from flwr_byzantine.config import RunConfig; "
+              "c = RunConfig.from_mapping({'attack': 'alie', 'aggregator': 'krum'}, check_aggregator=False); "
+              "print(c.attack, 'flwr_byzantine.aggregators' in sys.modules, 'scipy.linalg' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["alie", "False", "False"], out.stderr[-2000:]
+    with pytest.raises(ConfigError, match="'attack' must be one of"):
+        RunConfig.from_mapping({"attack": "sign_flip"}, check_aggregator=False)
