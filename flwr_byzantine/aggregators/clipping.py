@@ -20,10 +20,7 @@ from .._backend import ArrayLike, is_torch, to_numpy64, weighted_sum
 from .base import AggregationResult, Aggregator
 from .coordinate import column_chunks, trimmed_window
 
-try:
-    import torch
-except ImportError:  # pragma: no cover - torch is a hard dependency of the project
-    torch = None  # type: ignore[assignment]
+from .._backend import torch  # the torch module, imported on first use (lean ClientApp processes)
 
 
 def _like(vec: ArrayLike, updates: ArrayLike) -> ArrayLike:

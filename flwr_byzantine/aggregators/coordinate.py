@@ -32,10 +32,7 @@ import numpy as np
 from .._backend import ArrayLike, is_torch
 from .base import AggregationResult, Aggregator
 
-try:
-    import torch
-except ImportError:  # pragma: no cover - torch is a hard dependency of the project
-    torch = None  # type: ignore[assignment]
+from .._backend import torch  # the torch module, imported on first use (lean ClientApp processes)
 
 #: Maximum number of values (rows x columns) sorted at once by the coordinate rules.
 COORD_BUDGET = 1 << 22

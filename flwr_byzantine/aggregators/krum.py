@@ -16,10 +16,7 @@ from .._backend import ArrayLike, centred_gram, is_torch, sq_distances_from_gram
 from .base import AggregationResult, Aggregator
 from .coordinate import column_chunks, count_rows, empty_vector, sort_columns, usage_result, window_usage
 
-try:
-    import torch
-except ImportError:  # pragma: no cover - torch is a hard dependency of the project
-    torch = None  # type: ignore[assignment]
+from .._backend import torch  # the torch module, imported on first use (lean ClientApp processes)
 
 
 def _check_f(num_byzantine: int) -> int:

@@ -19,10 +19,7 @@ import numpy as np
 from .._backend import ArrayLike, centred_gram, is_torch, sq_distances_from_gram
 from .base import AggregationResult, Aggregator
 
-try:
-    import torch
-except ImportError:  # pragma: no cover - torch is a hard dependency of the project
-    torch = None  # type: ignore[assignment]
+from .._backend import torch  # the torch module, imported on first use (lean ClientApp processes)
 
 
 def _load_inner(inner: Aggregator, state: Any, arrays: Mapping[str, np.ndarray], dim: int | None) -> None:
