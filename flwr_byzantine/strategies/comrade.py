@@ -36,7 +36,6 @@ a NaN in the model.
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -54,6 +53,7 @@ from ..newton.trimming import num_kept
 from ..newton.worker import PHASE_DIRECTION, PHASE_GRADIENT
 from .loop import RoundLoop
 from .records import ArrayLayout, record_nbytes
+from .sampling import sample_nodes
 from .validation import (
     FLOAT32_MAX,
     ReplyPolicy,
@@ -272,13 +272,8 @@ class NewtonStrategyBase(RoundLoop, Strategy):
 
     # ------------------------------------------------------------------ sampling
     def _sample(self, grid: Grid, fraction: float, min_nodes: int) -> list[int]:
-        nodes = sorted(int(n) for n in grid.get_node_ids())
-        wanted = max(int(len(nodes) * fraction), min_nodes)
-        start = time.monotonic()
-        while len(nodes) < max(self.min_available_nodes, wanted) and time.monotonic() - start < self.node_wait_timeout:
-            time.sleep(1.0)
-            nodes = sorted(int(n) for n in grid.get_node_ids())
-        return sorted(self._rng.sample(nodes, min(wanted, len(nodes))))
+        """Seeded sampling (:func:`sample_nodes`), waiting at most ``node_wait_timeout`` s."""
+        return sample_nodes(grid, self._rng, fraction, min_nodes, self.min_available_nodes, self.node_wait_timeout)
 
     # ------------------------------------------------------------------ messages
     def _iteration(self, server_round: int) -> int:

@@ -48,6 +48,7 @@ from ..aggregators.base import Aggregator
 from ..checkpoint import CheckpointError, CheckpointMismatch, TrainingState
 from .loop import RoundLoop
 from .records import ArrayLayout, record_nbytes
+from .sampling import sample_nodes
 from .validation import (
     REJECTION_KINDS,
     ReplyPolicy,
@@ -255,18 +256,8 @@ class RobustStrategy(RoundLoop, Strategy):
 
     # -------------------------------------------------------------- sampling
     def _sample(self, grid: Grid, fraction: float, min_nodes: int) -> list[int]:
-        """Seeded version of Flower's ``sample_nodes`` (waits for enough nodes)."""
-        all_nodes = sorted(grid.get_node_ids())
-        wanted = max(int(len(all_nodes) * fraction), min_nodes)
-        waited = 0.0
-        while len(all_nodes) < max(self.min_available_nodes, wanted):
-            if waited == 0.0 or waited % 10 == 0:
-                log(INFO, "Waiting for nodes: %d connected, %d needed", len(all_nodes),
-                    max(self.min_available_nodes, wanted))
-            time.sleep(1.0)
-            waited += 1.0
-            all_nodes = sorted(grid.get_node_ids())
-        return sorted(self._rng.sample(all_nodes, min(wanted, len(all_nodes))))
+        """Seeded version of Flower's ``sample_nodes`` (waits for enough nodes; :func:`sample_nodes`)."""
+        return sample_nodes(grid, self._rng, fraction, min_nodes, self.min_available_nodes)
 
     # -------------------------------------------------------------- training
     def configure_train(
