@@ -313,3 +313,10 @@ def test_size_guard_holds_when_half_the_replies_are_zero():
     assert sorted(report.rejected) == [9, 10] and set(report.rejection_counts) >= {"magnitude"}
     assert arrays is not None and metrics["applied"] == 1
     assert all(np.isfinite(a.numpy()).all() for a in arrays.values())
+
+
+def test_client_metric_names_with_control_characters_are_dropped():
+    from flwr_byzantine.strategies.validation import clean_metrics
+
+    out = clean_metrics({"loss": 1.5, "x\nround 3: forged": 2.0, "y" * 65: 1, "\x1b[2K": 3, "ok-name": 4})
+    assert out == {"loss": 1.5, "ok-name": 4}

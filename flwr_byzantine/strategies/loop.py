@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
 from ..checkpoint import Checkpointer, TrainingState
+from .validation import one_line
 
 
 def format_metrics(metrics: Mapping[str, Any] | None, keys: tuple[str, ...] | None = None) -> str:
@@ -34,7 +35,7 @@ def format_metrics(metrics: Mapping[str, Any] | None, keys: tuple[str, ...] | No
     if not metrics:
         return ""
     items = [(k, v) for k, v in metrics.items() if keys is None or k in keys]
-    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+    return ", ".join(f"{one_line(k, 64)} {v:.3g}" if isinstance(v, float) else f"{one_line(k, 64)} {v}"
                      for k, v in items if isinstance(v, (int, float)) and not isinstance(v, bool))
 
 

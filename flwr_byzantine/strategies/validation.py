@@ -60,6 +60,9 @@ MAX_METRIC_INT = 2**64
 #: Longest client-provided text (error reason, key, id) that reaches a log line or a results file.
 MAX_TEXT = 200
 
+#: Longest client metric name passed on (longer names, or names with control characters, are dropped).
+MAX_KEY = 64
+
 #: A decoder turns the reply's ``ArrayRecord`` into the flat float64 vector (raises ValueError).
 Decoder = Callable[[ArrayRecord], np.ndarray]
 
@@ -183,7 +186,9 @@ def clean_metrics(raw: Mapping[str, Any]) -> dict[str, Any]:
     """Client metrics reduced to what the server may use: finite numbers and short numeric lists.
 
     Integers stay integers (node/partition ids, round echoes), non-finite floats
-    become NaN (so "present but garbage" stays visible), anything else is dropped.
+    become NaN (so "present but garbage" stays visible), anything else is dropped,
+    and so is every metric whose name has control characters or more than
+    :data:`MAX_KEY` characters (names reach log lines and results files).
     Never raises.
     """
     out: dict[str, Any] = {}
@@ -192,8 +197,8 @@ def clean_metrics(raw: Mapping[str, Any]) -> dict[str, Any]:
     except Exception:  # pylint: disable=broad-except
         return out
     for key, val in items:
-        if not isinstance(key, str):
-            continue
+        if not isinstance(key, str) or one_line(key, MAX_KEY) != key:
+            continue  # control characters or an absurd length: a log-forging attempt, not a metric
         if isinstance(val, (int, np.integer)) and not isinstance(val, bool):
             if abs(int(val)) <= MAX_METRIC_INT:
                 out[key] = int(val)
