@@ -72,6 +72,7 @@ from flwr.clientapp import ClientApp
 
 from flwr_byzantine import npmodels
 from flwr_byzantine.attacks import ATTACKS, DataAttack, Erasure, UpdateAttack, make_attack
+from flwr_byzantine.protocol import GRADIENT_PROTOCOL, check_protocol
 from flwr_byzantine.compression.randk import RANDK_PROCEDURE, coordinate_digest, draw_coordinates
 from flwr_byzantine.config import SCALE_PARAM, RunConfig
 from flwr_byzantine.data import dataset_info
@@ -269,6 +270,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         cfg, pid, num, X, y, info, params = _setup(msg, context, overrides)
         config = msg.content["config"]
+        check_protocol(config, GRADIENT_PROTOCOL, required=False)  # RobustFedAvg (local mode) sends no tag
         server_round = int(config["server-round"])
         node = context.node_config
         attack_name = _node_attack(cfg, node, pid, num)

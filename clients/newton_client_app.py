@@ -32,7 +32,7 @@ from flwr_byzantine.newton.compression import Compressor, Identity, ScaledSign, 
 from flwr_byzantine.newton.config import NewtonConfig
 from flwr_byzantine.newton.objectives import make_objective
 from flwr_byzantine.newton.worker import PHASE_DIRECTION, PHASE_GRADIENT, NewtonWorker
-from flwr_byzantine.strategies.comrade import PHASE_IDS, PROTOCOL
+from flwr_byzantine.protocol import NEWTON_PROTOCOL, PHASE_IDS, check_protocol
 from flwr_byzantine import seeds
 
 
@@ -101,8 +101,7 @@ def build_newton_client_app(overrides: Mapping[str, Any] | None = None) -> Clien
     def train(msg: Message, context: Context) -> Message:
         cfg = NewtonConfig.from_mapping(dict(context.run_config), overrides)
         config = msg.content["config"]
-        if config.get("protocol") != PROTOCOL:
-            raise ValueError(f"unsupported protocol {config.get('protocol')!r}; expected {PROTOCOL!r}")
+        check_protocol(config, NEWTON_PROTOCOL)
         server_round = int(config["server-round"])
         phase = str(config.get("newton-phase", PHASE_DIRECTION))
         if phase not in PHASE_IDS:

@@ -231,3 +231,20 @@ def test_defence_aware_row_is_accepted_by_the_defence_it_targets(aggregator):
         G = np.vstack([E] + [row[None, :]] * 2)  # 8 estimates + 2 crafted rows: a 20 % share <= eps-tilde
         kept = build_for_federation("rge", len(G), 0.25).aggregate(G).kept.tolist()
         assert {8, 9} <= set(kept)
+
+
+def test_gradient_client_refuses_another_protocol():
+    """A Newton (or unknown) protocol tag fails the ClientApp call, not a silently wrong gradient."""
+    from flwr_byzantine.protocol import GRADIENT_PROTOCOL, NEWTON_PROTOCOL
+
+    ok = train({"malicious": False}, config={"protocol": GRADIENT_PROTOCOL})
+    assert "gradient" in ok.content.array_records
+    mdl = model()
+    msg = Message(RecordDict({"arrays": ArrayRecord(mdl.state_dict()),
+                              "config": ConfigRecord({"server-round": ROUND, "batch-size": B,
+                                                      "protocol": NEWTON_PROTOCOL})}),
+                  dst_node_id=5, message_type="train")
+    ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": NUM},
+                  state=RecordDict(), run_config=run_config())
+    with pytest.raises(ValueError, match="protocol"):  # Flower turns it into an error reply
+        APP(msg, ctx)

@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 
 from .attacks import Attack
+from ..protocol import PHASE_DIRECTION, PHASE_GRADIENT
 from .compression import Compressor, Identity
 from .objectives import GLMObjective, make_objective
 from .solvers import DEFAULT_CG_THRESHOLD, newton_direction
 
-PHASE_DIRECTION = "direction"
-PHASE_GRADIENT = "gradient"
+__all__ = ["PHASE_DIRECTION", "PHASE_GRADIENT", "NewtonWorker", "WorkerReply"]
 
 
 @dataclass

@@ -50,7 +50,7 @@ from flwr.supercore import log
 from ..newton.compression import Compressor, Identity, make_compressor
 from ..newton.server import newton_step
 from ..newton.trimming import num_kept
-from ..newton.worker import PHASE_DIRECTION, PHASE_GRADIENT
+from ..protocol import NEWTON_PROTOCOL, PHASE_DIRECTION, PHASE_GRADIENT, PHASE_IDS
 from .loop import RoundLoop
 from .records import ArrayLayout, record_nbytes
 from .sampling import sample_nodes
@@ -66,10 +66,7 @@ from .validation import (
 )
 
 #: Protocol tag sent in every train config; the Newton ClientApp checks it.
-PROTOCOL = "flwr-byzantine/newton-v1"
-
-#: Numeric phase ids clients echo in their MetricRecord as ``phase-id``.
-PHASE_IDS = {PHASE_DIRECTION: 0, PHASE_GRADIENT: 1}
+PROTOCOL = NEWTON_PROTOCOL
 
 
 def model_layout(record: ArrayRecord) -> ArrayLayout:

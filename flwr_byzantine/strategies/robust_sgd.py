@@ -25,12 +25,13 @@ from ..aggregators.base import Aggregator
 from ..checkpoint import CheckpointMismatch
 from ..compression.randk import RANDK_PROCEDURE, RandK, coordinate_digest
 from ..optim import project_l2_ball
+from ..protocol import GRADIENT_PROTOCOL
 from .records import ArrayLayout
 from .robust_base import RobustStrategy, RoundReport, RunFailed
 from .validation import ScreenedReplies
 
 #: Protocol tag sent in every train config; clients check it.
-PROTOCOL = "flwr-byzantine/gradient-v1"
+PROTOCOL = GRADIENT_PROTOCOL
 
 __all__ = ["PROTOCOL", "RobustSGD", "RoundReport", "RunFailed"]
 
