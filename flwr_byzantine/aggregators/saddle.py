@@ -322,9 +322,10 @@ def solve_saddle(
         sig_y, U_y, BK_y = obj.eig(Yk, win, reach)
         f_y, z_y = obj.smooth(sig_y, mu)
         g_y = obj.grad(BK_y, U_y, z_y)
+        due = it - last_check >= stride  # certificate at this iteration: the trial needs eigenvectors
         while True:
             Wn = project_capped_rows(Yk - g_y / L, cap)
-            sig_n, U_n, BK_n = obj.eig(Wn, win, reach, vectors=False)
+            sig_n, U_n, BK_n = obj.eig(Wn, win, reach, vectors=due)
             f_n, z_n = obj.smooth(sig_n, mu)
             diff = Wn - Yk
             if f_n <= f_y + float(np.vdot(g_y, diff)) + 0.5 * L * float(np.vdot(diff, diff)) + 1e-14 * abs(f_y):
