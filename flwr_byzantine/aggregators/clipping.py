@@ -168,7 +168,7 @@ class CenteredClipping(Aggregator):
         for _ in range(self.num_iters):
             dist = row_distances(updates, v)
             tau = float(np.median(dist)) if self.tau is None else self.tau
-            with np.errstate(divide="ignore"):
+            with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 only where dist <= tau (unused)
                 factors = np.where(dist > tau, tau / dist, 1.0)
             a = factors / R
             s = float(a.sum())

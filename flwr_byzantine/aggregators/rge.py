@@ -27,7 +27,7 @@ from .._backend import ArrayLike, centred_gram, screened_mean, subset_mean, to_n
 from .base import AggregationResult, Aggregator
 from .saddle import capped_simplex_cap, solve_saddle, spectral_step
 from .sigma import estimate_sigma0_sq
-from .sketch import sketched_centred_gram
+from .sketch import centre_gram, sketch_rows
 
 logger = logging.getLogger(__name__)
 
@@ -141,11 +141,12 @@ class RGE(Aggregator):
 
     def _decode(self, updates: ArrayLike) -> AggregationResult:
         t0 = time.perf_counter()
-        updates, mean = screened_mean(updates)
         R, d = updates.shape
         sketched = self.sketch_dim is not None and d > 2 * self.sketch_dim
+        updates, mean = screened_mean(updates)
         if sketched:
-            gram = sketched_centred_gram(updates, self.sketch_dim, self._rng)
+            gram = centre_gram(sketch_rows(updates, self.sketch_dim, self._rng),
+                               str(updates.dtype).endswith(("float32", "float16")))
             mean64 = to_numpy64(mean)
             scale = float(np.trace(gram) + R * float(mean64 @ mean64))
         else:
