@@ -12,7 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_NODES = 10
-COMMON = "dataset='digits' model='logreg' num-server-rounds=20 num-malicious=2 attack='scaled-negative' attack-scale=10.0 seed=0"
+# reply-timeout: round 1 includes Ray's worker start-up, which can exceed the default 30 s on a loaded machine.
+COMMON = ("dataset='digits' model='logreg' num-server-rounds=20 num-malicious=2 attack='scaled-negative' "
+          "attack-scale=10.0 seed=0 reply-timeout=300.0")
 
 
 def run_sim(tmp_path: Path, extra: str, name: str | None = None) -> dict:

@@ -34,7 +34,9 @@ def _simulate(tmp_path: Path, **extra) -> dict:
     overrides = {
         "dataset": "digits", "model": "logreg", "num-server-rounds": NUM_ROUNDS, "seed": 0,
         "compression": "randk", "k-fraction": K_FRACTION, "num-malicious": 2, "attack": "scaled-negative",
-        "attack-scale": 10.0, "aggregator": "rge", "output-dir": str(tmp_path), **extra,
+        "attack-scale": 10.0, "aggregator": "rge", "output-dir": str(tmp_path),
+        "reply-timeout": 300.0,  # round 1 includes Ray's worker start-up (> 30 s on a loaded machine)
+        **extra,
     }
     run_simulation(
         server_app=build_server_app(overrides),

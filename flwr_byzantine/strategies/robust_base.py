@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from logging import INFO, WARNING
+from logging import WARNING
 from typing import Any
 
 import numpy as np
