@@ -31,6 +31,8 @@ the BLAS/OpenMP pools limited to ``--blas-threads`` (default 1) for the whole pr
 * ``agreement``: kept sets of ``rge-fast``'s sketched filter against the exact filter (same
   rule, exact Gram) over attacks x seeds at R = 100, d = 1e5.
 
+A run with a subset of ``--sections`` replaces those sections in an existing
+``decode_time.json`` (the report is rebuilt from the merged results).
 ``--device cuda`` runs the rules on CUDA tensors (the denominator is then ``torch.mean``).
 Outputs in ``--out`` (default ``benchmarks/results``): ``decode_time.json``,
 ``decode_time.md`` (also printed) and ``decode_time.png``.  Timings depend on the machine
@@ -394,6 +396,7 @@ def section_randk(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def section_threads(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each rule timed with the process limited to 1 and to 2 BLAS threads, the two settings alternating call by call."""
     from threadpoolctl import threadpool_limits
 
     from flwr_byzantine.aggregators import RGE
@@ -404,10 +407,16 @@ def section_threads(args: argparse.Namespace) -> list[dict[str, Any]]:
     for name, make in (("rge (blas_threads=1, default)", lambda: RGE(eps_tilde=0.2)),
                        ("rge (process setting)", lambda: RGE(eps_tilde=0.2, blas_threads=None)),
                        ("rge-fast (process setting)", lambda: rge_fast(0.2, R, blas_threads=None))):
+        times: dict[int, list[float]] = {1: [], 2: []}
+        for _ in range(max(args.repeats, 5)):
+            for n in (1, 2):
+                with threadpool_limits(limits=n):
+                    t0 = time.perf_counter()
+                    make().aggregate(G)
+                    times[n].append(time.perf_counter() - t0)
         row: dict[str, Any] = {"rule": name}
         for n in (1, 2):
-            with threadpool_limits(limits=n):
-                row[f"threads_{n}"] = _strip(Timer(G, args.repeats).time(lambda: make().aggregate(G), warmup=False))
+            row[f"threads_{n}"] = {"seconds": statistics.median(times[n]), "all_seconds": times[n]}
         row["slowdown_2_vs_1"] = row["threads_2"]["seconds"] / row["threads_1"]["seconds"]
         rows.append(row)
     print("threads: done", flush=True)
@@ -612,8 +621,17 @@ def main(argv: list[str] | None = None) -> int:
             sections["agreement"] = section_agreement(args)
     if "threads" in args.sections and args.device == "cpu":
         sections["threads"] = section_threads(args)
+    command = ("python -m benchmarks.decode_time " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    previous = args.out / "decode_time.json"
+    if set(args.sections) != set(SECTIONS) and previous.exists():
+        # a partial run replaces its sections in the last full run's results (same config, one file)
+        old = json.loads(previous.read_text())
+        merged = dict(old.get("sections", {}))
+        merged.update(sections)
+        sections = merged
+        command = old.get("command", command) + f"; then {command}"
     payload = {
-        "command": ("python -m benchmarks.decode_time " + " ".join(sys.argv[1:] if argv is None else argv)).strip(),
+        "command": command,
         "config": {"eps": args.eps, "repeats": max(args.repeats, 5), "blas_threads": args.blas_threads,
                    "device": args.device, "seed": args.seed, "dtype": "float32", "quick": args.quick,
                    "fast_rge": FAST},
