@@ -175,40 +175,62 @@ def weighted_sum(updates: ArrayLike, weights: np.ndarray) -> ArrayLike:
     return weights.astype(updates.dtype, copy=False) @ updates
 
 
-def centred_gram(updates: ArrayLike, chunk: int = GRAM_CHUNK, *, with_scale: bool = False,
-                 mean: ArrayLike | None = None):
-    """Gram matrix of the rows after subtracting their mean, as float64 ``(R, R)``.
+#: The one-pass centred Gram (uncentred products, centred in R x R) is used when the rows' spread
+#: is at least this fraction of their energy; below it a common offset dominates and the rows are
+#: centred before the products (one pass more), which avoids the cancellation.
+ALGEBRAIC_CENTRING_MIN = 0.5
 
-    ``K = (G - 1 gbar^T)(G - 1 gbar^T)^T`` computed in chunks of ``chunk``
-    coordinates, each chunk product in the input dtype and accumulated in float64.
-    Centring makes every downstream quantity translation invariant and avoids the
-    cancellation of ``H (G G^T) H`` when the vectors share a large offset.  If a
-    chunk product overflows (absurd magnitudes), the chunk is rescaled by its
-    largest absolute value and recomputed in float64.  Cost: O(d R^2), memory
-    O(R * chunk); no d x d matrix is ever formed.
 
-    With ``with_scale=True`` returns ``(K, scale)`` where ``scale = sum_i ||g_i||^2``
-    of the *uncentred* rows (``trace(K) + R ||gbar||^2``): the magnitude against
-    which rounding noise of the inputs is measured.  ``mean`` is the row mean when the
-    caller has it already (it saves one pass over the data).
-    """
+def _chunk_products(updates: ArrayLike, chunk: int, offset: ArrayLike | None) -> np.ndarray:
+    """``sum over column chunks of (B - offset)(B - offset)^T`` in float64 (chunk products in the input dtype)."""
     n, d = updates.shape
     gram = np.zeros((n, n), dtype=np.float64)
-    if mean is None:
-        mean = mean_rows(updates)
     for start in range(0, d, chunk):
-        block = updates[:, start : start + chunk] - mean[start : start + chunk]
-        prod = block @ block.T
-        prod64 = to_numpy64(prod)
+        block = updates[:, start : start + chunk]
+        if offset is not None:
+            block = block - offset[start : start + chunk]
+        prod64 = to_numpy64(block @ block.T)
         if not np.isfinite(prod64).all():
             scale = float(to_numpy64(block.abs().max() if is_torch(block) else np.abs(block).max()))
             scaled = to_numpy64(block) / scale
             prod64 = (scaled @ scaled.T) * scale * scale
         gram += prod64
+    return gram
+
+
+def centred_gram(updates: ArrayLike, chunk: int = GRAM_CHUNK, *, with_scale: bool = False,
+                 mean: ArrayLike | None = None):
+    """Gram matrix of the rows after subtracting their mean, as float64 ``(R, R)``.
+
+    ``K = (G - 1 gbar^T)(G - 1 gbar^T)^T`` computed in chunks of ``chunk`` coordinates,
+    each chunk product in the input dtype and accumulated in float64.  One pass: the
+    uncentred products ``G G^T``, centred in R x R space (``H G G^T H``); when the rows
+    share an offset large against their spread (trace of the centred matrix below
+    :data:`ALGEBRAIC_CENTRING_MIN` times the uncentred one) that would cancel, the rows
+    are centred before the products instead (one pass more).  Centring makes every
+    downstream quantity translation invariant.  If a chunk product overflows (absurd
+    magnitudes), the chunk is rescaled by its largest absolute value and recomputed in
+    float64.  Cost: O(d R^2), memory O(R * chunk); no d x d matrix is ever formed.
+
+    With ``with_scale=True`` returns ``(K, scale)`` where ``scale = sum_i ||g_i||^2``
+    of the *uncentred* rows: the magnitude against which rounding noise of the inputs
+    is measured.  ``mean`` is the row mean when the caller has it already.
+    """
+    n, d = updates.shape
+    raw = _chunk_products(updates, chunk, None)
+    energy = float(np.trace(raw))
+    row = raw.mean(axis=0)
+    gram = raw - row[None, :] - row[:, None] + row.mean()
+    if not (np.isfinite(energy) and float(np.trace(gram)) >= ALGEBRAIC_CENTRING_MIN * energy):
+        if mean is None:
+            mean = mean_rows(updates)
+        gram = _chunk_products(updates, chunk, mean)
+        if not np.isfinite(energy):
+            mean64 = to_numpy64(mean)
+            energy = float(np.trace(gram) + n * float(mean64 @ mean64))
     gram = 0.5 * (gram + gram.T)
     if with_scale:
-        mean64 = to_numpy64(mean)
-        return gram, float(np.trace(gram) + n * float(mean64 @ mean64))
+        return gram, energy
     return gram
 
 

@@ -200,6 +200,9 @@ def test_sigma0_batches_removals_beyond_max_steps(monkeypatch):
     sigma.estimate_sigma0_sq(K, 0.25)  # 50 removals
     per_step = math.ceil(50 / sigma.MAX_TRIM_STEPS)
     assert len(calls) == math.ceil(50 / per_step) + 1 <= sigma.MAX_TRIM_STEPS + 1
+    calls.clear()
+    sigma.estimate_sigma0_sq(centred_gram(np.random.default_rng(9).normal(size=(400, 30))), 0.25)  # 100 removals
+    assert len(calls) == sigma.MAX_TRIM_STEPS_LARGE + 1
 
 
 def test_spectral_passes_remove_far_outliers_at_large_r():

@@ -49,8 +49,12 @@ def sigma0_from_theory(
 
 #: The trimming runs at most this many eigensolves; beyond, each removes several points.
 MAX_TRIM_STEPS = 16
+#: The same cap from :data:`LANCZOS_MIN_N` points on (hundreds of clients: each solve removes more).
+MAX_TRIM_STEPS_LARGE = 8
 #: From this size on the top eigenpair comes from warm-started Lanczos (ARPACK) instead of LAPACK.
 LANCZOS_MIN_N = 256
+#: Relative residual tolerance of the Lanczos solves (the eigenvalue error is about its square).
+LANCZOS_TOL = 1e-6
 
 
 def top_eig_centred(K: np.ndarray, idx: np.ndarray, v0: np.ndarray | None = None) -> tuple[float, np.ndarray]:
@@ -75,7 +79,7 @@ def top_eig_centred(K: np.ndarray, idx: np.ndarray, v0: np.ndarray | None = None
 
         op = scipy.sparse.linalg.LinearOperator((n, n), matvec=matvec, dtype=np.float64)
         start = None if v0 is None or not np.any(v0) else v0
-        vals, vecs = scipy.sparse.linalg.eigsh(op, k=1, which="LA", v0=start, tol=1e-10)
+        vals, vecs = scipy.sparse.linalg.eigsh(op, k=1, which="LA", v0=start, tol=LANCZOS_TOL)
         return max(float(vals[-1]), 0.0), vecs[:, -1]
     Kt = K[np.ix_(idx, idx)]
     row = Kt.mean(axis=0)
@@ -112,7 +116,7 @@ def estimate_sigma0_sq(gram: np.ndarray, eps_tilde: float) -> float:
     so no honest point is dropped on clean, concentrated data.
     Cost: ``min(eps_tilde * R, 16)`` top-eigenpair solves of size <= R (beyond 16 removals
     each solve removes the ``ceil(eps_tilde R / 16)`` points with the largest projections),
-    by LAPACK below 256 points and warm-started Lanczos above: O(R^3) in all, O(R^2) per
+    by LAPACK below 256 points and warm-started Lanczos above (8 solves there): O(R^3) in all, O(R^2) per
     Lanczos iteration at large R (it was ``eps_tilde R`` full solves, O(R^4)).
     """
     R = gram.shape[0]
@@ -120,7 +124,8 @@ def estimate_sigma0_sq(gram: np.ndarray, eps_tilde: float) -> float:
         raise ValueError("eps_tilde must be in [0, 0.5)")
     idx = np.arange(R)
     to_remove = int(math.floor(eps_tilde * R))
-    per_step = max(1, math.ceil(to_remove / MAX_TRIM_STEPS))
+    steps = MAX_TRIM_STEPS_LARGE if R >= LANCZOS_MIN_N else MAX_TRIM_STEPS
+    per_step = max(1, math.ceil(to_remove / steps))
     vec: np.ndarray | None = None
     while to_remove > 0 and idx.size > 2:
         _, vec = top_eig_centred(gram, idx, vec)
