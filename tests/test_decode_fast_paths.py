@@ -258,3 +258,20 @@ def test_cuda_gives_the_cpu_result(name):
     assert gpu.estimate.device.type == "cuda"
     np.testing.assert_array_equal(gpu.kept, cpu.kept)
     np.testing.assert_allclose(gpu.estimate.cpu().numpy(), cpu.estimate, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shift", [3.0, 1e4])
+def test_sketched_survivor_mean_downdate_or_exact(shift):
+    """Moderate outliers: the survivors' mean is a float64 downdate of the full mean (close to exact);
+    huge ones (whose size dominated the full mean's rounding): the exact mean of the survivors."""
+    rng = np.random.default_rng(13)
+    R, d, f = 40, 20_000, 8
+    G = (1.0 + rng.normal(size=(R, d))).astype(np.float32)
+    u = rng.normal(size=d)
+    G[:f] += (shift * math.sqrt(d) * u / np.linalg.norm(u)).astype(np.float32)
+    res = RGE(eps_tilde=0.2, sketch_dim=512, seed=0).aggregate(G)
+    np.testing.assert_array_equal(res.kept, np.arange(f, R))
+    exact = G[f:].astype(np.float64).mean(axis=0)
+    np.testing.assert_allclose(res.estimate, exact, rtol=0, atol=1e-5 * (1 + np.abs(exact).max()))
+    if shift > 100:
+        np.testing.assert_array_equal(res.estimate, RGE(eps_tilde=0.2).aggregate(G).estimate)

@@ -23,7 +23,7 @@ import time
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from .._backend import ArrayLike, centred_gram, screened_mean, subset_mean, to_numpy64
+from .._backend import ArrayLike, centred_gram, is_torch, screened_mean, subset_mean, to_numpy64
 from .base import AggregationResult, Aggregator
 from .saddle import capped_simplex_cap, solve_saddle, spectral_step
 from .sigma import estimate_sigma0_sq
@@ -45,6 +45,34 @@ def _single_thread_blas():
 def _blas_threads(n: int | None):
     """Context limiting BLAS to ``n`` threads (``None``: leave the process setting alone)."""
     return contextlib.nullcontext() if n is None else _blas_controller().limit(limits=n, user_api="blas")
+
+
+#: With a sketch, the survivors' mean is a float64 downdate of the full mean (a pass over the removed
+#: rows only) when the removed rows' energy is at most this multiple of the survivors': far larger
+#: rows would have dominated the rounding of the full mean, and the survivors are then averaged anew.
+DOWNDATE_MAX_ENERGY_RATIO = 4.0
+
+
+def _downdate_ok(row_energy: np.ndarray, kept: np.ndarray) -> bool:
+    """Whether the removed rows' energy ``sum ||g_j||^2`` is at most the ratio times the survivors'."""
+    mask = np.zeros(row_energy.size, dtype=bool)
+    mask[kept] = True
+    return float(row_energy[~mask].sum()) <= DOWNDATE_MAX_ENERGY_RATIO * float(row_energy[mask].sum())
+
+
+def _mean_without(updates: ArrayLike, mean: ArrayLike, kept: np.ndarray) -> ArrayLike:
+    """Mean of the rows ``kept`` from the mean of all rows: ``(R mean - sum of the others) / |kept|`` (float64)."""
+    R = updates.shape[0]
+    mask = np.ones(R, dtype=bool)
+    mask[kept] = False
+    removed = np.flatnonzero(mask)
+    if is_torch(updates):
+        import torch
+
+        rows = updates[torch.as_tensor(removed, dtype=torch.long, device=updates.device)]
+        return ((mean.double() * R - rows.double().sum(dim=0)) / kept.size).to(updates.dtype)
+    rows = updates[removed]
+    return ((R * mean.astype(np.float64) - rows.sum(axis=0, dtype=np.float64)) / kept.size).astype(updates.dtype)
 
 
 class RGE(Aggregator):
@@ -145,8 +173,9 @@ class RGE(Aggregator):
         sketched = self.sketch_dim is not None and d > 2 * self.sketch_dim
         updates, mean = screened_mean(updates)
         if sketched:
-            gram = centre_gram(sketch_rows(updates, self.sketch_dim, self._rng),
-                               str(updates.dtype).endswith(("float32", "float16")))
+            Y = sketch_rows(updates, self.sketch_dim, self._rng)
+            row_energy = np.einsum("ij,ij->i", Y, Y)  # ~ ||g_i||^2 (uncentred)
+            gram = centre_gram(Y, str(updates.dtype).endswith(("float32", "float16")))
             mean64 = to_numpy64(mean)
             scale = float(np.trace(gram) + R * float(mean64 @ mean64))
         else:
@@ -157,7 +186,12 @@ class RGE(Aggregator):
         # The R x R loop is latency-bound: BLAS threads only add contention there.
         with _single_thread_blas():
             res = self.filter_gram(gram, None, t_gram=t_gram, noise_floor=10.0 * eps_dtype * scale)
-        res.estimate = mean if res.kept.size == R else subset_mean(updates, res.kept)
+        if res.kept.size == R:
+            res.estimate = mean
+        elif sketched and _downdate_ok(row_energy, res.kept):
+            res.estimate = _mean_without(updates, mean, res.kept)
+        else:
+            res.estimate = subset_mean(updates, res.kept)
         res.info["sketch_dim"] = self.sketch_dim if sketched else None
         return res
 
