@@ -7,7 +7,9 @@ One command (the venv's ``bin`` goes on ``PATH`` by itself, see
 
 It provisions the nodes' data (``python -m flwr_byzantine.data.cache``: the
 partition cache the ClientApps read, so even round 1 skips scikit-learn), starts a
-SuperLink (``--insecure``, state in an SQLite ``--database``) and
+SuperLink (``--insecure``; in-memory state, ``--database`` for SQLite: with 20
+SuperNodes on a loaded 2-core machine Flower's SQLite state hit ``database is
+locked`` errors, lost replies and stalled rounds for minutes) and
 ``--nodes`` SuperNodes; the first ``--attackers`` partitions are malicious by node
 config (``malicious=true attack='scaled-negative'``, so the server is told
 nothing: run config ``num-malicious=0``).  Three runs of the default App
@@ -18,8 +20,9 @@ nothing: run config ``num-malicious=0``).  Three runs of the default App
 2. ``node-churn``: after round 1 ``--kill`` honest SuperNodes are killed with
    SIGKILL, after round 3 they are started again (new node ids, same node config);
 3. ``superlink-restart``: after round 2 the SuperLink (with its SuperExec and
-   ServerApp processes) is killed with SIGKILL, started again on the same port and
-   database, and the same ``flwr run`` resumes from the checkpoint.
+   ServerApp processes) is killed with SIGKILL, started again on the same port (and
+   database); without a database the SuperNodes cannot continue their sessions and are
+   all started again, as a supervisor would; the same ``flwr run`` resumes from the checkpoint.
 
 Recorded (``deployment.json`` and ``deployment.png`` in ``--out``, default
 ``benchmarks/results``): start-up time (SuperLink start until every SuperNode is
@@ -54,8 +57,12 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 GIB = 1024.0**3
 
 
-def summarise(res: dict[str, Any], malicious_ids: set[int], wall: float) -> dict[str, Any]:
-    """Per-round view of a results file: seconds, erasures, filtered vs malicious nodes."""
+def summarise(res: dict[str, Any], malicious_ids: set[int], wall: float, num_attackers: int) -> dict[str, Any]:
+    """Per-round view of a results file: seconds, erasures, filtered vs malicious nodes.
+
+    A round filters exactly the attackers if it filters ``num_attackers`` nodes, all in
+    ``malicious_ids`` (which may hold the old and new ids of restarted attackers).
+    """
     rounds = []
     for rep in res["rounds"]:
         counts = {k: v for k, v in rep.get("rejection_counts", {}).items() if v}
@@ -66,7 +73,8 @@ def summarise(res: dict[str, Any], malicious_ids: set[int], wall: float) -> dict
             "sampled": len(rep["sampled"]), "accepted": len(rep["accepted"]),
             "erasures": counts,
             "filtered_node_ids": sorted(int(n) for n in rep["filtered"]),
-            "filtered_exactly_the_attackers": set(int(n) for n in rep["filtered"]) == malicious_ids,
+            "filtered_exactly_the_attackers": (len(set(rep["filtered"])) == num_attackers
+                                               and set(int(n) for n in rep["filtered"]) <= malicious_ids),
             "accepted_node_ids": sorted(int(n) for n in rep["accepted"]),
         })
     return {
@@ -88,6 +96,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--phases", default="reference,node-churn,superlink-restart")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--workdir", type=Path, default=None, help="logs and state (default: a temporary folder)")
+    parser.add_argument("--database", action="store_true",
+                        help="SuperLink state in SQLite (survives its restart; without it the SuperNodes exit when "
+                             "the SuperLink restarts and are started again, as a supervisor would)")
     args = parser.parse_args(argv)
     phases = [p for p in args.phases.split(",") if p]
     if args.rounds < 5 and {"node-churn", "superlink-restart"} & set(phases):
@@ -104,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                           "platform": platform.platform()},
         "runs": {},
     }
-    dep = LocalDeployment(workdir, ROOT, database=workdir / "superlink.db",
+    dep = LocalDeployment(workdir, ROOT, database=workdir / "superlink.db" if args.database else None,
                           env={"FLWR_BYZANTINE_CACHE": str(workdir / "partition-cache")})
     try:
         with MemorySampler(dep) as mem:
@@ -151,16 +162,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     # the first run died with the SuperLink; start it again and resume the same run config
                     t_restart = time.monotonic()
                     dep.start_superlink()
+                    if not args.database:  # in-memory state: the SuperNodes cannot resume their sessions
+                        for i, node in dep.nodes.items():  # restart them all, as a supervisor would
+                            dep.kill(node.proc)  # (with its SuperExec, which may still be retrying)
+                            dep.start_node(i)
                     dep.wait_online(args.nodes, timeout=600)
                     online_after = time.monotonic() - t_restart
                     first_wall = wall
+                    malicious_ids |= {dep.node_ids()[i] for i in attackers}
                     run_id, wall, _ = dep.run_and_wait(phase + "-resume", run_config, out_dir, timeout=900)
-                    log.append({"event": f"SuperLink restarted, {args.nodes} SuperNodes online after "
+                    how = "same database" if args.database else "in-memory state, SuperNodes restarted"
+                    log.append({"event": f"SuperLink restarted ({how}), {args.nodes} SuperNodes online after "
                                          f"{online_after:.1f} s, same flwr run resumed",
                                 "first_run_seconds_until_crash": round(first_wall, 2)})
                 res = read_results(out_dir, run_id)
                 models[phase] = load_model(out_dir, res)
-                summary = summarise(res, malicious_ids, wall)
+                summary = summarise(res, malicious_ids, wall, len(attackers))
                 summary["events"] = log
                 summary["malicious_node_ids"] = sorted(malicious_ids)
                 summary["peak_pss_gib_so_far"] = round(mem.peak_pss / GIB, 3)

@@ -451,6 +451,7 @@ class LocalDeployment:
         log: list[dict[str, Any]] = []
         t0 = time.monotonic()
         run_id = self.run({**dict(run_config), "output-dir": str(out_dir)})
+        last_round = int(run_config.get("num-server-rounds", 0)) if run_config.get("checkpoint") else 0
         pending = sorted(events or [], key=lambda e: e[0])
         last_poll, status = 0.0, ""
 
@@ -466,7 +467,8 @@ class LocalDeployment:
             if crash is not None and done >= crash[0]:
                 fire(*crash)
                 return run_id, time.monotonic() - t0, log
-            if time.monotonic() - last_poll > 5.0:
+            # `flwr ls` costs a CLI start (~1 s CPU): ask often only once the last round is checkpointed
+            if time.monotonic() - last_poll > (3.0 if done >= last_round else 30.0):
                 last_poll = time.monotonic()
                 status = self.status(run_id)
                 if status.startswith("finished"):
