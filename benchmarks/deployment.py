@@ -86,6 +86,20 @@ def summarise(res: dict[str, Any], malicious_ids: set[int], wall: float, num_att
     }
 
 
+def filtering_check(run: dict[str, Any]) -> None:
+    """Add, per round, whether the filtered nodes are exactly the attackers among the valid replies.
+
+    ``filtered_exactly_the_attackers`` asks for all attackers; when replies are missing the
+    fair question is ``filtered == attackers & accepted`` (and ``honest_filtered``: never any).
+    """
+    mal = set(run["malicious_node_ids"])
+    for r in run["rounds"]:
+        acc, filt = set(r["accepted_node_ids"]), set(r["filtered_node_ids"])
+        r["attackers_among_valid"] = len(acc & mal)
+        r["filtered_exactly_the_attackers_among_valid"] = filt == (acc & mal)
+        r["honest_filtered"] = len(filt - mal)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=20)
@@ -181,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 summary["events"] = log
                 summary["malicious_node_ids"] = sorted(malicious_ids)
                 summary["peak_pss_gib_so_far"] = round(mem.peak_pss / GIB, 3)
+                filtering_check(summary)
                 if phase == "node-churn":
                     ids_now = dep.node_ids()
                     summary["restarted_node_ids"] = sorted(ids_now[i] for i in victims)
@@ -208,6 +223,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["targets"] = {
             "completes": True,
             "exactly_the_attackers_filtered_every_round": all(r["filtered_exactly_the_attackers"] for r in ref["rounds"]),
+            "never_an_honest_node_filtered": all(r["honest_filtered"] == 0 for run in report["runs"].values()
+                                                 for r in run["rounds"]),
             "rounds_within_120_s": ref["wall_seconds_flwr_run_to_finished"] <= 120.0,
             "peak_pss_within_6_gib": report["peak_pss_gib"] <= 6.0,
         }
