@@ -61,18 +61,19 @@ def _downdate_ok(row_energy: np.ndarray, kept: np.ndarray) -> bool:
 
 
 def _mean_without(updates: ArrayLike, mean: ArrayLike, kept: np.ndarray) -> ArrayLike:
-    """Mean of the rows ``kept`` from the mean of all rows: ``(R mean - sum of the others) / |kept|`` (float64)."""
+    """Mean of the rows ``kept`` from the mean of all rows: ``(R mean - sum of the others) / |kept|``.
+
+    The removed rows are added in place one by one (no copy of them), in the input dtype.
+    """
     R = updates.shape[0]
     mask = np.ones(R, dtype=bool)
     mask[kept] = False
     removed = np.flatnonzero(mask)
-    if is_torch(updates):
-        import torch
-
-        rows = updates[torch.as_tensor(removed, dtype=torch.long, device=updates.device)]
-        return ((mean.double() * R - rows.double().sum(dim=0)) / kept.size).to(updates.dtype)
-    rows = updates[removed]
-    return ((R * mean.astype(np.float64) - rows.sum(axis=0, dtype=np.float64)) / kept.size).astype(updates.dtype)
+    acc = mean * R
+    for j in removed:
+        acc -= updates[int(j)]
+    acc /= kept.size
+    return acc
 
 
 class RGE(Aggregator):
