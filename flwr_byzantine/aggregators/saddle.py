@@ -93,30 +93,23 @@ def _newton_shift(V: np.ndarray, cap: float, max_iter: int = 100) -> np.ndarray:
     leave the bracket ``[lo, hi]`` (kept with ``s(lo) >= 1 > s(hi)``) are replaced by
     bisection.  A handful of passes instead of a fixed 45-step bisection.
     """
+    n = V.shape[1]
     lo = V.min(axis=1) - cap  # s(lo) = n cap >= 1
     hi = V.max(axis=1)  # s(hi) = 0 < 1
-    t = (V.sum(axis=1) - 1.0) / V.shape[1]  # the root when nothing is clipped
-    t = np.clip(t, lo, hi)
-    todo = np.arange(V.shape[0])
+    t = np.clip((V.sum(axis=1) - 1.0) / n, lo, hi)  # the root when nothing is clipped
     for _ in range(max_iter):
-        X = V[todo] - t[todo, None]
-        free = (X > 0.0) & (X < cap)
+        X = V - t[:, None]
         s = np.clip(X, 0.0, cap).sum(axis=1)
-        n_free = np.count_nonzero(free, axis=1)
-        tt, ll, hh = t[todo], lo[todo], hi[todo]
-        done = np.abs(s - 1.0) <= 1e-14 * np.maximum(1.0, n_free)
+        n_free = ((X > 0.0) & (X < cap)).sum(axis=1)
         big = s > 1.0
-        ll = np.where(big, tt, ll)
-        hh = np.where(big, hh, tt)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            step = tt + (s - 1.0) / n_free
-        bad = (n_free == 0) | ~(step > ll) | ~(step < hh)
-        tt = np.where(done, tt, np.where(bad, 0.5 * (ll + hh), step))
-        t[todo], lo[todo], hi[todo] = tt, ll, hh
-        done |= (hh - ll) <= 1e-15 * np.maximum(np.abs(hh), 1.0)
-        todo = todo[~done]
-        if todo.size == 0:
+        lo = np.where(big, t, lo)
+        hi = np.where(big, hi, t)
+        done = (np.abs(s - 1.0) <= 1e-14 * np.maximum(n_free, 1)) | (hi - lo <= 1e-15 * np.maximum(np.abs(hi), 1.0))
+        if done.all():
             break
+        step = t + (s - 1.0) / np.maximum(n_free, 1)
+        bad = (n_free == 0) | (step <= lo) | (step >= hi)
+        t = np.where(done, t, np.where(bad, 0.5 * (lo + hi), step))
     return t
 
 
