@@ -85,21 +85,24 @@ def project_capped_simplex(V: np.ndarray, cap: float) -> np.ndarray:
     return np.ascontiguousarray(project_capped_rows(np.ascontiguousarray(np.asarray(V, dtype=np.float64).T), cap).T)
 
 
-def _newton_shift(V: np.ndarray, cap: float, max_iter: int = 100) -> np.ndarray:
+def _newton_shift(V: np.ndarray, cap: float, t0: np.ndarray | None = None, max_iter: int = 100) -> np.ndarray:
     """Root ``t`` of ``s(t) = sum_i clip(V[r, i] - t, 0, cap) = 1`` for every row: safeguarded Newton.
 
     ``s`` is piecewise linear and non-increasing with slope ``-#{free entries}``, so a Newton
     step lands on the root as soon as it is taken on the root's linear piece; steps that
     leave the bracket ``[lo, hi]`` (kept with ``s(lo) >= 1 > s(hi)``) are replaced by
-    bisection.  A handful of passes instead of a fixed 45-step bisection.
+    bisection.  A handful of passes instead of a fixed 45-step bisection; one or two from a
+    warm start ``t0`` (the previous projection's shifts, inside the solver's iterations).
     """
     n = V.shape[1]
     lo = V.min(axis=1) - cap  # s(lo) = n cap >= 1
     hi = V.max(axis=1)  # s(hi) = 0 < 1
-    t = np.clip((V.sum(axis=1) - 1.0) / n, lo, hi)  # the root when nothing is clipped
+    guess = (V.sum(axis=1) - 1.0) / n if t0 is None else t0  # the root when nothing is clipped
+    t = np.minimum(np.maximum(guess, lo), hi)
     for _ in range(max_iter):
         X = V - t[:, None]
-        s = np.clip(X, 0.0, cap).sum(axis=1)
+        C = np.maximum(X, 0.0)
+        s = np.minimum(C, cap, out=C).sum(axis=1)
         n_free = ((X > 0.0) & (X < cap)).sum(axis=1)
         big = s > 1.0
         lo = np.where(big, t, lo)
@@ -113,19 +116,22 @@ def _newton_shift(V: np.ndarray, cap: float, max_iter: int = 100) -> np.ndarray:
     return t
 
 
-def project_capped_rows(V: np.ndarray, cap: float) -> np.ndarray:
+def project_capped_rows(
+    V: np.ndarray, cap: float, t0: np.ndarray | None = None, *, return_shift: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Euclidean projection of every *row* of ``V`` (``m x n``) on the capped simplex of R^n.
 
     The projection of a row ``v`` is ``clip(v - t, 0, cap)`` with the shift ``t``
     solving ``s(t) = sum_i clip(v_i - t, 0, cap) = 1``; ``s`` is piecewise linear and
     non-increasing, and safeguarded Newton steps (:func:`_newton_shift`, vectorised over
     rows) find its root in a few passes.  ``t`` is finally solved for exactly on the
-    identified free set.  Requires ``n * cap >= 1`` (non-empty set).
+    identified free set.  ``t0`` warm-starts the shifts; ``return_shift`` also returns
+    the final shifts ``t``.  Requires ``n * cap >= 1`` (non-empty set).
     """
     m, n = V.shape
     if n * cap < 1.0 - 1e-12:
         raise ValueError(f"capped simplex is empty: n={n}, cap={cap}")
-    t = _newton_shift(V, cap)
+    t = _newton_shift(V, cap, t0)
     # exact shift on the free set identified by t (removes the round-off of the search)
     X = V - t[:, None]
     upper = X >= cap
@@ -135,8 +141,9 @@ def project_capped_rows(V: np.ndarray, cap: float) -> np.ndarray:
     t_exact = (sum_free + cap * np.count_nonzero(upper, axis=1) - 1.0) / np.maximum(n_free, 1)
     t = np.where(n_free > 0, t_exact, t)
     X = V - t[:, None]
-    np.clip(X, 0.0, cap, out=X)
-    return X
+    np.maximum(X, 0.0, out=X)
+    np.minimum(X, cap, out=X)
+    return (X, t) if return_shift else X
 
 
 def _lmo_rows(grad_t: np.ndarray, cap: float) -> np.ndarray:
@@ -308,6 +315,7 @@ def solve_saddle(
     it = 0
     target = tol_abs + tol_rel * ub
     last_check, stride = 0, 1
+    shift: np.ndarray | None = None  # the projection's shifts, warm start of the next projection
     for it in range(1, max_iter + 1):
         # --- one FISTA step on f_mu from the extrapolated point Yk ---
         reach = _WINDOW * mu
@@ -317,7 +325,7 @@ def solve_saddle(
         g_y = obj.grad(BK_y, U_y, z_y)
         due = it - last_check >= stride  # certificate at this iteration: the trial needs eigenvectors
         while True:
-            Wn = project_capped_rows(Yk - g_y / L, cap)
+            Wn, shift = project_capped_rows(Yk - g_y / L, cap, shift, return_shift=True)
             sig_n, U_n, BK_n = obj.eig(Wn, win, reach, vectors=due)
             f_n, z_n = obj.smooth(sig_n, mu)
             diff = Wn - Yk
