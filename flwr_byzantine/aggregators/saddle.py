@@ -85,7 +85,9 @@ def project_capped_simplex(V: np.ndarray, cap: float) -> np.ndarray:
     return np.ascontiguousarray(project_capped_rows(np.ascontiguousarray(np.asarray(V, dtype=np.float64).T), cap).T)
 
 
-def _newton_shift(V: np.ndarray, cap: float, t0: np.ndarray | None = None, max_iter: int = 100) -> np.ndarray:
+def _newton_shift(
+    V: np.ndarray, cap: float, t0: np.ndarray | None = None, max_iter: int = 100
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Root ``t`` of ``s(t) = sum_i clip(V[r, i] - t, 0, cap) = 1`` for every row: safeguarded Newton.
 
     ``s`` is piecewise linear and non-increasing with slope ``-#{free entries}``, so a Newton
@@ -93,6 +95,8 @@ def _newton_shift(V: np.ndarray, cap: float, t0: np.ndarray | None = None, max_i
     leave the bracket ``[lo, hi]`` (kept with ``s(lo) >= 1 > s(hi)``) are replaced by
     bisection.  A handful of passes instead of a fixed 45-step bisection; one or two from a
     warm start ``t0`` (the previous projection's shifts, inside the solver's iterations).
+    Returns ``(t, P)`` with ``P = clip(V - t, 0, cap)`` when every row's sum is 1 to within
+    ``1e-14`` per free entry (the projection itself), else ``P = None``.
     """
     n = V.shape[1]
     lo = V.min(axis=1) - cap  # s(lo) = n cap >= 1
@@ -104,16 +108,19 @@ def _newton_shift(V: np.ndarray, cap: float, t0: np.ndarray | None = None, max_i
         C = np.maximum(X, 0.0)
         s = np.minimum(C, cap, out=C).sum(axis=1)
         n_free = ((X > 0.0) & (X < cap)).sum(axis=1)
+        exact = np.abs(s - 1.0) <= 1e-14 * np.maximum(n_free, 1)
+        if exact.all():
+            return t, C
         big = s > 1.0
         lo = np.where(big, t, lo)
         hi = np.where(big, hi, t)
-        done = (np.abs(s - 1.0) <= 1e-14 * np.maximum(n_free, 1)) | (hi - lo <= 1e-15 * np.maximum(np.abs(hi), 1.0))
+        done = exact | (hi - lo <= 1e-15 * np.maximum(np.abs(hi), 1.0))
         if done.all():
             break
         step = t + (s - 1.0) / np.maximum(n_free, 1)
         bad = (n_free == 0) | (step <= lo) | (step >= hi)
         t = np.where(done, t, np.where(bad, 0.5 * (lo + hi), step))
-    return t
+    return t, None
 
 
 def project_capped_rows(
@@ -124,15 +131,17 @@ def project_capped_rows(
     The projection of a row ``v`` is ``clip(v - t, 0, cap)`` with the shift ``t``
     solving ``s(t) = sum_i clip(v_i - t, 0, cap) = 1``; ``s`` is piecewise linear and
     non-increasing, and safeguarded Newton steps (:func:`_newton_shift`, vectorised over
-    rows) find its root in a few passes.  ``t`` is finally solved for exactly on the
-    identified free set.  ``t0`` warm-starts the shifts; ``return_shift`` also returns
+    rows) find its root in a few passes; when they stop on a bracket rather than on the
+    root, ``t`` is finally solved for exactly on the identified free set.  ``t0`` warm-starts the shifts; ``return_shift`` also returns
     the final shifts ``t``.  Requires ``n * cap >= 1`` (non-empty set).
     """
     m, n = V.shape
     if n * cap < 1.0 - 1e-12:
         raise ValueError(f"capped simplex is empty: n={n}, cap={cap}")
-    t = _newton_shift(V, cap, t0)
-    # exact shift on the free set identified by t (removes the round-off of the search)
+    t, P = _newton_shift(V, cap, t0)
+    if P is not None:
+        return (P, t) if return_shift else P
+    # exact shift on the free set identified by t (removes the round-off of a bracketed search)
     X = V - t[:, None]
     upper = X >= cap
     free = (X > 0) & ~upper
