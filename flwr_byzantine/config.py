@@ -61,7 +61,7 @@ COORDINATE_FORMS = ("seed", "indices")
 ADVERSARIES = ("client", "omniscient")
 ADVERSARY_MODES = ("static", "random", "rotate")
 #: The attack parameter that run config ``attack-scale`` sets, per attack (0 keeps the attack's default).
-SCALE_PARAM = {"gaussian": "std", "scaled-negative": "scale", "ipm": "epsilon", "alie": "z", "arbitrary": "scale"}
+SCALE_PARAM = {"sleeper": "wake_round", "gaussian": "std", "scaled-negative": "scale", "ipm": "epsilon", "alie": "z", "arbitrary": "scale"}
 #: Attacks that poison data: only malicious clients can play them, not the server-side adversary.
 DATA_ATTACKS = ("label-flip", "random-labels")
 

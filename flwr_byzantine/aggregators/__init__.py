@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from .base import AggregationResult, Aggregator
+from .defence import RobustDefence
 from .mean import Mean
 from .rge import RGE
 from .sigma import estimate_sigma0_sq, sigma0_from_theory
@@ -19,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 #: registry name -> "module:Class" (modules imported lazily).
 REGISTRY: dict[str, str] = {
-    "rge": "rge:RGE",
+    "rge": "defence:RobustDefence",
+    "rge-paper": "rge:RGE",
     "mean": "mean:Mean",
     "median": "coordinate:CoordinateMedian",
     "trimmed-mean": "coordinate:TrimmedMean",
@@ -67,6 +69,7 @@ def build_for_federation(
         return make_aggregator(base, inner=inner_rule, **extra)
     params: dict[str, Any] = {
         "rge": {"eps_tilde": min(eps_tilde, 0.25), "sigma0": sigma0, **rge_params},
+        "rge-paper": {"eps_tilde": min(eps_tilde, 0.25), "sigma0": sigma0, **rge_params},
         "trimmed-mean": {"num_trim": f},
         "krum": {"num_byzantine": f},
         "multi-krum": {"num_byzantine": f, "num_selected": max(num_nodes - f, 1)},
@@ -84,6 +87,6 @@ def make_aggregator(name: str, **params: Any) -> Aggregator:
 
 
 __all__ = [
-    "AggregationResult", "Aggregator", "Mean", "REGISTRY", "RGE", "build_for_federation",
+    "AggregationResult", "Aggregator", "Mean", "REGISTRY", "RGE", "RobustDefence", "build_for_federation",
     "estimate_sigma0_sq", "make_aggregator", "sigma0_from_theory",
 ]

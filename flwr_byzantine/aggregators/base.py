@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -69,9 +69,11 @@ class Aggregator(ABC):
     #: input on it (:func:`~flwr_byzantine._backend.screened_mean`): one pass over the data fewer.
     screens_finiteness: bool = False
 
-    def aggregate(self, updates: ArrayLike) -> AggregationResult:
+    def aggregate(self, updates: ArrayLike, client_ids: Sequence[int] | None = None) -> AggregationResult:
         """Aggregate the rows of ``updates`` (shape ``(R, d)``).
 
+        ``client_ids[i]`` is the (server-authenticated) node id that sent row ``i``.
+        Stateless rules ignore it; rules with memory across rounds key their state by it.
         Finite inputs too large for the input dtype's arithmetic (float32 entries near
         3e38, whose sums and squares overflow) are aggregated in float64 and the
         estimate is cast back to the input dtype (:func:`check_matrix` ``widen_large``).

@@ -16,7 +16,9 @@ from typing import Any
 from .adaptive import DefenceAware
 from .base import DataAttack, UpdateAttack, param_names
 from .data import LabelFlip, RandomLabels
+from .memory_aware import MemoryAware
 from .mobile import MobileAdversary
+from .sleeper import Sleeper
 from .update import (
     ALIE,
     ArbitraryVector,
@@ -35,7 +37,7 @@ ATTACKS: dict[str, type] = {
     cls.name: cls
     for cls in (
         GaussianNoise, SignFlip, ScaledNegative, ALIE, InnerProductManipulation, Mimic, Erasure,
-        ArbitraryVector, DefenceAware, LabelFlip, RandomLabels,
+        ArbitraryVector, DefenceAware, LabelFlip, RandomLabels, Sleeper, MemoryAware,
     )
 }
 #: names of the model-update attacks.
@@ -69,7 +71,8 @@ def make_attack(name: str, **params: Any) -> UpdateAttack | DataAttack:
 
 __all__ = [
     "ALIE", "ATTACKS", "ArbitraryVector", "DATA_ATTACKS", "DataAttack", "DefenceAware", "Erasure",
-    "GaussianNoise", "InnerProductManipulation", "LabelFlip", "Mimic", "MobileAdversary", "RandomLabels",
+    "GaussianNoise", "InnerProductManipulation", "LabelFlip", "MemoryAware", "Mimic", "MobileAdversary", "RandomLabels",
+    "Sleeper",
     "ScaledNegative", "SignFlip", "UPDATE_ATTACKS", "UpdateAttack", "alie_z_max", "make_attack",
     "top_principal_scores",
 ]

@@ -3,7 +3,7 @@
 Every round: sample nodes (seeded), broadcast the model x_t, screen the replies
 (:mod:`~flwr_byzantine.strategies.validation`: a bad reply is an erasure with a
 logged reason), stack the valid replies' vectors v_i as an ``(R, d)`` matrix,
-decode it with the robust aggregator (RGE, Data & Diggavi Algorithm 3, by default)
+decode it with the robust aggregator (the default defence, RGE with memory, unless given)
 into ``g_hat`` and let the subclass turn ``g_hat`` into x_{t+1}:
 
 * :class:`~flwr_byzantine.strategies.RobustSGD`: v_i is client i's mini-batch
@@ -348,7 +348,11 @@ class RobustStrategy(RoundLoop, Strategy):
         expected_dim = self._expected_layout().size
         t0 = time.perf_counter()
         try:
-            res = self.aggregator.aggregate(G)
+            # Node ids (attached by the SuperLink, never claimed by the client) key rules with memory
+            # across rounds; compressed rounds change coordinates every round, so they get none.
+            memory_ok = expected_dim == self._x.size and _takes_client_ids(self.aggregator)
+            res = (self.aggregator.aggregate(G, client_ids=[int(n) for n in screened.node_ids]) if memory_ok
+                   else self.aggregator.aggregate(G))
             g_hat = np.asarray(res.estimate, dtype=np.float64).reshape(-1)
             if g_hat.shape != (expected_dim,):
                 raise ValueError(f"estimate has shape {g_hat.shape}, expected ({expected_dim},)")
@@ -370,7 +374,10 @@ class RobustStrategy(RoundLoop, Strategy):
         report.statistic = _float_or_nan(res.statistic)
         report.threshold = _float_or_nan(res.info.get("threshold", float("nan")))
         report.info = {k: v for k, v in res.info.items()
-                       if k in ("sigma0_sq", "solver_iterations", "max_relative_gap")}
+                       if k in ("sigma0_sq", "solver_iterations", "max_relative_gap", "clip_radius", "clipped",
+                                "input_clipped")}
+        if res.info.get("suspected"):  # excluded by the defence's memory, by node id
+            report.info["suspected"] = [int(ids[i]) for i in res.info["suspected"] if 0 <= int(i) < R]
 
         self._undefended = None
         if self.track_undefended:  # the same step with the plain mean (before the real one: _step may stage state)
@@ -394,6 +401,8 @@ class RobustStrategy(RoundLoop, Strategy):
             self.history.append(report)
             return None, self._metrics(report, screened.metrics)
         self._commit()
+        if memory_ok and hasattr(self.aggregator, "observe_step"):
+            self.aggregator.observe_step(x_new - self._x)  # the step actually taken (projection, momentum)
         report.update_norm = float(np.linalg.norm(x_new - self._x))
         report.applied = True
         self._x = x_new
@@ -607,6 +616,16 @@ class RobustStrategy(RoundLoop, Strategy):
             raise CheckpointMismatch(f"checkpoint is at round {state.server_round}, beyond num_rounds={num_rounds}")
         self.load_state_dict(state.strategy, state.strategy_arrays,
                              dim=self._aggregator_dim(ArrayLayout.of(state.arrays).size))
+
+
+def _takes_client_ids(aggregator: Any) -> bool:
+    """Whether ``aggregator.aggregate`` accepts the ``client_ids`` keyword (every :class:`Aggregator` does)."""
+    import inspect
+
+    try:
+        return "client_ids" in inspect.signature(aggregator.aggregate).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _float_or_nan(val: Any) -> float:

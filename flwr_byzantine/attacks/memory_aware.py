@@ -1,0 +1,107 @@
+"""Memory-aware attack: knows the default defence's evidence rule and stays just inside it.
+
+The default defence (:class:`~flwr_byzantine.aggregators.defence.RobustDefence`) excludes a
+node whose monotonicity evidence ``Z = S / sqrt(Q)`` falls below ``-z_exclude``
+(:class:`~flwr_byzantine.aggregators.memory.MonotonicityEvidence`).  This attacker
+replays that bookkeeping for its own replies (it knows the models it receives, hence
+every step, and what it sent) and, every round, sends the inner attack only if its
+score stays above ``-(z_exclude - margin)`` afterwards; otherwise it sends the honest
+mean to rebuild its score.  It thus attacks as often as the rule allows.
+
+It needs the model of every round: the caller passes it with :meth:`MemoryAware.observe_model`
+before :meth:`~flwr_byzantine.attacks.base.UpdateAttack.craft` (the simulator does; a
+ClientApp keeps the previous model in its Context state).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .._backend import ArrayLike, to_numpy64
+from .base import UpdateAttack, cast_like, mean64
+
+
+@dataclass
+class MemoryAware(UpdateAttack):
+    """The attack ``inner`` whenever the defence's evidence allows it, the honest mean otherwise.
+
+    Attributes
+    ----------
+    inner:
+        Registry name of the attack (default ``"sign-flip"``).
+    z_exclude, gamma:
+        The defence's exclusion level and discount (defaults: the default defence's).
+    margin:
+        How far inside the exclusion level the attacker keeps its score.
+    """
+
+    name: ClassVar[str] = "memory-aware"
+
+    inner: str = "sign-flip"
+    z_exclude: float = 1.5
+    gamma: float = 0.95
+    margin: float = 0.25
+    inner_params: dict[str, Any] | None = None
+    attacked_rounds: int = field(default=0, init=False, compare=False)
+    _inner: Any = field(default=None, init=False, repr=False, compare=False)
+    _x: Any = field(default=None, init=False, repr=False, compare=False)
+    _x_prev: Any = field(default=None, init=False, repr=False, compare=False)
+    _last_sent: Any = field(default=None, init=False, repr=False, compare=False)
+    _S: float = field(default=0.0, init=False, repr=False, compare=False)
+    _Q: float = field(default=0.0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("z_exclude", "margin"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and np.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a non-negative finite number, got {v!r}")
+        if not (0 < self.gamma <= 1):
+            raise ValueError(f"gamma must be in (0, 1], got {self.gamma!r}")
+        if self.inner in ("sleeper", "memory-aware"):
+            raise ValueError(f"inner must be a plain attack, got {self.inner!r}")
+        from . import make_attack
+
+        self._inner = make_attack(self.inner, seed=self.seed, **(self.inner_params or {}))
+
+    def observe_model(self, x: ArrayLike) -> None:
+        """The model broadcast this round (call before :meth:`craft`)."""
+        self._x_prev, self._x = self._x, np.asarray(to_numpy64(x), dtype=np.float64).reshape(-1)
+
+    def _score(self, vec: np.ndarray, scale: float) -> float | None:
+        if self._last_sent is None or self._x is None or self._x_prev is None:
+            return None
+        delta = self._x - self._x_prev
+        n = float(np.linalg.norm(delta))
+        if n == 0 or scale <= 0:
+            return None
+        return float((vec - self._last_sent) @ delta / n / scale)
+
+    def _craft(self, honest: ArrayLike, num_byzantine: int, round: int) -> ArrayLike | None:  # noqa: A002
+        h64 = np.asarray(to_numpy64(honest), dtype=np.float64)
+        honest_vec = np.asarray(to_numpy64(mean64(honest)), dtype=np.float64)
+        rows = self._inner.craft(honest, num_byzantine, round)
+        if rows is None:
+            return None
+        attack_vec = np.asarray(to_numpy64(rows), dtype=np.float64)[0]
+        # the defence normalises by the round's median |g_i(t) - g_i(t-1)|: estimate it by the honest spread
+        scale = float(np.median(np.linalg.norm(h64 - honest_vec, axis=1))) * np.sqrt(2.0) if h64.shape[0] > 1 else 0.0
+        if scale <= 0 and self._last_sent is not None:
+            scale = float(np.linalg.norm(honest_vec - self._last_sent))
+        choice = attack_vec
+        s = self._score(attack_vec, scale)
+        if s is not None:
+            S, Q = self.gamma * self._S + s, self.gamma * self._Q + s * s
+            if Q > 0 and S / np.sqrt(Q) < -(self.z_exclude - self.margin):
+                choice = honest_vec
+                s = self._score(honest_vec, scale)
+        if s is not None:
+            self._S, self._Q = self.gamma * self._S + s, self.gamma * self._Q + s * s
+        if choice is attack_vec:
+            self.attacked_rounds += 1
+        self._last_sent = choice.copy()
+        out = np.repeat(choice[None, :], num_byzantine, axis=0)
+        return cast_like(out, honest) if not isinstance(honest, np.ndarray) else out.astype(honest.dtype)
