@@ -99,6 +99,30 @@ class NumpyModel:
         dh = (G @ W2) * (h > 0)
         return np.concatenate([(dh.T @ X).ravel(), dh.sum(axis=0), dW2.ravel(), G.sum(axis=0)]), loss
 
+    def grad_batched(self, x: np.ndarray, Xb: np.ndarray, yb: np.ndarray) -> np.ndarray:
+        """:meth:`grad` of ``m`` equal-size batches at once: ``Xb (m, b, p)``, ``yb (m, b)`` -> ``(m, d)``."""
+        p = self.unflatten(x)
+        m, n, _ = Xb.shape
+        if self.name == "logreg":
+            W, bias = p
+            logits = Xb @ W.T + bias
+        else:
+            W1, b1, W2, b2 = p
+            h = Xb @ W1.T + b1
+            a = np.maximum(h, 0.0)
+            logits = a @ W2.T + b2
+        z = logits - logits.max(axis=2, keepdims=True)
+        e = np.exp(z)
+        G = e / e.sum(axis=2, keepdims=True)
+        G[np.arange(m)[:, None], np.arange(n)[None, :], yb] -= 1.0
+        G /= n
+        if self.name == "logreg":
+            return np.concatenate([np.einsum("mbc,mbp->mcp", G, Xb).reshape(m, -1), G.sum(axis=1)], axis=1)
+        dW2 = np.einsum("mbc,mbh->mch", G, a)
+        dh = (G @ W2) * (h > 0)
+        return np.concatenate([np.einsum("mbh,mbp->mhp", dh, Xb).reshape(m, -1), dh.sum(axis=1),
+                               dW2.reshape(m, -1), G.sum(axis=1)], axis=1)
+
     def accuracy(self, x: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
         logits, _ = self._logits(x, X)
         return float(np.mean(np.argmax(logits, axis=1) == y))
@@ -141,10 +165,7 @@ class SimResult:
 
 
 def _run_config(cfg: SimConfig, aggregator_name: str) -> Any:
-    from flwr_byzantine.config import AGGREGATORS, RunConfig
-
-    if aggregator_name not in AGGREGATORS:  # wrappers ("nnm:cclip"): the clients see the inner rule
-        aggregator_name = aggregator_name.partition(":")[2] or "mean"
+    from flwr_byzantine.config import RunConfig
 
     return RunConfig.from_mapping({
         "seed": cfg.seed, "dataset": cfg.dataset, "dirichlet-alpha": cfg.alpha, "model": cfg.model,
@@ -179,7 +200,7 @@ def simulate(cfg: SimConfig, aggregator: Any, aggregator_name: str = "mean", pro
     attack simulates).  ``cfg.attack == "erasure"`` gives the honest-only oracle (the
     malicious clients send nothing), ``"none"`` a clean federation.
     """
-    from clients.client_app import DEFAULT_ESTIMATE_BATCHES, build_attack, estimate_batches, minibatch_indices
+    from clients.client_app import build_attack, estimate_batches, minibatch_indices
     from flwr_byzantine.attacks import ATTACKS, DataAttack, MobileAdversary
     from flwr_byzantine.federation import malicious_partition_ids
 
@@ -235,9 +256,13 @@ def simulate(cfg: SimConfig, aggregator: Any, aggregator_name: str = "mean", pro
                 rank, atk = client_attacks[p]
                 if hasattr(atk, "observe_model"):
                     atk.observe_model(x)
-                est = [model.grad(x, X[idx], y[idx])[0]
-                       for idx in estimate_batches(n, b, cfg.estimate_batches, cfg.seed, p, t)]
-                crafted = atk.craft(np.stack(est), f, t)
+                batches = estimate_batches(n, b, cfg.estimate_batches, cfg.seed, p, t)
+                if len({len(i) for i in batches}) == 1:
+                    idx = np.stack(batches)
+                    est = model.grad_batched(x, X[idx], y[idx])
+                else:
+                    est = np.stack([model.grad(x, X[i], y[i])[0] for i in batches])
+                crafted = atk.craft(est, f, t)
                 if crafted is None:
                     continue
                 vec = np.asarray(crafted, dtype=np.float64)[rank % len(crafted)].reshape(-1)

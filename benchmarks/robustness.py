@@ -31,7 +31,7 @@ Rules (``--rules``): ``rge`` (the default defence), ``rge-paper`` (Algorithm 3 a
 published), the peers (``cclip``, ``nnm:cclip``, ``multi-krum``, ``trimmed-mean``,
 ``median``, ``geomed``, ``krum``, ``bulyan``, ``bucketing:cclip``), the same peers with
 worker momentum ``wm:<peer>`` (beta 0.9, the momentum kept per node as the default
-defence keeps it), and ablations ``rge/no-<component>``.  Peers are told the true f.
+defence keeps it), and ablations ``rge/no-<component>`` (in the first model and alpha only).  Peers are told the true f.
 References per setting and seed: ``oracle`` (mean of the honest clients; the
 attackers erased) and ``clean-fedavg`` (mean, no attacker).
 
@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import platform
 import sys
@@ -67,7 +66,8 @@ OMNI_ATTACKS = ("omni:alie", "omni:ipm", "omni:sign-flip", "omni:defence-aware",
 ATTACKS = CLIENT_ATTACKS + OMNI_ATTACKS
 PEERS = ("cclip", "nnm:cclip", "multi-krum", "trimmed-mean", "median", "geomed")
 MOMENTUM_PEERS = ("wm:cclip", "wm:nnm:cclip", "wm:multi-krum", "wm:trimmed-mean")
-ABLATIONS = ("rge/no-memory", "rge/no-evidence", "rge/no-clip", "rge/threshold-4", "rge/no-momentum")
+ABLATIONS = ("rge/no-momentum", "rge/no-evidence", "rge/no-input-clip", "rge/no-clip", "rge/threshold-4",
+             "rge/no-memory")
 RULES = ("rge", "rge-paper", *PEERS, *MOMENTUM_PEERS, "mean")
 REFERENCES = ("oracle", "clean-fedavg")
 MODELS = {"logreg": dict(rounds=60, learning_rate=0.5), "mlp": dict(rounds=200, learning_rate=0.3)}
@@ -98,6 +98,8 @@ def build_rule(name: str, num_nodes: int, f: int):
             kw = dict(momentum=0.0)
         elif variant == "no-evidence":
             kw = dict(evidence=False)
+        elif variant == "no-input-clip":
+            kw = dict(input_clip_scale=None)
         elif variant == "no-clip":
             kw = dict(clip_scale=None)
         elif variant == "threshold-4":
@@ -108,8 +110,7 @@ def build_rule(name: str, num_nodes: int, f: int):
     if name.startswith("wm:"):
         inner, cfg_name = build_rule(name[3:], num_nodes, f)
         return WorkerMomentum(inner), cfg_name
-    agg = build_for_federation(name, num_nodes, eps)
-    return agg, (name.partition(":")[2] or "mean") if ":" in name else name
+    return build_for_federation(name, num_nodes, eps), name
 
 
 class WorkerMomentum:
@@ -152,8 +153,9 @@ class Spec:
 
 
 #: Run order: references and the default defence in every setting first, so a partial grid is useful.
-PRIORITY = ("oracle", "clean-fedavg", "rge", "rge-paper", "cclip", "nnm:cclip", "wm:cclip", "wm:nnm:cclip",
-            "multi-krum", "trimmed-mean", "median", "geomed", "mean", *ABLATIONS, "wm:multi-krum", "wm:trimmed-mean")
+PRIORITY = ("oracle", "clean-fedavg", "rge", "cclip", "wm:cclip", "nnm:cclip", "rge-paper", *ABLATIONS,
+            "wm:nnm:cclip", "multi-krum", "trimmed-mean", "median", "geomed", "mean", "wm:multi-krum",
+            "wm:trimmed-mean")
 
 
 def build_grid(models, alphas, seeds, attacks, rules, ablations=(), ablation_attacks=(), rounds=None) -> list[Spec]:
@@ -172,11 +174,11 @@ def build_grid(models, alphas, seeds, attacks, rules, ablations=(), ablation_att
                         if rule == "mean" and att == "none":
                             continue
                         specs.append(Spec(rule=rule, attack=att, seed=seed, **common))
-                for rule in ablations:
+                for rule in ablations if (model, float(alpha)) == (models[0], float(alphas[0])) else ():
                     for att in ablation_attacks:
                         specs.append(Spec(rule=rule, attack=att, seed=seed, **common))
     prio = {r: i for i, r in enumerate(PRIORITY)}
-    return sorted(specs, key=lambda s: (prio.get(s.rule, len(prio)), s.model != "logreg", s.alpha, s.seed))
+    return sorted(specs, key=lambda s: (prio.get(s.rule, len(prio)), s.seed, s.model != "logreg", s.alpha))
 
 
 def execute(spec: Spec) -> dict[str, Any]:
@@ -461,17 +463,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int)
     ap.add_argument("--attacks", nargs="+")
     ap.add_argument("--rules", nargs="+")
+    ap.add_argument("--rounds", type=int, help="override the models' round counts (smoke tests)")
+    ap.add_argument("--ablation-attacks", nargs="+")
     ap.add_argument("--no-ablation", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     command = "python -m benchmarks.robustness " + " ".join(argv if argv is not None else sys.argv[1:])
     grid = dict(QUICK if args.quick else GRID)
-    for key in ("models", "alphas", "seeds", "attacks", "rules"):
+    for key in ("models", "alphas", "seeds", "attacks", "rules", "ablation_attacks"):
         if getattr(args, key):
             grid[key] = tuple(getattr(args, key))
     if args.no_ablation:
         grid["ablations"] = ()
+    if args.rounds:
+        grid["rounds"] = args.rounds
     if not args.report_only:
         specs = build_grid(**grid)
         ran = run_grid(specs, args.out, workers=args.workers, max_minutes=args.max_minutes,

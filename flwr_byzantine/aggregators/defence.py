@@ -49,6 +49,8 @@ STATE_FORMAT = "flwr-byzantine/robust-defence-v1"
 DEFAULT_MOMENTUM = 0.9
 #: Default constant of the calibrated stopping rule (Algorithm 3 uses 4).
 DEFAULT_THRESHOLD_FACTOR = 1.5
+#: Default radius of the clipping of what enters a node's memory, in units of the round's median distance.
+DEFAULT_INPUT_CLIP_SCALE = 1.0
 #: Default clipping radius, as a multiple of the survivors' median distance to the filter's estimate.
 DEFAULT_CLIP_SCALE = 1.0
 
@@ -106,7 +108,8 @@ class RobustDefence(Aggregator):
         z_exclude: float = 1.5,
         evidence_gamma: float = 0.95,
         mixing: bool = False,
-        input_clip_scale: float | None = 2.0,
+        input_clip_scale: float | None = DEFAULT_INPUT_CLIP_SCALE,
+        gross_factor: float = 4.0,
     ) -> None:
         if not (np.isfinite(momentum) and 0.0 <= momentum < 1.0):
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
@@ -124,6 +127,9 @@ class RobustDefence(Aggregator):
         if input_clip_scale is not None and not (np.isfinite(input_clip_scale) and input_clip_scale > 0):
             raise ValueError(f"input_clip_scale must be a positive finite number or None, got {input_clip_scale!r}")
         self.input_clip_scale = None if input_clip_scale is None else float(input_clip_scale)
+        if not (np.isfinite(gross_factor) and gross_factor > 1.0):
+            raise ValueError(f"gross_factor must be a finite number > 1, got {gross_factor!r}")
+        self.gross_factor = float(gross_factor)
         self._pending_step: np.ndarray | None = None
         self._last_estimate: np.ndarray | None = None
 
@@ -232,20 +238,30 @@ class RobustDefence(Aggregator):
         self._pending_step = None
         use_memory = ids is not None and self.momentum > 0
         input_clipped = 0
-        if use_memory and self.input_clip_scale is not None and G.shape[0] > 1:
+        gross: list[int] = []
+        if use_memory and self.input_clip_scale is not None and G.shape[0] > 2:
             # Bounded contribution per round: what enters a node's memory is clipped around a robust
             # centre (the last estimate, else the coordinate-wise median), so a mobile adversary cannot
-            # plant a huge vector in the memories of the nodes it visits.
+            # plant a huge vector in the memories of the nodes it visits.  Rows farther than
+            # gross_factor x the median distance are gross outliers: dropped for the round, memory untouched.
             centre0 = self._last_estimate if (self._last_estimate is not None
                                               and self._last_estimate.shape[0] == G.shape[1]) else np.median(G, axis=0)
-            dist0 = np.sqrt(np.einsum("ij,ij->i", G - centre0, G - centre0))
-            radius0 = self.input_clip_scale * float(np.median(dist0))
-            if radius0 > 0:
+            diff0 = G - centre0
+            dist0 = np.sqrt(np.einsum("ij,ij->i", diff0, diff0))
+            med0 = float(np.median(dist0))
+            if med0 > 0:
+                gross = [int(r) for r in np.flatnonzero(dist0 > self.gross_factor * med0)]
+                radius0 = self.input_clip_scale * med0
                 scale0 = np.minimum(1.0, radius0 / np.maximum(dist0, 1e-300))
                 input_clipped = int(np.sum(scale0 < 1.0))
-                G = centre0 + (G - centre0) * scale0[:, None]
-        M = self.memory.update(G, ids) if use_memory else G
-        active = np.setdiff1d(np.arange(G.shape[0]), suspects)
+                G = centre0 + diff0 * scale0[:, None]
+        if gross:
+            keep_rows = np.setdiff1d(np.arange(G.shape[0]), gross)
+            M = np.empty_like(G)
+            M[keep_rows] = self.memory.update(G[keep_rows], [ids[r] for r in keep_rows])
+        else:
+            M = self.memory.update(G, ids) if use_memory else G
+        active = np.setdiff1d(np.arange(G.shape[0]), sorted(set(suspects) | set(gross)))
         Y = M[active]
         if self.mixing and active.size > 2:
             from .preagg import NearestNeighborMixing
@@ -277,7 +293,7 @@ class RobustDefence(Aggregator):
         else:
             out = estimate.astype(updates.dtype, copy=False)
         info = dict(res.info)
-        info.update({"input_clipped": input_clipped, "memory": bool(use_memory), "suspected": [int(i) for i in suspects], "clip_radius": float(radius),
+        info.update({"gross": gross, "input_clipped": input_clipped, "memory": bool(use_memory), "suspected": [int(i) for i in suspects], "clip_radius": float(radius),
                      "clipped": int(np.sum(factors < 1.0)), "defence_seconds": time.perf_counter() - t0})
         return AggregationResult(estimate=out, kept=kept, weights=weights, iterations=res.iterations,
                                  statistic=res.statistic, info=info)

@@ -4,9 +4,10 @@ The default defence (:class:`~flwr_byzantine.aggregators.defence.RobustDefence`)
 node whose monotonicity evidence ``Z = S / sqrt(Q)`` falls below ``-z_exclude``
 (:class:`~flwr_byzantine.aggregators.memory.MonotonicityEvidence`).  This attacker
 replays that bookkeeping for its own replies (it knows the models it receives, hence
-every step, and what it sent) and, every round, sends the inner attack only if its
-score stays above ``-(z_exclude - margin)`` afterwards; otherwise it sends the honest
-mean to rebuild its score.  It thus attacks as often as the rule allows.
+every step, and what it sent) and, every round, sends the inner attack; when that would
+take its score below ``-(z_exclude - margin)`` it adds the smallest component along the
+last step that keeps the score at that level (a drag on training that looks "monotone").
+It thus attacks every round, as hard as the rule allows.
 
 It needs the model of every round: the caller passes it with :meth:`MemoryAware.observe_model`
 before :meth:`~flwr_byzantine.attacks.base.UpdateAttack.craft` (the simulator does; a
@@ -21,12 +22,12 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .._backend import ArrayLike, to_numpy64
-from .base import UpdateAttack, cast_like, mean64
+from .base import UpdateAttack, cast_like
 
 
 @dataclass
 class MemoryAware(UpdateAttack):
-    """The attack ``inner`` whenever the defence's evidence allows it, the honest mean otherwise.
+    """The attack ``inner``, corrected every round just enough to keep the defence's evidence inside its limit.
 
     Attributes
     ----------
@@ -45,7 +46,7 @@ class MemoryAware(UpdateAttack):
     gamma: float = 0.95
     margin: float = 0.25
     inner_params: dict[str, Any] | None = None
-    attacked_rounds: int = field(default=0, init=False, compare=False)
+    attacked_rounds: int = field(default=0, init=False, compare=False)  # rounds sent uncorrected
     _inner: Any = field(default=None, init=False, repr=False, compare=False)
     _x: Any = field(default=None, init=False, repr=False, compare=False)
     _x_prev: Any = field(default=None, init=False, repr=False, compare=False)
@@ -80,28 +81,38 @@ class MemoryAware(UpdateAttack):
             return None
         return float((vec - self._last_sent) @ delta / n / scale)
 
+    def _z(self, s: float) -> float:
+        S, Q = self.gamma * self._S + s, self.gamma * self._Q + s * s
+        return S / np.sqrt(Q) if Q > 0 else 0.0
+
     def _craft(self, honest: ArrayLike, num_byzantine: int, round: int) -> ArrayLike | None:  # noqa: A002
         h64 = np.asarray(to_numpy64(honest), dtype=np.float64)
-        honest_vec = np.asarray(to_numpy64(mean64(honest)), dtype=np.float64)
         rows = self._inner.craft(honest, num_byzantine, round)
         if rows is None:
             return None
-        attack_vec = np.asarray(to_numpy64(rows), dtype=np.float64)[0]
+        vec = np.asarray(to_numpy64(rows), dtype=np.float64)[0].copy()
+        mean = h64.mean(axis=0)
         # the defence normalises by the round's median |g_i(t) - g_i(t-1)|: estimate it by the honest spread
-        scale = float(np.median(np.linalg.norm(h64 - honest_vec, axis=1))) * np.sqrt(2.0) if h64.shape[0] > 1 else 0.0
+        scale = float(np.median(np.linalg.norm(h64 - mean, axis=1))) * np.sqrt(2.0) if h64.shape[0] > 1 else 0.0
         if scale <= 0 and self._last_sent is not None:
-            scale = float(np.linalg.norm(honest_vec - self._last_sent))
-        choice = attack_vec
-        s = self._score(attack_vec, scale)
-        if s is not None:
-            S, Q = self.gamma * self._S + s, self.gamma * self._Q + s * s
-            if Q > 0 and S / np.sqrt(Q) < -(self.z_exclude - self.margin):
-                choice = honest_vec
-                s = self._score(honest_vec, scale)
+            scale = float(np.linalg.norm(mean - self._last_sent))
+        s = self._score(vec, scale)
+        bound = -(self.z_exclude - self.margin)
+        if s is not None and self._z(s) < bound:
+            # add the least component along the last step that keeps Z at the bound (bisection on the score)
+            lo, hi = s, s + 1.0
+            while self._z(hi) < bound and hi - s < 1e6:
+                hi = s + 2.0 * (hi - s)
+            for _ in range(60):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if self._z(mid) < bound else (lo, mid)
+            delta = self._x - self._x_prev
+            vec = vec + (hi - s) * scale * delta / np.linalg.norm(delta)
+            s = hi
+        else:
+            self.attacked_rounds += 1  # the plain attack fits inside the rule
         if s is not None:
             self._S, self._Q = self.gamma * self._S + s, self.gamma * self._Q + s * s
-        if choice is attack_vec:
-            self.attacked_rounds += 1
-        self._last_sent = choice.copy()
-        out = np.repeat(choice[None, :], num_byzantine, axis=0)
+        self._last_sent = vec.copy()
+        out = np.repeat(vec[None, :], num_byzantine, axis=0)
         return cast_like(out, honest) if not isinstance(honest, np.ndarray) else out.astype(honest.dtype)

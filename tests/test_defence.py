@@ -1,0 +1,222 @@
+"""The default defence (registry name "rge"): per-node memory, monotonicity evidence, clipping, state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flwr_byzantine.aggregators import RGE, RobustDefence, build_for_federation, make_aggregator
+from flwr_byzantine.aggregators.memory import ClientMomentum, MonotonicityEvidence
+from flwr_byzantine.attacks import MemoryAware, Sleeper, make_attack
+
+
+# ------------------------------------------------------------------ registry
+
+def test_rge_is_the_default_defence_and_the_paper_preset_is_algorithm_3():
+    assert isinstance(make_aggregator("rge"), RobustDefence)
+    assert isinstance(build_for_federation("rge", 20, 0.2), RobustDefence)
+    paper = build_for_federation("rge-paper", 20, 0.2)
+    assert type(paper) is RGE and paper.threshold_factor == 4.0
+    from flwr_byzantine.strategies import RobustSGD
+
+    assert isinstance(RobustSGD().aggregator, RobustDefence)
+
+
+# ------------------------------------------------------------------ memory
+
+def test_client_momentum_is_an_ema_per_node_with_fresh_starts():
+    mem = ClientMomentum(beta=0.5, max_idle_rounds=1)
+    a = mem.update(np.array([[2.0, 0.0], [0.0, 4.0]]), [7, 9])
+    np.testing.assert_allclose(a, [[2.0, 0.0], [0.0, 4.0]])  # first sight: m = g
+    b = mem.update(np.array([[0.0, 0.0], [0.0, 0.0]]), [9, 7])  # order does not matter, ids do
+    np.testing.assert_allclose(b, [[0.0, 2.0], [1.0, 0.0]])
+    mem.update(np.array([[1.0, 1.0]]), [7])  # node 9 idle for one call: still continues
+    c = mem.update(np.array([[6.0, 6.0]]), [9])  # idle for 2 calls > max_idle_rounds: restarts
+    np.testing.assert_allclose(c, [[6.0, 6.0]])
+    with pytest.raises(ValueError):
+        mem.update(np.ones((2, 2)), [1, 1])  # duplicate ids in one round
+    mem.update(np.ones((1, 3)), [1])  # a new dimension forgets everything
+    assert len(mem) == 1
+
+
+def test_client_momentum_state_round_trip_and_malformed_state():
+    mem = ClientMomentum(beta=0.9)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        mem.update(rng.normal(size=(4, 5)), [1, 2, 3, 4])
+    state = mem.state_dict()
+    other = ClientMomentum(beta=0.9)
+    other.load_state_dict(state)
+    g = rng.normal(size=(4, 5))
+    np.testing.assert_array_equal(mem.update(g, [1, 2, 3, 4]), other.update(g, [1, 2, 3, 4]))
+    bad = dict(state, momenta=np.full((4, 5), np.nan))
+    with pytest.raises(ValueError):
+        ClientMomentum(beta=0.9).load_state_dict(bad)
+    with pytest.raises(ValueError):
+        ClientMomentum(beta=0.5).load_state_dict(state)  # another beta
+
+
+def _quadratic_round(rng, x, A, b, flip, noise=0.05):
+    """Gradients of f_i(x) = 1/2 x^T A_i x - b_i^T x (+ noise); flipped nodes send the negative."""
+    G = np.stack([A[i] @ x - b[i] + noise * rng.normal(size=x.size) for i in range(len(A))])
+    G[flip] *= -1.0
+    return G
+
+
+def test_monotonicity_evidence_suspects_sign_flippers_and_not_heterogeneous_honest_nodes():
+    rng = np.random.default_rng(1)
+    R, d = 12, 20
+    A = [np.diag(rng.uniform(0.5, 3.0, size=d)) for _ in range(R)]  # convex, heterogeneous curvature
+    b = [rng.normal(scale=3.0 if i < 2 else 1.0, size=d) for i in range(R)]  # two honest "minority" nodes
+    flip = [9, 10]
+    ev = MonotonicityEvidence(gamma=0.95, z_exclude=1.5, min_rounds=5)
+    ids = list(range(100, 100 + R))
+    x = np.zeros(d)
+    prev_step = None
+    for _ in range(40):
+        G = _quadratic_round(rng, x, A, b, flip)
+        ev.observe(G, ids, prev_step)
+        prev_step = -0.1 * np.median(G, axis=0)
+        x = x + prev_step
+    suspected = {i - 100 for i in ids if ev.suspected(i)}
+    assert suspected == set(flip)
+    assert all(ev.z(100 + i) > 0 for i in range(R) if i not in flip)
+
+
+def test_monotonicity_evidence_state_round_trip():
+    rng = np.random.default_rng(2)
+    ev = MonotonicityEvidence()
+    for t in range(4):
+        ev.observe(rng.normal(size=(3, 4)), [1, 2, 3], None if t == 0 else rng.normal(size=4))
+    other = MonotonicityEvidence()
+    other.load_state_dict(ev.state_dict())
+    G, step = rng.normal(size=(3, 4)), rng.normal(size=4)
+    ev.observe(G, [1, 2, 3], step)
+    other.observe(G, [1, 2, 3], step)
+    assert [ev.z(i) for i in (1, 2, 3)] == [other.z(i) for i in (1, 2, 3)]
+    with pytest.raises(ValueError):
+        MonotonicityEvidence().load_state_dict({**ev.state_dict(), "Q": [-1.0, 0.0, 0.0]})
+
+
+# ------------------------------------------------------------------ the rule
+
+def test_defence_on_clean_rows_keeps_everyone_and_stays_near_the_mean():
+    rng = np.random.default_rng(3)
+    G = rng.normal(size=(20, 50)) + 1.0
+    res = RobustDefence(eps_tilde=0.2).aggregate(G, client_ids=list(range(20)))
+    assert len(res.kept) >= 19  # the calibrated threshold drops at most a rare honest row
+    assert np.linalg.norm(res.estimate - G.mean(axis=0)) < 0.5 * np.linalg.norm(G.std(axis=0)) / np.sqrt(20) * 5
+
+
+def test_defence_removes_far_outliers_and_bounds_their_pull():
+    rng = np.random.default_rng(4)
+    G = rng.normal(size=(20, 30))
+    G[:4] += 100.0
+    res = RobustDefence(eps_tilde=0.2).aggregate(G, client_ids=list(range(20)))
+    assert set(res.dropped.tolist()) >= {0, 1, 2, 3}
+    assert np.linalg.norm(res.estimate - G[4:].mean(axis=0)) < 1.0
+
+
+def test_defence_excludes_a_consistent_sign_flipper_by_node_id_over_rounds():
+    rng = np.random.default_rng(5)
+    R, d = 12, 20
+    A = [np.diag(rng.uniform(0.5, 3.0, size=d)) for _ in range(R)]
+    b = [rng.normal(size=d) for _ in range(R)]
+    flip = [0, 1]
+    ids = [int(1e6) + 7 * i for i in range(R)]
+    defence = RobustDefence(eps_tilde=0.25)
+    x = np.zeros(d)
+    suspected_rounds = 0
+    for _ in range(40):
+        res = defence.aggregate(_quadratic_round(rng, x, A, b, flip), client_ids=ids)
+        suspected_rounds += set(res.info["suspected"]) == set(flip)
+        x = x - 0.1 * res.estimate
+    assert suspected_rounds >= 20
+    assert not set(res.info["suspected"]) - set(flip)
+
+
+def test_defence_memory_never_excludes_more_than_the_byzantine_budget():
+    defence = RobustDefence(eps_tilde=0.2, momentum=0.0)
+    ids = list(range(10))
+    rng = np.random.default_rng(6)
+    # every node's vectors move against the steps: all look non-monotone
+    prev = rng.normal(size=(10, 5))
+    for _ in range(12):
+        res = defence.aggregate(prev, client_ids=ids)
+        prev = prev + 0.5 * res.estimate[None, :] * -1.0 * -1.0 + 0.01 * rng.normal(size=(10, 5))
+    assert len(res.info["suspected"]) <= 2
+
+
+def test_defence_without_ids_is_stateless():
+    rng = np.random.default_rng(7)
+    G = rng.normal(size=(10, 8))
+    d = RobustDefence(eps_tilde=0.2)
+    first = d.aggregate(G).estimate
+    d.aggregate(rng.normal(size=(10, 8)) * 5)
+    np.testing.assert_allclose(d.aggregate(G).estimate, first)
+
+
+def test_defence_state_dict_resumes_exactly_and_rejects_garbage():
+    rng = np.random.default_rng(8)
+    ids = [3, 5, 8, 13, 21, 34, 55, 89]
+    a = RobustDefence(eps_tilde=0.25)
+    for _ in range(6):
+        a.aggregate(rng.normal(size=(8, 6)), client_ids=ids)
+        a.observe_step(rng.normal(size=6))
+    state, arrays = a.state_dict()
+    import json
+
+    json.dumps(state)  # the JSON part is JSON
+    b = RobustDefence(eps_tilde=0.25)
+    b.load_state_dict(json.loads(json.dumps(state)), arrays, dim=6)
+    for _ in range(3):
+        G = rng.normal(size=(8, 6))
+        np.testing.assert_array_equal(a.aggregate(G, client_ids=ids).estimate, b.aggregate(G, client_ids=ids).estimate)
+    with pytest.raises(ValueError):
+        RobustDefence().load_state_dict({"format": "other"}, {})
+    with pytest.raises(ValueError):
+        RobustDefence().load_state_dict(state, {**arrays, "last_estimate": np.full(6, np.inf)})
+    with pytest.raises(ValueError):
+        RobustDefence().load_state_dict(state, arrays, dim=7)
+    with pytest.raises(ValueError):
+        RobustDefence(evidence=False).load_state_dict(state, arrays)
+
+
+def test_defence_parameter_validation():
+    for kw in ({"momentum": 1.0}, {"clip_scale": 0.0}, {"input_clip_scale": -1.0}, {"eps_tilde": 0.3}):
+        with pytest.raises(ValueError):
+            RobustDefence(**kw)
+    with pytest.raises(ValueError):
+        RobustDefence().aggregate(np.ones((3, 2)), client_ids=[1, 2])
+
+
+# ------------------------------------------------------------------ attacks on memory
+
+def test_sleeper_is_honest_until_it_wakes():
+    honest = np.random.default_rng(9).normal(size=(5, 4))
+    s = make_attack("sleeper", wake_round=10, seed=0)
+    assert isinstance(s, Sleeper)
+    np.testing.assert_allclose(s.craft(honest, 2, 9), np.repeat(honest.mean(axis=0)[None], 2, axis=0))
+    np.testing.assert_allclose(s.craft(honest, 2, 10), -np.repeat(honest.mean(axis=0)[None], 2, axis=0))
+    with pytest.raises(ValueError):
+        make_attack("sleeper", wake_round=0)
+
+
+def test_memory_aware_attack_keeps_its_own_score_inside_the_exclusion_level():
+    rng = np.random.default_rng(10)
+    d = 6
+    A = np.diag(rng.uniform(1.0, 2.0, size=d))
+    atk = MemoryAware(z_exclude=1.5, margin=0.25, seed=0)
+    ev = MonotonicityEvidence(z_exclude=1.5)
+    x = rng.normal(size=d)
+    prev_step = None
+    for t in range(1, 60):
+        atk.observe_model(x)
+        honest = np.stack([A @ x + 0.05 * rng.normal(size=d) for _ in range(8)])
+        sent = atk.craft(honest, 1, t)[0]
+        ev.observe(np.vstack([honest, sent[None]]), list(range(1, 10)), prev_step)  # the attacker is node 9
+        step = -0.1 * honest.mean(axis=0)
+        prev_step = step
+        x = x + step
+    assert atk.attacked_rounds < 59  # the correction was needed in some rounds
+    assert not ev.suspected(9)

@@ -1,0 +1,65 @@
+"""The benchmark simulator (benchmarks/fastsim.py) computes what the Flower App computes."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.fastsim import NumpyModel, SimConfig, simulate
+from flwr_byzantine.aggregators import build_for_federation
+from flwr_byzantine.models import build_model, loss_fn_for
+
+
+@pytest.mark.parametrize("name", ["logreg", "mlp"])
+def test_numpy_gradients_equal_torch_autograd(name):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(9, 64))
+    y = rng.integers(0, 10, size=9)
+    model = NumpyModel(name, 64, 10, seed=3)
+    x = model.x0 + 0.05 * rng.normal(size=model.dim)
+    g, loss = model.grad(x, X, y)
+    tm = build_model(name, 64, 10, 3).double()
+    start = 0
+    for p in tm.parameters():
+        p.data = torch.as_tensor(x[start:start + p.numel()].reshape(p.shape))
+        start += p.numel()
+    out = loss_fn_for("classification")(tm(torch.as_tensor(X)), torch.as_tensor(y))
+    out.backward()
+    g_torch = np.concatenate([p.grad.numpy().ravel() for p in tm.parameters()])
+    np.testing.assert_allclose(g, g_torch, rtol=1e-10, atol=1e-12)
+    assert loss == pytest.approx(float(out), rel=1e-10)
+    Xb = rng.normal(size=(3, 9, 64))
+    yb = rng.integers(0, 10, size=(3, 9))
+    np.testing.assert_allclose(model.grad_batched(x, Xb, yb),
+                               np.stack([model.grad(x, Xb[i], yb[i])[0] for i in range(3)]), atol=1e-12)
+
+
+@pytest.mark.parametrize("attack", ["sign-flip", "label-flip", "erasure"])
+def test_simulator_matches_the_flower_app_in_process(tmp_path, attack):
+    """Same data, mini-batches, attacks and rule: the final accuracy of the in-process Flower run."""
+    from benchmarks.inprocess import run_app
+
+    logging.disable(logging.WARNING)
+    try:
+        overrides = {"num-server-rounds": 6, "num-malicious": 2, "attack": attack, "dirichlet-alpha": 0.5,
+                     "aggregator": "mean", "output-dir": str(tmp_path), "seed": 5, "learning-rate": 0.5}
+        flower = run_app(overrides, 8)
+        cfg = SimConfig(alpha=0.5, num_nodes=8, num_malicious=2, attack=attack, rounds=6, learning_rate=0.5,
+                        seed=5, eps_tilde=0.25)
+        sim = simulate(cfg, build_for_federation("mean", 8, 0.25), "mean")
+    finally:
+        logging.disable(logging.NOTSET)
+    assert sim.final_accuracy == pytest.approx(flower["final_accuracy"], abs=1.5 / 360)
+    assert sim.info["malicious_partitions"] == flower["malicious_partitions"]
+
+
+def test_simulator_reports_exclusions_by_node():
+    cfg = SimConfig(alpha=1.0, num_nodes=10, num_malicious=2, attack="scaled-negative", rounds=4, seed=1,
+                    eps_tilde=0.2)
+    res = simulate(cfg, build_for_federation("rge", 10, 0.2), "rge")
+    assert res.malicious_excluded_rate == 1.0  # -10x rows are removed every round
+    assert res.honest_excluded_rate <= 0.1
+    assert res.eval_rounds[-1] == 4
