@@ -120,6 +120,10 @@ def _attack(cfg: Mapping[str, Any]) -> str:
     val = _choice(cfg, "attack")
     if val not in ATTACKS:
         raise ConfigError(f"run config 'attack' must be one of {sorted(ATTACKS)}, got {val!r}")
+    if getattr(ATTACKS[val], "needs_model_history", False):
+        raise ConfigError(f"attack {val!r} needs every round's model and its own past replies, which the "
+                          f"stateless ClientApp does not keep; use it through the library or "
+                          f"python -m benchmarks.robustness")
     return val
 
 

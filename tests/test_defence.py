@@ -220,3 +220,11 @@ def test_memory_aware_attack_keeps_its_own_score_inside_the_exclusion_level():
         x = x + step
     assert atk.attacked_rounds < 59  # the correction was needed in some rounds
     assert not ev.suspected(9)
+
+
+def test_run_config_refuses_the_memory_aware_attack_with_a_clear_message():
+    from flwr_byzantine.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="needs every round's model"):
+        RunConfig.from_mapping({"attack": "memory-aware"})
+    assert RunConfig.from_mapping({"attack": "sleeper", "attack-scale": 5.0}).attack == "sleeper"

@@ -189,7 +189,8 @@ class RobustDefence(Aggregator):
             raise ValueError(f"memory vectors do not have size {dim}")
         evidence = None
         if self.evidence is not None:
-            evidence = MonotonicityEvidence(self.evidence.gamma, self.evidence.z_exclude, self.evidence.min_rounds)
+            evidence = MonotonicityEvidence(self.evidence.gamma, self.evidence.z_exclude, self.evidence.min_rounds,
+                                            self.evidence.gamma_short, self.evidence.z_short)
             evidence.load_state_dict({**dict(state["evidence"]), "last": arrays.get("evidence.last", np.zeros((0, 0)))})
         self.memory, self.evidence = memory, evidence
         self._last_estimate, self._pending_step = vecs["last_estimate"], vecs["pending_step"]

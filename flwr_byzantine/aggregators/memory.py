@@ -129,7 +129,8 @@ class MonotonicityEvidence:
     ``Z_i = S_i / sqrt(Q_i)`` with ``S_i <- gamma S_i + s_i``, ``Q_i <- gamma Q_i + s_i^2``
     (``gamma`` forgets old rounds, so a sleeper that turns is caught within a window of about
     ``1 / (1 - gamma)`` rounds).  A node with at least ``min_rounds`` scores and
-    ``Z_i < -z_exclude`` is *suspected*; the decision is re-made every round from the
+    ``Z_i < -z_exclude``, or the same statistic over a short window (``gamma_short``) below
+    ``-z_short`` (a sleeper whose long honest history keeps ``Z_i`` up), is *suspected*; the decision is re-made every round from the
     evidence, so a node that behaves again is readmitted.
 
     ``Z`` is a t-like statistic: for a zero-mean score sequence ``P(Z < -4)`` is tiny, and an
@@ -137,16 +138,23 @@ class MonotonicityEvidence:
     whose gradients look unusual but are still gradients, keep their voice.
     """
 
-    def __init__(self, gamma: float = 0.95, z_exclude: float = 4.0, min_rounds: int = 5) -> None:
+    def __init__(self, gamma: float = 0.95, z_exclude: float = 1.5, min_rounds: int = 5,
+                 gamma_short: float = 0.8, z_short: float = 2.0) -> None:
         if not (np.isfinite(gamma) and 0.0 < gamma <= 1.0):
             raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
         if not (np.isfinite(z_exclude) and z_exclude > 0):
             raise ValueError(f"z_exclude must be positive, got {z_exclude!r}")
         if isinstance(min_rounds, bool) or int(min_rounds) != min_rounds or min_rounds < 1:
             raise ValueError(f"min_rounds must be a positive integer, got {min_rounds!r}")
+        if not (np.isfinite(gamma_short) and 0.0 < gamma_short <= gamma):
+            raise ValueError(f"gamma_short must be in (0, gamma], got {gamma_short!r}")
+        if not (np.isfinite(z_short) and z_short > 0):
+            raise ValueError(f"z_short must be positive, got {z_short!r}")
         self.gamma = float(gamma)
         self.z_exclude = float(z_exclude)
         self.min_rounds = int(min_rounds)
+        self.gamma_short = float(gamma_short)
+        self.z_short = float(z_short)
         self.reset()
 
     def reset(self) -> None:
@@ -154,6 +162,8 @@ class MonotonicityEvidence:
         self._last: dict[int, np.ndarray] = {}
         self._S: dict[int, float] = {}
         self._Q: dict[int, float] = {}
+        self._S2: dict[int, float] = {}
+        self._Q2: dict[int, float] = {}
         self._n: dict[int, int] = {}
 
     def z(self, node_id: int) -> float:
@@ -162,10 +172,18 @@ class MonotonicityEvidence:
         q = self._Q.get(node, 0.0)
         return float(self._S.get(node, 0.0) / np.sqrt(q)) if q > 0 else 0.0
 
-    def suspected(self, node_id: int) -> bool:
-        """Whether the evidence against ``node_id`` is over the exclusion level."""
+    def z_recent(self, node_id: int) -> float:
+        """The same statistic over a short window (discount ``gamma_short``): reacts to a change."""
         node = int(node_id)
-        return self._n.get(node, 0) >= self.min_rounds and self.z(node) < -self.z_exclude
+        q = self._Q2.get(node, 0.0)
+        return float(self._S2.get(node, 0.0) / np.sqrt(q)) if q > 0 else 0.0
+
+    def suspected(self, node_id: int) -> bool:
+        """Whether the evidence against ``node_id`` is over the exclusion level (long or short window)."""
+        node = int(node_id)
+        if self._n.get(node, 0) < self.min_rounds:
+            return False
+        return self.z(node) < -self.z_exclude or self.z_recent(node) < -self.z_short
 
     def observe(self, G: np.ndarray, ids: Sequence[int], delta: np.ndarray | None) -> None:
         """Score this round's rows against the previous ones along the last step ``delta``.
@@ -189,6 +207,8 @@ class MonotonicityEvidence:
                     for (_, node), s in zip(pairs, scores):
                         self._S[node] = self.gamma * self._S.get(node, 0.0) + float(s)
                         self._Q[node] = self.gamma * self._Q.get(node, 0.0) + float(s) ** 2
+                        self._S2[node] = self.gamma_short * self._S2.get(node, 0.0) + float(s)
+                        self._Q2[node] = self.gamma_short * self._Q2.get(node, 0.0) + float(s) ** 2
                         self._n[node] = self._n.get(node, 0) + 1
         seen = set(ids)
         for node in list(self._last):
@@ -205,6 +225,7 @@ class MonotonicityEvidence:
         return {
             "gamma": self.gamma, "z_exclude": self.z_exclude, "min_rounds": self.min_rounds,
             "ids": ids, "S": [self._S[i] for i in ids], "Q": [self._Q[i] for i in ids],
+            "S_short": [self._S2.get(i, 0.0) for i in ids], "Q_short": [self._Q2.get(i, 0.0) for i in ids],
             "n": [self._n[i] for i in ids], "last_ids": last_ids,
             "last": np.stack([self._last[i] for i in last_ids]) if last_ids else np.zeros((0, d)),
         }
@@ -215,17 +236,19 @@ class MonotonicityEvidence:
             ids = [int(i) for i in state["ids"]]
             S = [float(v) for v in state["S"]]
             Q = [float(v) for v in state["Q"]]
+            S2 = [float(v) for v in state["S_short"]]
+            Q2 = [float(v) for v in state["Q_short"]]
             n = [int(v) for v in state["n"]]
             last_ids = [int(i) for i in state["last_ids"]]
             last = np.asarray(state["last"], dtype=np.float64)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed evidence state: {exc}") from exc
-        if not (len(ids) == len(S) == len(Q) == len(n)) or last.ndim != 2 or last.shape[0] != len(last_ids):
+        if not (len(ids) == len(S) == len(Q) == len(n) == len(S2) == len(Q2)) or last.ndim != 2 or last.shape[0] != len(last_ids):
             raise ValueError("malformed evidence state: lengths disagree")
-        if not (np.isfinite(S).all() and np.isfinite(Q).all() and np.isfinite(last).all()) or min(Q, default=0) < 0:
+        if not all(np.isfinite(v).all() for v in (S, Q, S2, Q2, last)) or min(Q + Q2, default=0) < 0:
             raise ValueError("malformed evidence state: non-finite or negative values")
         self.reset()
-        for i, s, q, k in zip(ids, S, Q, n):
-            self._S[i], self._Q[i], self._n[i] = s, q, k
+        for i, s, q, s2, q2, k in zip(ids, S, Q, S2, Q2, n):
+            self._S[i], self._Q[i], self._S2[i], self._Q2[i], self._n[i] = s, q, s2, q2, k
         for i, v in zip(last_ids, last):
             self._last[i] = v.copy()

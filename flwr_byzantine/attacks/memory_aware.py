@@ -33,18 +33,24 @@ class MemoryAware(UpdateAttack):
     ----------
     inner:
         Registry name of the attack (default ``"sign-flip"``).
-    z_exclude, gamma:
-        The defence's exclusion level and discount (defaults: the default defence's).
+    z_exclude, gamma, z_short, gamma_short:
+        The defence's exclusion levels and discounts, long and short window (defaults: the
+        default defence's).
     margin:
         How far inside the exclusion level the attacker keeps its score.
     """
 
     name: ClassVar[str] = "memory-aware"
+    #: It keeps the models of past rounds: the ClientApp's run config refuses it (the library and
+    #: the benchmark simulator call :meth:`observe_model`).
+    needs_model_history: ClassVar[bool] = True
 
     inner: str = "sign-flip"
     z_exclude: float = 1.5
     gamma: float = 0.95
     margin: float = 0.25
+    gamma_short: float = 0.8
+    z_short: float = 2.0
     inner_params: dict[str, Any] | None = None
     attacked_rounds: int = field(default=0, init=False, compare=False)  # rounds sent uncorrected
     _inner: Any = field(default=None, init=False, repr=False, compare=False)
@@ -53,6 +59,8 @@ class MemoryAware(UpdateAttack):
     _last_sent: Any = field(default=None, init=False, repr=False, compare=False)
     _S: float = field(default=0.0, init=False, repr=False, compare=False)
     _Q: float = field(default=0.0, init=False, repr=False, compare=False)
+    _S2: float = field(default=0.0, init=False, repr=False, compare=False)
+    _Q2: float = field(default=0.0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -82,8 +90,12 @@ class MemoryAware(UpdateAttack):
         return float((vec - self._last_sent) @ delta / n / scale)
 
     def _z(self, s: float) -> float:
+        """The smaller margin of the two rules after a score ``s``, in units of the long rule's level."""
         S, Q = self.gamma * self._S + s, self.gamma * self._Q + s * s
-        return S / np.sqrt(Q) if Q > 0 else 0.0
+        S2, Q2 = self.gamma_short * self._S2 + s, self.gamma_short * self._Q2 + s * s
+        z_long = S / np.sqrt(Q) if Q > 0 else 0.0
+        z_recent = S2 / np.sqrt(Q2) if Q2 > 0 else 0.0
+        return min(z_long, z_recent * self.z_exclude / self.z_short)
 
     def _craft(self, honest: ArrayLike, num_byzantine: int, round: int) -> ArrayLike | None:  # noqa: A002
         h64 = np.asarray(to_numpy64(honest), dtype=np.float64)
@@ -113,6 +125,7 @@ class MemoryAware(UpdateAttack):
             self.attacked_rounds += 1  # the plain attack fits inside the rule
         if s is not None:
             self._S, self._Q = self.gamma * self._S + s, self.gamma * self._Q + s * s
+            self._S2, self._Q2 = self.gamma_short * self._S2 + s, self.gamma_short * self._Q2 + s * s
         self._last_sent = vec.copy()
         out = np.repeat(vec[None, :], num_byzantine, axis=0)
         return cast_like(out, honest) if not isinstance(honest, np.ndarray) else out.astype(honest.dtype)
