@@ -172,7 +172,9 @@ def _run_config(cfg: SimConfig, aggregator_name: str) -> Any:
         "batch-size": cfg.batch_size, "learning-rate": cfg.learning_rate,
         "aggregator": aggregator_name, "eps-tilde": min(cfg.eps_tilde, 0.25),
         "num-malicious": cfg.num_malicious,
-        "attack": cfg.attack if cfg.attack not in ("none",) else "sign-flip",
+        # the run config only validates here; the attack objects are built by name below (the App's run
+        # config refuses attacks that need model history, which this simulator provides)
+        "attack": cfg.attack if cfg.attack not in ("none", "memory-aware") else "sign-flip",
         "attack-scale": cfg.attack_scale,
     })
 

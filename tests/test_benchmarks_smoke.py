@@ -62,7 +62,7 @@ def test_inprocess_grid_turns_client_exceptions_into_error_replies():
 
 def _tiny_robustness(out, *extra):
     return robustness.main(["--models", "logreg", "--alphas", "0.3", "--seeds", "0", "--rounds", "3",
-                            "--rules", "rge", "cclip", "wm:cclip", "--attacks", "sign-flip", "omni-rotate:alie",
+                            "--rules", "rge", "cclip", "wm:cclip", "--attacks", "sign-flip", "memory-aware", "omni-rotate:alie",
                             "--ablation-attacks", "sleeper", "--out", str(out), "--no-progress", *extra])
 
 
