@@ -19,6 +19,51 @@ from typing import Any, Sequence
 import numpy as np
 
 
+class _RowTable:
+    """Vectors keyed by node id, stored as rows of one growing matrix (vectorised gathers/scatters)."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.index: dict[int, int] = {}
+        self.rows = np.zeros((0, 0))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def dim(self) -> int | None:
+        return self.rows.shape[1] if self.index else None
+
+    def get(self, ids: Sequence[int]) -> np.ndarray:
+        return self.rows[[self.index[i] for i in ids]]
+
+    def put(self, ids: Sequence[int], values: np.ndarray) -> None:
+        new = [i for i in ids if i not in self.index]
+        if new:
+            if not self.index:
+                self.rows = np.zeros((max(2 * len(new), 8), values.shape[1]))
+            need = len(self.index) + len(new)
+            if need > self.rows.shape[0]:
+                grown = np.zeros((max(need, 2 * self.rows.shape[0]), self.rows.shape[1]))
+                grown[: self.rows.shape[0]] = self.rows
+                self.rows = grown
+            for i in new:
+                self.index[i] = len(self.index)
+        self.rows[[self.index[i] for i in ids]] = values
+
+    def drop(self, ids: Sequence[int]) -> None:
+        """Forget ``ids`` (compacts the matrix)."""
+        keep = [i for i in self.index if i not in set(ids)]
+        if len(keep) == len(self.index):
+            return
+        vals = self.get(keep) if keep else np.zeros((0, self.rows.shape[1]))
+        self.clear()
+        if keep:
+            self.put(keep, vals)
+
+
 class ClientMomentum:
     """Exponential moving average of every node's vectors, keyed by node id.
 
@@ -42,7 +87,7 @@ class ClientMomentum:
     def reset(self) -> None:
         """Forget every node."""
         self.calls = 0
-        self._m: dict[int, np.ndarray] = {}
+        self._m = _RowTable()
         self._seen: dict[int, int] = {}
 
     def __len__(self) -> int:
@@ -50,41 +95,42 @@ class ClientMomentum:
 
     def momentum_of(self, node_id: int) -> np.ndarray | None:
         """A copy of node ``node_id``'s memory, or ``None``."""
-        m = self._m.get(int(node_id))
-        return None if m is None else m.copy()
+        node = int(node_id)
+        return self._m.get([node])[0].copy() if node in self._m.index else None
 
     def update(self, G: np.ndarray, ids: Sequence[int]) -> np.ndarray:
         """Fold row ``i`` of ``G`` into node ``ids[i]``'s memory; returns the memories, row-aligned with ``G``."""
         G = np.asarray(G, dtype=np.float64)
+        ids = [int(i) for i in ids]
         if G.ndim != 2 or len(ids) != G.shape[0]:
             raise ValueError("G must be (R, d) with one id per row")
-        if len(set(int(i) for i in ids)) != len(ids):
+        if len(set(ids)) != len(ids):
             raise ValueError("node ids must be distinct within a round")
-        d = G.shape[1]
-        if self._m and next(iter(self._m.values())).shape[0] != d:
+        if self._m.dim is not None and self._m.dim != G.shape[1]:
             self.reset()
         self.calls += 1
-        out = np.empty_like(G)
-        for r, node in enumerate(int(i) for i in ids):
-            prev = self._m.get(node)
-            fresh = prev is None or self.calls - self._seen.get(node, -10**9) > self.max_idle_rounds
-            m = G[r].copy() if fresh else self.beta * prev + (1.0 - self.beta) * G[r]
-            self._m[node] = m
+        out = G.copy()
+        cont = [r for r, node in enumerate(ids) if node in self._m.index
+                and self.calls - self._seen.get(node, -10**9) <= self.max_idle_rounds]
+        if cont:
+            prev = self._m.get([ids[r] for r in cont])
+            out[cont] = self.beta * prev + (1.0 - self.beta) * G[cont]
+        self._m.put(ids, out)
+        for node in ids:
             self._seen[node] = self.calls
-            out[r] = m
         return out
 
     def state_dict(self) -> dict[str, Any]:
         """``{"beta", "max_idle_rounds", "calls", "ids", "last_seen", "momenta"}`` (momenta: ``(n, d)`` float64)."""
-        ids = sorted(self._m)
-        d = next(iter(self._m.values())).shape[0] if ids else 0
+        ids = sorted(self._m.index)
+        d = self._m.dim or 0
         return {
             "beta": self.beta,
             "max_idle_rounds": self.max_idle_rounds,
             "calls": int(self.calls),
             "ids": [int(i) for i in ids],
             "last_seen": [int(self._seen[i]) for i in ids],
-            "momenta": np.stack([self._m[i] for i in ids]) if ids else np.zeros((0, d)),
+            "momenta": self._m.get(ids).copy() if ids else np.zeros((0, d)),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -107,9 +153,9 @@ class ClientMomentum:
             raise ValueError(f"momentum state has beta={beta}, this memory has beta={self.beta}")
         self.reset()
         self.calls = calls
-        for i, s, m in zip(ids, seen, mom):
-            self._m[i] = m.copy()
-            self._seen[i] = s
+        if ids:
+            self._m.put(ids, mom)
+        self._seen = dict(zip(ids, seen))
 
 
 class MonotonicityEvidence:
@@ -159,7 +205,7 @@ class MonotonicityEvidence:
 
     def reset(self) -> None:
         """Forget every node."""
-        self._last: dict[int, np.ndarray] = {}
+        self._last = _RowTable()
         self._S: dict[int, float] = {}
         self._Q: dict[int, float] = {}
         self._S2: dict[int, float] = {}
@@ -193,15 +239,15 @@ class MonotonicityEvidence:
         """
         G = np.asarray(G, dtype=np.float64)
         ids = [int(i) for i in ids]
-        if self._last and next(iter(self._last.values())).shape[0] != G.shape[1]:
+        if self._last.dim is not None and self._last.dim != G.shape[1]:
             self.reset()
         step_norm = float(np.linalg.norm(delta)) if delta is not None else 0.0
         if delta is not None and step_norm > 0 and np.isfinite(step_norm):
             u = np.asarray(delta, dtype=np.float64) / step_norm
-            pairs = [(r, node) for r, node in enumerate(ids) if node in self._last]
+            pairs = [(r, node) for r, node in enumerate(ids) if node in self._last.index]
             if pairs:
-                diffs = np.stack([G[r] - self._last[node] for r, node in pairs])
-                scale = float(np.median(np.linalg.norm(diffs, axis=1)))
+                diffs = G[[r for r, _ in pairs]] - self._last.get([node for _, node in pairs])
+                scale = float(np.median(np.sqrt(np.einsum("ij,ij->i", diffs, diffs))))
                 if scale > 0 and np.isfinite(scale):
                     scores = diffs @ u / scale
                     for (_, node), s in zip(pairs, scores):
@@ -211,23 +257,21 @@ class MonotonicityEvidence:
                         self._Q2[node] = self.gamma_short * self._Q2.get(node, 0.0) + float(s) ** 2
                         self._n[node] = self._n.get(node, 0) + 1
         seen = set(ids)
-        for node in list(self._last):
-            if node not in seen:  # absent this round: its last vector is no longer comparable
-                del self._last[node]
-        for r, node in enumerate(ids):
-            self._last[node] = G[r].copy()
+        # absent this round: its last vector is no longer comparable
+        self._last.drop([node for node in self._last.index if node not in seen])
+        self._last.put(ids, G)
 
     def state_dict(self) -> dict[str, Any]:
         """``{"ids", "S", "Q", "n", "last_ids", "last"}`` (plain lists and one ``(m, d)`` array)."""
         ids = sorted(self._S)
-        last_ids = sorted(self._last)
-        d = next(iter(self._last.values())).shape[0] if last_ids else 0
+        last_ids = sorted(self._last.index)
+        d = self._last.dim or 0
         return {
             "gamma": self.gamma, "z_exclude": self.z_exclude, "min_rounds": self.min_rounds,
             "ids": ids, "S": [self._S[i] for i in ids], "Q": [self._Q[i] for i in ids],
             "S_short": [self._S2.get(i, 0.0) for i in ids], "Q_short": [self._Q2.get(i, 0.0) for i in ids],
             "n": [self._n[i] for i in ids], "last_ids": last_ids,
-            "last": np.stack([self._last[i] for i in last_ids]) if last_ids else np.zeros((0, d)),
+            "last": self._last.get(last_ids).copy() if last_ids else np.zeros((0, d)),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -250,5 +294,5 @@ class MonotonicityEvidence:
         self.reset()
         for i, s, q, s2, q2, k in zip(ids, S, Q, S2, Q2, n):
             self._S[i], self._Q[i], self._S2[i], self._Q2[i], self._n[i] = s, q, s2, q2, k
-        for i, v in zip(last_ids, last):
-            self._last[i] = v.copy()
+        if last_ids:
+            self._last.put(last_ids, last)
