@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-RULES = ("rge", "mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan", "geomed", "cclip",
+RULES = ("rge", "rge-paper", "mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan", "geomed", "cclip",
          "bucketing:cclip", "nnm:cclip")
 ATTACKS = ("alie", "ipm", "annulus", "gaussian-far")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"

@@ -66,8 +66,7 @@ OMNI_ATTACKS = ("omni:alie", "omni:ipm", "omni:sign-flip", "omni:defence-aware",
 ATTACKS = CLIENT_ATTACKS + OMNI_ATTACKS
 PEERS = ("cclip", "nnm:cclip", "multi-krum", "trimmed-mean", "median", "geomed")
 MOMENTUM_PEERS = ("wm:cclip", "wm:nnm:cclip", "wm:multi-krum", "wm:trimmed-mean")
-ABLATIONS = ("rge/no-momentum", "rge/no-evidence", "rge/no-input-clip", "rge/no-clip", "rge/threshold-4",
-             "rge/no-memory")
+ABLATIONS = ("rge/no-evidence", "rge/no-clip", "rge/threshold-4", "rge/momentum")
 RULES = ("rge", "rge-paper", *PEERS, *MOMENTUM_PEERS, "mean")
 REFERENCES = ("oracle", "clean-fedavg")
 MODELS = {"logreg": dict(rounds=60, learning_rate=0.5), "mlp": dict(rounds=200, learning_rate=0.3)}
@@ -92,14 +91,10 @@ def build_rule(name: str, num_nodes: int, f: int):
     if name == "rge" or name.startswith("rge/"):
         kw: dict[str, Any] = {}
         variant = name.partition("/")[2]
-        if variant == "no-memory":
-            kw = dict(momentum=0.0, evidence=False)
-        elif variant == "no-momentum":
-            kw = dict(momentum=0.0)
+        if variant == "momentum":  # per-node worker momentum 0.9 (with its input clipping) on top
+            kw = dict(momentum=0.9)
         elif variant == "no-evidence":
             kw = dict(evidence=False)
-        elif variant == "no-input-clip":
-            kw = dict(input_clip_scale=None)
         elif variant == "no-clip":
             kw = dict(clip_scale=None)
         elif variant == "threshold-4":

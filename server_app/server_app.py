@@ -43,8 +43,13 @@ from server_app.nodes import wait_for_nodes
 
 
 def build_aggregator(cfg: RunConfig, num_nodes: int) -> Aggregator:
-    """The configured aggregator for ``num_nodes`` clients (see :func:`build_for_federation`)."""
-    return build_for_federation(cfg.aggregator, num_nodes, cfg.eps_tilde, cfg.sigma0)
+    """The configured aggregator for ``num_nodes`` clients (see :func:`build_for_federation`).
+
+    With ``client-mode='local'`` the replies are model updates, not gradients: the default
+    defence then runs without its monotonicity evidence (see ``default_aggregator``).
+    """
+    extra = {"evidence": False} if cfg.client_mode == "local" and cfg.aggregator == "rge" else {}
+    return build_for_federation(cfg.aggregator, num_nodes, cfg.eps_tilde, cfg.sigma0, **extra)
 
 
 def build_omniscient_adversary(cfg: RunConfig, inner: RobustSGD) -> OmniscientAdversary:

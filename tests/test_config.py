@@ -71,8 +71,12 @@ def test_names_come_from_the_registries(key, value, match):
 def test_registry_names_and_wrappers_are_accepted():
     from flwr_byzantine.attacks import ATTACKS
 
-    for name in ATTACKS:
-        assert RunConfig.from_mapping({"attack": name}).attack == name
+    for name, cls in ATTACKS.items():
+        if getattr(cls, "needs_model_history", False):  # stateful attackers run in the simulator only
+            with pytest.raises(ConfigError, match="needs every round's model"):
+                RunConfig.from_mapping({"attack": name})
+        else:
+            assert RunConfig.from_mapping({"attack": name}).attack == name
     assert RunConfig.from_mapping({"aggregator": "bucketing:cclip"}).aggregator == "bucketing:cclip"
     assert RunConfig.from_mapping({"dataset": "synthetic-logreg:d=5"}).dataset == "synthetic-logreg:d=5"
 

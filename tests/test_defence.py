@@ -228,3 +228,12 @@ def test_run_config_refuses_the_memory_aware_attack_with_a_clear_message():
     with pytest.raises(ConfigError, match="needs every round's model"):
         RunConfig.from_mapping({"attack": "memory-aware"})
     assert RunConfig.from_mapping({"attack": "sleeper", "attack-scale": 5.0}).attack == "sleeper"
+
+
+def test_strategies_default_defences():
+    from flwr_byzantine.strategies import RobustFedAvg, RobustSGD
+
+    sgd, fedavg = RobustSGD().aggregator, RobustFedAvg().aggregator
+    assert isinstance(sgd, RobustDefence) and sgd.evidence is not None and sgd.momentum == 0.0
+    # model updates after local training are not gradients: no monotonicity evidence for them
+    assert isinstance(fedavg, RobustDefence) and fedavg.evidence is None

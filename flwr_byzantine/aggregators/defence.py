@@ -45,8 +45,9 @@ from .rge import RGE
 
 #: Format tag of :meth:`RobustDefence.state_dict`.
 STATE_FORMAT = "flwr-byzantine/robust-defence-v1"
-#: Default momentum of the per-node memory (Karimireddy et al. use 0.9).
-DEFAULT_MOMENTUM = 0.9
+#: Default momentum of the per-node memory: off (the grid's ablation: 0.9 cost accuracy under the
+#: omniscient defence-aware attack and lags in short runs; the evidence is the memory that pays).
+DEFAULT_MOMENTUM = 0.0
 #: Default constant of the calibrated stopping rule (Algorithm 3 uses 4).
 DEFAULT_THRESHOLD_FACTOR = 1.5
 #: Default radius of the clipping of what enters a node's memory, in units of the round's median distance.

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .._backend import ArrayLike, to_numpy64
-from .base import UpdateAttack, cast_like
+from .base import UpdateAttack, cast_like, from_numpy64
 
 
 @dataclass
@@ -128,4 +128,4 @@ class MemoryAware(UpdateAttack):
             self._S2, self._Q2 = self.gamma_short * self._S2 + s, self.gamma_short * self._Q2 + s * s
         self._last_sent = vec.copy()
         out = np.repeat(vec[None, :], num_byzantine, axis=0)
-        return cast_like(out, honest) if not isinstance(honest, np.ndarray) else out.astype(honest.dtype)
+        return cast_like(from_numpy64(out, honest), honest)

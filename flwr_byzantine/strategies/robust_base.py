@@ -70,9 +70,14 @@ ID_METRICS = ("server-round", "partition-id")
 MetricsAggrFn = Callable[[list[RecordDict], str], "MetricRecord | None"]
 
 
-def default_aggregator() -> Aggregator:
-    """The project's default defence: the rule registered as :data:`DEFAULT_AGGREGATOR`, default parameters."""
-    return make_aggregator(DEFAULT_AGGREGATOR)
+def default_aggregator(replies_are_gradients: bool = True) -> Aggregator:
+    """The project's default defence: the rule registered as :data:`DEFAULT_AGGREGATOR`, default parameters.
+
+    Its monotonicity evidence assumes every reply is a stochastic gradient of the client's loss;
+    for model updates after several local steps (``RobustFedAvg``) it is switched off
+    (``replies_are_gradients=False``): on a non-convex model they need not be monotone.
+    """
+    return make_aggregator(DEFAULT_AGGREGATOR, **({} if replies_are_gradients else {"evidence": False}))
 
 
 class RunFailed(RuntimeError):

@@ -34,7 +34,7 @@ from flwr.supercore import log
 
 from ..aggregators.base import Aggregator
 from ..checkpoint import CheckpointMismatch
-from .robust_base import MetricsAggrFn, RobustStrategy
+from .robust_base import MetricsAggrFn, RobustStrategy, default_aggregator
 from .validation import ReplyPolicy
 
 __all__ = ["RobustFedAvg"]
@@ -65,7 +65,8 @@ class RobustFedAvg(RobustStrategy):
         each metric (a metric is reported if at least half the replies carry it).
     aggregator:
         Robust rule decoding the updates (default: the project's default defence,
-        :func:`~flwr_byzantine.strategies.robust_base.default_aggregator`).
+        :func:`~flwr_byzantine.strategies.robust_base.default_aggregator` for model updates: the
+        default defence without its monotonicity evidence, which assumes replies are gradients).
     server_learning_rate:
         eta_s > 0 (default 1.0: the decoded update is applied as it is).
     server_momentum:
@@ -109,6 +110,8 @@ class RobustFedAvg(RobustStrategy):
         if fraction_train == 0.0:
             min_train_nodes = 0
             log(WARNING, "fraction_train is set to 0.0. Federated training will be skipped.")
+        if aggregator is None:
+            aggregator = default_aggregator(replies_are_gradients=False)
         super().__init__(
             aggregator, fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
             min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
