@@ -31,7 +31,8 @@ Rules (``--rules``): ``rge`` (the default defence), ``rge-paper`` (Algorithm 3 a
 published), the peers (``cclip``, ``nnm:cclip``, ``multi-krum``, ``trimmed-mean``,
 ``median``, ``geomed``, ``krum``, ``bulyan``, ``bucketing:cclip``), the same peers with
 worker momentum ``wm:<peer>`` (beta 0.9, the momentum kept per node as the default
-defence keeps it), and ablations ``rge/no-<component>`` (in the first model and alpha only).  Peers are told the true f.
+defence keeps it), ablations ``rge/no-<component>`` (in the first model and alpha only) and the option
+``rge/mixing`` (the default with nearest-neighbour mixing before its filter).  Peers are told the true f.
 References per setting and seed: ``oracle`` (mean of the honest clients; the
 attackers erased) and ``clean-fedavg`` (mean, no attacker).
 
@@ -93,6 +94,8 @@ def build_rule(name: str, num_nodes: int, f: int):
         variant = name.partition("/")[2]
         if variant == "momentum":  # per-node worker momentum 0.9 (with its input clipping) on top
             kw = dict(momentum=0.9)
+        elif variant == "mixing":  # nearest-neighbour mixing (NNM) before the filter
+            kw = dict(mixing=True)
         elif variant == "no-evidence":
             kw = dict(evidence=False)
         elif variant == "no-clip":
