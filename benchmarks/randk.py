@@ -24,6 +24,10 @@ Two experiments, one command::
     (implemented here, in the compressed domain, knowing ``K_t`` and the honest rows
     of the round): ALIE-like (every Byzantine sends ``mean - z std`` of the honest
     rows, coordinate-wise) and sign flip (``-scale * mean`` of the honest rows).
+    The sign flip sends ``-4`` times the honest mean from 4 of 20 workers, so an unfiltered
+    round's mean is exactly zero and the iterate moves only in rounds where RGE drops an
+    attacker: its runs need the full ``d/k`` times more rounds before the last quarter is a floor
+    (``python -m benchmarks.paper_figures --only randk``, docs/paper_claims.md).
     Reported: ``||x_T - x*||``, its floor (mean over the last quarter of the rounds),
     uplink bytes per round, and the rounds (and uplink bytes) each run needs to come
     within 10 % of its own floor.  Optional: randk with error feedback at
@@ -55,7 +59,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from flwr_byzantine.aggregators import RGE
+from flwr_byzantine.aggregators import RGE, Aggregator
 from flwr_byzantine.compression import draw_coordinates, randk_compress
 
 # --------------------------------------------------------------------------- helpers
@@ -130,14 +134,24 @@ def decode_benchmark(R: int, dims: list[int], divisors: list[int], repeats: int,
 
 
 def attack_rows(name: str, honest: np.ndarray, num_byzantine: int) -> np.ndarray:
-    """Byzantine rows crafted in the compressed domain from the honest rows of the round."""
+    """Byzantine rows crafted in the compressed domain from the honest rows of the round.
+
+    ``alie``: every row ``mean - 1.5 std`` (coordinate-wise); ``alie-zmax``: the same with
+    Baruch et al.'s ``z_max`` (:class:`~flwr_byzantine.attacks.ALIE`, about 0.39 for 4 of 20);
+    ``sign-flip``: ``-4 mean``.
+    """
     if name == "none" or num_byzantine == 0:
         return np.zeros((0, honest.shape[1]), dtype=honest.dtype)
+    if name == "alie-zmax":  # ALIE with Baruch et al.'s z_max for R = honest + Byzantine workers
+        from flwr_byzantine.attacks import make_attack
+
+        R = honest.shape[0] + num_byzantine
+        return np.asarray(make_attack("alie", num_workers=R).craft(honest, num_byzantine), dtype=honest.dtype)
     mu = honest.mean(axis=0)
     if name == "alie":
         row = mu - 1.5 * honest.std(axis=0)
     elif name == "sign-flip":
-        row = -4.0 * mu
+        row = -4.0 * mu  # with 4 of 20 Byzantine the mean of all rows is exactly 0
     else:
         raise ValueError(f"unknown attack {name!r}")
     return np.repeat(row[None, :], num_byzantine, axis=0)
@@ -154,8 +168,10 @@ class LinRegFederation:
         self.n = n
 
     def gradients(self, x: np.ndarray, b: int, rng: np.random.Generator) -> np.ndarray:
-        """Mini-batch gradients (H, d), each worker's batch drawn without replacement."""
+        """Mini-batch gradients (H, d), each worker's batch drawn without replacement (``b >= n``: full batch)."""
         H = self.X.shape[0]
+        if b >= self.n:
+            return np.einsum("hnd,hn->hd", self.X, np.einsum("hnd,d->hn", self.X, x) - self.y) / self.n
         idx = rng.random((H, self.n)).argsort(axis=1)[:, :b]
         Xb = np.take_along_axis(self.X, idx[:, :, None], axis=1)
         yb = np.take_along_axis(self.y, idx, axis=1)
@@ -164,14 +180,23 @@ class LinRegFederation:
 
 
 def run_sgd(fed: LinRegFederation, x_star: np.ndarray, *, k: int, rounds: int, lr: float, batch: int,
-            num_byzantine: int, attack: str, seed: int, error_feedback: bool = False) -> dict[str, Any]:
-    """Algorithm 1 (k = d) or Algorithm 2 (k < d) in-process; returns the error per round."""
+            num_byzantine: int, attack: str, seed: int, error_feedback: bool = False,
+            aggregator: Aggregator | None = None) -> dict[str, Any]:
+    """Algorithm 1 (k = d) or Algorithm 2 (k < d) in-process; returns the error per round.
+
+    ``aggregator`` defaults to the paper's RGE (Algorithm 3, ``eps_tilde = 0.25``).  Rows carry
+    stable node ids (Byzantine rows first); as in :class:`~flwr_byzantine.strategies.RobustSGD`,
+    rounds with ``k = d`` pass them as ``client_ids`` and report the step taken through
+    ``observe_step`` (rules with memory use both), compressed rounds pass neither.
+    """
     d = x_star.size
     H = fed.X.shape[0]
     x = np.zeros(d)  # x_0 = 0 as in the paper
     rng = np.random.default_rng([seed, 7])
     memory = np.zeros((H, d))
-    agg = RGE(eps_tilde=0.25)
+    agg = RGE(eps_tilde=0.25) if aggregator is None else aggregator
+    nb_rows = num_byzantine if attack != "none" else 0
+    node_ids = list(range(nb_rows + H)) if k == d else None
     errors = [float(np.linalg.norm(x - x_star))]
     filtered_byz, filtered_honest = 0, 0
     for t in range(1, rounds + 1):
@@ -186,11 +211,14 @@ def run_sgd(fed: LinRegFederation, x_star: np.ndarray, *, k: int, rounds: int, l
             honest = randk_compress(g, K, d)
         honest = honest.astype(np.float32)
         G = np.concatenate([attack_rows(attack, honest, num_byzantine), honest]).astype(np.float32)
-        res = agg.aggregate(G)
+        res = agg.aggregate(G, client_ids=node_ids)
         dropped = set(int(i) for i in res.dropped)
         filtered_byz += sum(1 for i in dropped if i < num_byzantine and attack != "none")
         filtered_honest += sum(1 for i in dropped if i >= (num_byzantine if attack != "none" else 0))
-        x[K] -= lr * np.asarray(res.estimate, dtype=np.float64)
+        step = lr * np.asarray(res.estimate, dtype=np.float64)
+        x[K] -= step
+        if node_ids is not None and hasattr(agg, "observe_step"):
+            agg.observe_step(-step)
         errors.append(float(np.linalg.norm(x - x_star)))
         if not np.isfinite(errors[-1]) or errors[-1] > 1e6:
             errors += [float("inf")] * (rounds - t)
