@@ -241,23 +241,15 @@ def run_grid(specs: list[Spec], out: Path, workers: int = 1, max_minutes: float 
 
         bar = tqdm(total=len(todo), desc="robustness grid", unit="run")
     n = 0
-    with open(path, "a", encoding="utf-8") as fh:
-        if workers > 1:
-            import multiprocessing as mp
+    pool = None
+    if workers > 1:
+        import multiprocessing as mp
 
-            with mp.get_context("fork").Pool(workers, maxtasksperchild=200) as pool:
-                for rec in pool.imap_unordered(_execute_safe, todo, chunksize=1):
-                    fh.write(json.dumps(rec) + "\n")
-                    fh.flush()
-                    n += 1
-                    if bar:
-                        bar.update()
-                    if deadline and time.time() > deadline:
-                        pool.terminate()
-                        break
-        else:
-            for spec in todo:
-                rec = _execute_safe(spec)
+        pool = mp.get_context("fork").Pool(workers, maxtasksperchild=200)
+    results = pool.imap_unordered(_execute_safe, todo, chunksize=1) if pool else map(_execute_safe, todo)
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            for rec in results:  # appended as runs finish: an interrupted grid resumes from here
                 fh.write(json.dumps(rec) + "\n")
                 fh.flush()
                 n += 1
@@ -265,6 +257,10 @@ def run_grid(specs: list[Spec], out: Path, workers: int = 1, max_minutes: float 
                     bar.update()
                 if deadline and time.time() > deadline:
                     break
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
     if bar:
         bar.close()
     return n
