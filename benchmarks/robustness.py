@@ -378,7 +378,8 @@ def _plots(summary: dict[str, Any], records: list[dict[str, Any]], out: Path) ->
     fig, axes = plt.subplots(1, len(settings), figsize=(5.2 * len(settings), 5.5), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         s = summary[setting]
-        rules = [r for r in ("rge", "rge-paper", *PEERS, *MOMENTUM_PEERS, *ABLATIONS) if r in s["rules"]
+        # ablations run on a subset of the attacks: their "worst" is not comparable, so not drawn here
+        rules = [r for r in ("rge", "rge-paper", *PEERS, *MOMENTUM_PEERS) if r in s["rules"]
                  and s["rules"][r]["worst"]]
         vals = [s["rules"][r]["worst"]["mean"] for r in rules]
         colors = ["tab:red" if r == "rge" else "tab:orange" if r.startswith("rge") else "tab:blue" for r in rules]
