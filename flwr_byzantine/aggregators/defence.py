@@ -296,7 +296,10 @@ class RobustDefence(Aggregator):
         else:
             out = estimate.astype(updates.dtype, copy=False)
         info = dict(res.info)
-        info.update({"gross": gross, "input_clipped": input_clipped, "memory": bool(use_memory), "suspected": [int(i) for i in suspects], "clip_radius": float(radius),
-                     "clipped": int(np.sum(factors < 1.0)), "defence_seconds": time.perf_counter() - t0})
+        info.update({
+            "gross": gross, "input_clipped": input_clipped, "memory": bool(use_memory),
+            "suspected": [int(i) for i in suspects], "clip_radius": float(radius),
+            "clipped": int(np.sum(factors < 1.0)), "defence_seconds": time.perf_counter() - t0,
+        })
         return AggregationResult(estimate=out, kept=kept, weights=weights, iterations=res.iterations,
                                  statistic=res.statistic, info=info)
