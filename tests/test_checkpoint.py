@@ -31,6 +31,7 @@ from fakes import FakeGrid
 from flwr_byzantine.compression import randk_compress
 from test_randk import client_coords, values_reply
 from test_robust_sgd import grad_reply, honest_handler, model_record
+from flwr_byzantine.deploy.local import descendants
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -310,30 +311,9 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
 
 
-def _descendants(pid: int) -> list[int]:
-    """All live descendants of ``pid`` (from /proc), children first."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8") as fh:
-                stat = fh.read()
-            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def _kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL the process group we started and every descendant (Ray may start its own sessions)."""
-    pids = _descendants(proc.pid)
+    pids = descendants(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:

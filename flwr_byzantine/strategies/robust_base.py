@@ -240,6 +240,7 @@ class RobustStrategy(RoundLoop, Strategy):
         """Protocol-specific checks after the generic screening (reject in place)."""
 
     def _learning_rate(self, server_round: int) -> float:
+        """The server step size of ``server_round`` (each concrete strategy defines it)."""
         raise NotImplementedError
 
     def _step(self, x: np.ndarray, g_hat: np.ndarray, lr: float) -> np.ndarray:
