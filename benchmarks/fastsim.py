@@ -17,6 +17,11 @@ is the App's own code:
   ``x <- x - lr * estimate``, as ``RobustSGD`` does (node ids are stable per client,
   so stateful defences see what they would see in a deployment).
 
+``SimConfig(mode="local")`` runs the App's other protocol, ``client-mode='local'`` served
+by ``RobustFedAvg``: each client runs :func:`flwr_byzantine.local_training.train_locally`'s
+SGD (same batch schedule; :func:`local_updates` runs all the round's trainings at
+once) and replies with the model update ``x_t - w_i``, on which the attacks act.
+
 Only the gradient arithmetic differs: numpy float64 closed forms of the logistic
 regression and one-hidden-layer MLP gradients instead of torch autograd in float32.
 ``tests/test_fastsim.py`` checks them against torch and the whole federation against
@@ -99,23 +104,33 @@ class NumpyModel:
         dh = (G @ W2) * (h > 0)
         return np.concatenate([(dh.T @ X).ravel(), dh.sum(axis=0), dW2.ravel(), G.sum(axis=0)]), loss
 
-    def grad_batched(self, x: np.ndarray, Xb: np.ndarray, yb: np.ndarray) -> np.ndarray:
-        """:meth:`grad` of ``m`` equal-size batches at once: ``Xb (m, b, p)``, ``yb (m, b)`` -> ``(m, d)``."""
-        p = self.unflatten(x)
+    def grad_batched(self, x: np.ndarray, Xb: np.ndarray, yb: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`grad` of ``m`` batches at once: ``Xb (m, b, p)``, ``yb (m, b)`` -> ``(m, d)``.
+
+        ``x`` is one parameter vector ``(d,)`` or one per batch ``(m, d)`` (local training
+        runs many models at once).  ``mask (m, b)`` (0/1) marks the real examples of
+        padded batches of unequal size: row ``j``'s gradient is the mean over its
+        ``mask[j].sum()`` real examples (the padding contributes nothing).
+        """
+        p = self._unflatten_any(x)
         m, n, _ = Xb.shape
         if self.name == "logreg":
             W, bias = p
-            logits = Xb @ W.T + bias
+            logits = Xb @ np.swapaxes(W, -1, -2) + bias[..., None, :]
         else:
             W1, b1, W2, b2 = p
-            h = Xb @ W1.T + b1
+            h = Xb @ np.swapaxes(W1, -1, -2) + b1[..., None, :]
             a = np.maximum(h, 0.0)
-            logits = a @ W2.T + b2
+            logits = a @ np.swapaxes(W2, -1, -2) + b2[..., None, :]
         z = logits - logits.max(axis=2, keepdims=True)
         e = np.exp(z)
         G = e / e.sum(axis=2, keepdims=True)
         G[np.arange(m)[:, None], np.arange(n)[None, :], yb] -= 1.0
-        G /= n
+        if mask is None:
+            G /= n
+        else:
+            mask = np.asarray(mask, dtype=np.float64)
+            G *= (mask / mask.sum(axis=1, keepdims=True))[:, :, None]
         if self.name == "logreg":
             return np.concatenate([np.einsum("mbc,mbp->mcp", G, Xb).reshape(m, -1), G.sum(axis=1)], axis=1)
         dW2 = np.einsum("mbc,mbh->mch", G, a)
@@ -123,9 +138,54 @@ class NumpyModel:
         return np.concatenate([np.einsum("mbh,mbp->mhp", dh, Xb).reshape(m, -1), dh.sum(axis=1),
                                dW2.reshape(m, -1), G.sum(axis=1)], axis=1)
 
+    def _unflatten_any(self, x: np.ndarray) -> list[np.ndarray]:
+        """:meth:`unflatten` of one vector ``(d,)`` or of each row of ``(m, d)`` (arrays ``(m, *shape)``)."""
+        if x.ndim == 1:
+            return self.unflatten(x)
+        out, start = [], 0
+        for size, shape in zip(self.sizes, self.shapes):
+            out.append(x[:, start:start + size].reshape((x.shape[0], *shape)))
+            start += size
+        return out
+
     def accuracy(self, x: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
         logits, _ = self._logits(x, X)
         return float(np.mean(np.argmax(logits, axis=1) == y))
+
+
+# ------------------------------------------------------------------ local training (client-mode 'local')
+
+def local_updates(model: NumpyModel, x: np.ndarray, data: list[tuple[np.ndarray, np.ndarray]],
+                  seeds: list[list[int]], *, local_epochs: int, local_steps: int, client_lr: float,
+                  batch_size: int) -> np.ndarray:
+    """Model updates ``x - w_j`` of ``len(data)`` local trainings from ``x``, vectorised over the trainings.
+
+    Training ``j`` is :func:`flwr_byzantine.local_training.train_locally` on ``data[j]``
+    with seed ``seeds[j]``: the same batch schedule
+    (:func:`~flwr_byzantine.local_training.batch_schedule`) and the same SGD steps
+    ``w <- w - client_lr * mean-batch gradient``, in float64.  Step ``s`` of every
+    training that has one runs as one :meth:`NumpyModel.grad_batched` call (batches of
+    unequal size are padded and masked).
+    """
+    from flwr_byzantine.local_training import batch_schedule
+
+    m = len(data)
+    schedules = [batch_schedule(len(y), batch_size, local_epochs, local_steps, sd) for (_, y), sd in zip(data, seeds)]
+    W = np.tile(x, (m, 1))
+    nsteps = np.array([len(s) for s in schedules])
+    p = data[0][0].shape[1] if m else 0
+    for step in range(int(nsteps.max()) if m else 0):
+        active = np.flatnonzero(nsteps > step)
+        bmax = max(len(schedules[j][step]) for j in active)
+        Xb = np.zeros((active.size, bmax, p))
+        yb = np.zeros((active.size, bmax), dtype=np.int64)
+        mask = np.zeros((active.size, bmax))
+        for r, j in enumerate(active):
+            idx = schedules[j][step]
+            X, y = data[j]
+            Xb[r, :idx.size], yb[r, :idx.size], mask[r, :idx.size] = X[idx], y[idx], 1.0
+        W[active] -= client_lr * model.grad_batched(W[active], Xb, yb, mask)
+    return x[None, :] - W
 
 
 # ------------------------------------------------------------------ one federation
@@ -150,6 +210,14 @@ class SimConfig:
     seed: int = 0
     eval_every: int = 10
     estimate_batches: int = 8
+    #: ``"gradient"``: one mini-batch gradient per client and round (``RobustSGD``); ``"local"``: every
+    #: client trains locally and replies with ``x_t - w_i`` (``client-mode='local'``, ``RobustFedAvg``);
+    #: ``learning_rate`` is then the server's step ``server-lr``
+    mode: str = "gradient"
+    #: local mode: ``local-epochs`` / ``local-steps`` / ``client-lr`` (None: the App's run-config defaults)
+    local_epochs: int | None = None
+    local_steps: int | None = None
+    client_lr: float | None = None
 
 
 @dataclass
@@ -176,6 +244,10 @@ def _run_config(cfg: SimConfig, aggregator_name: str) -> Any:
         # config refuses attacks that need model history, which this simulator provides)
         "attack": cfg.attack if cfg.attack not in ("none", "memory-aware") else "sign-flip",
         "attack-scale": cfg.attack_scale,
+        **({"client-mode": "local",
+            **{k: v for k, v in (("local-epochs", cfg.local_epochs), ("local-steps", cfg.local_steps),
+                                 ("client-lr", cfg.client_lr)) if v is not None}}
+           if cfg.mode == "local" else {}),
     })
 
 
@@ -201,11 +273,27 @@ def simulate(cfg: SimConfig, aggregator: Any, aggregator_name: str = "mean", pro
     ``aggregator_name`` is the run config's ``aggregator`` (what the client-side defence-aware
     attack simulates).  ``cfg.attack == "erasure"`` gives the honest-only oracle (the
     malicious clients send nothing), ``"none"`` a clean federation.
+
+    ``cfg.mode == "local"`` is the App's ``client-mode='local'`` served by ``RobustFedAvg``
+    (server momentum 0): each honest client replies with the update ``x_t - w_i`` of its
+    local training (seed ``[seed, partition, round]``); a client-side attacker crafts from
+    the updates of ``estimate_batches`` local trainings of its own data (seeds ``[seed,
+    partition, round, ESTIMATE_BATCHES, j]``) and, for ``defence-aware``, simulates
+    :func:`~clients.client_app.simulated_byzantine_rows` Byzantine rows, as
+    ``local_training_weights`` and the ClientApp do; the omniscient adversary crafts from the
+    honest updates (the App refuses it in local mode: its server-side adversary sees weights);
+    the server steps ``x <- x - learning_rate * aggregate(updates)``.  Pass the aggregator
+    ``server_app.build_aggregator`` builds for local mode (the default defence without its
+    gradient evidence).
     """
-    from clients.client_app import build_attack, estimate_batches, minibatch_indices
+    from clients.client_app import build_attack, estimate_batches, minibatch_indices, simulated_byzantine_rows
+    from flwr_byzantine import seeds
     from flwr_byzantine.attacks import ATTACKS, DataAttack, MobileAdversary
     from flwr_byzantine.federation import malicious_partition_ids
 
+    if cfg.mode not in ("gradient", "local"):
+        raise ValueError(f"mode must be 'gradient' or 'local', got {cfg.mode!r}")
+    local_mode = cfg.mode == "local"
     t_start = time.perf_counter()
     parts, (Xt, yt), info = _data(cfg)
     rc = _run_config(cfg, aggregator_name)
@@ -228,10 +316,14 @@ def simulate(cfg: SimConfig, aggregator: Any, aggregator_name: str = "mean", pro
         local.append((X, y))
 
     client_attacks: dict[int, Any] = {}
+    f_client = f
     if f and not omniscient and not data_attack and cfg.attack not in ("none",):
+        # local mode sizes the defence-aware attacker's simulated Byzantine rows as the ClientApp does
+        f_client = (simulated_byzantine_rows(rc.eps_tilde, cfg.estimate_batches, f)
+                    if local_mode and cfg.attack == "defence-aware" else f)
         for rank, p in enumerate(malicious):
             if cfg.attack != "erasure":
-                client_attacks[p] = (rank, build_attack(cfg.attack, rc, p, R, cfg.estimate_batches, f))
+                client_attacks[p] = (rank, build_attack(cfg.attack, rc, p, R, cfg.estimate_batches, f_client))
     omni_attack = None
     mobile = None
     if omniscient:
@@ -249,6 +341,20 @@ def simulate(cfg: SimConfig, aggregator: Any, aggregator_name: str = "mean", pro
         if omniscient:
             corrupt_now = set(malicious) if mobile is None else {
                 n - NODE_ID_OFFSET for n in mobile.corrupt_set(t, node_ids)}
+        if local_mode:  # every local training of the round (honest replies, attackers' estimates) at once
+            jobs: list[tuple[int, int]] = []  # (partition, estimate index or -1)
+            for p in range(R):
+                if cfg.attack == "erasure" and p in malicious:
+                    continue
+                jobs += [(p, j) for j in range(cfg.estimate_batches)] if p in client_attacks else [(p, -1)]
+            U = local_updates(model, x, [local[p] for p, _ in jobs],
+                              [[cfg.seed, p, t] if j < 0 else [cfg.seed, p, t, seeds.ESTIMATE_BATCHES, j]
+                               for p, j in jobs],
+                              local_epochs=rc.local_epochs, local_steps=rc.local_steps, client_lr=rc.client_lr,
+                              batch_size=cfg.batch_size)
+            rows_of: dict[int, list[int]] = {}
+            for i, (p, _) in enumerate(jobs):
+                rows_of.setdefault(p, []).append(i)
         for p, (X, y) in enumerate(local):
             n = len(y)
             b = min(cfg.batch_size, n)
@@ -258,16 +364,21 @@ def simulate(cfg: SimConfig, aggregator: Any, aggregator_name: str = "mean", pro
                 rank, atk = client_attacks[p]
                 if hasattr(atk, "observe_model"):
                     atk.observe_model(x)
-                batches = estimate_batches(n, b, cfg.estimate_batches, cfg.seed, p, t)
-                if len({len(i) for i in batches}) == 1:
-                    idx = np.stack(batches)
-                    est = model.grad_batched(x, X[idx], y[idx])
+                if local_mode:
+                    est = U[rows_of[p]]
                 else:
-                    est = np.stack([model.grad(x, X[i], y[i])[0] for i in batches])
-                crafted = atk.craft(est, f, t)
+                    batches = estimate_batches(n, b, cfg.estimate_batches, cfg.seed, p, t)
+                    if len({len(i) for i in batches}) == 1:
+                        idx = np.stack(batches)
+                        est = model.grad_batched(x, X[idx], y[idx])
+                    else:
+                        est = np.stack([model.grad(x, X[i], y[i])[0] for i in batches])
+                crafted = atk.craft(est, f_client, t)
                 if crafted is None:
                     continue
                 vec = np.asarray(crafted, dtype=np.float64)[rank % len(crafted)].reshape(-1)
+            elif local_mode:
+                vec = U[rows_of[p][0]]
             else:
                 idx = minibatch_indices(n, b, cfg.seed, p, t)
                 vec = model.grad(x, X[idx], y[idx])[0]
