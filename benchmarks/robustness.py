@@ -39,6 +39,21 @@ attackers erased) and ``clean-fedavg`` (mean, no attacker).
 Outputs in ``--out`` (default ``benchmarks/results``): ``robustness.jsonl`` (one line per
 run), ``robustness.json`` (the summary), ``robustness.md`` (tables), ``robustness_worst.png``
 and ``robustness_curves_<setting>.png``.
+
+``--mode local`` (issue 11) runs the App's other protocol, ``client-mode='local'``:
+every client trains locally (the App's ``local-epochs`` / ``local-steps`` / ``client-lr``
+defaults) and replies with the model update ``x_t - w_i``; the attacks act on that update
+(client side: crafted from ``estimate-batches`` local trainings of the attacker's own
+data; omniscient: from the honest updates); the server decodes the updates as
+``RobustFedAvg`` does (``server_app.build_aggregator``: the default defence without its
+gradient evidence; the peers as they are) and steps ``x <- x - server-lr * estimate``.
+Its default grid is :data:`LOCAL_GRID` (with the probe ``rge/evidence``: the default
+defence keeping the evidence it uses in gradient mode); its files are ``robustness_local.*`` (own JSONL,
+so the two modes never share a resume file), and ``robustness_local.md`` puts every
+cell next to the gradient-mode cell of the same rule, attack, setting and seeds
+(read from ``robustness.jsonl``)::
+
+    python -m benchmarks.robustness --mode local             # LOCAL_GRID
 """
 
 from __future__ import annotations
@@ -75,14 +90,36 @@ GRID = dict(models=("logreg", "mlp"), alphas=(0.3, 1.0), seeds=(0, 1, 2, 3), att
             ablations=ABLATIONS, ablation_attacks=("sign-flip", "label-flip", "alie", "ipm", "defence-aware",
                                                    "sleeper", "memory-aware", "omni:defence-aware",
                                                    "omni-rotate:alie", "none"))
+#: Local mode (``--mode local``): the server step is the App's ``server-lr`` default; the clients' local
+#: training uses the App's ``local-epochs`` / ``local-steps`` / ``client-lr`` defaults (see :func:`local_defaults`).
+LOCAL_ATTACKS = ("sign-flip", "label-flip", "alie", "ipm", "gaussian", "scaled-negative", "defence-aware", "omni:alie")
+LOCAL_RULES = ("rge", "cclip", "multi-krum", "trimmed-mean", "median", "mean")
+#: ``rge/evidence``: the default defence with the evidence it has in gradient mode (local-SGD updates of a
+#: convex loss are monotone too: x - w(x) with w a composition of nonexpansive SGD steps, lr <= 2/L)
+LOCAL_GRID = dict(models=("logreg",), alphas=(0.3, 1.0), seeds=(0, 1, 2, 3), attacks=LOCAL_ATTACKS,
+                  rules=(*LOCAL_RULES, "rge/evidence"), ablations=(), ablation_attacks=())
+MODES = ("gradient", "local")
 QUICK = dict(models=("logreg",), alphas=(0.3,), seeds=(0,), attacks=("sign-flip", "alie"), rules=("rge", "cclip"),
              ablations=("rge/no-evidence",), ablation_attacks=("sign-flip",), rounds=8)
 
 
 # ------------------------------------------------------------------ rules
 
-def build_rule(name: str, num_nodes: int, f: int):
-    """``(aggregator, run-config aggregator name)`` of rule ``name`` for ``num_nodes`` nodes, ``f`` Byzantine."""
+def local_defaults() -> dict[str, Any]:
+    """The App's run-config defaults of ``client-mode='local'``: local epochs / steps, client and server lr."""
+    from flwr_byzantine.config import RunConfig
+
+    cfg = RunConfig.from_mapping({"client-mode": "local"})
+    return {"local_epochs": cfg.local_epochs, "local_steps": cfg.local_steps, "client_lr": cfg.client_lr,
+            "server_lr": cfg.server_lr}
+
+
+def build_rule(name: str, num_nodes: int, f: int, mode: str = "gradient"):
+    """``(aggregator, run-config aggregator name)`` of rule ``name`` for ``num_nodes`` nodes, ``f`` Byzantine.
+
+    ``mode='local'``: the default defence (and its ablations) without the gradient-monotonicity
+    evidence, as ``server_app.build_aggregator`` builds it for ``client-mode='local'``.
+    """
     from flwr_byzantine.aggregators import build_for_federation
     from flwr_byzantine.aggregators.defence import RobustDefence
 
@@ -98,15 +135,19 @@ def build_rule(name: str, num_nodes: int, f: int):
             kw = dict(mixing=True)
         elif variant == "no-evidence":
             kw = dict(evidence=False)
+        elif variant == "evidence":  # local mode: keep the gradient-monotonicity evidence (off by default there)
+            kw = dict(evidence=True)
         elif variant == "no-clip":
             kw = dict(clip_scale=None)
         elif variant == "threshold-4":
             kw = dict(threshold_factor=4.0)
         elif variant:
             raise ValueError(f"unknown ablation {name!r}")
+        if mode == "local":
+            kw.setdefault("evidence", False)
         return RobustDefence(eps_tilde=min(eps, 0.25), **kw), "rge"
     if name.startswith("wm:"):
-        inner, cfg_name = build_rule(name[3:], num_nodes, f)
+        inner, cfg_name = build_rule(name[3:], num_nodes, f, mode)
         return WorkerMomentum(inner), cfg_name
     return build_for_federation(name, num_nodes, eps), name
 
@@ -139,11 +180,29 @@ class Spec:
     learning_rate: float
     num_nodes: int = 20
     num_malicious: int = 4
+    #: ``"gradient"`` (RobustSGD) or ``"local"`` (local training, RobustFedAvg; ``learning_rate`` is the server's)
+    mode: str = "gradient"
+    #: local mode only: the clients' local training (None in gradient mode)
+    local_epochs: int | None = None
+    local_steps: int | None = None
+    client_lr: float | None = None
 
     def key(self) -> str:
-        return "|".join(str(v) for v in (self.model, f"alpha={self.alpha:g}", self.rule, self.attack,
-                                          f"seed={self.seed}", f"T={self.rounds}", f"lr={self.learning_rate:g}",
-                                          f"R={self.num_nodes}", f"f={self.num_malicious}"))
+        """Resume key; gradient-mode keys are those of the grid before local mode existed."""
+        key = "|".join(str(v) for v in (self.model, f"alpha={self.alpha:g}", self.rule, self.attack,
+                                         f"seed={self.seed}", f"T={self.rounds}", f"lr={self.learning_rate:g}",
+                                         f"R={self.num_nodes}", f"f={self.num_malicious}"))
+        if self.mode == "gradient":
+            return key
+        return key + f"|mode={self.mode}|E={self.local_epochs}|S={self.local_steps}|clr={self.client_lr:g}"
+
+    def record(self) -> dict[str, Any]:
+        """The spec's fields for its JSONL record (the local-training fields only in local mode)."""
+        rec = asdict(self)
+        if self.mode == "gradient":
+            for k in ("mode", "local_epochs", "local_steps", "client_lr"):
+                rec.pop(k)
+        return rec
 
     @property
     def setting(self) -> str:
@@ -156,14 +215,24 @@ PRIORITY = ("oracle", "clean-fedavg", "rge", "cclip", "wm:cclip", "nnm:cclip", "
             "wm:trimmed-mean")
 
 
-def build_grid(models, alphas, seeds, attacks, rules, ablations=(), ablation_attacks=(), rounds=None) -> list[Spec]:
-    """All runs, ordered by :data:`PRIORITY` across settings (then setting, seed, attack)."""
+def build_grid(models, alphas, seeds, attacks, rules, ablations=(), ablation_attacks=(), rounds=None,
+               mode: str = "gradient") -> list[Spec]:
+    """All runs, ordered by :data:`PRIORITY` across settings (then setting, seed, attack).
+
+    ``mode='local'``: the models' round counts, server lr and local training from :func:`local_defaults`.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     specs: list[Spec] = []
+    local = local_defaults() if mode == "local" else None
     for model in models:
         T = int(rounds or MODELS[model]["rounds"])
-        lr = MODELS[model]["learning_rate"]
+        lr = MODELS[model]["learning_rate"] if local is None else local["server_lr"]
         for alpha in alphas:
-            common = dict(model=model, alpha=float(alpha), rounds=T, learning_rate=lr)
+            common: dict[str, Any] = dict(model=model, alpha=float(alpha), rounds=T, learning_rate=lr)
+            if local is not None:
+                common.update(mode="local", local_epochs=local["local_epochs"], local_steps=local["local_steps"],
+                              client_lr=local["client_lr"])
             for seed in seeds:
                 specs.append(Spec(rule="oracle", attack="erasure", seed=seed, **common))
                 specs.append(Spec(rule="clean-fedavg", attack="none", seed=seed, **common))
@@ -190,13 +259,15 @@ def execute(spec: Spec) -> dict[str, Any]:
     scale = 0.0
     if attack == "sleeper":
         scale = float(spec.rounds // 2)
-    agg, cfg_name = build_rule(spec.rule, spec.num_nodes, spec.num_malicious)
+    agg, cfg_name = build_rule(spec.rule, spec.num_nodes, spec.num_malicious, spec.mode)
     cfg = SimConfig(alpha=spec.alpha, model=spec.model, num_nodes=spec.num_nodes, num_malicious=spec.num_malicious,
                     attack=attack, adversary=adversary, adversary_mode=mode, attack_scale=scale,
                     eps_tilde=spec.num_malicious / spec.num_nodes, rounds=spec.rounds,
-                    learning_rate=spec.learning_rate, seed=spec.seed, eval_every=max(spec.rounds // 20, 1))
+                    learning_rate=spec.learning_rate, seed=spec.seed, eval_every=max(spec.rounds // 20, 1),
+                    mode=spec.mode, local_epochs=spec.local_epochs, local_steps=spec.local_steps,
+                    client_lr=spec.client_lr)
     res = simulate(cfg, agg, cfg_name)
-    return {"key": spec.key(), **asdict(spec), "final_accuracy": res.final_accuracy,
+    return {"key": spec.key(), **spec.record(), "final_accuracy": res.final_accuracy,
             "accuracy": [round(a, 5) for a in res.accuracy], "eval_rounds": res.eval_rounds,
             "honest_excluded_rate": res.honest_excluded_rate, "malicious_excluded_rate": res.malicious_excluded_rate,
             "seconds": round(res.seconds, 3), "decode_seconds": round(res.decode_seconds, 3)}
@@ -209,7 +280,7 @@ def _execute_safe(spec: Spec) -> dict[str, Any]:
     except Exception as exc:  # pylint: disable=broad-except  # one failed run must not stop the grid
         import traceback
 
-        return {"key": spec.key(), **asdict(spec), "error": f"{type(exc).__name__}: {exc}",
+        return {"key": spec.key(), **spec.record(), "error": f"{type(exc).__name__}: {exc}",
                 "traceback": traceback.format_exc(limit=6)}
 
 
@@ -227,11 +298,16 @@ def load_records(path: Path) -> list[dict[str, Any]]:
     return list(out.values())
 
 
+def jsonl_name(mode: str = "gradient") -> str:
+    """The resume file of ``mode``: ``robustness.jsonl`` (gradient) or ``robustness_local.jsonl``."""
+    return JSONL_NAME if mode == "gradient" else f"robustness_{mode}.jsonl"
+
+
 def run_grid(specs: list[Spec], out: Path, workers: int = 1, max_minutes: float | None = None,
-             progress: bool = True) -> int:
-    """Run the specs not yet in the JSONL; returns how many ran."""
+             progress: bool = True, mode: str = "gradient") -> int:
+    """Run the specs not yet in the mode's JSONL (:func:`jsonl_name`); returns how many ran."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / JSONL_NAME
+    path = out / jsonl_name(mode)
     done = {r["key"] for r in load_records(path) if not r.get("error")}
     todo = [s for s in specs if s.key() not in done]
     deadline = None if max_minutes is None else time.time() + 60 * max_minutes
@@ -318,8 +394,9 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def _md(summary: dict[str, Any], command: str, n_runs: int, seconds: float) -> str:
-    lines = ["# Robustness benchmark (issue 10)", "", f"- command: `{command}`",
+def _md(summary: dict[str, Any], command: str, n_runs: int, seconds: float,
+        title: str = "# Robustness benchmark (issue 10)") -> str:
+    lines = [title, "", f"- command: `{command}`",
              f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
              f"1 BLAS thread per worker", f"- {n_runs} runs; sum of per-run times {seconds / 60:.0f} min",
              "- final test accuracy (%), mean over seeds; worst = lowest per-attack mean; "
@@ -365,7 +442,7 @@ def _md(summary: dict[str, Any], command: str, n_runs: int, seconds: float) -> s
     return "\n".join(lines) + "\n"
 
 
-def _plots(summary: dict[str, Any], records: list[dict[str, Any]], out: Path) -> list[Path]:
+def _plots(summary: dict[str, Any], records: list[dict[str, Any]], out: Path, stem: str = "robustness") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -393,9 +470,10 @@ def _plots(summary: dict[str, Any], records: list[dict[str, Any]], out: Path) ->
         ax.set_title(setting, fontsize=10)
         ax.set_xlabel("worst-case final accuracy over attacks (%)")
         ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle("python -m benchmarks.robustness: worst case per rule", fontsize=10)
+    fig.suptitle(f"python -m benchmarks.robustness{' --mode local' if stem.endswith('_local') else ''}: "
+                 "worst case per rule", fontsize=10)
     fig.tight_layout()
-    p = out / "robustness_worst.png"
+    p = out / f"{stem}_worst.png"
     fig.savefig(p, dpi=110)
     plt.close(fig)
     paths.append(p)
@@ -429,20 +507,100 @@ def _plots(summary: dict[str, Any], records: list[dict[str, Any]], out: Path) ->
             ax.set_ylabel("test accuracy (%)")
             ax.legend(fontsize=7)
         fig.tight_layout()
-        p = out / f"robustness_curves_{setting.replace(', ', '_').replace('=', '')}.png"
+        p = out / f"{stem}_curves_{setting.replace(', ', '_').replace('=', '')}.png"
         fig.savefig(p, dpi=100)
         plt.close(fig)
         paths.append(p)
     return paths
 
 
-def report(out: Path, command: str) -> dict[str, Any]:
-    records = load_records(out / JSONL_NAME)
+def compare_modes(gradient: list[dict[str, Any]], local: list[dict[str, Any]]) -> dict[str, Any]:
+    """Local-training mode next to gradient mode: per setting, rule and attack, the mean final accuracy (%).
+
+    Only the seeds, rules and attacks of the local runs count, so both columns average the
+    same federations' settings.  ``worst``: the lowest per-attack mean over the attacks the
+    local run has (``complete`` False when gradient mode lacks some of them).
+    """
+    seeds: dict[str, set[int]] = defaultdict(set)
+    for rec in local:
+        if not rec.get("error"):
+            seeds[f"{rec['model']}, alpha={rec['alpha']:g}"].add(int(rec["seed"]))
+    cells: dict[str, Any] = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(list))))
+    for mode, recs in (("gradient", gradient), ("local", local)):
+        for rec in recs:
+            setting = f"{rec['model']}, alpha={rec['alpha']:g}"
+            if rec.get("error") or int(rec["seed"]) not in seeds.get(setting, ()):
+                continue
+            cells[setting][rec["rule"]][rec["attack"]][mode].append(100 * rec["final_accuracy"])
+    out: dict[str, Any] = {}
+    for setting, rules in cells.items():
+        local_rules = {r for r, atts in rules.items() if any(v["local"] for v in atts.values())}
+        table: dict[str, Any] = {}
+        for rule in local_rules:
+            atts = rules[rule]
+            row = {a: {m: (float(np.mean(v[m])) if v[m] else None) for m in ("gradient", "local")}
+                   | {"n": {m: len(v[m]) for m in ("gradient", "local")}} for a, v in atts.items() if v["local"]}
+            worst = {}
+            attacked = [a for a in row if a not in ("none", "erasure")]
+            for m in ("gradient", "local"):
+                have = [a for a in attacked if row[a][m] is not None]
+                w = min(have, key=lambda a: row[a][m]) if have else None
+                worst[m] = None if w is None else {"attack": w, "mean": row[w][m], "complete": len(have) == len(attacked)}
+            table[rule] = {"attacks": row, "worst": worst}
+        out[setting] = {"seeds": sorted(seeds[setting]), "rules": table}
+    return out
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _compare_md(comparison: dict[str, Any]) -> str:
+    lines = ["## Local-training mode next to gradient mode", "",
+             "Each cell: gradient mode / local mode, final test accuracy (%), mean over the same seeds "
+             "(gradient-mode cells from `robustness.jsonl`; `-`: not run there yet). worst = lowest per-attack "
+             "mean (`*`: some attacks missing in that mode).", ""]
+    for setting in sorted(comparison):
+        c = comparison[setting]
+        attacks = [a for a in ("none", *ATTACKS) if any(a in v["attacks"] for v in c["rules"].values())]
+        lines += [f"### {setting} (seeds {', '.join(map(str, c['seeds']))})", "",
+                  "| rule | " + " | ".join(attacks) + " | worst (attack) |", "|---" * (len(attacks) + 2) + "|"]
+        order = [r for r in (*REFERENCES, "rge", "rge-paper", *PEERS, *MOMENTUM_PEERS, "mean") if r in c["rules"]]
+        order += sorted(r for r in c["rules"] if r not in order)
+        for rule in order:
+            v = c["rules"][rule]
+            if rule in REFERENCES:
+                (cell,) = v["attacks"].values()
+                lines.append(f"| {rule} | " + f"{_pct(cell['gradient'])} / {_pct(cell['local'])}" +
+                             " |" * len(attacks) + " |")
+                continue
+            cells = [f"{_pct(v['attacks'][a]['gradient'])} / {_pct(v['attacks'][a]['local'])}" if a in v["attacks"]
+                     else "" for a in attacks]
+            w = v["worst"]
+            wt = " / ".join("-" if w[m] is None else f"{w[m]['mean']:.1f}{'' if w[m]['complete'] else '*'} "
+                            f"({w[m]['attack']})" for m in ("gradient", "local"))
+            label = f"**{rule}**" if rule == "rge" else rule
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {wt} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def report(out: Path, command: str, mode: str = "gradient") -> dict[str, Any]:
+    """Tables and plots of ``mode``'s JSONL; local mode adds :func:`compare_modes` against gradient mode."""
+    records = load_records(out / jsonl_name(mode))
     summary = summarise(records)
     seconds = sum(float(r.get("seconds", 0.0)) for r in records)
-    (out / "robustness.json").write_text(json.dumps({"command": command, "summary": summary}, indent=1))
-    (out / "robustness.md").write_text(_md(summary, command, len(records), seconds))
-    _plots(summary, records, out)
+    stem = jsonl_name(mode).removesuffix(".jsonl")
+    payload: dict[str, Any] = {"command": command, "summary": summary}
+    md = _md(summary, command, len(records), seconds) if mode == "gradient" else _md(
+        summary, command, len(records), seconds,
+        title=f"# Robustness benchmark, local-training mode (issue 11)\n\n- clients: {local_defaults()}")
+    if mode == "local":
+        payload["local_vs_gradient"] = comparison = compare_modes(load_records(out / JSONL_NAME), records)
+        md += "\n" + _compare_md(comparison)
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    (out / f"{stem}.md").write_text(md)
+    _plots(summary, records, out, stem)
     return summary
 
 
@@ -462,10 +620,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ablation-attacks", nargs="+")
     ap.add_argument("--no-ablation", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--mode", choices=MODES, default="gradient",
+                    help="gradient: RobustSGD clients (default grid); local: clients train locally, RobustFedAvg "
+                         "(LOCAL_GRID, robustness_local.* files)")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     command = "python -m benchmarks.robustness " + " ".join(argv if argv is not None else sys.argv[1:])
-    grid = dict(QUICK if args.quick else GRID)
+    grid = dict(QUICK if args.quick else GRID if args.mode == "gradient" else LOCAL_GRID)
     for key in ("models", "alphas", "seeds", "attacks", "rules", "ablation_attacks"):
         if getattr(args, key):
             grid[key] = tuple(getattr(args, key))
@@ -474,11 +635,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds:
         grid["rounds"] = args.rounds
     if not args.report_only:
-        specs = build_grid(**grid)
+        specs = build_grid(**grid, mode=args.mode)
         ran = run_grid(specs, args.out, workers=args.workers, max_minutes=args.max_minutes,
-                       progress=not args.no_progress)
-        print(f"ran {ran} of {len(specs)} runs (the rest were already in {args.out / JSONL_NAME})")
-    summary = report(args.out, command)
+                       progress=not args.no_progress, mode=args.mode)
+        print(f"ran {ran} of {len(specs)} runs (the rest were already in {args.out / jsonl_name(args.mode)})")
+    summary = report(args.out, command, args.mode)
     for setting, s in sorted(summary.items()):
         t = s.get("targets")
         if t:

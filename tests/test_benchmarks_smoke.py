@@ -154,3 +154,46 @@ def test_cli_quick_configurations(tmp_path):
     for name in ("robustness.jsonl", "robustness.md", "robustness_worst.png", "mean_estimation.json",
                  "mean_estimation.png", "decode_time.json", "decode_time.png"):
         assert (tmp_path / name).exists(), name
+
+
+def test_robustness_local_mode_own_files_keys_and_comparison(tmp_path):
+    """--mode local: its own JSONL (gradient rows untouched and keyed as before), the mode-comparison table."""
+    common = ["--models", "logreg", "--alphas", "0.3", "--seeds", "0", "--rounds", "3", "--rules", "rge",
+              "--attacks", "sign-flip", "--no-ablation", "--out", str(tmp_path), "--no-progress"]
+    assert robustness.main(common) == 0
+    grad_lines = (tmp_path / "robustness.jsonl").read_text()
+    assert robustness.main([*common, "--mode", "local"]) == 0
+    assert (tmp_path / "robustness.jsonl").read_text() == grad_lines  # gradient file untouched
+    grad = [json.loads(line) for line in grad_lines.splitlines()]
+    local = [json.loads(line) for line in (tmp_path / "robustness_local.jsonl").read_text().splitlines()]
+    assert not [r for r in local if r.get("error")], [r.get("traceback") for r in local if r.get("error")]
+    assert {r["rule"] for r in local} == {"oracle", "clean-fedavg", "rge"} and len(local) == len(grad)
+    assert all("mode" not in r and "|mode=" not in r["key"] for r in grad)  # the keys of the existing grid
+    d = robustness.local_defaults()
+    assert all(r["mode"] == "local" and r["client_lr"] == d["client_lr"] and r["learning_rate"] == d["server_lr"]
+               and r["key"].endswith(f"|mode=local|E={d['local_epochs']}|S={d['local_steps']}|clr={d['client_lr']:g}")
+               for r in local)
+    assert {(r["rule"], r["attack"], r["seed"]) for r in local} == {(r["rule"], r["attack"], r["seed"]) for r in grad}
+    comp = json.loads((tmp_path / "robustness_local.json").read_text())["local_vs_gradient"]["logreg, alpha=0.3"]
+    cell = comp["rules"]["rge"]["attacks"]["sign-flip"]
+    by_mode = {m: next(100 * r["final_accuracy"] for r in recs if r["rule"] == "rge" and r["attack"] == "sign-flip")
+               for m, recs in (("gradient", grad), ("local", local))}
+    assert cell["gradient"] == pytest.approx(by_mode["gradient"]) and cell["local"] == pytest.approx(by_mode["local"])
+    md = (tmp_path / "robustness_local.md").read_text()
+    assert "## Local-training mode next to gradient mode" in md and "| **rge** |" in md
+    assert (tmp_path / "robustness_local_worst.png").stat().st_size > 0
+    n = len(local)  # resumable in its own file
+    assert robustness.main([*common, "--mode", "local"]) == 0
+    assert len((tmp_path / "robustness_local.jsonl").read_text().splitlines()) == n
+
+
+def test_robustness_local_rules_drop_the_gradient_evidence():
+    """Local mode builds the default defence as server_app.build_aggregator does (no evidence) unless asked."""
+    from flwr_byzantine.config import RunConfig
+    from server_app.server_app import build_aggregator
+
+    agg, name = robustness.build_rule("rge", 20, 4, mode="local")
+    assert name == "rge" and agg.evidence is None
+    assert build_aggregator(RunConfig.from_mapping({"client-mode": "local"}), 20).evidence is None
+    assert robustness.build_rule("rge", 20, 4)[0].evidence is not None
+    assert robustness.build_rule("rge/evidence", 20, 4, mode="local")[0].evidence is not None
