@@ -13,7 +13,7 @@ and ClientApp execute (:class:`flwr_byzantine.newton.NewtonWorker`,
 and prints markdown tables:
 
 1. COMRADE (beta = 0.25) accuracy with 10 / 15 / 20 % Byzantine workers (Gaussian-noise and
-   random-label attacks, the paper's Figure 3), next to non-robust COMRADE (beta = 0) under the
+   random-labels attacks, the paper's Figure 3), next to non-robust COMRADE (beta = 0) under the
    same attack and GIANT without attack;
 2. linear-quadratic convergence of ||w_t - w*|| on a strongly convex problem;
 3. communication rounds to reach a tolerance, COMRADE (1 round / iteration) vs GIANT (2);
@@ -46,11 +46,11 @@ from flwr_byzantine.data.libsvm import (  # noqa: E402
     load_glm_dataset,
     make_synthetic_logistic,
 )
+from flwr_byzantine.attacks import make_attack, run_attack_params  # noqa: E402
+from flwr_byzantine.federation import malicious_partition_ids  # noqa: E402
 from flwr_byzantine.newton import (  # noqa: E402
-    Attack,
     NewtonWorker,
     TopK,
-    byzantine_partition_ids,
     federated_objective,
     make_objective,
     minimise,
@@ -61,7 +61,7 @@ from flwr_byzantine.newton import (  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_WORKERS = 20
 FRACTIONS = (0.10, 0.15, 0.20)
-ATTACKS = ("gaussian", "random-label")
+ATTACKS = ("gaussian", "random-labels")
 BETA = 0.25
 GAUSSIAN_STD = 3.0
 
@@ -92,7 +92,7 @@ class Problem:
         self.f_star = self.fed.value(self.w_star)
         self.d = self.fed.d
 
-    def workers(self, attacks: dict[int, Attack] | None = None, compressor=None) -> list[NewtonWorker]:
+    def workers(self, attacks: dict[int, Any] | None = None, compressor=None) -> list[NewtonWorker]:
         attacks = attacks or {}
         return [NewtonWorker(self.data.X_train[p], self.data.y_train[p], "logistic", self.lam,
                              attack=attacks.get(i), compressor=compressor) for i, p in enumerate(self.parts)]
@@ -107,9 +107,11 @@ class Problem:
         return hist
 
 
-def attackers(m: int, fraction: float, attack: str, seed: int) -> dict[int, Attack]:
-    ids = byzantine_partition_ids(m, int(round(fraction * m)), seed)
-    return {i: Attack(attack, scale=GAUSSIAN_STD, seed=1000 * seed + i) for i in ids}
+def attackers(m: int, fraction: float, attack: str, seed: int) -> dict[int, Any]:
+    """Registry attacks (as a Newton client builds them) for a seeded ``fraction`` of the ``m`` workers."""
+    ids = malicious_partition_ids(m, int(round(fraction * m)), seed)
+    return {i: make_attack(attack, seed=1000 * seed + i, **run_attack_params(attack, GAUSSIAN_STD, "comrade"))
+            for i in ids}
 
 
 # ------------------------------------------------------------------------- experiment 1

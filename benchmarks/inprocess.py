@@ -228,18 +228,18 @@ def run_app(overrides: Mapping[str, Any], num_supernodes: int, run_id: int = 1) 
 
     Builds the ClientApp exactly as ``server_app.simulate`` does
     (``build_client_app(overrides)``, empty run config in the node contexts) and runs
-    the ServerApp's main logic (``run_federation`` with the same merged config), so
-    the results JSON (in ``overrides['output-dir']``) and the returned payload are those
-    of a simulated ``flwr run``.
+    the ServerApp's main logic (:func:`server_app.server_app.serve` with the same
+    overrides: any ``method``), so the results JSON (in ``overrides['output-dir']``) and
+    the returned payload are those of a simulated ``flwr run``.
     """
     from clients.client_app import build_client_app
-    from flwr_byzantine.config import RunConfig
-    from server_app.server_app import run_federation
+    from flwr_byzantine.config import parse_run_config
+    from server_app.server_app import serve
 
-    cfg = RunConfig.from_mapping(dict(overrides))
+    cfg = parse_run_config(dict(overrides))
     grid = InProcessGrid(build_client_app(dict(overrides)), num_supernodes, {}, seed=cfg.seed, run_id=run_id)
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    return run_federation(grid, context, cfg)
+    return serve(grid, context, overrides)
 
 
 def main() -> None:

@@ -1,5 +1,11 @@
 """ClientApp of flwr-byzantine: one mini-batch gradient per round, honest or malicious.
 
+The one ClientApp of the project (``[tool.flwr.app.components]``): run config ``method``
+``sgd`` (default) is served here; ``comrade`` / ``giant`` by :mod:`clients.newton` (one local
+Newton direction or gradient per message; imported on first use, so an SGD client process never
+loads it).  Each message is checked against its method's protocol tag, so a Newton message sent
+to an SGD run (or the reverse) is answered with an error, never misread.
+
 Honest client (Algorithm 1): load x_t, sample a mini-batch of size b from the
 local partition *without replacement* (seeded by run seed, partition id and
 round), reply with the gradient ``(1/b) sum_{i in H} grad f(z_i, x_t)``.  With
@@ -71,10 +77,10 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from flwr_byzantine import npmodels
-from flwr_byzantine.attacks import ATTACKS, DataAttack, Erasure, UpdateAttack, make_attack
+from flwr_byzantine.attacks import ATTACKS, DataAttack, Erasure, UpdateAttack, make_attack, run_attack_params
 from flwr_byzantine.protocol import GRADIENT_PROTOCOL, check_protocol
 from flwr_byzantine.compression.randk import RANDK_PROCEDURE, coordinate_digest, draw_coordinates
-from flwr_byzantine.config import SCALE_PARAM, RunConfig
+from flwr_byzantine.config import NEWTON_METHODS, RunConfig, parse_run_config
 from flwr_byzantine.data import dataset_info
 from flwr_byzantine.data.cache import cached_partition
 from flwr_byzantine.federation import malicious_partition_ids
@@ -152,7 +158,7 @@ def build_attack(name: str, cfg: RunConfig, partition_id: int, num_partitions: i
                  num_estimates: int = DEFAULT_ESTIMATE_BATCHES, num_byzantine: int = 1) -> UpdateAttack | DataAttack:
     """Instantiate the attack ``name`` for this client.
 
-    ``attack-scale`` sets the attack's main parameter (:data:`SCALE_PARAM`; 0 keeps
+    ``attack-scale`` sets the attack's main parameter (the class's ``scale_param``; 0 keeps
     the attack's default, e.g. ALIE's ``z_max`` rule).  Model-update attacks are
     seeded by the run seed only (colluders agree); data attacks by run seed and
     partition id (each client poisons its own data independently).  ALIE's
@@ -160,9 +166,7 @@ def build_attack(name: str, cfg: RunConfig, partition_id: int, num_partitions: i
     config's aggregator simulated on ``num_estimates + num_byzantine`` rows (pass
     ``num_byzantine`` = :func:`simulated_byzantine_rows`, as the ClientApp does).
     """
-    params: dict[str, Any] = {}
-    if name in SCALE_PARAM and cfg.attack_scale > 0:
-        params[SCALE_PARAM[name]] = cfg.attack_scale
+    params = run_attack_params(name, cfg.attack_scale)
     if name == "alie" and num_partitions is not None:
         params["num_workers"] = int(num_partitions)
     if name == "defence-aware":
@@ -178,9 +182,7 @@ def _partition(context: Context) -> tuple[int, int]:
     return int(node["partition-id"]), int(node["num-partitions"])
 
 
-def _setup(msg: Message, context: Context, overrides: Mapping[str, Any] | None):
-    # The ServerApp checked the aggregator name against the registry before round 1.
-    cfg = RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})}, check_aggregator=False)
+def _setup(msg: Message, context: Context, cfg: RunConfig):
     pid, num = _partition(context)
     X, y = cached_partition(cfg.dataset, pid, num, cfg.dirichlet_alpha, cfg.seed)
     info = dataset_info(cfg.dataset)
@@ -266,91 +268,115 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp whose run config is ``context.run_config`` updated with ``overrides``."""
     app = ClientApp()
 
+    def run_config(context: Context):
+        # The ServerApp checked the aggregator name against the registry before round 1.
+        return parse_run_config(dict(context.run_config), overrides, check_aggregator=False)
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        cfg, pid, num, X, y, info, params = _setup(msg, context, overrides)
-        config = msg.content["config"]
-        check_protocol(config, GRADIENT_PROTOCOL, required=False)  # RobustFedAvg (local mode) sends no tag
-        server_round = int(config["server-round"])
-        node = context.node_config
-        attack_name = _node_attack(cfg, node, pid, num)
-        num_est = int(node.get("estimate-batches", DEFAULT_ESTIMATE_BATCHES))
-        if num_est < 1:
-            raise ValueError(f"node config 'estimate-batches' must be >= 1, got {num_est}")
-        f, row = colluders(cfg, node, pid, num) if attack_name else (0, 0)
-        if attack_name == "defence-aware":
-            f = simulated_byzantine_rows(cfg.eps_tilde, num_est, f)
-        attack = build_attack(attack_name, cfg, pid, num, num_est, f) if attack_name else None
-        metrics: dict[str, Any] = {"server-round": server_round, "partition-id": pid}
-        if isinstance(attack, Erasure):  # erasure: a reply without any gradient, screened out by the server
-            return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-        if isinstance(attack, DataAttack):
-            X, y = attack.poison(X, y, info["num_classes"])
+        cfg = run_config(context)
+        if cfg.method in NEWTON_METHODS:
+            from clients.newton import newton_train  # scipy: only Newton clients pay for it
 
-        if cfg.client_mode == "local":
-            update_attack = attack if isinstance(attack, UpdateAttack) else None
-            weights, loss = local_training_weights(cfg, params, X, y, pid, server_round, update_attack, f, row, num_est)
-            if weights is None:  # an attack that erases in this round
-                return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-            metrics.update({"num-examples": int(len(y)), "train-loss": loss})
-            payload = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
-            return Message(RecordDict({"arrays": payload, "metrics": MetricRecord(metrics)}), reply_to=msg)
-
-        n = len(y)
-        full = bool(config.get("full-batch", False))
-        b = n if full else min(int(config.get("batch-size", cfg.batch_size)), n)
-        keys = list(params)
-        shapes = {k: tuple(v.shape) for k, v in params.items()}
-        if isinstance(attack, UpdateAttack):
-            batches = estimate_batches(n, b, num_est, cfg.seed, pid, server_round, full_batch=full)
-            rows, losses = [], []
-            for idx in batches:
-                grads, loss_j = local_gradient(cfg.model, params, X[idx], y[idx])
-                rows.append(_flatten(grads, keys))
-                losses.append(loss_j)
-            crafted = attack.craft(np.stack(rows), f, server_round)
-            if crafted is None:  # an attack that erases in this round
-                return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-            flat = np.asarray(crafted, dtype=np.float32)[row % len(crafted)].reshape(-1)
-            loss = float(np.mean(losses))
-        else:
-            idx = minibatch_indices(n, b, cfg.seed, pid, server_round)  # without replacement
-            grads, loss = local_gradient(cfg.model, params, X[idx], y[idx])
-            flat = _flatten(grads, keys)
-
-        metrics.update({"num-examples": int(b), "train-loss": loss})
-        if "randk-procedure" in config:
-            if config["randk-procedure"] != RANDK_PROCEDURE:
-                raise ValueError(f"unsupported coordinate procedure {config['randk-procedure']!r}")
-            d = int(config["randk-d"])
-            if d != flat.size:
-                raise ValueError(f"randk-d={d} does not match the model size {flat.size}")
-            if "coordinates" in msg.content.array_records:
-                coords = msg.content["coordinates"]["indices"].numpy().astype(np.int64)
-            else:
-                coords = draw_coordinates(d, int(config["randk-k"]), int(config["randk-seed"]), server_round)
-            metrics["randk-digest"] = coordinate_digest(coords)
-            values = (d / coords.size) * flat[coords]
-            payload = ArrayRecord({"values": Array(values.astype(np.float32))})
-        else:
-            out, start = {}, 0
-            for k in keys:
-                size = int(np.prod(shapes[k]))
-                out[k] = Array(np.ascontiguousarray(flat[start : start + size].reshape(shapes[k])))
-                start += size
-            payload = ArrayRecord(out)
-        return Message(RecordDict({"gradient": payload, "metrics": MetricRecord(metrics)}), reply_to=msg)
+            return newton_train(msg, context, cfg)
+        return sgd_train(msg, context, cfg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        cfg, pid, _num, X, y, _info, params = _setup(msg, context, overrides)
-        result = npmodels.evaluate(cfg.model, params, X, y)
-        metrics: dict[str, Any] = {"eval-loss": result["loss"], "num-examples": int(len(y)), "partition-id": pid}
-        if "accuracy" in result:
-            metrics["eval-accuracy"] = result["accuracy"]
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        cfg = run_config(context)
+        if cfg.method in NEWTON_METHODS:
+            from clients.newton import newton_evaluate
+
+            return newton_evaluate(msg, context, cfg)
+        return sgd_evaluate(msg, context, cfg)
 
     return app
+
+
+def sgd_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Reply to an SGD train message: a (possibly crafted) gradient, or local-training weights."""
+    config = msg.content["config"]
+    check_protocol(config, GRADIENT_PROTOCOL, required=False)  # RobustFedAvg (local mode) sends no tag
+    cfg, pid, num, X, y, info, params = _setup(msg, context, cfg)
+    server_round = int(config["server-round"])
+    node = context.node_config
+    attack_name = _node_attack(cfg, node, pid, num)
+    num_est = int(node.get("estimate-batches", DEFAULT_ESTIMATE_BATCHES))
+    if num_est < 1:
+        raise ValueError(f"node config 'estimate-batches' must be >= 1, got {num_est}")
+    f, row = colluders(cfg, node, pid, num) if attack_name else (0, 0)
+    if attack_name == "defence-aware":
+        f = simulated_byzantine_rows(cfg.eps_tilde, num_est, f)
+    attack = build_attack(attack_name, cfg, pid, num, num_est, f) if attack_name else None
+    metrics: dict[str, Any] = {"server-round": server_round, "partition-id": pid}
+    if isinstance(attack, Erasure):  # erasure: a reply without any gradient, screened out by the server
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    if isinstance(attack, DataAttack):
+        X, y = attack.poison(X, y, info["num_classes"])
+
+    if cfg.client_mode == "local":
+        update_attack = attack if isinstance(attack, UpdateAttack) else None
+        weights, loss = local_training_weights(cfg, params, X, y, pid, server_round, update_attack, f, row, num_est)
+        if weights is None:  # an attack that erases in this round
+            return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        metrics.update({"num-examples": int(len(y)), "train-loss": loss})
+        payload = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+        return Message(RecordDict({"arrays": payload, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    n = len(y)
+    full = bool(config.get("full-batch", False))
+    b = n if full else min(int(config.get("batch-size", cfg.batch_size)), n)
+    keys = list(params)
+    shapes = {k: tuple(v.shape) for k, v in params.items()}
+    if isinstance(attack, UpdateAttack):
+        batches = estimate_batches(n, b, num_est, cfg.seed, pid, server_round, full_batch=full)
+        rows, losses = [], []
+        for idx in batches:
+            grads, loss_j = local_gradient(cfg.model, params, X[idx], y[idx])
+            rows.append(_flatten(grads, keys))
+            losses.append(loss_j)
+        crafted = attack.craft(np.stack(rows), f, server_round)
+        if crafted is None:  # an attack that erases in this round
+            return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        flat = np.asarray(crafted, dtype=np.float32)[row % len(crafted)].reshape(-1)
+        loss = float(np.mean(losses))
+    else:
+        idx = minibatch_indices(n, b, cfg.seed, pid, server_round)  # without replacement
+        grads, loss = local_gradient(cfg.model, params, X[idx], y[idx])
+        flat = _flatten(grads, keys)
+
+    metrics.update({"num-examples": int(b), "train-loss": loss})
+    if "randk-procedure" in config:
+        if config["randk-procedure"] != RANDK_PROCEDURE:
+            raise ValueError(f"unsupported coordinate procedure {config['randk-procedure']!r}")
+        d = int(config["randk-d"])
+        if d != flat.size:
+            raise ValueError(f"randk-d={d} does not match the model size {flat.size}")
+        if "coordinates" in msg.content.array_records:
+            coords = msg.content["coordinates"]["indices"].numpy().astype(np.int64)
+        else:
+            coords = draw_coordinates(d, int(config["randk-k"]), int(config["randk-seed"]), server_round)
+        metrics["randk-digest"] = coordinate_digest(coords)
+        values = (d / coords.size) * flat[coords]
+        payload = ArrayRecord({"values": Array(values.astype(np.float32))})
+    else:
+        out, start = {}, 0
+        for k in keys:
+            size = int(np.prod(shapes[k]))
+            out[k] = Array(np.ascontiguousarray(flat[start : start + size].reshape(shapes[k])))
+            start += size
+        payload = ArrayRecord(out)
+    return Message(RecordDict({"gradient": payload, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def sgd_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Reply to an SGD evaluate message: loss (and accuracy) of the broadcast model on the local data."""
+    cfg, pid, _num, X, y, _info, params = _setup(msg, context, cfg)
+    result = npmodels.evaluate(cfg.model, params, X, y)
+    metrics: dict[str, Any] = {"eval-loss": result["loss"], "num-examples": int(len(y)), "partition-id": pid}
+    if "accuracy" in result:
+        metrics["eval-accuracy"] = result["accuracy"]
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 app = build_client_app()

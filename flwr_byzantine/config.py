@@ -1,10 +1,18 @@
 """Run configuration of the flwr-byzantine Flower App, parsed and validated in one place.
 
 The keys are the ``[tool.flwr.app.config]`` keys of ``pyproject.toml`` (kebab
-case, Flower's convention); :data:`DEFAULTS` must stay identical to that table
-(a test checks it).  ``flwr run . --run-config "key=value ..."`` overrides them.
-Garbage values raise :class:`ConfigError` with the key, the value and what is
-accepted, before any round starts.
+case, Flower's convention); :func:`all_defaults` (:data:`DEFAULTS` plus the Newton
+keys :data:`NEWTON_DEFAULTS`) must stay identical to that table (a test checks it).
+``flwr run . --run-config "key=value ..."`` overrides them.
+
+Run config ``method`` selects the training method: ``sgd`` (default; RobustSGD or
+RobustFedAvg, :class:`RunConfig`) or the distributed Newton methods ``comrade`` / ``giant``
+(:class:`NewtonConfig`; their own keys carry a ``newton-`` prefix).  :func:`parse_run_config`
+checks ``method`` first and then parses the keys of that method; the other method's keys are
+accepted and ignored (they share one table), any other key is refused.  Garbage values raise
+:class:`ConfigError` with the key, the value and what is accepted, before any round starts.
+Allowed ``aggregator`` and ``attack`` values come from the registries
+(:data:`flwr_byzantine.aggregators.REGISTRY`, :func:`flwr_byzantine.attacks.attack_names`).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from typing import Any, Mapping
 DEFAULTS: dict[str, Any] = {
     "num-server-rounds": 60,
     "seed": 0,
+    "method": "sgd",
     "dataset": "digits",
     "dirichlet-alpha": 1.0,
     "model": "logreg",
@@ -51,6 +60,50 @@ DEFAULTS: dict[str, Any] = {
     "server-momentum": 0.0,
 }
 
+#: Training methods (run config ``method``): ``sgd`` and the distributed Newton methods.
+METHODS = ("sgd", "comrade", "giant")
+#: The Newton methods (served by :class:`NewtonConfig`, the Comrade / Giant strategies).
+NEWTON_METHODS = ("comrade", "giant")
+
+#: Defaults of the keys only the Newton methods read (``num-server-rounds``, ``seed``,
+#: ``output-dir`` and ``method`` are shared with :data:`DEFAULTS`).
+NEWTON_DEFAULTS: dict[str, Any] = {
+    "newton-dataset": "digits",
+    "newton-data-path": "",
+    "newton-test-path": "",
+    "newton-synthetic-n": 4000,
+    "newton-synthetic-d": 20,
+    "newton-partitioner": "uniform",
+    "newton-dirichlet-alpha": 1.0,
+    "newton-objective": "logistic",
+    "newton-lambda": 1e-2,
+    "newton-beta": 0.25,
+    "newton-assumed-byzantine-fraction": 0.2,
+    "newton-step-size": 1.0,
+    "newton-server-data-fraction": 0.0,
+    "newton-compression": "none",
+    "newton-topk-fraction": 0.1,
+    "newton-cg-threshold": 500,
+    "newton-num-malicious": 0,
+    "newton-attack": "gaussian",
+    "newton-attack-scale": 1.0,
+    "newton-min-valid-replies": 2,
+    "newton-min-nodes": 2,
+    "newton-max-direction-norm": 0.0,
+}
+NEWTON_DATASETS = ("breast-cancer", "digits", "synthetic", "libsvm")
+NEWTON_PARTITIONERS = ("uniform", "dirichlet")
+NEWTON_OBJECTIVES = ("logistic", "least-squares")
+NEWTON_COMPRESSIONS = ("none", "topk", "sign")
+#: Keys both methods read.
+SHARED_KEYS = ("num-server-rounds", "seed", "method", "output-dir")
+
+
+def all_defaults() -> dict[str, Any]:
+    """Every run-config key with its default: the ``[tool.flwr.app.config]`` table."""
+    return {**DEFAULTS, **NEWTON_DEFAULTS}
+
+
 #: Pre-aggregation wrappers, written ``"<wrapper>:<inner rule>"`` (e.g. ``"bucketing:cclip"``).
 PRE_AGGREGATORS = ("bucketing", "nnm")
 COMPRESSIONS = ("none", "randk")
@@ -60,8 +113,6 @@ CLIENT_MODES = ("gradient", "local")
 COORDINATE_FORMS = ("seed", "indices")
 ADVERSARIES = ("client", "omniscient")
 ADVERSARY_MODES = ("static", "random", "rotate")
-#: The attack parameter that run config ``attack-scale`` sets, per attack (0 keeps the attack's default).
-SCALE_PARAM = {"sleeper": "wake_round", "gaussian": "std", "scaled-negative": "scale", "ipm": "epsilon", "alie": "z", "arbitrary": "scale"}
 #: Attacks that poison data: only malicious clients can play them, not the server-side adversary.
 DATA_ATTACKS = ("label-flip", "random-labels")
 
@@ -71,7 +122,7 @@ class ConfigError(ValueError):
 
 
 def _num(cfg: Mapping[str, Any], key: str, lo: float | None = None, hi: float | None = None,
-         integer: bool = False, lo_open: bool = False) -> float:
+         integer: bool = False, lo_open: bool = False, hi_open: bool = False) -> float:
     val = cfg[key]
     if isinstance(val, bool) or not isinstance(val, (int, float)):
         raise ConfigError(f"run config '{key}' must be a number, got {val!r}")
@@ -81,8 +132,8 @@ def _num(cfg: Mapping[str, Any], key: str, lo: float | None = None, hi: float | 
         raise ConfigError(f"run config '{key}' must be an integer, got {val!r}")
     if lo is not None and (val < lo or (lo_open and val == lo)):
         raise ConfigError(f"run config '{key}' must be {'>' if lo_open else '>='} {lo}, got {val!r}")
-    if hi is not None and val > hi:
-        raise ConfigError(f"run config '{key}' must be <= {hi}, got {val!r}")
+    if hi is not None and (val > hi or (hi_open and val == hi)):
+        raise ConfigError(f"run config '{key}' must be {'<' if hi_open else '<='} {hi}, got {val!r}")
     return int(val) if integer else float(val)
 
 
@@ -114,12 +165,10 @@ def _aggregator(cfg: Mapping[str, Any]) -> str:
 
 
 def _attack(cfg: Mapping[str, Any]) -> str:
-    """``attack``: a name of the attack registry (:data:`flwr_byzantine.attacks.ATTACKS`)."""
-    from .attacks import ATTACKS
+    """``attack``: a name of the attack registry (:data:`flwr_byzantine.attacks.ATTACKS`) that SGD clients play."""
+    from .attacks import ATTACKS, attack_names
 
-    val = _choice(cfg, "attack")
-    if val not in ATTACKS:
-        raise ConfigError(f"run config 'attack' must be one of {sorted(ATTACKS)}, got {val!r}")
+    val = _choice(cfg, "attack", attack_names("sgd"))
     if getattr(ATTACKS[val], "needs_model_history", False):
         raise ConfigError(f"attack {val!r} needs every round's model and its own past replies, which the "
                           f"stateless ClientApp does not keep; use it through the library or "
@@ -137,6 +186,43 @@ def _dataset(cfg: Mapping[str, Any]) -> str:
     except (ValueError, KeyError) as exc:
         raise ConfigError(f"run config 'dataset': {exc}") from None
     return val
+
+
+def _method(cfg: Mapping[str, Any], allowed: tuple[str, ...] = METHODS) -> str:
+    """``method``: one of :data:`METHODS` (and of ``allowed``)."""
+    val = cfg.get("method", DEFAULTS["method"])
+    if not isinstance(val, str) or val not in METHODS:
+        raise ConfigError(f"run config 'method' must be one of {list(METHODS)}, got {val!r}")
+    if val not in allowed:
+        raise ConfigError(f"run config 'method'={val!r} is not served here; expected one of {list(allowed)}")
+    return val
+
+
+def _merge(mappings: tuple[Mapping[str, Any] | None, ...], own: Mapping[str, Any],
+           other: Mapping[str, Any]) -> dict[str, Any]:
+    """``own`` updated with ``mappings`` (later wins); keys of ``other`` ignored, unknown keys refused."""
+    cfg = dict(own)
+    for mapping in mappings:
+        for key, val in (mapping or {}).items():
+            if key in own:
+                cfg[key] = val
+            elif key not in other:
+                raise ConfigError(f"unknown run config key '{key}'; valid keys: {sorted(all_defaults())}")
+    return cfg
+
+
+def parse_run_config(*mappings: Mapping[str, Any] | None, check_aggregator: bool = True) -> "RunConfig | NewtonConfig":
+    """The validated run config of ``mappings`` merged in order (e.g. ``context.run_config``, overrides).
+
+    ``method`` is checked first (one :class:`ConfigError` for an unknown method); ``sgd`` gives a
+    :class:`RunConfig`, ``comrade`` / ``giant`` a :class:`NewtonConfig`.
+    """
+    merged: dict[str, Any] = {}
+    for mapping in mappings:
+        merged.update(mapping or {})
+    if _method(merged) in NEWTON_METHODS:
+        return NewtonConfig.from_mapping(merged)
+    return RunConfig.from_mapping(merged, check_aggregator=check_aggregator)
 
 
 def check_federation(cfg: "RunConfig", num_nodes: int) -> None:
@@ -203,16 +289,15 @@ class RunConfig:
                      check_aggregator: bool = True) -> "RunConfig":
         """Merge ``overrides`` (e.g. ``context.run_config``) over :data:`DEFAULTS` and validate.
 
+        ``method`` must be ``sgd``; the Newton keys (:data:`NEWTON_DEFAULTS`) are ignored.
+
         ``check_aggregator=False`` only checks that ``aggregator`` is a string: the ClientApp
         passes it because checking the name against the aggregator registry imports the
         aggregators (scipy, ~0.6 s in every fresh ClientApp process), and the ServerApp has
         already refused a bad name before round 1.
         """
-        cfg = dict(DEFAULTS)
-        for key, val in (overrides or {}).items():
-            if key not in DEFAULTS:
-                raise ConfigError(f"unknown run config key '{key}'; valid keys: {sorted(DEFAULTS)}")
-            cfg[key] = val
+        cfg = _merge((overrides,), DEFAULTS, NEWTON_DEFAULTS)
+        _method(cfg, ("sgd",))
         sigma_raw = cfg["sigma0"]
         if isinstance(sigma_raw, str):
             if sigma_raw != "auto":
@@ -273,8 +358,96 @@ class RunConfig:
             server_momentum=momentum,
         )
 
+    @property
+    def method(self) -> str:
+        """Run config ``method`` of this configuration: always ``"sgd"``."""
+        return "sgd"
+
     def as_dict(self) -> dict[str, Any]:
         """The configuration with the original kebab-case keys (``sigma0=None`` -> ``'auto'``)."""
         out = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
         out["sigma0"] = "auto" if self.sigma0 is None else self.sigma0
+        return out
+
+
+@dataclass(frozen=True)
+class NewtonConfig:
+    """Validated run configuration of ``method`` ``comrade`` / ``giant`` (attribute = key without
+    ``newton-``, snake case; ``lam`` is ``newton-lambda``)."""
+
+    num_server_rounds: int
+    seed: int
+    output_dir: str
+    method: str
+    dataset: str
+    data_path: str
+    test_path: str
+    synthetic_n: int
+    synthetic_d: int
+    partitioner: str
+    dirichlet_alpha: float
+    objective: str
+    lam: float
+    beta: float
+    assumed_byzantine_fraction: float
+    step_size: float
+    server_data_fraction: float
+    compression: str
+    topk_fraction: float
+    cg_threshold: int
+    num_malicious: int
+    attack: str
+    attack_scale: float
+    min_valid_replies: int
+    max_direction_norm: float
+    min_nodes: int
+
+    @classmethod
+    def from_mapping(cls, *mappings: Mapping[str, Any] | None) -> "NewtonConfig":
+        """Merge ``mappings`` (later wins) over the shared keys of :data:`DEFAULTS` and :data:`NEWTON_DEFAULTS`.
+
+        ``method`` must be ``comrade`` or ``giant`` (default ``comrade`` here); the SGD keys are
+        ignored; ``newton-attack`` must be an attack of the registry that Newton clients play
+        (:func:`flwr_byzantine.attacks.attack_names`).
+        """
+        from .attacks import attack_names  # numpy only; the run config stays cheap to import
+
+        own = {**{k: DEFAULTS[k] for k in SHARED_KEYS}, "method": "comrade", **NEWTON_DEFAULTS}
+        cfg = _merge(mappings, own, DEFAULTS)
+        method = _method(cfg, NEWTON_METHODS)
+        return cls(
+            num_server_rounds=int(_num(cfg, "num-server-rounds", lo=1, integer=True)),
+            seed=int(_num(cfg, "seed", lo=0, integer=True)),
+            output_dir=_choice(cfg, "output-dir"),
+            method=method,
+            dataset=_choice(cfg, "newton-dataset", NEWTON_DATASETS),
+            data_path=_choice(cfg, "newton-data-path"),
+            test_path=_choice(cfg, "newton-test-path"),
+            synthetic_n=int(_num(cfg, "newton-synthetic-n", lo=2, integer=True)),
+            synthetic_d=int(_num(cfg, "newton-synthetic-d", lo=1, integer=True)),
+            partitioner=_choice(cfg, "newton-partitioner", NEWTON_PARTITIONERS),
+            dirichlet_alpha=_num(cfg, "newton-dirichlet-alpha", lo=0.0, lo_open=True),
+            objective=_choice(cfg, "newton-objective", NEWTON_OBJECTIVES),
+            lam=_num(cfg, "newton-lambda", lo=0.0),
+            beta=_num(cfg, "newton-beta", lo=0.0, hi=1.0, hi_open=True),
+            assumed_byzantine_fraction=_num(cfg, "newton-assumed-byzantine-fraction", lo=0.0, hi=1.0, hi_open=True),
+            step_size=_num(cfg, "newton-step-size", lo=0.0, lo_open=True),
+            server_data_fraction=_num(cfg, "newton-server-data-fraction", lo=0.0, hi=1.0, hi_open=True),
+            compression=_choice(cfg, "newton-compression", NEWTON_COMPRESSIONS),
+            topk_fraction=_num(cfg, "newton-topk-fraction", lo=0.0, hi=1.0, lo_open=True),
+            cg_threshold=int(_num(cfg, "newton-cg-threshold", lo=0, integer=True)),
+            num_malicious=int(_num(cfg, "newton-num-malicious", lo=0, integer=True)),
+            attack=_choice(cfg, "newton-attack", attack_names(method)),
+            attack_scale=_num(cfg, "newton-attack-scale", lo=0.0),
+            min_valid_replies=int(_num(cfg, "newton-min-valid-replies", lo=1, integer=True)),
+            max_direction_norm=_num(cfg, "newton-max-direction-norm", lo=0.0),
+            min_nodes=int(_num(cfg, "newton-min-nodes", lo=1, integer=True)),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The configuration with its run-config keys."""
+        out = {}
+        for f in fields(self):
+            key = "lambda" if f.name == "lam" else f.name.replace("_", "-")
+            out[key if key in SHARED_KEYS else f"newton-{key}"] = getattr(self, f.name)
         return out

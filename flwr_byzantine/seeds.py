@@ -9,14 +9,8 @@ depends on that stream.  A test checks that they are distinct.
 
 from __future__ import annotations
 
-#: Which partitions are malicious in a simulated gradient federation (:mod:`flwr_byzantine.federation`).
+#: Which partitions are malicious in a simulated federation, SGD or Newton (:mod:`flwr_byzantine.federation`).
 MALICIOUS_PARTITIONS = 0xB12
-#: Which partitions are Byzantine in a simulated Newton federation (:mod:`flwr_byzantine.newton.attacks`).
-NEWTON_BYZANTINE_PARTITIONS = 0xC0DE
-#: Labels of the Newton ``random-label`` attack.
-NEWTON_RANDOM_LABELS = 0x1ABE1
-#: Per-round Gaussian noise of the Newton ``gaussian`` attack.
-NEWTON_ATTACK_GAUSSIAN = 0x6A055
 #: Repair of too small partitions (:mod:`flwr_byzantine.data.partition`).
 PARTITION_REPAIR = 0x5EED
 #: The synthetic GLM data set (:mod:`flwr_byzantine.data.libsvm`).
@@ -42,7 +36,7 @@ CLIENT_STRIDE = 100_003
 
 
 def client_seed(seed: int, partition_id: int) -> int:
-    """Seed of a per-client stream (data poisoning, Newton attacks): ``seed * CLIENT_STRIDE + partition_id``."""
+    """Seed of a per-client stream (data poisoning, Newton update attacks): ``seed * CLIENT_STRIDE + partition_id``."""
     return int(seed) * CLIENT_STRIDE + int(partition_id)
 
 

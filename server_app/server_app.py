@@ -1,5 +1,11 @@
 """ServerApp of flwr-byzantine: RobustSGD or RobustFedAvg + central evaluation + results file, final model and plot.
 
+The one ServerApp of the project (``[tool.flwr.app.components]``).  Run config ``method``
+selects the training method: ``sgd`` (default, :func:`run_federation` below) or the
+distributed Newton methods ``comrade`` / ``giant`` (:func:`server_app.newton.run_newton_federation`).
+The whole run config is validated (:func:`flwr_byzantine.config.parse_run_config`) before
+anything else, so an unknown method or a bad value fails the run with one message before round 1.
+
 Run config ``client-mode``: ``"gradient"`` (default) serves clients that send one
 mini-batch gradient per round with :class:`RobustSGD` (Algorithm 1); ``"local"``
 serves clients that train locally (``local-epochs`` / ``local-steps`` of SGD with
@@ -26,10 +32,10 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from flwr_byzantine.aggregators import Aggregator, build_for_federation
-from flwr_byzantine.attacks import MobileAdversary, make_attack
+from flwr_byzantine.attacks import MobileAdversary, make_attack, run_attack_params
 from flwr_byzantine.checkpoint import CheckpointError, Checkpointer
 from flwr_byzantine.compression import RandK
-from flwr_byzantine.config import SCALE_PARAM, RunConfig, check_federation
+from flwr_byzantine.config import NewtonConfig, RunConfig, check_federation, parse_run_config
 from flwr_byzantine.data import dataset_info, load_test_set
 from flwr_byzantine.federation import malicious_partition_ids
 from flwr_byzantine.models import build_model, loss_fn_for
@@ -54,9 +60,7 @@ def build_aggregator(cfg: RunConfig, num_nodes: int) -> Aggregator:
 
 def build_omniscient_adversary(cfg: RunConfig, inner: RobustSGD) -> OmniscientAdversary:
     """Server-side worst-case adversary around ``inner``: ``num-malicious`` corrupt nodes per round."""
-    params: dict[str, Any] = {}
-    if cfg.attack in SCALE_PARAM and cfg.attack_scale > 0:
-        params[SCALE_PARAM[cfg.attack]] = cfg.attack_scale
+    params = run_attack_params(cfg.attack, cfg.attack_scale)
     if cfg.attack == "defence-aware":
         params["aggregator"] = inner.aggregator
     attack = make_attack(cfg.attack, seed=cfg.seed, **params)
@@ -190,6 +194,7 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, An
     blamed = blame(reports, num_nodes, "filtered")
     payload = {
         "run_id": int(getattr(context, "run_id", 0) or 0),
+        "method": cfg.method,
         "config": cfg.as_dict(),
         "num_nodes": num_nodes,
         "malicious_partitions": malicious,
@@ -228,14 +233,24 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, An
     return payload
 
 
+def serve(grid: Grid, context: Context, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ServerApp's main: validate the whole run config (``context.run_config`` updated with
+    ``overrides``) before round 1, then run its ``method``'s federation; returns the results dict."""
+    cfg = parse_run_config(dict(context.run_config), overrides)
+    if isinstance(cfg, NewtonConfig):
+        from server_app.newton import run_newton_federation  # scipy's minimiser: Newton runs only
+
+        return run_newton_federation(grid, context, cfg)
+    return run_federation(grid, context, cfg)
+
+
 def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     """A ServerApp whose run config is ``context.run_config`` updated with ``overrides``."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})})
-        run_federation(grid, context, cfg)
+        serve(grid, context, overrides)
 
     return app
 

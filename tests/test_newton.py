@@ -19,18 +19,17 @@ from flwr_byzantine.data.libsvm import (
     make_synthetic_logistic,
     uniform_partitions,
 )
+from flwr_byzantine.attacks import ATTACKS, attack_names, make_attack, run_attack_params
+from flwr_byzantine.config import ConfigError, NewtonConfig, RunConfig, parse_run_config
+from flwr_byzantine.federation import malicious_partition_ids
 from flwr_byzantine.newton import (
-    Attack,
     Identity,
     LeastSquaresObjective,
     LogisticObjective,
-    NewtonConfig,
-    NewtonConfigError,
     NewtonWorker,
     ScaledSign,
     TopK,
     backtracking_line_search,
-    byzantine_partition_ids,
     choose_step,
     conjugate_gradient,
     empirical_rho,
@@ -40,6 +39,7 @@ from flwr_byzantine.newton import (
     newton_direction,
     newton_step,
     num_kept,
+    poison_glm_labels,
     rounds_to_tolerance,
     run_comrade,
     run_giant,
@@ -329,22 +329,60 @@ def test_newton_step_with_server_objective_decreases_it():
 
 
 # ----------------------------------------------------------------------------- attacks
-def test_attacks_behave_as_documented():
-    p = np.arange(4.0)
-    assert np.array_equal(Attack("negative", scale=2.0).corrupt_update(p), -2 * p)
-    g1 = Attack("gaussian", scale=1.0, seed=3).corrupt_update(p, 1)
-    assert np.array_equal(g1, Attack("gaussian", scale=1.0, seed=3).corrupt_update(p, 1))
-    assert not np.array_equal(g1, Attack("gaussian", scale=1.0, seed=3).corrupt_update(p, 2))
-    y = np.array([1.0, -1.0, 1.0])
-    assert np.array_equal(Attack("flipped-label").poison_labels(y), -y)
-    assert np.array_equal(Attack("flipped-label").poison_labels(np.array([0.0, 1.0])), [1.0, 0.0])
-    r = Attack("random-label", seed=1).poison_labels(np.ones(200))
+def newton_attack(name: str, scale: float = 1.0, seed: int = 0):
+    """A registry attack as a Newton client builds it (``clients.newton.node_attack``)."""
+    return make_attack(name, seed=seed, **run_attack_params(name, scale, "comrade"))
+
+
+def _sent(worker: NewtonWorker, w: np.ndarray, server_round: int = 1) -> np.ndarray:
+    return worker.direction(w, server_round=server_round).vector
+
+
+def test_newton_attacks_are_registry_entries():
+    names = attack_names("comrade")
+    assert names == attack_names("giant")
+    assert {"gaussian", "scaled-negative", "sign-flip", "label-flip", "random-labels"} <= set(names)
+    assert set(names) <= set(ATTACKS) and set(names) <= set(attack_names("sgd"))
+    for name in ("alie", "ipm", "mimic", "defence-aware", "erasure", "sleeper", "memory-aware"):
+        assert name not in names  # need colluders' statistics, the aggregator, erase, or need history
+    with pytest.raises(ValueError, match="Newton worker"):
+        NewtonWorker(np.eye(3), np.array([1.0, -1.0, 1.0]), attack=make_attack("alie"))
+
+
+def test_update_attacks_act_on_the_worker_vector():
+    obj = small_logistic(n=60, d=4, lam=0.1)
+    X, y = obj.X, obj.y
+    w = np.full(4, 0.1)
+    honest = _sent(NewtonWorker(X, y, lam=0.1), w)
+    neg = NewtonWorker(X, y, lam=0.1, attack=newton_attack("scaled-negative", 2.0))
+    np.testing.assert_allclose(_sent(neg, w), -2.0 * honest, rtol=1e-12)
+    np.testing.assert_allclose(NewtonWorker(X, y, lam=0.1, attack=newton_attack("sign-flip")).gradient(w).vector,
+                               -obj.gradient(w), rtol=1e-12)
+    gauss = NewtonWorker(X, y, lam=0.1, attack=newton_attack("gaussian", 1.0, seed=3))
+    g1 = _sent(gauss, w, 1)
+    assert np.array_equal(g1, _sent(NewtonWorker(X, y, lam=0.1, attack=newton_attack("gaussian", 1.0, seed=3)), w, 1))
+    assert not np.array_equal(g1, _sent(gauss, w, 2))
+    # COMRADE's Gaussian attack adds the noise to the worker's own update (the registry's method_params)
+    big = NewtonWorker(X, y, lam=0.1, attack=newton_attack("gaussian", 1e-9, seed=3))
+    np.testing.assert_allclose(_sent(big, w), honest, atol=1e-7)
+
+
+def test_label_attacks_follow_the_glm_label_convention():
+    pm1 = np.array([1.0, -1.0, 1.0])
+    flip = newton_attack("label-flip")
+    assert np.array_equal(poison_glm_labels(flip, None, pm1, "logistic"), -pm1)
+    assert np.array_equal(poison_glm_labels(flip, None, np.array([0.0, 1.0]), "logistic"), [1.0, 0.0])
+    r = poison_glm_labels(newton_attack("random-labels", seed=1), None, np.ones(200), "logistic")
     assert set(np.unique(r).tolist()) == {-1.0, 1.0}
-    assert np.array_equal(Attack().poison_labels(y), y) and np.array_equal(Attack().corrupt_update(p), p)
-    with pytest.raises(ValueError):
-        Attack("bogus")
-    ids = byzantine_partition_ids(20, 4, seed=0)
-    assert len(ids) == 4 == len(set(ids)) and ids == byzantine_partition_ids(20, 4, seed=0)
+    targets = np.array([0.5, -2.0, 3.0, 7.0])
+    assert np.array_equal(poison_glm_labels(flip, None, targets, "least-squares"), -targets)
+    perm = poison_glm_labels(newton_attack("random-labels", seed=1), None, targets, "least-squares")
+    assert sorted(perm.tolist()) == sorted(targets.tolist()) and not np.array_equal(perm, targets)
+    obj = small_logistic(n=40, d=3, lam=0.1)
+    worker = NewtonWorker(obj.X, obj.y, lam=0.1, attack=flip)
+    np.testing.assert_array_equal(worker.objective.y, -obj.y)
+    ids = malicious_partition_ids(20, 4, seed=0)
+    assert len(ids) == 4 == len(set(ids)) and ids == malicious_partition_ids(20, 4, seed=0)
 
 
 # ----------------------------------------------------------------------------- data
@@ -395,12 +433,37 @@ def test_partitions_cover_every_row_once():
 def test_newton_config_defaults_validation_and_unknown_keys():
     cfg = NewtonConfig.from_mapping({"aggregator": "rge", "newton-beta": 0.3}, {"num-server-rounds": 4})
     assert cfg.beta == 0.3 and cfg.num_server_rounds == 4 and cfg.method == "comrade"
-    assert cfg.as_dict()["newton-lambda"] == cfg.lam
-    for bad in ({"newton-beta": 1.0}, {"newton-method": "sgd"}, {"newton-lambda": "x"},
+    assert cfg.as_dict()["newton-lambda"] == cfg.lam and cfg.as_dict()["method"] == "comrade"
+    assert NewtonConfig.from_mapping(cfg.as_dict()) == cfg
+    for bad in ({"newton-beta": 1.0}, {"method": "sgd"}, {"newton-lambda": "x"},
                 {"newton-attack": "bogus"}, {"num-server-rounds": 0}, {"newton-step-size": 0},
-                {"newton-bta": 0.3}, {"no-such-key": 1}):
-        with pytest.raises(NewtonConfigError):
+                {"newton-bta": 0.3}, {"no-such-key": 1}, {"newton-method": "giant"}):
+        with pytest.raises(ConfigError):
             NewtonConfig.from_mapping(bad)
+
+
+@pytest.mark.parametrize("method", ["comrade", "giant"])
+def test_newton_run_config_attacks_come_from_the_registry(method):
+    for name in attack_names(method):
+        assert parse_run_config({"method": method, "newton-attack": name}).attack == name
+    for name in sorted(set(ATTACKS) - set(attack_names(method))) + ["negative", "flipped-label", "none"]:
+        with pytest.raises(ConfigError, match="'newton-attack' must be one of"):
+            parse_run_config({"method": method, "newton-attack": name})
+
+
+def test_one_run_config_dispatches_on_method():
+    assert isinstance(parse_run_config({}), RunConfig)
+    sgd = parse_run_config({"method": "sgd", "newton-beta": 0.3})  # the other method's keys are ignored
+    assert isinstance(sgd, RunConfig) and sgd.method == "sgd"
+    giant = parse_run_config({"method": "giant", "aggregator": "mean"}, {"newton-beta": 0.1})
+    assert isinstance(giant, NewtonConfig) and giant.method == "giant" and giant.beta == 0.1
+    for bad in ("newton", "SGD", 3, ""):
+        with pytest.raises(ConfigError, match=r"^run config 'method' must be one of \['sgd', 'comrade', 'giant'\]"):
+            parse_run_config({"method": bad})
+    with pytest.raises(ConfigError, match="unknown run config key 'newton-bta'"):
+        parse_run_config({"method": "sgd", "newton-bta": 0.3})
+    with pytest.raises(ConfigError, match="'method'"):
+        RunConfig.from_mapping({"method": "comrade"})
 
 
 # ----------------------------------------------------------------------------- convergence
@@ -450,13 +513,13 @@ def test_comrade_with_topk_compression_still_converges():
     assert hist[-1]["bytes_up"] == 25 * 10 * 12 * 5 and min(h.get("rho_min", 1) for h in hist) >= 0.5
 
 
-@pytest.mark.parametrize("attack", [
-    Attack("gaussian", scale=2.0), Attack("random-label"), Attack("flipped-label"), Attack("negative", scale=3.0),
+@pytest.mark.parametrize("attack, scale", [
+    ("gaussian", 2.0), ("random-labels", 1.0), ("label-flip", 1.0), ("scaled-negative", 3.0),
 ])
 @pytest.mark.parametrize("num_bad", [2, 4])  # 10 % and 20 % of 20 workers
-def test_comrade_survives_attacks(attack, num_bad):
-    bad = byzantine_partition_ids(20, num_bad, seed=1)
-    attacks = {i: Attack(attack.name, scale=attack.scale, seed=i) for i in bad}
+def test_comrade_survives_attacks(attack, scale, num_bad):
+    bad = malicious_partition_ids(20, num_bad, seed=1)
+    attacks = {i: newton_attack(attack, scale, seed=i) for i in bad}
     workers, fed, w_star, test = _federation(m=20, n=20000, attacks=attacks)
     clean_acc = test.accuracy(w_star)
     w, hist = run_comrade(workers, np.zeros(fed.d), 10, 0.25, reference=fed, w_star=w_star, test=test)
@@ -466,8 +529,8 @@ def test_comrade_survives_attacks(attack, num_bad):
 
 
 def test_non_robust_comrade_breaks_under_gaussian_attack():
-    bad = byzantine_partition_ids(20, 4, seed=1)
-    attacks = {i: Attack("gaussian", scale=2.0, seed=i) for i in bad}
+    bad = malicious_partition_ids(20, 4, seed=1)
+    attacks = {i: newton_attack("gaussian", 2.0, seed=i) for i in bad}
     workers, fed, w_star, test = _federation(m=20, n=20000, attacks=attacks)
     w0, _ = run_comrade(workers, np.zeros(fed.d), 10, 0.0, reference=fed, w_star=w_star)
     w1, _ = run_comrade(workers, np.zeros(fed.d), 10, 0.25, reference=fed, w_star=w_star)

@@ -1,8 +1,9 @@
 """COMRADE / GIANT Flower strategies: message counts, trimming, reply validation, attacks, and
 an end-to-end ``run_simulation`` with the real Ray backend.
 
-Most tests drive the strategies with an in-process Grid whose nodes run the real Newton
-ClientApp (no Ray); hostile replies are crafted by a handler Grid.
+Most tests drive the strategies with an in-process Grid whose nodes run the project's one
+ClientApp with run config ``method = "comrade"`` (no Ray); hostile replies are crafted by a
+handler Grid.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 
-from clients.newton_client_app import build_newton_client_app, load_newton_partition, node_attack
+from clients.client_app import build_client_app
+from clients.newton import load_newton_partition, node_attack
+from flwr_byzantine.config import NewtonConfig
 from flwr_byzantine.data.libsvm import federated_split, load_glm_dataset
-from flwr_byzantine.newton import NewtonConfig, TopK, byzantine_partition_ids, federated_objective, minimise
+from flwr_byzantine.federation import malicious_partition_ids
+from flwr_byzantine.newton import TopK, federated_objective, minimise
 from flwr_byzantine.newton.objectives import make_objective
 from flwr_byzantine.strategies.comrade import PROTOCOL, Comrade, make_evaluate_fn
 from flwr_byzantine.strategies.giant import Giant
@@ -69,7 +73,7 @@ class HandlerGrid(AppGrid):
         return out
 
 
-OVERRIDES = {"newton-dataset": "synthetic", "newton-synthetic-n": 6000, "newton-synthetic-d": 8, "newton-lambda": 1e-2}
+OVERRIDES = {"method": "comrade", "newton-dataset": "synthetic", "newton-synthetic-n": 6000, "newton-synthetic-d": 8, "newton-lambda": 1e-2}
 
 
 def setup(n: int, **extra):
@@ -80,7 +84,7 @@ def setup(n: int, **extra):
     parts, _ = federated_split(data, n, seed=0)
     fed = federated_objective("logistic", data.X_train, data.y_train, parts, cfg.lam)
     test = make_objective("logistic", data.X_test, data.y_test, cfg.lam)
-    return build_newton_client_app(ov), fed, test, minimise(fed)
+    return build_client_app(ov), fed, test, minimise(fed)
 
 
 def w0(d: int = 8) -> ArrayRecord:
@@ -163,8 +167,8 @@ def test_beta_not_above_assumed_fraction_logs_warning(caplog):
 
 
 # ----------------------------------------------------------------------------- attacks
-@pytest.mark.parametrize("attack, scale", [("gaussian", 2.0), ("random-label", 1.0), ("flipped-label", 1.0),
-                                           ("negative", 3.0)])
+@pytest.mark.parametrize("attack, scale", [("gaussian", 2.0), ("random-labels", 1.0), ("label-flip", 1.0),
+                                           ("scaled-negative", 3.0)])
 def test_comrade_survives_byzantine_clients(attack, scale):
     n, bad = 10, 2  # 20 % Byzantine
     app, fed, test, w_star = setup(n, **{"newton-num-malicious": bad, "newton-attack": attack,
@@ -174,20 +178,20 @@ def test_comrade_survives_byzantine_clients(attack, scale):
     final = res.evaluate_metrics_serverapp[6]
     assert final["accuracy"] >= test.accuracy(w_star) - 0.02
     assert final["dist-to-opt"] < 0.3 * np.linalg.norm(w_star)
-    if attack in ("gaussian", "negative"):  # large-norm attackers are the ones trimmed
-        malicious = set(byzantine_partition_ids(n, bad, 0))
+    if attack in ("gaussian", "scaled-negative"):  # large-norm attackers are the ones trimmed
+        malicious = set(malicious_partition_ids(n, bad, 0))
         trimmed = {rep.partition_ids[nid] for rep in strategy.history[2:] for nid in rep.trimmed}
         assert malicious <= trimmed
 
 
 def test_node_config_makes_a_client_malicious():
     cfg = NewtonConfig.from_mapping(OVERRIDES)
-    assert node_attack(cfg, {"malicious": "true", "newton-attack": "negative"}, 0, 4).name == "negative"
-    assert node_attack(cfg, {"malicious": False}, 0, 4).honest
-    cfg_bad = NewtonConfig.from_mapping({**OVERRIDES, "newton-num-malicious": 4, "newton-attack": "random-label"})
-    assert node_attack(cfg_bad, {}, 2, 4).name == "random-label"
+    assert node_attack(cfg, {"malicious": "true", "newton-attack": "scaled-negative"}, 0, 4).name == "scaled-negative"
+    assert node_attack(cfg, {"malicious": False}, 0, 4) is None
+    cfg_bad = NewtonConfig.from_mapping({**OVERRIDES, "newton-num-malicious": 4, "newton-attack": "random-labels"})
+    assert node_attack(cfg_bad, {}, 2, 4).name == "random-labels"
     app, fed, test, w_star = setup(4)
-    grid = AppGrid(4, app, node_configs={1: {"malicious": True, "newton-attack": "negative",
+    grid = AppGrid(4, app, node_configs={1: {"malicious": True, "newton-attack": "scaled-negative",
                                              "newton-attack-scale": 50.0}})
     strategy = Comrade(beta=0.25)
     strategy.start(grid, w0(), num_rounds=2)
@@ -519,13 +523,13 @@ def test_run_simulation_end_to_end(tmp_path, method, rounds, per_iter):
     """Real ``flwr.simulation.run_simulation`` (Ray backend), 4 clients, one of them Byzantine."""
     from flwr.simulation import run_simulation
 
-    from server_app.newton_server_app import build_newton_server_app
+    from server_app.server_app import build_server_app
 
-    ov = {**OVERRIDES, "num-server-rounds": rounds, "output-dir": str(tmp_path), "newton-method": method,
+    ov = {**OVERRIDES, "num-server-rounds": rounds, "output-dir": str(tmp_path), "method": method,
           "newton-beta": 0.3 if method == "comrade" else 0.0, "newton-assumed-byzantine-fraction": 0.25,
-          "newton-num-malicious": 1 if method == "comrade" else 0, "newton-attack": "negative",
+          "newton-num-malicious": 1 if method == "comrade" else 0, "newton-attack": "scaled-negative",
           "newton-attack-scale": 20.0, "newton-min-nodes": 4}
-    run_simulation(build_newton_server_app(ov), build_newton_client_app(ov), num_supernodes=4,
+    run_simulation(build_server_app(ov), build_client_app(ov), num_supernodes=4,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": 2, "include_dashboard": False}})
     files = list(tmp_path.glob(f"newton-{method}-*.json"))

@@ -6,7 +6,11 @@
 * Data-poisoning attacks (:class:`DataAttack`): ``attack.poison(X, y, num_classes)``.
 * :class:`MobileAdversary`: which nodes are corrupt in each round.
 
-``make_attack(name, **params)`` builds an attack by its registry name (:data:`ATTACKS`).
+``make_attack(name, **params)`` builds an attack by its registry name (:data:`ATTACKS`);
+``attack_names(method)`` lists the names a run config of that ``method`` may use and
+``run_attack_params(name, scale, method)`` the parameters its run config gives the attack.
+Adding an attack: one module with the class (its ``name``, ``methods``, ``scale_param``) and
+one line in :data:`ATTACKS`.
 """
 
 from __future__ import annotations
@@ -46,6 +50,26 @@ UPDATE_ATTACKS = tuple(n for n, c in ATTACKS.items() if issubclass(c, UpdateAtta
 DATA_ATTACKS = tuple(n for n, c in ATTACKS.items() if issubclass(c, DataAttack))
 
 
+def attack_names(method: str = "sgd") -> tuple[str, ...]:
+    """Registry names whose clients of ``method`` (run config ``method``) can play them, sorted.
+
+    Every attack names the methods it supports in its class attribute ``methods``.
+    """
+    return tuple(sorted(n for n, c in ATTACKS.items() if method in c.methods))
+
+
+def run_attack_params(name: str, scale: float, method: str = "sgd") -> dict[str, Any]:
+    """The parameters a run config gives attack ``name``: ``attack-scale`` sets the class's
+    ``scale_param`` (``scale = 0`` keeps the attack's default), plus its ``method_params[method]``."""
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; valid: {sorted(ATTACKS)}")
+    cls = ATTACKS[name]
+    params: dict[str, Any] = dict(cls.method_params.get(method, {}))
+    if cls.scale_param is not None and scale > 0:
+        params[cls.scale_param] = scale
+    return params
+
+
 def make_attack(name: str, **params: Any) -> UpdateAttack | DataAttack:
     """Instantiate the attack registered as ``name`` with ``params``.
 
@@ -72,7 +96,7 @@ def make_attack(name: str, **params: Any) -> UpdateAttack | DataAttack:
 __all__ = [
     "ALIE", "ATTACKS", "ArbitraryVector", "DATA_ATTACKS", "DataAttack", "DefenceAware", "Erasure",
     "GaussianNoise", "InnerProductManipulation", "LabelFlip", "MemoryAware", "Mimic", "MobileAdversary", "RandomLabels",
-    "Sleeper",
+    "Sleeper", "attack_names", "run_attack_params",
     "ScaledNegative", "SignFlip", "UPDATE_ATTACKS", "UpdateAttack", "alie_z_max", "make_attack",
     "top_principal_scores",
 ]

@@ -11,6 +11,14 @@ Two kinds of attack:
 * :class:`DataAttack` -- a *data-poisoning* attack: a malicious client changes its
   own training data ``(X, y)`` once and then behaves honestly on it.
 
+Every attack declares, as class attributes, its registry ``name``, the training ``methods``
+whose clients can play it (run config ``method``: ``sgd`` and the Newton methods ``comrade`` /
+``giant``), the ``scale_param`` that run config ``attack-scale`` sets, and the ``method_params``
+a method's clients add (e.g. COMRADE's Gaussian attack adds the noise to the worker's own
+update).  A Newton worker plays an update attack on its single vector
+(``craft(p[None, :], 1, round)[0]``) and a data attack on its GLM labels mapped to class
+indices (logistic) or real targets (``num_classes=0``, least squares).
+
 Every attack is a dataclass with a keyword-only ``seed``; the output is a
 deterministic function of the inputs, the parameters, the seed and the round.
 Statistics (means, standard deviations, norms) are computed in float64 and the
@@ -145,6 +153,12 @@ class UpdateAttack(ABC):
 
     #: Registry name (``"alie"``, ``"sign-flip"``, ...).
     name: ClassVar[str] = "update-attack"
+    #: Training methods whose clients can play it (run config ``method``).
+    methods: ClassVar[tuple[str, ...]] = ("sgd",)
+    #: The parameter run config ``attack-scale`` sets (None: the attack has none).
+    scale_param: ClassVar[str | None] = None
+    #: Extra parameters per method, e.g. ``{"comrade": {"relative": True}}``.
+    method_params: ClassVar[dict[str, dict[str, Any]]] = {}
 
     seed: int = field(default=0, kw_only=True)
 
@@ -196,6 +210,12 @@ class DataAttack(ABC):
 
     #: Registry name (``"label-flip"``, ...).
     name: ClassVar[str] = "data-attack"
+    #: Training methods whose clients can play it (run config ``method``).
+    methods: ClassVar[tuple[str, ...]] = ("sgd",)
+    #: The parameter run config ``attack-scale`` sets (None: the attack has none).
+    scale_param: ClassVar[str | None] = None
+    #: Extra parameters per method, e.g. ``{"comrade": {"relative": True}}``.
+    method_params: ClassVar[dict[str, dict[str, Any]]] = {}
 
     seed: int = field(default=0, kw_only=True)
 

@@ -2,7 +2,9 @@
 
 Data & Diggavi 2021 (Sec. 7, experiments) and Ghosh et al. 2020 (COMRADE, Sec. 6)
 evaluate "random labels" and "flipped labels" workers.  Labels are class indices
-``0 .. num_classes - 1``; ``X`` is returned unchanged (the same object), ``y`` as a
+``0 .. num_classes - 1``, or real-valued targets when ``num_classes = 0`` (regression, e.g.
+COMRADE's least-squares workers: flipped means negated, random means a seeded permutation of
+the worker's own targets); ``X`` is returned unchanged (the same object), ``y`` as a
 new array of the same framework, dtype, shape (and device).
 """
 
@@ -20,11 +22,17 @@ from .. import seeds
 
 
 def _labels(y: Any, num_classes: int) -> np.ndarray:
-    """``y`` as an int64 numpy vector, checked to hold class indices in ``[0, num_classes)``."""
-    if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    """``y`` as an int64 numpy vector of class indices in ``[0, num_classes)``, or (``num_classes = 0``)
+    a float64 vector of finite real targets."""
+    if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 0 or num_classes == 1:
+        raise ValueError(f"num_classes must be an integer >= 2 (or 0 for real-valued targets), got {num_classes!r}")
     arr = y.detach().cpu().numpy() if is_torch(y) else np.asarray(y)
     flat = arr.reshape(-1)
+    if num_classes == 0:
+        real = flat.astype(np.float64)
+        if not np.isfinite(real).all():
+            raise ValueError("real-valued targets must be finite")
+        return real
     if flat.size and (not np.isfinite(flat.astype(np.float64)).all() or np.any(flat != np.round(flat))):
         raise ValueError("labels must be integer class indices")
     lab = flat.astype(np.int64)
@@ -53,6 +61,7 @@ def _check_fraction(fraction: Any) -> float:
 
 @dataclass
 class _LabelAttack(DataAttack):
+    methods: ClassVar[tuple[str, ...]] = ("sgd", "comrade", "giant")
     fraction: float = 1.0
 
     def __post_init__(self) -> None:
@@ -70,7 +79,8 @@ class _LabelAttack(DataAttack):
 
 @dataclass
 class LabelFlip(_LabelAttack):
-    """Label flipping: ``y -> num_classes - 1 - y`` (Data & Diggavi 2021; Ghosh et al. 2020 "flipped labels").
+    """Label flipping: ``y -> num_classes - 1 - y`` (Data & Diggavi 2021; Ghosh et al. 2020 "flipped labels");
+    real-valued targets (``num_classes = 0``): ``y -> -y``.
 
     Attributes
     ----------
@@ -83,7 +93,7 @@ class LabelFlip(_LabelAttack):
     def poison(self, X: Any, y: Any, num_classes: int) -> tuple[Any, Any]:
         lab = _labels(y, num_classes)
         idx = self.poisoned_indices(lab.size)
-        lab[idx] = int(num_classes) - 1 - lab[idx]
+        lab[idx] = -lab[idx] if num_classes == 0 else int(num_classes) - 1 - lab[idx]
         return X, _like(lab, y)
 
     __call__ = poison
@@ -92,7 +102,8 @@ class LabelFlip(_LabelAttack):
 @dataclass
 class RandomLabels(_LabelAttack):
     """Random labels: each label replaced by one drawn uniformly from ``0 .. num_classes - 1``
-    (Data & Diggavi 2021; Ghosh et al. 2020 "random labels"), from ``default_rng([seed, ...])``.
+    (Data & Diggavi 2021; Ghosh et al. 2020 "random labels"), from ``default_rng([seed, ...])``;
+    real-valued targets (``num_classes = 0``): ``y[i] -> y[pi(i)]`` for a seeded permutation pi.
 
     Attributes
     ----------
@@ -106,7 +117,10 @@ class RandomLabels(_LabelAttack):
         lab = _labels(y, num_classes)
         idx = self.poisoned_indices(lab.size)
         rng = np.random.default_rng([self.seed, seeds.RANDOM_LABELS])
-        lab[idx] = rng.integers(0, int(num_classes), size=idx.size)
+        if num_classes == 0:
+            lab[idx] = lab[rng.permutation(lab.size)][idx]
+        else:
+            lab[idx] = rng.integers(0, int(num_classes), size=idx.size)
         return X, _like(lab, y)
 
     __call__ = poison

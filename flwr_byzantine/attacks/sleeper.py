@@ -30,6 +30,7 @@ class Sleeper(UpdateAttack):
     """
 
     name: ClassVar[str] = "sleeper"
+    scale_param: ClassVar[str | None] = "wake_round"
 
     inner: str = "sign-flip"
     wake_round: int = 30

@@ -63,6 +63,10 @@ class GaussianNoise(UpdateAttack):
     """
 
     name: ClassVar[str] = "gaussian"
+    methods: ClassVar[tuple[str, ...]] = ("sgd", "comrade", "giant")
+    scale_param: ClassVar[str | None] = "std"
+    #: COMRADE's Gaussian attack adds the noise to the worker's own update.
+    method_params: ClassVar[dict[str, dict[str, Any]]] = {"comrade": {"relative": True}, "giant": {"relative": True}}
 
     std: float = 1.0
     mean_shift: float = 0.0
@@ -100,6 +104,8 @@ class ScaledNegative(UpdateAttack):
     """
 
     name: ClassVar[str] = "scaled-negative"
+    methods: ClassVar[tuple[str, ...]] = ("sgd", "comrade", "giant")
+    scale_param: ClassVar[str | None] = "scale"
 
     scale: float = 10.0
 
@@ -122,6 +128,7 @@ class SignFlip(ScaledNegative):
     """
 
     name: ClassVar[str] = "sign-flip"
+    scale_param: ClassVar[str | None] = None
 
     scale: float = field(default=1.0, init=False)
 
@@ -143,6 +150,7 @@ class InnerProductManipulation(UpdateAttack):
     """
 
     name: ClassVar[str] = "ipm"
+    scale_param: ClassVar[str | None] = "epsilon"
 
     epsilon: float = 0.1
 
@@ -195,6 +203,7 @@ class ALIE(UpdateAttack):
     """
 
     name: ClassVar[str] = "alie"
+    scale_param: ClassVar[str | None] = "z"
 
     z: float | None = None
     num_workers: int | None = None
@@ -338,6 +347,7 @@ class ArbitraryVector(UpdateAttack):
     """
 
     name: ClassVar[str] = "arbitrary"
+    scale_param: ClassVar[str | None] = "scale"
 
     scale: float = 1e6
     value: Any = None

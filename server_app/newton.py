@@ -1,7 +1,9 @@
-"""ServerApp of COMRADE / GIANT: strategy wiring, central evaluation and a results JSON.
+"""The ServerApp's Newton methods (run config ``method`` ``comrade`` / ``giant``): strategy wiring,
+central evaluation and a results JSON.  ``server_app/server_app.py:app`` calls
+:func:`run_newton_federation` for those methods.
 
-Run config (see :mod:`flwr_byzantine.newton.config` for every key and default):
-``newton-method`` (``comrade`` or ``giant``), ``newton-beta``,
+Run config (see :class:`flwr_byzantine.config.NewtonConfig` for every key and default):
+``method`` (``comrade`` or ``giant``), ``newton-beta``,
 ``newton-assumed-byzantine-fraction``, ``newton-compression``, ``newton-dataset``, ... .
 ``num-server-rounds`` counts Newton *iterations* (GIANT uses two communication rounds per
 iteration; the results file reports the communication rounds actually used).
@@ -23,12 +25,12 @@ from typing import Any, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context
-from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from flwr_byzantine.config import ConfigError, NewtonConfig
 from flwr_byzantine.data.libsvm import federated_split, load_glm_dataset
-from flwr_byzantine.newton.attacks import byzantine_partition_ids
-from flwr_byzantine.newton.config import NewtonConfig, NewtonConfigError
+from flwr_byzantine.federation import malicious_partition_ids
 from flwr_byzantine.results import blame, safe_stem, write_json_atomic
 from server_app.nodes import wait_for_nodes
 from flwr_byzantine.newton.objectives import federated_objective, make_objective, minimise
@@ -60,7 +62,7 @@ def run_newton_federation(grid: Grid, context: Context, cfg: NewtonConfig) -> di
     t0 = time.time()
     num_nodes = len(wait_for_nodes(grid, max(2, cfg.min_nodes)))
     if cfg.num_malicious > num_nodes:
-        raise NewtonConfigError(f"run config 'newton-num-malicious'={cfg.num_malicious} exceeds the "
+        raise ConfigError(f"run config 'newton-num-malicious'={cfg.num_malicious} exceeds the "
                                 f"{num_nodes} connected nodes")
     data = load_glm_dataset(cfg.dataset, cfg.seed, path=cfg.data_path, test_path=cfg.test_path,
                             synthetic_n=cfg.synthetic_n, synthetic_d=cfg.synthetic_d)
@@ -73,7 +75,7 @@ def run_newton_federation(grid: Grid, context: Context, cfg: NewtonConfig) -> di
     w_star = minimise(train_obj)
     d = train_obj.d
     strategy = build_newton_strategy(cfg, server_obj, num_nodes)
-    malicious = byzantine_partition_ids(num_nodes, cfg.num_malicious, cfg.seed)
+    malicious = malicious_partition_ids(num_nodes, cfg.num_malicious, cfg.seed)
     log(INFO, "newton: %s on %s (d=%d), %d nodes, beta=%.3g, attack=%s on partitions %s", cfg.method,
         cfg.dataset, d, num_nodes, cfg.beta, cfg.attack if malicious else "none", malicious)
     result = strategy.start(
@@ -116,18 +118,3 @@ def run_newton_federation(grid: Grid, context: Context, cfg: NewtonConfig) -> di
         blamed["trimmed_node_ids"])
     log(INFO, "newton: results written to %s", path)
     return payload
-
-
-def build_newton_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
-    """A Newton ServerApp whose run config is ``context.run_config`` updated with ``overrides``."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        cfg = NewtonConfig.from_mapping(dict(context.run_config), overrides)
-        run_newton_federation(grid, context, cfg)
-
-    return app
-
-
-app = build_newton_server_app()
