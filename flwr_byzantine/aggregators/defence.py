@@ -39,10 +39,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .._backend import ArrayLike, is_torch, to_numpy64
+from .._backend import ArrayLike, is_torch
 from .base import AggregationResult, Aggregator
 from .memory import ClientMomentum, MonotonicityEvidence
 from .rge import RGE
+from .streaming import clip_survivors, host_array, row_sq_norms
 
 #: Format tag of :meth:`RobustDefence.state_dict`.
 STATE_FORMAT = "flwr-byzantine/robust-defence-v1"
@@ -55,23 +56,11 @@ DEFAULT_THRESHOLD_FACTOR = 1.5
 DEFAULT_INPUT_CLIP_SCALE = 1.0
 #: Default clipping radius, as a multiple of the survivors' median distance to the filter's estimate.
 DEFAULT_CLIP_SCALE = 1.0
-
-
-def clip_around(rows: np.ndarray, centre: np.ndarray, radius: float, num_iters: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Centered clipping of ``rows`` around ``centre`` (Karimireddy et al. 2021, Section 4).
-
-    ``v <- v + (1/n) sum_i (g_i - v) min(1, radius / ||g_i - v||)``, ``num_iters`` times,
-    from ``v = centre``.  Returns the result and the last clipping factors.
-    """
-    v = centre
-    factors = np.ones(rows.shape[0])
-    for _ in range(num_iters):
-        diff = rows - v
-        dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            factors = np.where(dist > radius, radius / np.maximum(dist, 1e-300), 1.0)
-        v = v + (factors[:, None] * diff).mean(axis=0)
-    return v, factors
+#: Rounds with at least this many entries (R * d) run the filter with :data:`FAST_FILTER` (issue 12).
+DEFAULT_FAST_ABOVE = 1 << 20
+#: RGE's options for large rounds: the Gram matrix of a server-private sketch of length 2048 (when
+#: d > 4096), the spectral filter step while more than 64 points are active.
+FAST_FILTER = {"sketch_dim": 2048, "spectral_above": 64}
 
 
 class RobustDefence(Aggregator):
@@ -94,6 +83,12 @@ class RobustDefence(Aggregator):
         Explicit ``sigma_0`` for the filter, or ``None`` for the automatic estimate.
     max_idle_rounds:
         A node absent for more than this many calls starts a fresh memory when it returns.
+    fast_above:
+        Rounds with at least this many entries ``R * d`` run RGE with :data:`FAST_FILTER` (a sketched
+        Gram matrix when ``d > 4096``, fresh server-private signs every round; spectral steps above 64
+        active points); ``None``: always the exact filter.
+    seed:
+        Seed of the sketch's generator (``None``: fresh OS entropy).
     """
 
     name = "rge"
@@ -112,12 +107,19 @@ class RobustDefence(Aggregator):
         mixing: bool = False,
         input_clip_scale: float | None = DEFAULT_INPUT_CLIP_SCALE,
         gross_factor: float = 4.0,
+        fast_above: int | None = DEFAULT_FAST_ABOVE,
+        seed: int | None = None,
     ) -> None:
         if not (np.isfinite(momentum) and 0.0 <= momentum < 1.0):
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         if clip_scale is not None and not (np.isfinite(clip_scale) and clip_scale > 0):
             raise ValueError(f"clip_scale must be a positive finite number or None, got {clip_scale!r}")
         self.filter = RGE(eps_tilde=eps_tilde, sigma0=sigma0, threshold_factor=threshold_factor)
+        if fast_above is not None and (isinstance(fast_above, bool) or int(fast_above) != fast_above or fast_above < 1):
+            raise ValueError(f"fast_above must be a positive integer or None, got {fast_above!r}")
+        self.fast_above = None if fast_above is None else int(fast_above)
+        self.fast_filter = RGE(eps_tilde=eps_tilde, sigma0=sigma0, threshold_factor=threshold_factor, seed=seed,
+                               **FAST_FILTER)
         self.eps_tilde = self.filter.eps_tilde
         self.momentum = float(momentum)
         self.threshold_factor = self.filter.threshold_factor
@@ -140,7 +142,7 @@ class RobustDefence(Aggregator):
 
         Optional: without it the rule assumes the step was along ``-estimate``.
         """
-        self._pending_step = np.asarray(to_numpy64(delta), dtype=np.float64).reshape(-1)
+        self._pending_step = host_array(delta).reshape(-1).copy()
 
     def __repr__(self) -> str:
         return (f"RobustDefence(eps_tilde={self.eps_tilde}, momentum={self.momentum}, "
@@ -221,83 +223,87 @@ class RobustDefence(Aggregator):
     def _aggregate(self, updates: ArrayLike) -> AggregationResult:
         return self._run(updates, None)
 
+    def _filter_for(self, R: int, d: int) -> RGE:
+        """The exact filter, or :attr:`fast_filter` for rounds of at least ``fast_above`` entries."""
+        return self.fast_filter if self.fast_above is not None and R * d >= self.fast_above else self.filter
+
     def _run(self, updates: ArrayLike, client_ids: Sequence[int] | None) -> AggregationResult:
+        # Works in the input's dtype on the host (float32 stays float32; scalars in float64): every
+        # pass over the rows is a blocked stream (:mod:`.streaming`), the row tables are vectorised.
         t0 = time.perf_counter()
         torch_in = is_torch(updates)
-        G = to_numpy64(updates)
+        G = host_array(updates)
+        R, d = G.shape
         ids = None if client_ids is None else [int(c) for c in client_ids]
-        suspects: list[int] = []
+        suspects = np.zeros(0, dtype=np.intp)
         if ids is not None and self.evidence is not None:
             step = self._pending_step if self._pending_step is not None else (
                 None if self._last_estimate is None else -self._last_estimate)
-            if step is not None and step.shape[0] != G.shape[1]:
+            if step is not None and step.shape[0] != d:
                 step = None
             self.evidence.observe(G, ids, step)
-            suspects = [r for r, node in enumerate(ids) if self.evidence.suspected(node)]
+            suspects = np.flatnonzero(self.evidence.suspected_rows(ids))
             # memory never excludes more nodes than the assumed Byzantine budget: the most suspect first
-            budget = int(np.floor(self.eps_tilde * G.shape[0]))
-            if len(suspects) > budget:
-                suspects = sorted(sorted(suspects, key=lambda r: self.evidence.z(ids[r]))[:budget])
+            budget = int(np.floor(self.eps_tilde * R))
+            if suspects.size > budget:
+                z = self.evidence.z_values([ids[r] for r in suspects])
+                suspects = np.sort(suspects[np.argsort(z, kind="stable")[:budget]])
         self._pending_step = None
         use_memory = ids is not None and self.momentum > 0
         input_clipped = 0
-        gross: list[int] = []
-        if use_memory and self.input_clip_scale is not None and G.shape[0] > 2:
+        gross = np.zeros(0, dtype=np.intp)
+        if use_memory and self.input_clip_scale is not None and R > 2:
             # Bounded contribution per round: what enters a node's memory is clipped around a robust
             # centre (the last estimate, else the coordinate-wise median), so a mobile adversary cannot
             # plant a huge vector in the memories of the nodes it visits.  Rows farther than
             # gross_factor x the median distance are gross outliers: dropped for the round, memory untouched.
-            centre0 = self._last_estimate if (self._last_estimate is not None
-                                              and self._last_estimate.shape[0] == G.shape[1]) else np.median(G, axis=0)
+            centre0 = (self._last_estimate if self._last_estimate is not None and self._last_estimate.shape[0] == d
+                       else np.median(G, axis=0)).astype(G.dtype, copy=False)
             diff0 = G - centre0
-            dist0 = np.sqrt(np.einsum("ij,ij->i", diff0, diff0))
+            dist0 = np.sqrt(row_sq_norms(diff0))
             med0 = float(np.median(dist0))
             if med0 > 0:
-                gross = [int(r) for r in np.flatnonzero(dist0 > self.gross_factor * med0)]
+                gross = np.flatnonzero(dist0 > self.gross_factor * med0)
                 radius0 = self.input_clip_scale * med0
                 scale0 = np.minimum(1.0, radius0 / np.maximum(dist0, 1e-300))
                 input_clipped = int(np.sum(scale0 < 1.0))
-                G = centre0 + diff0 * scale0[:, None]
-        if gross:
-            keep_rows = np.setdiff1d(np.arange(G.shape[0]), gross)
-            M = np.empty_like(G)
+                diff0 *= scale0.astype(G.dtype)[:, None]
+                G = np.add(diff0, centre0, out=diff0)
+        if gross.size:
+            keep_rows = np.setdiff1d(np.arange(R), gross)
+            M = np.zeros_like(G)
             M[keep_rows] = self.memory.update(G[keep_rows], [ids[r] for r in keep_rows])
         else:
             M = self.memory.update(G, ids) if use_memory else G
-        active = np.setdiff1d(np.arange(G.shape[0]), sorted(set(suspects) | set(gross)))
-        Y = M[active]
+        out_rows = np.union1d(suspects, gross)
+        active = np.setdiff1d(np.arange(R), out_rows)
+        Y = M if active.size == R else M[active]
         if self.mixing and active.size > 2:
             from .preagg import NearestNeighborMixing
 
             f = min(int(np.floor(self.eps_tilde * active.size)), (active.size - 1) // 2)
             A, _ = NearestNeighborMixing(inner="mean", num_byzantine=f).mixing_matrix(Y)
-            Y = A @ Y
-        res = self.filter.aggregate(Y)
+            Y = (A @ Y).astype(Y.dtype, copy=False)
+        res = self._filter_for(*Y.shape).aggregate(Y)
         kept = active[np.asarray(res.kept)]
-        centre = np.asarray(to_numpy64(res.estimate), dtype=np.float64)
+        centre = np.asarray(res.estimate)
         if self.clip_scale is not None and kept.size > 1:
-            S = Y[np.asarray(res.kept)]
-            dist = np.sqrt(np.einsum("ij,ij->i", S - centre, S - centre))
-            radius = self.clip_scale * float(np.median(dist))
-            if radius > 0:
-                estimate, factors = clip_around(S, centre, radius)
-            else:
-                estimate, factors = centre, np.ones(kept.size)
+            estimate, factors, radius = clip_survivors(Y, np.asarray(res.kept), centre, self.clip_scale)
         else:
             estimate, factors, radius = centre, np.ones(kept.size), float("nan")
-        self._last_estimate = np.asarray(estimate, dtype=np.float64).copy()
-        weights = np.zeros(G.shape[0])
+        self._last_estimate = np.array(estimate, copy=True)
+        weights = np.zeros(R)
         weights[kept] = factors / max(kept.size, 1)
         out: ArrayLike = estimate
         if torch_in:
             import torch
 
-            out = torch.as_tensor(estimate, dtype=updates.dtype, device=updates.device)
+            out = torch.as_tensor(estimate, device=updates.device).to(updates.dtype)
         else:
             out = estimate.astype(updates.dtype, copy=False)
         info = dict(res.info)
         info.update({
-            "gross": gross, "input_clipped": input_clipped, "memory": bool(use_memory),
+            "gross": [int(r) for r in gross], "input_clipped": input_clipped, "memory": bool(use_memory),
             "suspected": [int(i) for i in suspects], "clip_radius": float(radius),
             "clipped": int(np.sum(factors < 1.0)), "defence_seconds": time.perf_counter() - t0,
         })

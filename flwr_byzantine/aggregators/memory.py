@@ -18,9 +18,23 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .streaming import as_index, diff_stats_and_store
+
+
+def _floating(x: Any) -> np.ndarray:
+    """A stored array as float32 or float64 (its own dtype when it is one of those)."""
+    arr = np.asarray(x)
+    return arr if arr.dtype in (np.float32, np.float64) else arr.astype(np.float64)
+
 
 class _RowTable:
-    """Vectors keyed by node id, stored as rows of one growing matrix (vectorised gathers/scatters)."""
+    """Vectors keyed by node id, stored as rows of one growing matrix.
+
+    Gathers and scatters are vectorised; a forgotten node's row is reused by the next new node
+    (no compaction), so nodes that reply every round keep their rows and a round's rows are
+    usually one contiguous block (:func:`as_index`).  The matrix has the floating dtype of what
+    was stored (float32 stays float32); a wider input widens it, never the other way round.
+    """
 
     def __init__(self) -> None:
         self.clear()
@@ -28,6 +42,8 @@ class _RowTable:
     def clear(self) -> None:
         self.index: dict[int, int] = {}
         self.rows = np.zeros((0, 0))
+        self._free: list[int] = []
+        self._fresh = True
 
     def __len__(self) -> int:
         return len(self.index)
@@ -36,32 +52,53 @@ class _RowTable:
     def dim(self) -> int | None:
         return self.rows.shape[1] if self.index else None
 
-    def get(self, ids: Sequence[int]) -> np.ndarray:
-        return self.rows[[self.index[i] for i in ids]]
+    def slots(self, ids: Sequence[int]) -> np.ndarray:
+        """Row numbers of ``ids`` (all known)."""
+        return np.fromiter((self.index[i] for i in ids), dtype=np.intp, count=len(ids))
 
-    def put(self, ids: Sequence[int], values: np.ndarray) -> None:
+    def get(self, ids: Sequence[int]) -> np.ndarray:
+        """A copy of the vectors of ``ids``."""
+        return self.rows[self.slots(ids)]
+
+    def assign(self, ids: Sequence[int], dim: int, dtype: Any) -> np.ndarray:
+        """Row numbers of ``ids``, giving new ids free rows (the matrix grows, or widens to ``dtype``)."""
+        dtype = np.dtype(dtype)
+        if self._fresh:
+            self.rows = np.empty((len(ids), dim), dtype=dtype)  # most rounds repeat the same nodes
+            self._fresh = False
+        elif np.result_type(self.rows.dtype, dtype) != self.rows.dtype:
+            self.rows = self.rows.astype(np.result_type(self.rows.dtype, dtype))
         new = [i for i in ids if i not in self.index]
         if new:
-            if not self.index:
-                self.rows = np.zeros((max(2 * len(new), 8), values.shape[1]))
-            need = len(self.index) + len(new)
-            if need > self.rows.shape[0]:
-                grown = np.zeros((max(need, 2 * self.rows.shape[0]), self.rows.shape[1]))
-                grown[: self.rows.shape[0]] = self.rows
+            top = len(self.index) + len(self._free)  # rows 0..top-1 are in use or free
+            grow = len(new) - min(len(new), len(self._free))
+            if top + grow > self.rows.shape[0]:
+                grown = np.empty((max(top + grow, self.rows.shape[0] * 5 // 4), self.rows.shape[1]),
+                                 dtype=self.rows.dtype)
+                grown[:top] = self.rows[:top]
                 self.rows = grown
+            self._free.sort(reverse=True)  # lowest free rows first
             for i in new:
-                self.index[i] = len(self.index)
-        self.rows[[self.index[i] for i in ids]] = values
+                if self._free:
+                    self.index[i] = self._free.pop()
+                else:
+                    self.index[i] = top
+                    top += 1
+        return self.slots(ids)
+
+    def put(self, ids: Sequence[int], values: np.ndarray) -> None:
+        """Store row ``k`` of ``values`` as the vector of ``ids[k]``."""
+        slots = as_index(self.assign(ids, values.shape[1], values.dtype))
+        self.rows[slots] = values
 
     def drop(self, ids: Sequence[int]) -> None:
-        """Forget ``ids`` (compacts the matrix)."""
-        keep = [i for i in self.index if i not in set(ids)]
-        if len(keep) == len(self.index):
-            return
-        vals = self.get(keep) if keep else np.zeros((0, self.rows.shape[1]))
-        self.clear()
-        if keep:
-            self.put(keep, vals)
+        """Forget ``ids`` (their rows are reused by later new ids)."""
+        for i in ids:
+            slot = self.index.pop(i, None)
+            if slot is not None:
+                self._free.append(slot)
+        if not self.index:
+            self.clear()
 
 
 class ClientMomentum:
@@ -99,8 +136,13 @@ class ClientMomentum:
         return self._m.get([node])[0].copy() if node in self._m.index else None
 
     def update(self, G: np.ndarray, ids: Sequence[int]) -> np.ndarray:
-        """Fold row ``i`` of ``G`` into node ``ids[i]``'s memory; returns the memories, row-aligned with ``G``."""
-        G = np.asarray(G, dtype=np.float64)
+        """Fold row ``i`` of ``G`` into node ``ids[i]``'s memory; returns the memories, row-aligned with ``G``.
+
+        The memories keep ``G``'s floating dtype (float32 input: float32 memories).
+        """
+        G = np.asarray(G)
+        if not np.issubdtype(G.dtype, np.floating):
+            G = G.astype(np.float64)
         ids = [int(i) for i in ids]
         if G.ndim != 2 or len(ids) != G.shape[0]:
             raise ValueError("G must be (R, d) with one id per row")
@@ -109,19 +151,21 @@ class ClientMomentum:
         if self._m.dim is not None and self._m.dim != G.shape[1]:
             self.reset()
         self.calls += 1
-        out = G.copy()
-        cont = [r for r, node in enumerate(ids) if node in self._m.index
-                and self.calls - self._seen.get(node, -10**9) <= self.max_idle_rounds]
-        if cont:
-            prev = self._m.get([ids[r] for r in cont])
-            out[cont] = self.beta * prev + (1.0 - self.beta) * G[cont]
-        self._m.put(ids, out)
+        cont = np.array([r for r, node in enumerate(ids) if node in self._m.index
+                         and self.calls - self._seen.get(node, -10**9) <= self.max_idle_rounds], dtype=np.intp)
+        slots = self._m.assign(ids, G.shape[1], G.dtype)
+        table = self._m.rows
+        out = G.astype(table.dtype, copy=True)
+        if cont.size:
+            ci = as_index(cont)
+            out[ci] = self.beta * table[slots[cont]] + (1.0 - self.beta) * G[ci]
+        table[as_index(slots)] = out
         for node in ids:
             self._seen[node] = self.calls
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"beta", "max_idle_rounds", "calls", "ids", "last_seen", "momenta"}`` (momenta: ``(n, d)`` float64)."""
+        """``{"beta", "max_idle_rounds", "calls", "ids", "last_seen", "momenta"}`` (momenta: ``(n, d)``, the rounds' dtype)."""
         ids = sorted(self._m.index)
         d = self._m.dim or 0
         return {
@@ -139,7 +183,7 @@ class ClientMomentum:
             ids = [int(i) for i in state["ids"]]
             seen = [int(s) for s in state["last_seen"]]
             calls = int(state["calls"])
-            mom = np.asarray(state["momenta"], dtype=np.float64)
+            mom = _floating(state["momenta"])
             beta = float(state["beta"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed momentum state: {exc}") from exc
@@ -206,71 +250,116 @@ class MonotonicityEvidence:
     def reset(self) -> None:
         """Forget every node."""
         self._last = _RowTable()
-        self._S: dict[int, float] = {}
-        self._Q: dict[int, float] = {}
-        self._S2: dict[int, float] = {}
-        self._Q2: dict[int, float] = {}
-        self._n: dict[int, int] = {}
+        self._pos: dict[int, int] = {}  # node id -> row of the statistics
+        self._stats = np.zeros((0, 4))  # per node: S, Q, S_short, Q_short
+        self._count = np.zeros(0, dtype=np.int64)  # per node: number of scores
+
+    def _rows_of(self, ids: Sequence[int], create: bool = False) -> np.ndarray:
+        """Rows of ``ids`` in the statistics (-1 for a node without any; ``create`` adds them)."""
+        if create:
+            new = list(dict.fromkeys(int(i) for i in ids if int(i) not in self._pos))
+            if new:
+                n0 = len(self._pos)
+                self._pos.update((node, n0 + k) for k, node in enumerate(new))
+                if len(self._pos) > self._count.size:
+                    cap = max(len(self._pos), 2 * self._count.size)
+                    self._stats = np.concatenate([self._stats, np.zeros((cap - self._count.size, 4))])
+                    self._count = np.concatenate([self._count, np.zeros(cap - self._count.size, dtype=np.int64)])
+        return np.fromiter((self._pos.get(int(i), -1) for i in ids), dtype=np.intp, count=len(ids))
+
+    @staticmethod
+    def _ratio(S: np.ndarray, Q: np.ndarray) -> np.ndarray:
+        """``S / sqrt(Q)`` where ``Q > 0``, else 0."""
+        pos = Q > 0
+        return np.where(pos, S / np.sqrt(np.where(pos, Q, 1.0)), 0.0)
+
+    def z_values(self, ids: Sequence[int]) -> np.ndarray:
+        """``Z_i`` of every node of ``ids`` (0 without evidence)."""
+        k = self._rows_of(ids)
+        if not self._count.size:
+            return np.zeros(len(ids))
+        st = self._stats[np.maximum(k, 0)]
+        return np.where(k >= 0, self._ratio(st[:, 0], st[:, 1]), 0.0)
+
+    def suspected_rows(self, ids: Sequence[int]) -> np.ndarray:
+        """Boolean mask over ``ids``: :meth:`suspected` of every node, vectorised."""
+        k = self._rows_of(ids)
+        if not self._count.size:
+            return np.zeros(len(ids), dtype=bool)
+        kk = np.maximum(k, 0)
+        st = self._stats[kk]
+        enough = (k >= 0) & (self._count[kk] >= self.min_rounds)
+        return enough & ((self._ratio(st[:, 0], st[:, 1]) < -self.z_exclude)
+                         | (self._ratio(st[:, 2], st[:, 3]) < -self.z_short))
 
     def z(self, node_id: int) -> float:
         """``Z_i`` of a node (0 without evidence)."""
-        node = int(node_id)
-        q = self._Q.get(node, 0.0)
-        return float(self._S.get(node, 0.0) / np.sqrt(q)) if q > 0 else 0.0
+        return float(self.z_values([node_id])[0])
 
     def z_recent(self, node_id: int) -> float:
         """The same statistic over a short window (discount ``gamma_short``): reacts to a change."""
-        node = int(node_id)
-        q = self._Q2.get(node, 0.0)
-        return float(self._S2.get(node, 0.0) / np.sqrt(q)) if q > 0 else 0.0
+        k = self._pos.get(int(node_id))
+        if k is None:
+            return 0.0
+        return float(self._ratio(self._stats[k : k + 1, 2], self._stats[k : k + 1, 3])[0])
 
     def suspected(self, node_id: int) -> bool:
         """Whether the evidence against ``node_id`` is over the exclusion level (long or short window)."""
-        node = int(node_id)
-        if self._n.get(node, 0) < self.min_rounds:
-            return False
-        return self.z(node) < -self.z_exclude or self.z_recent(node) < -self.z_short
+        return bool(self.suspected_rows([node_id])[0])
 
     def observe(self, G: np.ndarray, ids: Sequence[int], delta: np.ndarray | None) -> None:
         """Score this round's rows against the previous ones along the last step ``delta``.
 
         ``delta`` is ``x_t - x_{t-1}`` (the step taken since the previous call), or ``None``
-        when no step was taken (the rows are then only remembered).
+        when no step was taken (the rows are then only remembered).  One blocked pass over
+        ``G`` and the remembered rows in ``G``'s dtype (:func:`~.streaming.diff_stats_and_store`):
+        the differences' norms and projections (accumulated in float64), and the store of ``G``.
         """
-        G = np.asarray(G, dtype=np.float64)
+        G = np.asarray(G)
+        if not np.issubdtype(G.dtype, np.floating):
+            G = G.astype(np.float64)
         ids = [int(i) for i in ids]
         if self._last.dim is not None and self._last.dim != G.shape[1]:
             self.reset()
         step_norm = float(np.linalg.norm(delta)) if delta is not None else 0.0
-        if delta is not None and step_norm > 0 and np.isfinite(step_norm):
-            u = np.asarray(delta, dtype=np.float64) / step_norm
-            pairs = [(r, node) for r, node in enumerate(ids) if node in self._last.index]
-            if pairs:
-                diffs = G[[r for r, _ in pairs]] - self._last.get([node for _, node in pairs])
-                scale = float(np.median(np.sqrt(np.einsum("ij,ij->i", diffs, diffs))))
-                if scale > 0 and np.isfinite(scale):
-                    scores = diffs @ u / scale
-                    for (_, node), s in zip(pairs, scores):
-                        self._S[node] = self.gamma * self._S.get(node, 0.0) + float(s)
-                        self._Q[node] = self.gamma * self._Q.get(node, 0.0) + float(s) ** 2
-                        self._S2[node] = self.gamma_short * self._S2.get(node, 0.0) + float(s)
-                        self._Q2[node] = self.gamma_short * self._Q2.get(node, 0.0) + float(s) ** 2
-                        self._n[node] = self._n.get(node, 0) + 1
+        scoring = delta is not None and step_norm > 0 and np.isfinite(step_norm)
+        rows = np.array([r for r, node in enumerate(ids) if node in self._last.index] if scoring else [],
+                        dtype=np.intp)
+        prev = self._last.slots([ids[r] for r in rows])
         seen = set(ids)
         # absent this round: its last vector is no longer comparable
         self._last.drop([node for node in self._last.index if node not in seen])
-        self._last.put(ids, G)
+        slots = self._last.assign(ids, G.shape[1], G.dtype)
+        table = self._last.rows
+        u = (np.asarray(delta) / step_norm).astype(table.dtype, copy=False) if rows.size else None
+        sq, dots = diff_stats_and_store(G, table, rows, prev, slots, u)
+        if not rows.size:
+            return
+        scale = float(np.median(np.sqrt(sq)))
+        if not (scale > 0 and np.isfinite(scale)):
+            return
+        s = dots / scale
+        k = self._rows_of([ids[r] for r in rows], create=True)
+        st = self._stats[k]
+        st[:, 0] = self.gamma * st[:, 0] + s
+        st[:, 1] = self.gamma * st[:, 1] + s * s
+        st[:, 2] = self.gamma_short * st[:, 2] + s
+        st[:, 3] = self.gamma_short * st[:, 3] + s * s
+        self._stats[k] = st
+        self._count[k] += 1
 
     def state_dict(self) -> dict[str, Any]:
         """``{"ids", "S", "Q", "n", "last_ids", "last"}`` (plain lists and one ``(m, d)`` array)."""
-        ids = sorted(self._S)
+        ids = sorted(self._pos)
+        k = self._rows_of(ids)
+        st = self._stats[k] if ids else np.zeros((0, 4))
         last_ids = sorted(self._last.index)
         d = self._last.dim or 0
         return {
             "gamma": self.gamma, "z_exclude": self.z_exclude, "min_rounds": self.min_rounds,
-            "ids": ids, "S": [self._S[i] for i in ids], "Q": [self._Q[i] for i in ids],
-            "S_short": [self._S2.get(i, 0.0) for i in ids], "Q_short": [self._Q2.get(i, 0.0) for i in ids],
-            "n": [self._n[i] for i in ids], "last_ids": last_ids,
+            "ids": ids, "S": st[:, 0].tolist(), "Q": st[:, 1].tolist(),
+            "S_short": st[:, 2].tolist(), "Q_short": st[:, 3].tolist(),
+            "n": [int(c) for c in self._count[k]] if ids else [], "last_ids": last_ids,
             "last": self._last.get(last_ids).copy() if last_ids else np.zeros((0, d)),
         }
 
@@ -284,7 +373,7 @@ class MonotonicityEvidence:
             Q2 = [float(v) for v in state["Q_short"]]
             n = [int(v) for v in state["n"]]
             last_ids = [int(i) for i in state["last_ids"]]
-            last = np.asarray(state["last"], dtype=np.float64)
+            last = _floating(state["last"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed evidence state: {exc}") from exc
         if not (len(ids) == len(S) == len(Q) == len(n) == len(S2) == len(Q2)) or last.ndim != 2 or last.shape[0] != len(last_ids):
@@ -292,7 +381,9 @@ class MonotonicityEvidence:
         if not all(np.isfinite(v).all() for v in (S, Q, S2, Q2, last)) or min(Q + Q2, default=0) < 0:
             raise ValueError("malformed evidence state: non-finite or negative values")
         self.reset()
-        for i, s, q, s2, q2, k in zip(ids, S, Q, S2, Q2, n):
-            self._S[i], self._Q[i], self._S2[i], self._Q2[i], self._n[i] = s, q, s2, q2, k
+        if ids:
+            k = self._rows_of(ids, create=True)
+            self._stats[k] = np.column_stack([S, Q, S2, Q2])
+            self._count[k] = n
         if last_ids:
             self._last.put(last_ids, last)
