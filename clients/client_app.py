@@ -83,7 +83,7 @@ from flwr_byzantine.compression.randk import RANDK_PROCEDURE, coordinate_digest,
 from flwr_byzantine.config import NEWTON_METHODS, RunConfig, parse_run_config
 from flwr_byzantine.data import dataset_info
 from flwr_byzantine.data.cache import cached_partition
-from flwr_byzantine.federation import malicious_partition_ids
+from flwr_byzantine.federation import malicious_partition_ids, node_is_malicious
 from flwr_byzantine.local_training import apply_update, model_update, train_locally
 from flwr_byzantine import seeds
 
@@ -94,19 +94,11 @@ DEFAULT_ESTIMATE_BATCHES = 8
 _ESTIMATE_SALT = seeds.ESTIMATE_BATCHES
 
 
-def _flag(value: Any) -> bool:
-    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes")
-
-
 def _node_attack(cfg: RunConfig, node_config: Mapping[str, Any], partition_id: int, num_partitions: int) -> str | None:
     """Attack name for this node, or None if it is honest."""
     if cfg.adversary == "omniscient":
         return None  # the server-side omniscient adversary plays the attackers
-    if "malicious" in node_config:
-        malicious = _flag(node_config["malicious"])
-    else:
-        malicious = partition_id in malicious_partition_ids(num_partitions, cfg.num_malicious, cfg.seed)
-    if not malicious:
+    if not node_is_malicious(node_config, partition_id, num_partitions, cfg.num_malicious, cfg.seed):
         return None
     return str(node_config.get("attack", cfg.attack))
 
@@ -177,13 +169,14 @@ def build_attack(name: str, cfg: RunConfig, partition_id: int, num_partitions: i
     return make_attack(name, seed=seed, **params)
 
 
-def _partition(context: Context) -> tuple[int, int]:
+def node_partition(context: Context) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` from the node config (every method's ClientApp)."""
     node = context.node_config
     return int(node["partition-id"]), int(node["num-partitions"])
 
 
 def _setup(msg: Message, context: Context, cfg: RunConfig):
-    pid, num = _partition(context)
+    pid, num = node_partition(context)
     X, y = cached_partition(cfg.dataset, pid, num, cfg.dirichlet_alpha, cfg.seed)
     info = dataset_info(cfg.dataset)
     arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}

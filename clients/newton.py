@@ -32,7 +32,8 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr_byzantine.attacks import DataAttack, UpdateAttack, make_attack, run_attack_params
 from flwr_byzantine.config import NewtonConfig
 from flwr_byzantine.data.libsvm import federated_split, load_glm_dataset
-from flwr_byzantine.federation import malicious_partition_ids
+from clients.client_app import node_partition
+from flwr_byzantine.federation import node_is_malicious
 from flwr_byzantine.newton.compression import Compressor, Identity, ScaledSign, TopK
 from flwr_byzantine.newton.objectives import make_objective
 from flwr_byzantine.newton.worker import PHASE_DIRECTION, PHASE_GRADIENT, NewtonWorker
@@ -61,10 +62,6 @@ def load_newton_partition(cfg: NewtonConfig, partition_id: int, num_partitions: 
     return data.X_train[rows], data.y_train[rows]
 
 
-def _flag(value: Any) -> bool:
-    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes")
-
-
 def node_attack(cfg: NewtonConfig, node_config: Mapping[str, Any], partition_id: int,
                 num_partitions: int) -> UpdateAttack | DataAttack | None:
     """This node's attack (None: honest, unless node config or run config makes it Byzantine).
@@ -72,11 +69,7 @@ def node_attack(cfg: NewtonConfig, node_config: Mapping[str, Any], partition_id:
     Built from the registry with :func:`~flwr_byzantine.attacks.run_attack_params` for
     ``cfg.method`` and seeded per client, so each Byzantine worker draws its own noise.
     """
-    if "malicious" in node_config:
-        malicious = _flag(node_config["malicious"])
-    else:
-        malicious = partition_id in malicious_partition_ids(num_partitions, cfg.num_malicious, cfg.seed)
-    if not malicious:
+    if not node_is_malicious(node_config, partition_id, num_partitions, cfg.num_malicious, cfg.seed):
         return None
     name = str(node_config.get("newton-attack", cfg.attack))
     scale = float(node_config.get("newton-attack-scale", cfg.attack_scale))
@@ -99,10 +92,6 @@ def _flat_model(record: ArrayRecord) -> np.ndarray:
     return np.concatenate([record[k].numpy().astype(np.float64).ravel() for k in record.keys()])
 
 
-def _partition(context: Context) -> tuple[int, int]:
-    return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
-
-
 def newton_train(msg: Message, context: Context, cfg: NewtonConfig) -> Message:
     """Reply to a Newton train message: Q(p_i) (direction phase) or g_i (GIANT's gradient phase)."""
     config = msg.content["config"]
@@ -111,7 +100,7 @@ def newton_train(msg: Message, context: Context, cfg: NewtonConfig) -> Message:
     phase = str(config.get("newton-phase", PHASE_DIRECTION))
     if phase not in PHASE_IDS:
         raise ValueError(f"unknown newton-phase {phase!r}")
-    pid, num = _partition(context)
+    pid, num = node_partition(context)
     X, y = load_newton_partition(cfg, pid, num)
     attack = node_attack(cfg, context.node_config, pid, num)
     worker = NewtonWorker(X, y, cfg.objective, cfg.lam, attack=attack, compressor=_compressor(config),
@@ -139,7 +128,7 @@ def newton_train(msg: Message, context: Context, cfg: NewtonConfig) -> Message:
 
 def newton_evaluate(msg: Message, context: Context, cfg: NewtonConfig) -> Message:
     """Reply to a Newton evaluate message: the local objective (and accuracy) at the broadcast w."""
-    pid, num = _partition(context)
+    pid, num = node_partition(context)
     X, y = load_newton_partition(cfg, pid, num)
     obj = make_objective(cfg.objective, X, y, cfg.lam)
     w = _flat_model(msg.content["arrays"])

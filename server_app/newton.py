@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from logging import INFO
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context
