@@ -29,10 +29,10 @@ from typing import Any, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 
+from clients.client_app import node_partition
 from flwr_byzantine.attacks import DataAttack, UpdateAttack, make_attack, run_attack_params
 from flwr_byzantine.config import NewtonConfig
 from flwr_byzantine.data.libsvm import federated_split, load_glm_dataset
-from clients.client_app import node_partition
 from flwr_byzantine.federation import node_is_malicious
 from flwr_byzantine.newton.compression import Compressor, Identity, ScaledSign, TopK
 from flwr_byzantine.newton.objectives import make_objective

@@ -111,3 +111,15 @@ def test_docs_document_every_newton_key():
     doc = (ROOT / "docs" / "comrade.md").read_text()
     missing = [k for k in ("method", *NEWTON_DEFAULTS) if f"`{k}`" not in doc]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("overrides, method", [("", "sgd"), ("method='comrade' newton-beta=0.3", "comrade"),
+                                               ("method='giant'", "giant")])
+def test_flwr_run_config_selects_the_method(overrides, method):
+    """What ``flwr run . --run-config "..."`` hands the apps (Flower's own fusing of pyproject and overrides)."""
+    from flwr.common.config import get_fused_config_from_dir, parse_config_args
+
+    cfg = parse_run_config(get_fused_config_from_dir(ROOT, parse_config_args([overrides] if overrides else None)))
+    assert cfg.method == method
+    if method == "comrade":
+        assert cfg.beta == 0.3
