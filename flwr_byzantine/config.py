@@ -113,8 +113,6 @@ CLIENT_MODES = ("gradient", "local")
 COORDINATE_FORMS = ("seed", "indices")
 ADVERSARIES = ("client", "omniscient")
 ADVERSARY_MODES = ("static", "random", "rotate")
-#: Attacks that poison data: only malicious clients can play them, not the server-side adversary.
-DATA_ATTACKS = ("label-flip", "random-labels")
 
 
 class ConfigError(ValueError):
@@ -306,6 +304,8 @@ class RunConfig:
         else:
             sigma0 = _num(cfg, "sigma0", lo=0.0)
         if cfg["adversary"] == "omniscient":
+            from .attacks import DATA_ATTACKS  # the registry's data attacks: only clients can poison data
+
             if cfg["attack"] in DATA_ATTACKS:
                 raise ConfigError(f"attack {cfg['attack']!r} poisons client data: use adversary='client'")
             if cfg["checkpoint"] is True:

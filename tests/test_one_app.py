@@ -123,3 +123,25 @@ def test_flwr_run_config_selects_the_method(overrides, method):
     assert cfg.method == method
     if method == "comrade":
         assert cfg.beta == 0.3
+
+
+def test_a_new_attack_is_one_class_and_one_registry_line(monkeypatch):
+    """Both methods' run configs take their allowed attacks (and the scale parameter) from the registry."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from flwr_byzantine import attacks
+    from flwr_byzantine.attacks.update import ScaledNegative
+
+    @dataclass
+    class Halved(ScaledNegative):
+        name: ClassVar[str] = "halved"
+
+    for method in ("sgd", "comrade", "giant"):
+        key = "attack" if method == "sgd" else "newton-attack"
+        with pytest.raises(ConfigError, match="must be one of"):
+            parse_run_config({"method": method, key: "halved"})
+    monkeypatch.setitem(attacks.ATTACKS, "halved", Halved)
+    assert parse_run_config({"attack": "halved"}).attack == "halved"
+    assert parse_run_config({"method": "giant", "newton-attack": "halved"}).attack == "halved"
+    assert attacks.run_attack_params("halved", 0.5, "comrade") == {"scale": 0.5}
