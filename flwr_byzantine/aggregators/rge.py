@@ -9,7 +9,7 @@ down-weights ``c_i <- (1 - tau_i / tau_max) c_i`` (line 6), removes points with
 Everything after one centred Gram product (O(d R^2), chunked, in the input's
 framework and device) happens on R x R matrices; no d x d matrix is formed.  With
 ``sketch_dim`` the Gram matrix is that of a server-private sketch of the rows
-(:mod:`.sketch`, two streaming passes instead of ``O(d R^2)``); the estimate is still
+(:mod:`.sketch`, one streaming pass instead of ``O(d R^2)``); the estimate is still
 the exact mean of the surviving rows.
 """
 

@@ -5,9 +5,9 @@ updates once.  :func:`sketch_rows` maps every row ``g`` (length ``d``) to ``S g`
 length ``m = k1 + k2`` with two CountSketches that share one vector of random signs
 ``s`` (one per coordinate, drawn fresh from the server's generator at every call): the
 bucket of coordinate ``i`` is ``i mod k1`` in the first and ``i mod k2`` in the second
-(``k2 = k1 - 1``, coprime, ``k1 k2 >= d``).  Each sketch is one streaming pass over the
-rows (a row viewed as an ``(L, k)`` matrix, contracted with the signs over ``L``), so
-the sketch costs about two reads of the updates.
+(``k2 = k1 - 1``, coprime, ``k1 k2 >= d``).  Both sketches come from one
+streaming pass over the rows (a block of rows times the signs, in cache, summed by both bucket
+maps: a row viewed as an ``(L, k)`` matrix summed over ``L``), about one read of the updates.
 
 Properties (``E`` over the signs):
 
@@ -40,27 +40,29 @@ def sketch_buckets(d: int, dim: int) -> tuple[int, int]:
     return k1, k1 - 1
 
 
-def _one_sketch(updates: ArrayLike, signs: Any, k: int) -> np.ndarray:
-    """``(R, k)`` float64 CountSketch: bucket ``i mod k``, coordinate ``i`` multiplied by ``signs[i]``.
+#: Bytes of the signed rows held at once by :func:`sketch_rows` (numpy path).
+SKETCH_BLOCK_BYTES = 1 << 20
 
-    A row viewed as an ``(L, k)`` matrix is contracted with the ``(L, k)`` signs over ``L``
-    (``einsum('lb,rlb->rb')``: one streaming pass, no temporary copy of the updates).
+
+def _bucket_sums(rows: Any, k: int) -> Any:
+    """``(n, k)`` sums of the coordinates of each row by bucket ``i mod k`` (rows already signed).
+
+    A row viewed as an ``(L, k)`` matrix is summed over ``L``; the tail adds to the first buckets.
     """
-    R, d = updates.shape
+    n, d = rows.shape
     L, tail = divmod(d, k)
-    if is_torch(updates):
-        out = (updates[:, : L * k].reshape(R, L, k) * signs[: L * k].reshape(L, k)).sum(dim=1)
-        if tail:
-            out[:, :tail] += updates[:, L * k :] * signs[L * k :]
-        return to_numpy64(out)
-    out = np.einsum("lb,rlb->rb", signs[: L * k].reshape(L, k), updates[:, : L * k].reshape(R, L, k))
+    out = rows[:, : L * k].reshape(n, L, k).sum(1)
     if tail:
-        out[:, :tail] += updates[:, L * k :] * signs[L * k :]
-    return out.astype(np.float64)
+        out[:, :tail] += rows[:, L * k :]
+    return out
 
 
 def sketch_rows(updates: ArrayLike, dim: int, rng: np.random.Generator) -> np.ndarray:
-    """Sketch every row of ``updates`` (``(R, d)``) to length ``k1 + k2`` (float64 numpy, see the module docstring)."""
+    """Sketch every row of ``updates`` (``(R, d)``) to length ``k1 + k2`` (float64 numpy, see the module docstring).
+
+    One streaming pass: a block of rows (about :data:`SKETCH_BLOCK_BYTES`) is multiplied by the
+    signs into a cache-resident buffer, and both bucket maps sum that buffer.
+    """
     R, d = updates.shape
     k1, k2 = sketch_buckets(d, dim)
     bits = np.unpackbits(np.frombuffer(rng.bytes((d + 7) // 8), dtype=np.uint8))[:d]
@@ -68,9 +70,18 @@ def sketch_rows(updates: ArrayLike, dim: int, rng: np.random.Generator) -> np.nd
         import torch
 
         signs = torch.as_tensor(bits, device=updates.device).to(updates.dtype) * 2 - 1
+        signed = updates * signs
+        Y = np.concatenate([to_numpy64(_bucket_sums(signed, k1)), to_numpy64(_bucket_sums(signed, k2))], axis=1)
     else:
         signs = bits.astype(updates.dtype) * 2 - 1
-    Y = np.concatenate([_one_sketch(updates, signs, k1), _one_sketch(updates, signs, k2)], axis=1)
+        Y = np.empty((R, k1 + k2))
+        rb = max(1, SKETCH_BLOCK_BYTES // max(d * updates.itemsize, 1))
+        buf = np.empty((min(rb, R), d), dtype=updates.dtype)
+        for r0 in range(0, R, rb):
+            r1 = min(R, r0 + rb)
+            signed = np.multiply(updates[r0:r1], signs, out=buf[: r1 - r0])
+            Y[r0:r1, :k1] = _bucket_sums(signed, k1)
+            Y[r0:r1, k1:] = _bucket_sums(signed, k2)
     Y *= 1.0 / math.sqrt(2.0)
     return Y
 
