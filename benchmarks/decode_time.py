@@ -30,12 +30,17 @@ the BLAS/OpenMP pools limited to ``--blas-threads`` (default 1) for the whole pr
   process limited to 1 and to 2 BLAS threads.
 * ``agreement``: kept sets of ``rge-fast``'s sketched filter against the exact filter (same
   rule, exact Gram) over attacks x seeds at R = 100, d = 1e5.
+* ``defence``: the default defence (registry ``rge``, :class:`~flwr_byzantine.aggregators.RobustDefence`)
+  *with node ids*, its per-node memory warm (:data:`DEFENCE_WARM` rounds first; two rounds of the
+  same nodes alternate), at R in {20, 100, 1000} x d in {1e4, 1e5, 1e6} (not R = 1000, d = 1e6: 12 GB
+  with its memory), f = 0.2 R far attackers; next to it the RGE filter it runs, alone, on the same
+  rounds (the exact filter, or the sketched one from ``fast_above`` entries on).
 
 A run with a subset of ``--sections`` replaces those sections in an existing
 ``decode_time.json`` (the report is rebuilt from the merged results).
 ``--device cuda`` runs the rules on CUDA tensors (the denominator is then ``torch.mean``).
 Outputs in ``--out`` (default ``benchmarks/results``): ``decode_time.json``,
-``decode_time.md`` (also printed) and ``decode_time.png``.  Timings depend on the machine
+``decode_time.md`` (also printed), ``decode_time.png`` and ``decode_time_defence.png``.  Timings depend on the machine
 and its load; the ratios taken in the same run are the comparable quantity.
 """
 
@@ -56,7 +61,12 @@ import numpy as np
 RULES = ("rge", "median", "trimmed-mean", "krum", "multi-krum", "bulyan", "geomed", "cclip", "bucketing:cclip",
          "nnm:cclip")
 FLOWER = ("flwr-fedavg", "flwr-fedmedian", "flwr-fedtrimmedavg", "flwr-krum", "flwr-multikrum", "flwr-bulyan")
-SECTIONS = ("grid", "small", "large", "xlarge", "randk", "threads", "agreement")
+SECTIONS = ("grid", "small", "large", "xlarge", "randk", "threads", "agreement", "defence")
+#: Rounds the default defence sees before it is timed (its evidence needs 5 scored rounds).
+DEFENCE_WARM = 7
+#: (R, d) of the ``defence`` section (``--quick``: the first list).
+DEFENCE_SIZES = ([(20, 10_000), (100, 20_000)],
+                 [(R, d) for R in (20, 100, 1000) for d in (10_000, 100_000, 1_000_000) if R * d <= 100_000_000])
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 #: The fast RGE configuration measured here (sketched Gram, spectral steps for large R, calibrated stop).
 FAST = {"sketch_dim": 2048, "spectral_above": 64, "threshold_factor": 1.5}
@@ -462,6 +472,46 @@ def section_agreement(args: argparse.Namespace) -> dict[str, Any]:
     return {"R": R, "d": d, "identical_fraction": same / total, "rounds": total, "rows": rows}
 
 
+def section_defence(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The default defence with node ids and a warm memory, and its RGE filter alone, as ratios to np.mean."""
+    from flwr_byzantine.aggregators import build_for_federation
+
+    out = []
+    for R, d in DEFENCE_SIZES[0 if args.quick else 1]:
+        rounds = [make_round(R, d, 0.2, args.seed + R + k, "far")[0] for k in range(2)]
+        f = int(round(0.2 * R))
+        ids = list(range(10_000, 10_000 + R))
+        rule = build_for_federation("rge", R, 0.2, seed=args.seed)
+        for k in range(DEFENCE_WARM):
+            rule.aggregate(rounds[k % 2], client_ids=ids)
+        filt = rule._filter_for(R, d)
+        times: dict[str, list[float]] = {"defence": [], "filter": []}
+        refs: list[float] = []
+        res = None
+        for k in range(max(args.repeats, 5)):
+            G = rounds[k % 2]
+            t0 = time.perf_counter()
+            np.mean(G, axis=0)
+            refs.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            res = rule.aggregate(G, client_ids=ids)
+            times["defence"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            filt.aggregate(G)
+            times["filter"].append(time.perf_counter() - t0)
+        ref = statistics.median(refs)
+        row = {"R": R, "d": d, "f": f, "np_mean_seconds": ref, "sketched": res.info.get("sketch_dim") is not None,
+               "spectral_passes": res.info.get("spectral_passes", 0), "suspected": len(res.info["suspected"])}
+        for name, ts in times.items():
+            row[name] = {"seconds": statistics.median(ts), "ratio": statistics.median(ts) / ref, "all_seconds": ts}
+        row |= _kept_stats(res, f, R)
+        out.append(row)
+        print(f"defence R={R} d={d}: {row['defence']['ratio']:.1f}x (filter alone {row['filter']['ratio']:.1f}x)",
+              flush=True)
+        del rounds, rule, filt
+    return out
+
+
 def _strip(t: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in t.items() if k != "result"}
 
@@ -544,6 +594,18 @@ def render_markdown(p: dict[str, Any]) -> str:
             L.append(f"| {r['rule']} | {_fmt_s(r['threads_1']['seconds'])} | {_fmt_s(r['threads_2']['seconds'])} | "
                      f"{r['slowdown_2_vs_1']:.2f} |")
         L.append("")
+    if "defence" in s:
+        L += ["## The default defence with node ids (warm memory) against its RGE filter alone", "",
+              f"`rge` = `build_for_federation('rge', R, 0.2)` called with node ids after {DEFENCE_WARM} rounds of the "
+              "same nodes; f = 0.2 R far attackers; filter alone = the RGE it runs (sketched from "
+              "`fast_above` = 2^20 entries on), on the same rounds.", "",
+              "| R | d | np.mean | default defence | ratio | filter alone | ratio | sketched | Byzantine kept | "
+              "honest dropped |", "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+        for r in s["defence"]:
+            L.append(f"| {r['R']} | {r['d']:.0e} | {_fmt_s(r['np_mean_seconds'])} | {_fmt_s(r['defence']['seconds'])} | "
+                     f"{r['defence']['ratio']:.1f}x | {_fmt_s(r['filter']['seconds'])} | {r['filter']['ratio']:.1f}x | "
+                     f"{'yes' if r['sketched'] else 'no'} | {r['byzantine_kept']} | {r['honest_dropped']} |")
+        L.append("")
     if "agreement" in s:
         a = s["agreement"]
         by: dict[str, list[bool]] = {}
@@ -580,6 +642,34 @@ def plot(p: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("decode time / np.mean(G, axis=0)")
     ax.set_title("Decode time relative to np.mean (same process, float32)")
     ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_defence(p: dict[str, Any], path: Path) -> Path | None:
+    """Bars of the default defence's ratio to np.mean (warm memory, node ids) next to its filter alone."""
+    rows = p["sections"].get("defence")
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r["defence"]["ratio"] for r in rows], 0.4, label="default defence (node ids, warm memory)")
+    ax.bar(x + 0.2, [r["filter"]["ratio"] for r in rows], 0.4, label="its RGE filter alone")
+    ax.set_xticks(x, [f"R={r['R']}\nd={r['d']:.0e}" for r in rows], fontsize=8)
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(5.0, color="r", lw=0.8, ls="--", label="5x (issue 12 target)")
+    ax.set_ylabel("decode time / np.mean(G, axis=0)")
+    ax.set_title("Default defence decode time relative to np.mean (same process, float32, 1 BLAS thread)")
+    ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -630,6 +720,8 @@ def main(argv: list[str] | None = None) -> int:
             sections["randk"] = section_randk(args)
         if "agreement" in args.sections and args.device == "cpu":
             sections["agreement"] = section_agreement(args)
+        if "defence" in args.sections and args.device == "cpu":
+            sections["defence"] = section_defence(args)
     if "threads" in args.sections and args.device == "cpu":
         sections["threads"] = section_threads(args)
     command = ("python -m benchmarks.decode_time " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
@@ -656,6 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     md = render_markdown(payload) + f"\nWall time: {payload['wall_seconds']:.0f} s.\n"
     (args.out / "decode_time.md").write_text(md)
     plot(payload, args.out / "decode_time.png")
+    plot_defence(payload, args.out / "decode_time_defence.png")
     print(md)
     return 0
 

@@ -175,3 +175,27 @@ def test_large_rounds_run_the_sketched_fast_filter():
     assert small.info.get("sketch_dim") is None
     with pytest.raises(ValueError):
         RobustDefence(fast_above=0)
+
+
+@pytest.mark.parametrize("sketch_dim", [None, 512])
+def test_rge_aggregate_rows_equals_aggregate_of_the_subset(sketch_dim):
+    rng = np.random.default_rng(2)
+    G = rng.standard_normal((30, 5000), dtype=np.float32)
+    G[[3, 7, 11]] += np.float32(3.0)  # three far rows the filter removes
+    rows = np.setdiff1d(np.arange(30), [0, 5, 20, 21])  # rows excluded by the caller
+    a = RGE(eps_tilde=0.2, sketch_dim=sketch_dim, seed=4).aggregate_rows(G, rows)
+    b = RGE(eps_tilde=0.2, sketch_dim=sketch_dim, seed=4).aggregate(G[rows])
+    assert a.kept.tolist() == b.kept.tolist() and a.info["sketch_dim"] == sketch_dim
+    assert not {3, 7, 11} & set(rows[a.kept].tolist())
+    assert a.estimate.dtype == np.float32
+    np.testing.assert_allclose(a.estimate, b.estimate, rtol=0, atol=1e-5)
+
+
+def test_defence_with_mixing_maps_survivors_back_to_the_input_rows():
+    rounds, _ = _federation(3, 16, 40, 10, np.float32, churn=False)
+    rule = RobustDefence(eps_tilde=0.25, mixing=True)
+    for G, ids in rounds:
+        res = rule.aggregate(G, client_ids=ids)
+        assert set(res.kept.tolist()) <= set(range(16)) - set(res.info["suspected"])
+        assert np.isfinite(res.estimate).all() and res.estimate.dtype == np.float32
+        assert np.count_nonzero(res.weights) == res.kept.size

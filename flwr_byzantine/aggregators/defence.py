@@ -275,20 +275,24 @@ class RobustDefence(Aggregator):
             M[keep_rows] = self.memory.update(G[keep_rows], [ids[r] for r in keep_rows])
         else:
             M = self.memory.update(G, ids) if use_memory else G
-        out_rows = np.union1d(suspects, gross)
-        active = np.setdiff1d(np.arange(R), out_rows)
-        Y = M if active.size == R else M[active]
+        active = np.setdiff1d(np.arange(R), np.union1d(suspects, gross))
+        filt = self._filter_for(active.size, d)
         if self.mixing and active.size > 2:
             from .preagg import NearestNeighborMixing
 
             f = min(int(np.floor(self.eps_tilde * active.size)), (active.size - 1) // 2)
-            A, _ = NearestNeighborMixing(inner="mean", num_byzantine=f).mixing_matrix(Y)
-            Y = (A @ Y).astype(Y.dtype, copy=False)
-        res = self._filter_for(*Y.shape).aggregate(Y)
+            A, _ = NearestNeighborMixing(inner="mean", num_byzantine=f).mixing_matrix(M[active])
+            Y = (A @ M[active]).astype(M.dtype, copy=False)
+            res = filt.aggregate(Y)
+            survivors = np.asarray(res.kept)  # rows of Y
+        else:
+            Y = M
+            res = filt.aggregate_rows(M, active)  # the excluded rows are skipped, not copied out
+            survivors = active[np.asarray(res.kept)]
         kept = active[np.asarray(res.kept)]
         centre = np.asarray(res.estimate)
         if self.clip_scale is not None and kept.size > 1:
-            estimate, factors, radius = clip_survivors(Y, np.asarray(res.kept), centre, self.clip_scale)
+            estimate, factors, radius = clip_survivors(Y, survivors, centre, self.clip_scale)
         else:
             estimate, factors, radius = centre, np.ones(kept.size), float("nan")
         self._last_estimate = np.array(estimate, copy=True)

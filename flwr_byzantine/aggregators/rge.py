@@ -168,7 +168,28 @@ class RGE(Aggregator):
         with _blas_threads(self.blas_threads):
             return self._decode(updates)
 
-    def _decode(self, updates: ArrayLike) -> AggregationResult:
+    def aggregate_rows(self, updates: ArrayLike, rows: np.ndarray) -> AggregationResult:
+        """:meth:`aggregate` of ``updates[rows]`` without copying those rows (``rows`` ascending).
+
+        For a caller that has validated ``updates`` already (:func:`~flwr_byzantine._backend.check_matrix`)
+        and excludes some rows: ``kept`` indexes ``rows``, as for ``aggregate(updates[rows])``.  With a
+        sketch every row is sketched and the estimate is a downdate of the full mean (no copy); the
+        exact filter takes the copy.
+        """
+        rows = np.asarray(rows, dtype=np.intp)
+        with _blas_threads(self.blas_threads):
+            if rows.size == updates.shape[0]:
+                res = self._decode(updates)
+            elif self.sketch_dim is not None and updates.shape[1] > 2 * self.sketch_dim and rows.size > 1:
+                res = self._decode(updates, rows)
+            else:
+                res = self._decode(updates[rows])
+        from .._backend import restore_dtype
+
+        res.estimate = restore_dtype(res.estimate, updates)
+        return res
+
+    def _decode(self, updates: ArrayLike, rows: np.ndarray | None = None) -> AggregationResult:
         t0 = time.perf_counter()
         R, d = updates.shape
         sketched = self.sketch_dim is not None and d > 2 * self.sketch_dim
@@ -176,6 +197,11 @@ class RGE(Aggregator):
         if sketched:
             Y = sketch_rows(updates, self.sketch_dim, self._rng)
             row_energy = np.einsum("ij,ij->i", Y, Y)  # ~ ||g_i||^2 (uncentred)
+            if rows is not None:  # only the rows `rows` enter the filter: their mean is a downdate
+                all_mean, R = mean, rows.size
+                mean = (_mean_without(updates, all_mean, rows) if _downdate_ok(row_energy, rows)
+                        else subset_mean(updates, rows))
+                Y = Y[rows]
             gram = centre_gram(Y, str(updates.dtype).endswith(("float32", "float16")))
             mean64 = to_numpy64(mean)
             scale = float(np.trace(gram) + R * float(mean64 @ mean64))
@@ -189,10 +215,12 @@ class RGE(Aggregator):
             res = self.filter_gram(gram, None, t_gram=t_gram, noise_floor=10.0 * eps_dtype * scale)
         if res.kept.size == R:
             res.estimate = mean
-        elif sketched and _downdate_ok(row_energy, res.kept):
-            res.estimate = _mean_without(updates, mean, res.kept)
         else:
-            res.estimate = subset_mean(updates, res.kept)
+            kept = res.kept if rows is None else rows[res.kept]
+            if sketched and _downdate_ok(row_energy, kept):
+                res.estimate = _mean_without(updates, all_mean if rows is not None else mean, kept)
+            else:
+                res.estimate = subset_mean(updates, kept)
         res.info["sketch_dim"] = self.sketch_dim if sketched else None
         return res
 

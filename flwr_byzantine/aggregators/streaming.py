@@ -1,11 +1,11 @@
-"""Streaming passes over an ``(R, d)`` round in the input dtype, in cache-sized column blocks.
+"""Streaming passes over an ``(R, d)`` round in the input dtype, in cache-sized tiles.
 
 The default defence reads every round a few times beyond the filter itself (the evidence's
 differences to the previous round, the survivors' distances to the estimate, the clipping).
-Each such pass here walks the columns in blocks of about :data:`BLOCK_BYTES`, keeps its
+Each such pass here walks row-major tiles of about :data:`BLOCK_BYTES`, keeps its
 temporaries in cache, works in the rows' dtype (float32 stays float32: no float64 copy of
 the rows) and accumulates the per-row scalars (squared norms, dot products) in float64.
-Row subsets are gathered block by block (a contiguous run of rows is a view).
+Row subsets are gathered tile by tile (a contiguous run of rows is a view).
 """
 
 from __future__ import annotations
@@ -14,13 +14,27 @@ import numpy as np
 
 from .._backend import ArrayLike, is_torch
 
-#: Bytes of one block of rows x columns in a streaming pass (its temporaries stay in cache).
+#: Bytes of one tile of rows x columns in a streaming pass (its temporaries stay in cache).
 BLOCK_BYTES = 1 << 20
+#: Columns of a tile at most: a tile holds a few long row segments, so that the hardware prefetcher
+#: streams a handful of contiguous runs (column blocks of every row would stride through memory).
+TILE_COLUMNS = 1 << 15
 
 
-def block_width(rows: int, itemsize: int) -> int:
-    """Columns per block of a pass over ``rows`` rows of ``itemsize``-byte entries (at least 64)."""
-    return max(64, BLOCK_BYTES // max(rows * itemsize, 1))
+def tiles(rows: int, d: int, itemsize: int):
+    """``(r0, r1, c0, c1)`` tiles covering ``rows x d``, row-major, each about :data:`BLOCK_BYTES`."""
+    w = max(1, min(d, TILE_COLUMNS))
+    rb = max(1, BLOCK_BYTES // (w * itemsize))
+    for r0 in range(0, rows, rb):
+        r1 = min(rows, r0 + rb)
+        for c0 in range(0, d, w):
+            yield r0, r1, c0, min(d, c0 + w)
+
+
+def tile_buffer(rows: int, d: int, dtype) -> np.ndarray:
+    """A buffer large enough for any tile of :func:`tiles`."""
+    w = max(1, min(d, TILE_COLUMNS))
+    return np.empty((min(rows, max(1, BLOCK_BYTES // (w * np.dtype(dtype).itemsize))), w), dtype=dtype)
 
 
 def as_index(idx: np.ndarray) -> np.ndarray | slice:
@@ -29,6 +43,13 @@ def as_index(idx: np.ndarray) -> np.ndarray | slice:
     if idx.size and int(idx[-1]) - int(idx[0]) == idx.size - 1 and (idx.size < 3 or bool(np.all(np.diff(idx) == 1))):
         return slice(int(idx[0]), int(idx[-1]) + 1)
     return idx
+
+
+def sub_index(idx: np.ndarray | slice, r0: int, r1: int) -> np.ndarray | slice:
+    """Entries ``r0:r1`` of an index made by :func:`as_index` (a slice stays a slice)."""
+    if isinstance(idx, slice):
+        return slice(idx.start + r0, idx.start + r1)
+    return idx[r0:r1]
 
 
 def row_sq_norms(A: np.ndarray) -> np.ndarray:
@@ -56,59 +77,63 @@ def diff_stats_and_store(G: np.ndarray, table: np.ndarray, rows: np.ndarray, pre
                          slots: np.ndarray, u: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """One pass: ``D = G[rows] - table[prev]``, its rows' squared norms and ``D @ u``; then ``table[slots] = G``.
 
-    ``u`` ``None`` skips the statistics (only the store).  Each block's differences are taken
-    before the block of ``G`` overwrites ``table`` (a row of ``prev`` may be a row of ``slots``).
+    ``u`` ``None`` skips the statistics (only the store).  A node with a previous vector keeps its
+    row of the table (``slots[rows] == prev``): each tile's differences are taken before the same
+    tile of ``G`` overwrites it; the other rows of ``G`` go to rows of the table not in ``prev``.
     Returns ``(sq_norms, dots)`` (float64, one per entry of ``rows``).
     """
     R, d = G.shape
     n = rows.size if u is not None else 0
     sq, dots = np.zeros(n), np.zeros(n)
-    gi, li, si = as_index(rows), as_index(prev), as_index(slots)
-    w = min(block_width(max(R, 1), table.itemsize), max(d, 1))
-    buf = np.empty((n, w), dtype=table.dtype) if n else None
-    for c0 in range(0, d, w):
-        c1 = min(d, c0 + w)
-        Gb = G[:, c0:c1]
-        if n:
-            D = buf[:, : c1 - c0]
-            np.subtract(Gb[gi], table[li, c0:c1], out=D)
-            sq += row_sq_norms(D)
-            dots += D @ u[c0:c1]
-        table[si, c0:c1] = Gb
+    if n:
+        # rows without a previous vector first: a plain store
+        scored = np.zeros(R, dtype=bool)
+        scored[rows] = True
+        fresh = np.flatnonzero(~scored)
+        if fresh.size:
+            table[slots[fresh]] = G[fresh]
+        assert np.array_equal(slots[rows], prev)  # a continuing node keeps its row of the table
+        gi, li = as_index(rows), as_index(prev)
+        buf = tile_buffer(n, d, table.dtype)
+        for r0, r1, c0, c1 in tiles(n, d, table.itemsize):
+            D = buf[: r1 - r0, : c1 - c0]
+            Gt = G[sub_index(gi, r0, r1), c0:c1]
+            Lt = table[sub_index(li, r0, r1), c0:c1]
+            np.subtract(Gt, Lt, out=D)
+            sq[r0:r1] += row_sq_norms(D)
+            dots[r0:r1] += D @ u[c0:c1]
+            table[sub_index(li, r0, r1), c0:c1] = Gt
+    else:
+        table[as_index(slots)] = G
     return sq, dots
 
 
 def distances_to(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray) -> np.ndarray:
-    """``||Y[rows[k]] - centre||`` for every ``k`` (float64), one blocked pass over those rows."""
-    R, d = Y.shape
+    """``||Y[rows[k]] - centre||`` for every ``k`` (float64), one tiled pass over those rows."""
+    d = Y.shape[1]
     sq = np.zeros(rows.size)
+    dtype = np.result_type(Y.dtype, centre.dtype)
+    buf = tile_buffer(rows.size, d, dtype)
     ri = as_index(rows)
-    w = min(block_width(max(rows.size, 1), Y.itemsize), max(d, 1))
-    buf = np.empty((rows.size, w), dtype=np.result_type(Y.dtype, centre.dtype))
-    for c0 in range(0, d, w):
-        c1 = min(d, c0 + w)
-        D = buf[:, : c1 - c0]
-        np.subtract(Y[ri, c0:c1], centre[c0:c1], out=D)
-        sq += row_sq_norms(D)
+    for r0, r1, c0, c1 in tiles(rows.size, d, dtype.itemsize):
+        D = buf[: r1 - r0, : c1 - c0]
+        np.subtract(Y[sub_index(ri, r0, r1), c0:c1], centre[c0:c1], out=D)
+        sq[r0:r1] += row_sq_norms(D)
     return np.sqrt(sq)
 
 
 def weighted_deviation(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``sum_k weights[k] (Y[rows[k]] - centre)`` in the rows' dtype, one blocked pass over those rows."""
-    R, d = Y.shape
+    """``sum_k weights[k] (Y[rows[k]] - centre)`` in the rows' dtype, one tiled pass over those rows."""
+    d = Y.shape[1]
     dtype = np.result_type(Y.dtype, centre.dtype)
     out = np.zeros(d, dtype=dtype)
-    if rows.size == 0:
-        return out
-    ri = as_index(rows)
     w8 = np.asarray(weights, dtype=dtype)
-    w = min(block_width(max(rows.size, 1), Y.itemsize), max(d, 1))
-    buf = np.empty((rows.size, w), dtype=dtype)
-    for c0 in range(0, d, w):
-        c1 = min(d, c0 + w)
-        D = buf[:, : c1 - c0]
-        np.subtract(Y[ri, c0:c1], centre[c0:c1], out=D)
-        out[c0:c1] = w8 @ D
+    buf = tile_buffer(rows.size, d, dtype)
+    ri = as_index(rows)
+    for r0, r1, c0, c1 in tiles(rows.size, d, dtype.itemsize):
+        D = buf[: r1 - r0, : c1 - c0]
+        np.subtract(Y[sub_index(ri, r0, r1), c0:c1], centre[c0:c1], out=D)
+        out[c0:c1] += w8[r0:r1] @ D
     return out
 
 
