@@ -216,15 +216,17 @@ PRIORITY = ("oracle", "clean-fedavg", "rge", "cclip", "wm:cclip", "nnm:cclip", "
 
 
 def build_grid(models, alphas, seeds, attacks, rules, ablations=(), ablation_attacks=(), rounds=None,
-               mode: str = "gradient") -> list[Spec]:
+               mode: str = "gradient", local: dict[str, Any] | None = None) -> list[Spec]:
     """All runs, ordered by :data:`PRIORITY` across settings (then setting, seed, attack).
 
-    ``mode='local'``: the models' round counts, server lr and local training from :func:`local_defaults`.
+    ``mode='local'``: the models' round counts; server lr and local training from
+    :func:`local_defaults`, updated with ``local`` (keys ``local_epochs``, ``local_steps``,
+    ``client_lr``, ``server_lr``).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     specs: list[Spec] = []
-    local = local_defaults() if mode == "local" else None
+    local = {**local_defaults(), **(local or {})} if mode == "local" else None
     for model in models:
         T = int(rounds or MODELS[model]["rounds"])
         lr = MODELS[model]["learning_rate"] if local is None else local["server_lr"]
@@ -458,6 +460,10 @@ def _plots(summary: dict[str, Any], records: list[dict[str, Any]], out: Path, st
         # ablations run on a subset of the attacks: their "worst" is not comparable, so not drawn here
         rules = [r for r in ("rge", "rge-paper", *PEERS, *MOMENTUM_PEERS) if r in s["rules"]
                  and s["rules"][r]["worst"]]
+        if stem != "robustness" and "rge" in s["rules"]:  # local mode: probes run on every attack of the default
+            full = set(s["rules"]["rge"]["attacks"])
+            rules += [r for r in sorted(s["rules"]) if r.startswith("rge/") and s["rules"][r]["worst"]
+                      and set(s["rules"][r]["attacks"]) >= full]
         vals = [s["rules"][r]["worst"]["mean"] for r in rules]
         colors = ["tab:red" if r == "rge" else "tab:orange" if r.startswith("rge") else "tab:blue" for r in rules]
         ax.barh(range(len(rules)), vals, color=colors)
@@ -594,7 +600,9 @@ def report(out: Path, command: str, mode: str = "gradient") -> dict[str, Any]:
     payload: dict[str, Any] = {"command": command, "summary": summary}
     md = _md(summary, command, len(records), seconds) if mode == "gradient" else _md(
         summary, command, len(records), seconds,
-        title=f"# Robustness benchmark, local-training mode (issue 11)\n\n- clients: {local_defaults()}")
+        title="# Robustness benchmark, local-training mode (issue 11)\n\n- clients train locally: " + "; ".join(sorted(
+            {f"local-epochs {r['local_epochs']}, local-steps {r['local_steps']}, client-lr {r['client_lr']:g}, "
+             f"server-lr {r['learning_rate']:g}" for r in records})))
     if mode == "local":
         payload["local_vs_gradient"] = comparison = compare_modes(load_records(out / JSONL_NAME), records)
         md += "\n" + _compare_md(comparison)
@@ -623,6 +631,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", choices=MODES, default="gradient",
                     help="gradient: RobustSGD clients (default grid); local: clients train locally, RobustFedAvg "
                          "(LOCAL_GRID, robustness_local.* files)")
+    for flag, typ in (("--local-epochs", int), ("--local-steps", int), ("--client-lr", float), ("--server-lr", float)):
+        ap.add_argument(flag, type=typ, help="local mode: override the App's default (use another --out: the "
+                                             "tables average every run of a setting in the JSONL)")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     command = "python -m benchmarks.robustness " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -635,7 +646,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds:
         grid["rounds"] = args.rounds
     if not args.report_only:
-        specs = build_grid(**grid, mode=args.mode)
+        local = {k: getattr(args, k) for k in ("local_epochs", "local_steps", "client_lr", "server_lr")
+                 if getattr(args, k) is not None}
+        specs = build_grid(**grid, mode=args.mode, local=local)
         ran = run_grid(specs, args.out, workers=args.workers, max_minutes=args.max_minutes,
                        progress=not args.no_progress, mode=args.mode)
         print(f"ran {ran} of {len(specs)} runs (the rest were already in {args.out / jsonl_name(args.mode)})")
