@@ -199,3 +199,13 @@ def test_defence_with_mixing_maps_survivors_back_to_the_input_rows():
         assert set(res.kept.tolist()) <= set(range(16)) - set(res.info["suspected"])
         assert np.isfinite(res.estimate).all() and res.estimate.dtype == np.float32
         assert np.count_nonzero(res.weights) == res.kept.size
+
+
+def test_many_rows_run_the_spectral_fast_filter_even_at_small_d():
+    rng = np.random.default_rng(3)
+    G = rng.standard_normal((80, 50))
+    G[:10] += 6.0
+    res = RobustDefence(eps_tilde=0.2).aggregate(G, client_ids=list(range(80)))
+    assert res.info["spectral_passes"] >= 1 and res.info["sketch_dim"] is None  # d = 50: no sketch
+    assert set(res.dropped.tolist()) >= set(range(10))
+    assert RobustDefence(eps_tilde=0.2, fast_above=None).aggregate(G).info["spectral_passes"] == 0

@@ -84,9 +84,10 @@ class RobustDefence(Aggregator):
     max_idle_rounds:
         A node absent for more than this many calls starts a fresh memory when it returns.
     fast_above:
-        Rounds with at least this many entries ``R * d`` run RGE with :data:`FAST_FILTER` (a sketched
-        Gram matrix when ``d > 4096``, fresh server-private signs every round; spectral steps above 64
-        active points); ``None``: always the exact filter.
+        Rounds with at least this many entries ``R * d``, or more than 64 rows, run RGE with
+        :data:`FAST_FILTER` (a sketched Gram matrix when ``d > 4096``, fresh server-private signs
+        every round; spectral steps while more than 64 points are active); ``None``: always the
+        exact filter (Algorithm 3's saddle solves on the exact Gram matrix).
     seed:
         Seed of the sketch's generator (``None``: fresh OS entropy).
     """
@@ -224,8 +225,12 @@ class RobustDefence(Aggregator):
         return self._run(updates, None)
 
     def _filter_for(self, R: int, d: int) -> RGE:
-        """The exact filter, or :attr:`fast_filter` for rounds of at least ``fast_above`` entries."""
-        return self.fast_filter if self.fast_above is not None and R * d >= self.fast_above else self.filter
+        """The exact filter, or :attr:`fast_filter` for rounds of at least ``fast_above`` entries or
+        more than ``FAST_FILTER["spectral_above"]`` rows (where the saddle solves cost O(R^3) each)."""
+        if self.fast_above is None:
+            return self.filter
+        large = R * d >= self.fast_above or R > FAST_FILTER["spectral_above"]
+        return self.fast_filter if large else self.filter
 
     def _run(self, updates: ArrayLike, client_ids: Sequence[int] | None) -> AggregationResult:
         # Works in the input's dtype on the host (float32 stays float32; scalars in float64): every
