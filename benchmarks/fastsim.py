@@ -20,7 +20,9 @@ is the App's own code:
 ``SimConfig(mode="local")`` runs the App's other protocol, ``client-mode='local'`` served
 by ``RobustFedAvg``: each client runs :func:`flwr_byzantine.local_training.train_locally`'s
 SGD (same batch schedule; :func:`local_updates` runs all the round's trainings at
-once) and replies with the model update ``x_t - w_i``, on which the attacks act.
+once) and replies with the model update ``x_t - w_i``, on which the attacks act.  Local
+mode also applies the strategies' magnitude screen of the replies (:func:`screen_magnitudes`;
+``SimConfig.screen``), which the gradient-mode grid of issue 10 ran without.
 
 Only the gradient arithmetic differs: numpy float64 closed forms of the logistic
 regression and one-hidden-layer MLP gradients instead of torch autograd in float32.
@@ -218,6 +220,9 @@ class SimConfig:
     local_epochs: int | None = None
     local_steps: int | None = None
     client_lr: float | None = None
+    #: the strategies' magnitude screen of the replies (:func:`screen_magnitudes`); None: in local mode only
+    #: (the gradient-mode grid of issue 10 ran without it)
+    screen: bool | None = None
 
 
 @dataclass
@@ -294,6 +299,7 @@ def simulate(cfg: SimConfig, aggregator: Any, aggregator_name: str = "mean", pro
     if cfg.mode not in ("gradient", "local"):
         raise ValueError(f"mode must be 'gradient' or 'local', got {cfg.mode!r}")
     local_mode = cfg.mode == "local"
+    screen = local_mode if cfg.screen is None else bool(cfg.screen)
     t_start = time.perf_counter()
     parts, (Xt, yt), info = _data(cfg)
     rc = _run_config(cfg, aggregator_name)
@@ -401,6 +407,10 @@ def simulate(cfg: SimConfig, aggregator: Any, aggregator_name: str = "mean", pro
                 for j, i in enumerate(pos):
                     G[i] = crafted[j % len(crafted)]
         bad_now = corrupt_now if omniscient else set(malicious if cfg.attack not in ("none", "erasure") else [])
+        replied = list(ids)
+        if screen:
+            ok = screen_magnitudes(G)
+            G, ids = G[ok], [nid for nid, keep in zip(ids, ok) if keep]
         t0 = time.perf_counter()
         res = aggregate(aggregator, G, ids)
         decode_total += time.perf_counter() - t0
@@ -409,7 +419,7 @@ def simulate(cfg: SimConfig, aggregator: Any, aggregator_name: str = "mean", pro
             x = x - cfg.learning_rate * est
             applied += 1
         kept = set(int(ids[i]) for i in np.asarray(res.kept).tolist())
-        for nid in ids:
+        for nid in replied:  # a screened-out reply counts as excluded
             p = nid - NODE_ID_OFFSET
             if p in bad_now:
                 mal_rounds += 1
@@ -429,6 +439,25 @@ def simulate(cfg: SimConfig, aggregator: Any, aggregator_name: str = "mean", pro
         seconds=time.perf_counter() - t_start, decode_seconds=decode_total,
         info={"applied_rounds": applied, "malicious_partitions": malicious},
     )
+
+
+def screen_magnitudes(G: np.ndarray) -> np.ndarray:
+    """Rows the strategies' reply screen lets through (``strategies.validation``, default ``ReplyPolicy``).
+
+    Rejected: non-finite rows, rows with an entry above ``max_abs_value`` (the float32 maximum),
+    and rows whose norm exceeds ``max_norm_ratio`` (1e6) times the round's lower median non-zero
+    norm (:func:`~flwr_byzantine.strategies.validation.norm_ratio_outliers`).  Returns a boolean mask.
+    """
+    from flwr_byzantine.strategies.validation import ReplyPolicy, norm_ratio_outliers
+
+    policy = ReplyPolicy()
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(G).all(axis=1) & (np.abs(G).max(axis=1, initial=0.0) <= policy.max_abs_value)
+    if policy.max_norm_ratio:
+        idx = np.flatnonzero(ok)
+        _, _, absurd = norm_ratio_outliers(list(G[idx]), policy.max_norm_ratio)
+        ok[idx[absurd]] = False
+    return ok
 
 
 def aggregate(aggregator: Any, G: np.ndarray, ids: list[int]):

@@ -101,9 +101,14 @@ def test_local_updates_equal_train_locally(name):
         == (1, model.dim)
 
 
-@pytest.mark.parametrize("attack", ["sign-flip", "label-flip", "erasure", "defence-aware"])
-def test_local_mode_matches_the_flower_app_in_process(tmp_path, attack):
-    """client-mode='local' (ClientApp local training + RobustFedAvg): the simulator's final accuracy."""
+@pytest.mark.parametrize("attack,eps", [("sign-flip", 0.25), ("label-flip", 0.25), ("erasure", 0.25),
+                                        ("defence-aware", 0.25), ("defence-aware", 0.1)])
+def test_local_mode_matches_the_flower_app_in_process(tmp_path, attack, eps):
+    """client-mode='local' (ClientApp local training + RobustFedAvg): the simulator's final accuracy.
+
+    Defence-aware at eps-tilde 0.1: the attackers simulate 1 Byzantine row of 2 and find updates of
+    norm ~1e11, which the strategy's magnitude screen rejects (the simulator must screen too).
+    """
     from benchmarks.inprocess import run_app
     from flwr_byzantine.config import RunConfig
     from server_app.server_app import build_aggregator
@@ -112,12 +117,23 @@ def test_local_mode_matches_the_flower_app_in_process(tmp_path, attack):
     try:
         overrides = {"client-mode": "local", "num-server-rounds": 6, "num-malicious": 2, "attack": attack,
                      "dirichlet-alpha": 0.5, "aggregator": "rge", "output-dir": str(tmp_path), "seed": 5,
-                     "eps-tilde": 0.25, "local-epochs": 1, "client-lr": 0.2, "server-lr": 1.0}
+                     "eps-tilde": eps, "local-epochs": 1, "client-lr": 0.2, "server-lr": 1.0}
         flower = run_app(overrides, 8)
         cfg = SimConfig(alpha=0.5, num_nodes=8, num_malicious=2, attack=attack, rounds=6, learning_rate=1.0,
-                        seed=5, eps_tilde=0.25, mode="local", local_epochs=1, client_lr=0.2)
+                        seed=5, eps_tilde=eps, mode="local", local_epochs=1, client_lr=0.2)
         sim = simulate(cfg, build_aggregator(RunConfig.from_mapping(overrides), 8), "rge")
     finally:
         logging.disable(logging.NOTSET)
     assert sim.final_accuracy == pytest.approx(flower["final_accuracy"], abs=1.5 / 360)
     assert sim.info["malicious_partitions"] == flower["malicious_partitions"]
+
+
+def test_screen_magnitudes_rejects_what_the_strategies_reject():
+    from benchmarks.fastsim import screen_magnitudes
+
+    G = np.ones((5, 3))
+    G[1] *= 2e6  # 2e6 x the median norm
+    G[2, 0] = np.nan
+    G[3] *= 9e5  # under the 1e6 ratio
+    assert screen_magnitudes(G).tolist() == [True, False, False, True, True]
+    assert screen_magnitudes(G[:2]).tolist() == [True, True]  # fewer than 3 rows: no ratio guard

@@ -308,6 +308,24 @@ def _declared_size_matches(arr: Any) -> bool:
         return False
 
 
+def norm_ratio_outliers(vectors: list[np.ndarray], max_norm_ratio: float) -> tuple[np.ndarray, float, list[int]]:
+    """``(norms, reference, indices)`` of the round's vectors whose norm exceeds ``max_norm_ratio x reference``.
+
+    The reference is the lower median of the *non-zero* norms (0 and no outliers with fewer than
+    3 vectors or 3 non-zero norms): all-zero replies (cheap to send, and honest at a stationary
+    point) must not drag it to 0 and switch the guard off for everybody else, and two absurd
+    replies among four non-zero ones must not set it.
+    """
+    norms = np.array([_stable_norm(v) for v in vectors])
+    if len(vectors) < 3:
+        return norms, 0.0, []
+    positive = np.sort(norms[norms > 0.0])
+    median = float(positive[(positive.size - 1) // 2]) if positive.size >= 3 else 0.0
+    if median <= 0.0:
+        return norms, median, []
+    return norms, median, [i for i, v in enumerate(norms) if v > max_norm_ratio * median]
+
+
 def _stable_norm(vec: np.ndarray) -> float:
     """l2 norm without overflow (entries are finite float64, possibly ~1e38)."""
     scale = float(np.max(np.abs(vec))) if vec.size else 0.0
@@ -379,18 +397,11 @@ def screen_replies(
             out.reject(node, rej.kind, str(rej))
         except Exception as exc:  # pylint: disable=broad-except
             out.reject(node, "format", f"malformed reply: {type(exc).__name__}: {one_line(exc)}")
-    if policy.max_norm_ratio and len(out.vectors) >= 3:
-        norms = np.array([_stable_norm(v) for v in out.vectors])
-        # The reference is the lower median of the *non-zero* norms: all-zero replies (cheap to
-        # send, and honest at a stationary point) must not drag it to 0 and switch the guard off
-        # for everybody else, and two absurd replies among four non-zero ones must not set it.
-        positive = np.sort(norms[norms > 0.0])
-        median = float(positive[(positive.size - 1) // 2]) if positive.size >= 3 else 0.0
-        if median > 0.0:
-            limit = policy.max_norm_ratio * median
-            for node, norm in [(n, v) for n, v in zip(list(out.node_ids), norms) if v > limit]:
-                out.reject(node, "magnitude", f"absurd magnitude: norm {norm:.3g} is more than "
-                                              f"{policy.max_norm_ratio:.3g} x the round's median norm {median:.3g}")
+    if policy.max_norm_ratio:
+        norms, median, absurd = norm_ratio_outliers(out.vectors, policy.max_norm_ratio)
+        for node, norm in [(out.node_ids[i], norms[i]) for i in absurd]:
+            out.reject(node, "magnitude", f"absurd magnitude: norm {norm:.3g} is more than "
+                                          f"{policy.max_norm_ratio:.3g} x the round's median norm {median:.3g}")
     for node in sorted(expected - seen):
         out.reject(node, "no-reply", "no reply (erasure)")
     return out
