@@ -197,3 +197,22 @@ def test_robustness_local_rules_drop_the_gradient_evidence():
     assert build_aggregator(RunConfig.from_mapping({"client-mode": "local"}), 20).evidence is None
     assert robustness.build_rule("rge", 20, 4)[0].evidence is not None
     assert robustness.build_rule("rge/evidence", 20, 4, mode="local")[0].evidence is not None
+
+
+def test_decode_time_defence_section_tiny(tmp_path):
+    assert decode_time.main(["--quick", "--sections", "defence", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "decode_time.json").read_text())["sections"]["defence"]
+    assert [(r["R"], r["d"]) for r in rows] == decode_time.DEFENCE_SIZES[0]
+    for r in rows:
+        assert r["defence"]["ratio"] > 0 and r["filter"]["ratio"] > 0 and r["byzantine_kept"] == 0
+    assert "default defence with node ids" in (tmp_path / "decode_time.md").read_text()
+    assert (tmp_path / "decode_time_defence.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_defence_before_after_tiny(tmp_path):
+    from benchmarks import defence_before_after
+
+    assert defence_before_after.main(["--quick", "--repeats", "5", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "defence_before_after.json").read_text())["rows"]
+    assert len(rows) == 2 and all(r["before"]["seconds"] > 0 and r["after"]["seconds"] > 0 for r in rows)

@@ -1,0 +1,126 @@
+"""The default defence's decode before and after the issue-12 memory path, side by side in one process.
+
+One command::
+
+    nice -n 5 python -m benchmarks.defence_before_after [--ref dd1561d] [--repeats 7] [--quick]
+
+The package as of git commit ``--ref`` (default ``dd1561d``: the float64 memory path with per-row
+tables) is extracted with ``git archive`` into a temporary directory and imported under another
+name next to the working tree's package.  Both defences (``build_for_federation('rge', R, 0.2)``,
+called with node ids) see :data:`~benchmarks.decode_time.DEFENCE_WARM` rounds first, then every
+timed round is interleaved: ``np.mean(G, axis=0)``, the old defence, the new one (median of
+``--repeats``; 1 BLAS thread).  Writes ``defence_before_after.json`` and ``.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.decode_time import DEFAULT_OUT, DEFENCE_WARM, make_round
+
+SIZES = [(20, 100_000), (100, 100_000), (100, 1_000_000)]
+QUICK_SIZES = [(20, 10_000), (40, 20_000)]
+
+
+def import_old(ref: str, root: Path, into: Path) -> Any:
+    """``flwr_byzantine.aggregators`` as of ``ref``, imported as ``fb_old.aggregators``."""
+    archive = subprocess.run(["git", "-C", str(root), "archive", ref, "flwr_byzantine"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    (into / "flwr_byzantine").rename(into / "fb_old")
+    sys.path.insert(0, str(into))
+    return importlib.import_module("fb_old.aggregators")
+
+
+def measure(old: Any, sizes: list[tuple[int, int]], repeats: int, seed: int) -> list[dict[str, Any]]:
+    from flwr_byzantine.aggregators import build_for_federation
+
+    out = []
+    for R, d in sizes:
+        rounds = [make_round(R, d, 0.2, seed + R + k, "far")[0] for k in range(2)]
+        ids = list(range(10_000, 10_000 + R))
+        rules = {"before": old.build_for_federation("rge", R, 0.2), "after": build_for_federation("rge", R, 0.2, seed=seed)}
+        for rule in rules.values():
+            for k in range(DEFENCE_WARM):
+                rule.aggregate(rounds[k % 2], client_ids=ids)
+        times: dict[str, list[float]] = {k: [] for k in rules}
+        kept: dict[str, list[int]] = {}
+        refs = []
+        for k in range(max(repeats, 5)):
+            G = rounds[k % 2]
+            t0 = time.perf_counter()
+            np.mean(G, axis=0)
+            refs.append(time.perf_counter() - t0)
+            for name, rule in rules.items():
+                t0 = time.perf_counter()
+                res = rule.aggregate(G, client_ids=ids)
+                times[name].append(time.perf_counter() - t0)
+                kept[name] = sorted(int(i) for i in res.kept)
+        ref = statistics.median(refs)
+        row = {"R": R, "d": d, "np_mean_seconds": ref, "same_kept_last_round": kept["before"] == kept["after"]}
+        for name, ts in times.items():
+            row[name] = {"seconds": statistics.median(ts), "ratio": statistics.median(ts) / ref, "all_seconds": ts}
+        row["speedup"] = row["before"]["seconds"] / row["after"]["seconds"]
+        print(f"R={R} d={d:.0e}: before {row['before']['ratio']:.1f}x, after {row['after']['ratio']:.1f}x "
+              f"np.mean ({row['speedup']:.1f}x faster)", flush=True)
+        out.append(row)
+        del rounds, rules
+    return out
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r["before"]["ratio"] for r in rows], 0.4, label="before (float64 copies, per-row tables)")
+    ax.bar(x + 0.2, [r["after"]["ratio"] for r in rows], 0.4, label="after (input dtype, tiled passes)")
+    ax.set_xticks(x, [f"R={r['R']}, d={r['d']:.0e}" for r in rows], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("decode time / np.mean(G, axis=0)")
+    ax.set_title("Default defence with node ids (warm memory), same process, 1 BLAS thread", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ref", default="dd1561d", help="git commit of the 'before' implementation")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+    from threadpoolctl import threadpool_limits
+
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as tmp, threadpool_limits(limits=1):
+        old = import_old(args.ref, root, Path(tmp))
+        rows = measure(old, QUICK_SIZES if args.quick else SIZES, args.repeats, args.seed)
+    command = "python -m benchmarks.defence_before_after " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "defence_before_after.json").write_text(json.dumps(
+        {"command": command.strip(), "ref": args.ref, "blas_threads": 1, "dtype": "float32", "rows": rows}, indent=1))
+    plot(rows, args.out / "defence_before_after.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
