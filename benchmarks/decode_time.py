@@ -484,7 +484,7 @@ def section_defence(args: argparse.Namespace) -> list[dict[str, Any]]:
         rule = build_for_federation("rge", R, 0.2, seed=args.seed)
         for k in range(DEFENCE_WARM):
             rule.aggregate(rounds[k % 2], client_ids=ids)
-        filt = rule._filter_for(R, d)
+        filt = rule.filter_for(R, d)
         times: dict[str, list[float]] = {"defence": [], "filter": []}
         refs: list[float] = []
         res = None

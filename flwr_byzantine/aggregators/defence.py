@@ -224,7 +224,7 @@ class RobustDefence(Aggregator):
     def _aggregate(self, updates: ArrayLike) -> AggregationResult:
         return self._run(updates, None)
 
-    def _filter_for(self, R: int, d: int) -> RGE:
+    def filter_for(self, R: int, d: int) -> RGE:
         """The exact filter, or :attr:`fast_filter` for rounds of at least ``fast_above`` entries or
         more than ``FAST_FILTER["spectral_above"]`` rows (where the saddle solves cost O(R^3) each)."""
         if self.fast_above is None:
@@ -281,7 +281,7 @@ class RobustDefence(Aggregator):
         else:
             M = self.memory.update(G, ids) if use_memory else G
         active = np.setdiff1d(np.arange(R), np.union1d(suspects, gross))
-        filt = self._filter_for(active.size, d)
+        filt = self.filter_for(active.size, d)
         if self.mixing and active.size > 2:
             from .preagg import NearestNeighborMixing
 

@@ -10,6 +10,10 @@ sends the same gradient as without it.
 A node seen for the first time, or back after more than ``max_idle_rounds`` calls
 without a reply, starts from ``m_i = g_i``.  A change of the vectors' dimension
 forgets everything.  Calls are counted by :meth:`ClientMomentum.update`.
+
+The tables keep the rounds' floating dtype (float32 rounds: float32 tables, no float64 copy)
+and hold the vectors as rows of one matrix (vectorised gathers, a departed node's row reused);
+the evidence's pass over a round is one tiled stream (:mod:`.streaming`).
 """
 
 from __future__ import annotations
