@@ -599,12 +599,13 @@ def render_markdown(p: dict[str, Any]) -> str:
               f"`rge` = `build_for_federation('rge', R, 0.2)` called with node ids after {DEFENCE_WARM} rounds of the "
               "same nodes; f = 0.2 R far attackers; filter alone = the RGE it runs (sketched from "
               "`fast_above` = 2^20 entries on), on the same rounds.", "",
-              "| R | d | np.mean | default defence | ratio | filter alone | ratio | sketched | Byzantine kept | "
-              "honest dropped |", "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+              "| R | d | np.mean | default defence | ratio | filter alone | ratio | sketched | excluded by the evidence | "
+              "Byzantine kept | honest dropped |", "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
         for r in s["defence"]:
             L.append(f"| {r['R']} | {r['d']:.0e} | {_fmt_s(r['np_mean_seconds'])} | {_fmt_s(r['defence']['seconds'])} | "
                      f"{r['defence']['ratio']:.1f}x | {_fmt_s(r['filter']['seconds'])} | {r['filter']['ratio']:.1f}x | "
-                     f"{'yes' if r['sketched'] else 'no'} | {r['byzantine_kept']} | {r['honest_dropped']} |")
+                     f"{'yes' if r['sketched'] else 'no'} | {r['suspected']} | {r['byzantine_kept']} | "
+                     f"{r['honest_dropped']} |")
         L.append("")
     if "agreement" in s:
         a = s["agreement"]

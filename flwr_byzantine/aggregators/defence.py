@@ -56,7 +56,8 @@ DEFAULT_THRESHOLD_FACTOR = 1.5
 DEFAULT_INPUT_CLIP_SCALE = 1.0
 #: Default clipping radius, as a multiple of the survivors' median distance to the filter's estimate.
 DEFAULT_CLIP_SCALE = 1.0
-#: Rounds with at least this many entries (R * d) run the filter with :data:`FAST_FILTER` (issue 12).
+#: Rounds with at least this many entries (R * d), or more than 64 rows, run the filter with
+#: :data:`FAST_FILTER` (issue 12).
 DEFAULT_FAST_ABOVE = 1 << 20
 #: RGE's options for large rounds: the Gram matrix of a server-private sketch of length 2048 (when
 #: d > 4096), the spectral filter step while more than 64 points are active.
@@ -234,7 +235,7 @@ class RobustDefence(Aggregator):
 
     def _run(self, updates: ArrayLike, client_ids: Sequence[int] | None) -> AggregationResult:
         # Works in the input's dtype on the host (float32 stays float32; scalars in float64): every
-        # pass over the rows is a blocked stream (:mod:`.streaming`), the row tables are vectorised.
+        # pass over the rows is a tiled stream (:mod:`.streaming`), the row tables are vectorised.
         t0 = time.perf_counter()
         torch_in = is_torch(updates)
         G = host_array(updates)
