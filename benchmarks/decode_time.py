@@ -34,7 +34,7 @@ the BLAS/OpenMP pools limited to ``--blas-threads`` (default 1) for the whole pr
   *with node ids*, its per-node memory warm (:data:`DEFENCE_WARM` rounds first; two rounds of the
   same nodes alternate), at R in {20, 100, 1000} x d in {1e4, 1e5, 1e6} (not R = 1000, d = 1e6: 12 GB
   with its memory), f = 0.2 R far attackers; next to it the RGE filter it runs, alone, on the same
-  rounds (the exact filter, or the sketched one from ``fast_above`` entries on).
+  rounds (:meth:`~flwr_byzantine.aggregators.RobustDefence.filter_for`: the exact filter, or the fast one).
 
 A run with a subset of ``--sections`` replaces those sections in an existing
 ``decode_time.json`` (the report is rebuilt from the merged results).
@@ -597,8 +597,8 @@ def render_markdown(p: dict[str, Any]) -> str:
     if "defence" in s:
         L += ["## The default defence with node ids (warm memory) against its RGE filter alone", "",
               f"`rge` = `build_for_federation('rge', R, 0.2)` called with node ids after {DEFENCE_WARM} rounds of the "
-              "same nodes; f = 0.2 R far attackers; filter alone = the RGE it runs (sketched from "
-              "`fast_above` = 2^20 entries on), on the same rounds.", "",
+              "same nodes; f = 0.2 R far attackers; filter alone = the RGE it runs (`filter_for`: sketched and "
+              "spectral from 2^20 entries or 65 rows on, sketch length 1024 from 500 rows), on the same rounds.", "",
               "| R | d | np.mean | default defence | ratio | filter alone | ratio | sketched | excluded by the evidence | "
               "Byzantine kept | honest dropped |", "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
         for r in s["defence"]:

@@ -209,3 +209,12 @@ def test_many_rows_run_the_spectral_fast_filter_even_at_small_d():
     assert res.info["spectral_passes"] >= 1 and res.info["sketch_dim"] is None  # d = 50: no sketch
     assert set(res.dropped.tolist()) >= set(range(10))
     assert RobustDefence(eps_tilde=0.2, fast_above=None).aggregate(G).info["spectral_passes"] == 0
+
+
+def test_fast_filter_choice_by_round_size():
+    rule = RobustDefence(eps_tilde=0.2, seed=3)
+    assert rule.filter_for(20, 650) is rule.filter  # the App's rounds: Algorithm 3's saddle solves
+    assert rule.filter_for(20, 100_000).sketch_dim == 2048  # 2e6 entries
+    assert rule.filter_for(100, 50) is rule.fast_filter  # more than 64 rows: spectral steps
+    assert rule.filter_for(600, 10_000).sketch_dim == 1024  # many rows: a shorter sketch
+    assert RobustDefence(fast_above=None).filter_for(1000, 10**6).sketch_dim is None

@@ -62,6 +62,9 @@ DEFAULT_FAST_ABOVE = 1 << 20
 #: RGE's options for large rounds: the Gram matrix of a server-private sketch of length 2048 (when
 #: d > 4096), the spectral filter step while more than 64 points are active.
 FAST_FILTER = {"sketch_dim": 2048, "spectral_above": 64}
+#: From this many rows on the fast filter's sketch has length 1024: its R x R Gram matrix costs
+#: O(R^2 m) (as ``benchmarks.decode_time``'s ``rge-fast``).
+FAST_MANY_ROWS, FAST_MANY_ROWS_SKETCH_DIM = 500, 1024
 
 
 class RobustDefence(Aggregator):
@@ -90,7 +93,8 @@ class RobustDefence(Aggregator):
         every round; spectral steps while more than 64 points are active); ``None``: always the
         exact filter (Algorithm 3's saddle solves on the exact Gram matrix).
     seed:
-        Seed of the sketch's generator (``None``: fresh OS entropy).
+        Seed of the sketch's generator (``None``: fresh OS entropy; the filter for 500 rows or more
+        uses ``seed + 1``).
     """
 
     name = "rge"
@@ -122,6 +126,9 @@ class RobustDefence(Aggregator):
         self.fast_above = None if fast_above is None else int(fast_above)
         self.fast_filter = RGE(eps_tilde=eps_tilde, sigma0=sigma0, threshold_factor=threshold_factor, seed=seed,
                                **FAST_FILTER)
+        self.fast_filter_many_rows = RGE(eps_tilde=eps_tilde, sigma0=sigma0, threshold_factor=threshold_factor,
+                                         seed=None if seed is None else seed + 1,
+                                         **(FAST_FILTER | {"sketch_dim": FAST_MANY_ROWS_SKETCH_DIM}))
         self.eps_tilde = self.filter.eps_tilde
         self.momentum = float(momentum)
         self.threshold_factor = self.filter.threshold_factor
@@ -226,12 +233,14 @@ class RobustDefence(Aggregator):
         return self._run(updates, None)
 
     def filter_for(self, R: int, d: int) -> RGE:
-        """The exact filter, or :attr:`fast_filter` for rounds of at least ``fast_above`` entries or
-        more than ``FAST_FILTER["spectral_above"]`` rows (where the saddle solves cost O(R^3) each)."""
+        """The exact filter, or the fast one for rounds of at least ``fast_above`` entries or more than
+        ``FAST_FILTER["spectral_above"]`` rows (where the saddle solves cost O(R^3) each); from
+        :data:`FAST_MANY_ROWS` rows on its sketch is :data:`FAST_MANY_ROWS_SKETCH_DIM` long."""
         if self.fast_above is None:
             return self.filter
-        large = R * d >= self.fast_above or R > FAST_FILTER["spectral_above"]
-        return self.fast_filter if large else self.filter
+        if not (R * d >= self.fast_above or R > FAST_FILTER["spectral_above"]):
+            return self.filter
+        return self.fast_filter_many_rows if R >= FAST_MANY_ROWS else self.fast_filter
 
     def _run(self, updates: ArrayLike, client_ids: Sequence[int] | None) -> AggregationResult:
         # Works in the input's dtype on the host (float32 stays float32; scalars in float64): every
