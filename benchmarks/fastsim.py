@@ -398,6 +398,7 @@ def simulate(cfg: SimConfig, aggregator: Any, aggregator_name: str = "mean", pro
                 omni_attack.observe_model(x)
             if hasattr(omni_attack, "aggregator") and getattr(omni_attack, "aggregator", None) is not None:
                 omni_attack.aggregator = _attacker_copy(aggregator)
+                omni_attack.client_ids = [ids[i] for i in honest_pos] + [ids[i] for i in pos]
             crafted = omni_attack.craft(G[honest_pos], len(pos), t)
             if crafted is None:
                 G = G[honest_pos]

@@ -31,8 +31,9 @@ Rules (``--rules``): ``rge`` (the default defence), ``rge-paper`` (Algorithm 3 a
 published), the peers (``cclip``, ``nnm:cclip``, ``multi-krum``, ``trimmed-mean``,
 ``median``, ``geomed``, ``krum``, ``bulyan``, ``bucketing:cclip``), the same peers with
 worker momentum ``wm:<peer>`` (beta 0.9, the momentum kept per node as the default
-defence keeps it), ablations ``rge/no-<component>`` (in the first model and alpha only) and the option
-``rge/mixing`` (the default with nearest-neighbour mixing before its filter).  Peers are told the true f.
+defence keeps it), ablations ``rge/no-<component>`` (in the first model and alpha only).  Peers are
+told the true f.  The omniscient ``defence-aware`` attacker also knows the round's node ids: it simulates
+a rule keyed by node id (the default defence's memory, the ``wm:`` peers' momenta) with them.
 References per setting and seed: ``oracle`` (mean of the honest clients; the
 attackers erased) and ``clean-fedavg`` (mean, no attacker).
 
@@ -82,14 +83,15 @@ OMNI_ATTACKS = ("omni:alie", "omni:ipm", "omni:sign-flip", "omni:defence-aware",
 ATTACKS = CLIENT_ATTACKS + OMNI_ATTACKS
 PEERS = ("cclip", "nnm:cclip", "multi-krum", "trimmed-mean", "median", "geomed")
 MOMENTUM_PEERS = ("wm:cclip", "wm:nnm:cclip", "wm:multi-krum", "wm:trimmed-mean")
-ABLATIONS = ("rge/no-evidence", "rge/no-clip", "rge/threshold-4", "rge/momentum")
+ABLATIONS = ("rge/no-mixing", "rge/no-evidence", "rge/no-self-ref", "rge/no-jump", "rge/no-gross", "rge/no-clip", "rge/threshold-4",
+             "rge/momentum")
 RULES = ("rge", "rge-paper", *PEERS, *MOMENTUM_PEERS, "mean")
 REFERENCES = ("oracle", "clean-fedavg")
 MODELS = {"logreg": dict(rounds=60, learning_rate=0.5), "mlp": dict(rounds=200, learning_rate=0.3)}
 GRID = dict(models=("logreg", "mlp"), alphas=(0.3, 1.0), seeds=(0, 1, 2, 3), attacks=ATTACKS, rules=RULES,
             ablations=ABLATIONS, ablation_attacks=("sign-flip", "label-flip", "alie", "ipm", "defence-aware",
                                                    "sleeper", "memory-aware", "omni:defence-aware",
-                                                   "omni-rotate:alie", "none"))
+                                                   "omni-rotate:alie", "omni-rotate:defence-aware", "none"))
 #: Local mode (``--mode local``): the server step is the App's ``server-lr`` default; the clients' local
 #: training uses the App's ``local-epochs`` / ``local-steps`` / ``client-lr`` defaults (see :func:`local_defaults`).
 LOCAL_ATTACKS = ("sign-flip", "label-flip", "alie", "ipm", "gaussian", "scaled-negative", "defence-aware", "omni:alie")
@@ -131,12 +133,18 @@ def build_rule(name: str, num_nodes: int, f: int, mode: str = "gradient"):
         variant = name.partition("/")[2]
         if variant == "momentum":  # per-node worker momentum 0.9 (with its input clipping) on top
             kw = dict(momentum=0.9)
-        elif variant == "mixing":  # nearest-neighbour mixing (NNM) before the filter
-            kw = dict(mixing=True)
+        elif variant == "no-mixing":  # no nearest-neighbour mixing (NNM) before the filter
+            kw = dict(mixing=False)
         elif variant == "no-evidence":
             kw = dict(evidence=False)
         elif variant == "evidence":  # local mode: keep the gradient-monotonicity evidence (off by default there)
             kw = dict(evidence=True)
+        elif variant == "no-self-ref":
+            kw = dict(self_clip_scale=None)
+        elif variant == "no-jump":
+            kw = dict(jump_factor=None)
+        elif variant == "no-gross":
+            kw = dict(gross_factor=None)
         elif variant == "no-clip":
             kw = dict(clip_scale=None)
         elif variant == "threshold-4":

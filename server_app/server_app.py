@@ -32,6 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from flwr_byzantine.aggregators import Aggregator, build_for_federation
+from flwr_byzantine.aggregators.defence import MODEL_UPDATE_OPTIONS
 from flwr_byzantine.attacks import MobileAdversary, make_attack, run_attack_params
 from flwr_byzantine.checkpoint import CheckpointError, Checkpointer
 from flwr_byzantine.compression import RandK
@@ -52,9 +53,9 @@ def build_aggregator(cfg: RunConfig, num_nodes: int) -> Aggregator:
     """The configured aggregator for ``num_nodes`` clients (see :func:`build_for_federation`).
 
     With ``client-mode='local'`` the replies are model updates, not gradients: the default
-    defence then runs without its monotonicity evidence (see ``default_aggregator``).
+    defence then runs without its history-of-gradients rules (``MODEL_UPDATE_OPTIONS``).
     """
-    extra = {"evidence": False} if cfg.client_mode == "local" and cfg.aggregator == "rge" else {}
+    extra = dict(MODEL_UPDATE_OPTIONS) if cfg.client_mode == "local" and cfg.aggregator == "rge" else {}
     return build_for_federation(cfg.aggregator, num_nodes, cfg.eps_tilde, cfg.sigma0, **extra)
 
 

@@ -119,7 +119,8 @@ def test_defence_takes_the_reference_decisions(seed, dtype):
     rounds, steps = _federation(seed, R, d, 18, dtype, churn)
     use_steps = seed % 3 == 0
     ref = reference_rounds(rounds, 0.25, steps=[None] + steps[:-1] if use_steps else None)
-    rule = RobustDefence(eps_tilde=0.25)
+    # the transcription covers evidence, budget, filter and clipping: the later components off
+    rule = RobustDefence(eps_tilde=0.25, self_clip_scale=None, jump_factor=None, gross_factor=None, mixing=False)
     suspected_any = 0
     for t, ((G, ids), (kept, suspects, estimate)) in enumerate(zip(rounds, ref)):
         if use_steps and t > 0:
@@ -143,6 +144,24 @@ def test_defence_with_momentum_takes_the_same_decisions_in_float32_and_float64()
         assert ra.kept.tolist() == rb.kept.tolist() and ra.info["suspected"] == rb.info["suspected"], f"round {t}"
         assert ra.info["gross"] == rb.info["gross"], f"round {t}"
         assert np.linalg.norm(ra.estimate - rb.estimate) <= 1e-5 * (np.linalg.norm(ra.estimate) + np.abs(G).max())
+
+
+@pytest.mark.parametrize("churn", [False, True])
+def test_full_default_defence_takes_the_same_decisions_in_float32_and_float64(churn):
+    """Self-reference clipping, jumps and the gross screen included (the default), with churn."""
+    rounds, steps = _federation(12 + churn, 20, 60, 16, np.float64, churn=churn)
+    a, b = RobustDefence(eps_tilde=0.25), RobustDefence(eps_tilde=0.25)
+    clipped = 0
+    for t, (G, ids) in enumerate(rounds):
+        ra, rb = a.aggregate(G, client_ids=ids), b.aggregate(G.astype(np.float32), client_ids=ids)
+        assert rb.estimate.dtype == np.float32
+        for key in ("suspected", "gross", "jumped"):
+            assert ra.info.get(key) == rb.info.get(key), f"round {t}: {key}"
+        assert ra.kept.tolist() == rb.kept.tolist(), f"round {t}"
+        assert np.linalg.norm(ra.estimate - rb.estimate) <= 1e-5 * (np.linalg.norm(ra.estimate) + np.abs(G).max())
+        clipped += ra.info.get("self_clipped", 0)
+    assert clipped > 0 and a.state_dict()[1]["self_reference.refs"].dtype == np.float64
+    assert b.state_dict()[1]["self_reference.refs"].dtype == np.float32  # the tables keep the input dtype
 
 
 def test_memory_tables_keep_the_input_dtype_and_reuse_rows():

@@ -24,6 +24,18 @@ filter and adds what a single round lacks:
    around the filter's estimate, with radius ``clip_scale`` times the median
    distance of the survivors to it, so whatever survives the filter can move the
    estimate by at most ``(f / R) * clip_scale * median distance``.
+4. **Self-reference clipping** (:class:`~.temporal.SelfReference`, with node ids): a node's
+   reply may move from its own previous (clipped) reply only by the common drift plus
+   ``self_clip_scale`` times the round's median change: the clients' noise level, not their
+   heterogeneity.  It bounds what a *mobile* adversary, which corrupts nodes that were honest a
+   round ago, can do per round.  A reply that *jumps* (``jump_factor`` times the median change:
+   a sleeper waking up, a node the mobile adversary has just taken) is left out of the round,
+   within the ``floor(eps_tilde R)`` budget shared with the evidence, and its node's reference
+   does not follow it.  The filter runs on the self-clipped rows, with ``sigma_0`` estimated from
+   the raw replies (on the exact path).
+5. **Gross outliers** (rows farther from the coordinate-wise median than ``gross_factor``
+   times the median distance) are dropped before anything else sees them, so a few huge rows
+   cannot inflate the filter's automatic ``sigma_0`` and smuggle one of them through.
 
 With ``client_ids=None`` (e.g. a compressed round, where coordinates change every
 round, or a caller without node ids) the memory step is skipped and the rule is
@@ -39,11 +51,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .._backend import ArrayLike, is_torch
+from .._backend import ArrayLike, centred_gram, is_torch
 from .base import AggregationResult, Aggregator
 from .memory import ClientMomentum, MonotonicityEvidence
 from .rge import RGE
+from .sigma import estimate_sigma0_sq
 from .streaming import clip_survivors, host_array, row_sq_norms
+from .temporal import DEFAULT_JUMP_FACTOR, DEFAULT_SELF_CLIP_SCALE, SelfReference
 
 #: Format tag of :meth:`RobustDefence.state_dict`.
 STATE_FORMAT = "flwr-byzantine/robust-defence-v1"
@@ -56,6 +70,13 @@ DEFAULT_THRESHOLD_FACTOR = 1.5
 DEFAULT_INPUT_CLIP_SCALE = 1.0
 #: Default clipping radius, as a multiple of the survivors' median distance to the filter's estimate.
 DEFAULT_CLIP_SCALE = 1.0
+#: Options of the default defence for replies that are model updates after local training, not
+#: gradients (``RobustFedAvg``, the App's ``client-mode='local'``): the monotonicity evidence and the
+#: jump rule judge a node by its history of *gradients*; after several local steps on a non-convex
+#: model an honest update need be neither monotone nor smooth from round to round.
+MODEL_UPDATE_OPTIONS: dict[str, Any] = {"evidence": False, "jump_factor": None}
+#: Rows farther than this many median distances from the coordinate-wise median are dropped for the round.
+DEFAULT_GROSS_FACTOR = 4.0
 #: Rounds with at least this many entries (R * d), or more than 64 rows, run the filter with
 #: :data:`FAST_FILTER` (issue 12).
 DEFAULT_FAST_ABOVE = 1 << 20
@@ -87,6 +108,25 @@ class RobustDefence(Aggregator):
         Explicit ``sigma_0`` for the filter, or ``None`` for the automatic estimate.
     max_idle_rounds:
         A node absent for more than this many calls starts a fresh memory when it returns.
+    evidence, z_exclude, evidence_gamma:
+        The monotonicity evidence (on/off, exclusion level, discount).
+    mixing:
+        Nearest-neighbour mixing (Allouah et al. 2023, NNM) of the rows before the filter: each row is
+        replaced by the mean of its ``R - f`` nearest rows, which shrinks the heterogeneity a static
+        attacker hides in; on by default.
+    input_clip_scale:
+        Clipping of what enters the worker momentum (only with ``momentum > 0``).
+    gross_factor:
+        Rows farther than ``gross_factor`` times the median distance from the coordinate-wise
+        median are dropped for the round; ``None`` disables the screen.
+    self_clip_scale:
+        Radius of the self-reference clipping (:class:`~.temporal.SelfReference`), in units of
+        the round's median change of a node's reply; ``None`` disables it.
+    jump_factor:
+        A node whose reply jumps from its own reference by more than ``jump_factor`` times the
+        round's median change is left out of the round (within the ``floor(eps_tilde R)`` budget,
+        together with the evidence's suspects) and its reference only follows the common drift;
+        ``None`` disables it.
     fast_above:
         Rounds with at least this many entries ``R * d``, or more than 64 rows, run RGE with
         :data:`FAST_FILTER` (a sketched Gram matrix when ``d > 4096``, fresh server-private signs
@@ -110,9 +150,11 @@ class RobustDefence(Aggregator):
         evidence: bool = True,
         z_exclude: float = 1.5,
         evidence_gamma: float = 0.95,
-        mixing: bool = False,
+        mixing: bool = True,
         input_clip_scale: float | None = DEFAULT_INPUT_CLIP_SCALE,
-        gross_factor: float = 4.0,
+        gross_factor: float | None = DEFAULT_GROSS_FACTOR,
+        self_clip_scale: float | None = DEFAULT_SELF_CLIP_SCALE,
+        jump_factor: float | None = DEFAULT_JUMP_FACTOR,
         fast_above: int | None = DEFAULT_FAST_ABOVE,
         seed: int | None = None,
     ) -> None:
@@ -140,9 +182,11 @@ class RobustDefence(Aggregator):
         if input_clip_scale is not None and not (np.isfinite(input_clip_scale) and input_clip_scale > 0):
             raise ValueError(f"input_clip_scale must be a positive finite number or None, got {input_clip_scale!r}")
         self.input_clip_scale = None if input_clip_scale is None else float(input_clip_scale)
-        if not (np.isfinite(gross_factor) and gross_factor > 1.0):
-            raise ValueError(f"gross_factor must be a finite number > 1, got {gross_factor!r}")
-        self.gross_factor = float(gross_factor)
+        if gross_factor is not None and not (np.isfinite(gross_factor) and gross_factor > 1.0):
+            raise ValueError(f"gross_factor must be a finite number > 1 or None, got {gross_factor!r}")
+        self.gross_factor = None if gross_factor is None else float(gross_factor)
+        self.self_reference = (None if self_clip_scale is None
+                               else SelfReference(scale=self_clip_scale, jump_factor=jump_factor))
         self._pending_step: np.ndarray | None = None
         self._last_estimate: np.ndarray | None = None
 
@@ -162,7 +206,8 @@ class RobustDefence(Aggregator):
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """``(JSON part, arrays by name)``: the per-node memory and evidence and the last step.
 
-        Array names (``memory.momenta``, ``evidence.last``, ``last_estimate``, ``pending_step``)
+        Array names (``memory.momenta``, ``evidence.last``, ``self_reference.refs``, ``last_estimate``,
+        ``pending_step``)
         are part of the checkpoint format; they name no private attribute.
         """
         arrays: dict[str, np.ndarray] = {}
@@ -173,6 +218,11 @@ class RobustDefence(Aggregator):
             ev = self.evidence.state_dict()
             arrays["evidence.last"] = ev.pop("last")
             state["evidence"] = ev
+        state["self_reference"] = None
+        if self.self_reference is not None:
+            ref = self.self_reference.state_dict()
+            arrays["self_reference.refs"] = ref.pop("refs")
+            state["self_reference"] = ref
         for key, val in (("last_estimate", self._last_estimate), ("pending_step", self._pending_step)):
             if val is not None:
                 arrays[key] = val.copy()
@@ -185,7 +235,9 @@ class RobustDefence(Aggregator):
             raise ValueError("not a robust-defence state (missing or unknown 'format')")
         if (state.get("evidence") is None) != (self.evidence is None):
             raise ValueError("state and rule disagree on whether the evidence memory is on")
-        known = {"memory.momenta", "evidence.last", "last_estimate", "pending_step"}
+        if (state.get("self_reference") is None) != (self.self_reference is None):
+            raise ValueError("state and rule disagree on whether the self-reference clipping is on")
+        known = {"memory.momenta", "evidence.last", "self_reference.refs", "last_estimate", "pending_step"}
         if set(arrays) - known:
             raise ValueError(f"unknown state arrays {sorted(set(arrays) - known)}")
         vecs: dict[str, np.ndarray | None] = {}
@@ -205,14 +257,24 @@ class RobustDefence(Aggregator):
             evidence = MonotonicityEvidence(self.evidence.gamma, self.evidence.z_exclude, self.evidence.min_rounds,
                                             self.evidence.gamma_short, self.evidence.z_short)
             evidence.load_state_dict({**dict(state["evidence"]), "last": arrays.get("evidence.last", np.zeros((0, 0)))})
-        self.memory, self.evidence = memory, evidence
+        self_reference = None
+        if self.self_reference is not None:
+            self_reference = SelfReference(scale=self.self_reference.scale, min_rows=self.self_reference.min_rows,
+                                           jump_factor=self.self_reference.jump_factor)
+            self_reference.load_state_dict({**dict(state["self_reference"]),
+                                            "refs": arrays.get("self_reference.refs", np.zeros((0, 0)))})
+            if dim is not None and len(self_reference) and self_reference.refs.dim != dim:
+                raise ValueError(f"self-reference vectors do not have size {dim}")
+        self.memory, self.evidence, self.self_reference = memory, evidence, self_reference
         self._last_estimate, self._pending_step = vecs["last_estimate"], vecs["pending_step"]
 
     def reset(self) -> None:
-        """Forget every node's memory and evidence."""
+        """Forget every node's memory, evidence and reference."""
         self.memory.reset()
         if self.evidence is not None:
             self.evidence.reset()
+        if self.self_reference is not None:
+            self.self_reference.reset()
         self._last_estimate = self._pending_step = None
 
     # ------------------------------------------------------------------ rule
@@ -264,27 +326,43 @@ class RobustDefence(Aggregator):
                 z = self.evidence.z_values([ids[r] for r in suspects])
                 suspects = np.sort(suspects[np.argsort(z, kind="stable")[:budget]])
         self._pending_step = None
+        gross = np.zeros(0, dtype=np.intp)
+        if self.gross_factor is not None and R > 2:
+            # gross outliers, far beyond the honest spread: dropped before they can inflate sigma_0
+            off = G - np.median(G, axis=0).astype(G.dtype, copy=False)
+            dist_med = np.sqrt(row_sq_norms(off))
+            del off
+            med_d = float(np.median(dist_med))
+            if med_d > 0:
+                gross = np.flatnonzero(dist_med > self.gross_factor * med_d)
+        raw = G
+        self_info: dict[str, Any] = {}
+        if ids is not None and self.self_reference is not None:
+            G, self_info = self.self_reference.apply(raw, ids, skip=gross)
+            jumped = self_info.get("jumped", [])
+            if jumped:  # left out of the round, within the budget the evidence's suspects also draw on
+                room = max(int(np.floor(self.eps_tilde * R)) - suspects.size, 0)
+                order = np.argsort(-np.asarray(self_info["jump_ratio"]), kind="stable")
+                extra = [jumped[k] for k in order if jumped[k] not in set(suspects.tolist())][:room]
+                suspects = np.union1d(suspects, np.asarray(extra, dtype=np.intp))
         use_memory = ids is not None and self.momentum > 0
         input_clipped = 0
-        gross = np.zeros(0, dtype=np.intp)
         if use_memory and self.input_clip_scale is not None and R > 2:
             # Bounded contribution per round: what enters a node's memory is clipped around a robust
             # centre (the last estimate, else the coordinate-wise median), so a mobile adversary cannot
-            # plant a huge vector in the memories of the nodes it visits.  Rows farther than
-            # gross_factor x the median distance are gross outliers: dropped for the round, memory untouched.
+            # plant a huge vector in the memories of the nodes it visits.
             centre0 = (self._last_estimate if self._last_estimate is not None and self._last_estimate.shape[0] == d
                        else np.median(G, axis=0)).astype(G.dtype, copy=False)
             diff0 = G - centre0
             dist0 = np.sqrt(row_sq_norms(diff0))
             med0 = float(np.median(dist0))
             if med0 > 0:
-                gross = np.flatnonzero(dist0 > self.gross_factor * med0)
                 radius0 = self.input_clip_scale * med0
                 scale0 = np.minimum(1.0, radius0 / np.maximum(dist0, 1e-300))
                 input_clipped = int(np.sum(scale0 < 1.0))
                 diff0 *= scale0.astype(G.dtype)[:, None]
                 G = np.add(diff0, centre0, out=diff0)
-        if gross.size:
+        if use_memory and gross.size:
             keep_rows = np.setdiff1d(np.arange(R), gross)
             M = np.zeros_like(G)
             M[keep_rows] = self.memory.update(G[keep_rows], [ids[r] for r in keep_rows])
@@ -292,18 +370,29 @@ class RobustDefence(Aggregator):
             M = self.memory.update(G, ids) if use_memory else G
         active = np.setdiff1d(np.arange(R), np.union1d(suspects, gross))
         filt = self.filter_for(active.size, d)
-        if self.mixing and active.size > 2:
-            from .preagg import NearestNeighborMixing
+        sigma0_raw = None
+        if raw is not G and not use_memory and self.sigma0 is None and filt is self.filter and active.size > 2:
+            # sigma_0 from the raw replies: self-clipping shrinks the honest rows' noise, not their
+            # heterogeneity, and a sigma_0 estimated on the clipped rows would filter honest minorities
+            # (the sketched fast path keeps its own estimate: it never forms the raw Gram matrix)
+            sigma0_raw = float(np.sqrt(max(float(estimate_sigma0_sq(centred_gram(raw[active]), self.eps_tilde)), 0.0)))
+        try:
+            if sigma0_raw is not None:
+                filt.sigma0 = sigma0_raw  # this round only (restored below)
+            if self.mixing and active.size > 2:
+                from .preagg import NearestNeighborMixing
 
-            f = min(int(np.floor(self.eps_tilde * active.size)), (active.size - 1) // 2)
-            A, _ = NearestNeighborMixing(inner="mean", num_byzantine=f).mixing_matrix(M[active])
-            Y = (A @ M[active]).astype(M.dtype, copy=False)
-            res = filt.aggregate(Y)
-            survivors = np.asarray(res.kept)  # rows of Y
-        else:
-            Y = M
-            res = filt.aggregate_rows(M, active)  # the excluded rows are skipped, not copied out
-            survivors = active[np.asarray(res.kept)]
+                f = min(int(np.floor(self.eps_tilde * active.size)), (active.size - 1) // 2)
+                A, _ = NearestNeighborMixing(inner="mean", num_byzantine=f).mixing_matrix(M[active])
+                Y = (A @ M[active]).astype(M.dtype, copy=False)
+                res = filt.aggregate(Y)
+                survivors = np.asarray(res.kept)  # rows of Y
+            else:
+                Y = M
+                res = filt.aggregate_rows(M, active)  # the excluded rows are skipped, not copied out
+                survivors = active[np.asarray(res.kept)]
+        finally:
+            filt.sigma0 = self.sigma0
         kept = active[np.asarray(res.kept)]
         centre = np.asarray(res.estimate)
         if self.clip_scale is not None and kept.size > 1:
@@ -322,7 +411,7 @@ class RobustDefence(Aggregator):
             out = estimate.astype(updates.dtype, copy=False)
         info = dict(res.info)
         info.update({
-            "gross": [int(r) for r in gross], "input_clipped": input_clipped, "memory": bool(use_memory),
+            "gross": [int(r) for r in gross], "input_clipped": input_clipped, "memory": bool(use_memory), **self_info,
             "suspected": [int(i) for i in suspects], "clip_radius": float(radius),
             "clipped": int(np.sum(factors < 1.0)), "defence_seconds": time.perf_counter() - t0,
         })

@@ -6,9 +6,10 @@ poisoning attacks and defenses for federated learning" (NDSS 2021), Sec. IV.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
@@ -62,6 +63,11 @@ class DefenceAware(UpdateAttack):
     ----------
     aggregator:
         The targeted defence, its registry name, or ``None`` for the criteria.
+    client_ids:
+        Node ids of the rows the aggregator will see this round (the honest rows, then the
+        Byzantine ones), for an omniscient attacker that knows them: a rule keyed by node id
+        (the default defence's memory, self-reference and jump rule) is then simulated with them,
+        each trial on a fresh copy of its state.  ``None``: the rule's stateless call.
     direction:
         ``'unit'``, ``'std'`` or ``'sign'``.
     search:
@@ -88,6 +94,7 @@ class DefenceAware(UpdateAttack):
     gamma_init: float | None = None
     gamma_max: float | None = None
     aggregator_params: dict[str, Any] | None = None
+    client_ids: Sequence[int] | None = None
     last_gamma: float = field(default=float("nan"), init=False, compare=False, repr=False)
     last_info: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
@@ -167,7 +174,12 @@ class DefenceAware(UpdateAttack):
 
     def _agg_accepts(self, h: ArrayLike, f: int, mu: ArrayLike, p: ArrayLike, gamma: float) -> bool:
         byz = repeat_rows(mu + gamma * p, f, h)
-        res = self.aggregator.aggregate(_stack(h, byz))
+        if self.client_ids is not None and len(self.client_ids) == h.shape[0] + f:
+            # a stateful rule keyed by node id (the default defence's memory): every trial runs on a
+            # fresh copy of the rule's state, with the round's real node ids
+            res = copy.deepcopy(self.aggregator).aggregate(_stack(h, byz), client_ids=list(self.client_ids))
+        else:
+            res = self.aggregator.aggregate(_stack(h, byz))
         n_h = h.shape[0]
         kept = np.asarray(res.kept, dtype=np.int64).reshape(-1)
         return bool(np.isin(np.arange(n_h, n_h + f), kept).all())

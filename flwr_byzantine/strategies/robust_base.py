@@ -75,9 +75,12 @@ def default_aggregator(replies_are_gradients: bool = True) -> Aggregator:
 
     Its monotonicity evidence assumes every reply is a stochastic gradient of the client's loss;
     for model updates after several local steps (``RobustFedAvg``) it is switched off
-    (``replies_are_gradients=False``): on a non-convex model they need not be monotone.
+    (``replies_are_gradients=False``), with the jump rule (``MODEL_UPDATE_OPTIONS``): on a
+    non-convex model such updates need be neither monotone nor smooth from round to round.
     """
-    return make_aggregator(DEFAULT_AGGREGATOR, **({} if replies_are_gradients else {"evidence": False}))
+    from ..aggregators.defence import MODEL_UPDATE_OPTIONS
+
+    return make_aggregator(DEFAULT_AGGREGATOR, **({} if replies_are_gradients else MODEL_UPDATE_OPTIONS))
 
 
 class RunFailed(RuntimeError):

@@ -1,0 +1,143 @@
+"""Self-reference clipping: each node's reply may move only a little from its own last reply.
+
+A single round cannot tell an attacker from an honest client with unusual data, and on
+heterogeneous clients the honest spread -- hence the radius of any cross-sectional clipping --
+is dominated by the clients' *different* data.  A node's reply compared with *its own* previous
+reply has no such term: for an honest client ``g_i(t) - g_i(t-1) = H_i (x_t - x_{t-1}) + noise``,
+the same small change for every client (up to curvature), whatever its data.  So for every node
+that replied in the previous call,
+
+    delta_i = g_i(t) - r_i,     drift = coordinate-wise median_i delta_i,
+    v_i     = r_i + drift + clip(delta_i - drift, scale * median_j |delta_j - drift|)
+
+and ``r_i <- v_i`` (the clipped value is what is remembered, so a node can move its reference by
+at most the radius per round).  A *mobile* adversary, which corrupts nodes that were honest in the
+previous round (Data & Diggavi 2021, Sec. 2.1; :class:`~flwr_byzantine.attacks.MobileAdversary`),
+can then move the estimate by at most ``(f / R) * scale * median_j |delta_j - drift|`` per round,
+the clients' noise level, instead of ``(f / R)`` times the heterogeneity-dominated cross-sectional
+radius (Karimireddy, He, Jaggi 2021, centered clipping, Section 4, applied per node along time).
+Nodes seen for the first time (or absent in the previous call) pass unchanged and start a
+reference.  The drift and the radius are medians over the nodes with a reference, so fewer than
+half of them cannot set either.  A change far beyond the round's typical one is a *jump*
+(a sleeper waking up, a node the mobile adversary has just taken): the default defence leaves
+that reply out of the round, and the node's reference keeps following the common drift only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from .memory import _RowTable
+
+#: Default radius, in units of the round's median distance of a node's change to the common drift.
+DEFAULT_SELF_CLIP_SCALE = 1.0
+#: Default jump level: a change this many times the round's median change is a jump.
+DEFAULT_JUMP_FACTOR = 4.0
+
+
+class SelfReference:
+    """Per-node reference vectors and the self-reference clipping of the module docstring.
+
+    Parameters
+    ----------
+    scale:
+        Radius of the clipping, in units of the round's median ``|delta_i - drift|``.
+    min_rows:
+        Fewest nodes with a reference needed to clip (below it every row passes unchanged).
+    jump_factor:
+        A change ``|delta_i - drift|`` above ``jump_factor`` times the round's median is a
+        *jump*: reported in ``info["jumped"]`` (row indices) and ``info["jump_ratio"]``, and the
+        node's reference then follows only the common drift (``r_i <- r_i + drift``), so a node
+        cannot drag its reference along with a jump; ``None`` disables it.
+    """
+
+    def __init__(self, scale: float = DEFAULT_SELF_CLIP_SCALE, min_rows: int = 3,
+                 jump_factor: float | None = DEFAULT_JUMP_FACTOR) -> None:
+        if not (np.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+        if isinstance(min_rows, bool) or int(min_rows) != min_rows or min_rows < 2:
+            raise ValueError(f"min_rows must be an integer >= 2, got {min_rows!r}")
+        self.scale = float(scale)
+        self.min_rows = int(min_rows)
+        if jump_factor is not None and not (np.isfinite(jump_factor) and jump_factor > 1):
+            raise ValueError(f"jump_factor must be a finite number > 1 or None, got {jump_factor!r}")
+        self.jump_factor = None if jump_factor is None else float(jump_factor)
+        self.refs = _RowTable()
+
+    def reset(self) -> None:
+        """Forget every node's reference."""
+        self.refs = _RowTable()
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def apply(self, G: np.ndarray, ids: Sequence[int], skip: Sequence[int] = ()) -> tuple[np.ndarray, dict[str, Any]]:
+        """Clip the rows of ``G`` (node ``ids[r]`` for row ``r``) against their references.
+
+        Rows in ``skip`` (e.g. gross outliers dropped this round) are returned unchanged, do not
+        enter the drift or the radius, and their node's reference is forgotten.  Every other
+        node's reference becomes its (clipped) row.  Returns ``(V, info)``.
+        """
+        G = np.asarray(G)
+        ids = [int(i) for i in ids]
+        if self.refs.dim is not None and self.refs.dim != G.shape[1]:
+            self.reset()
+        skip_set = {int(r) for r in skip}
+        V = G.copy()
+        rows = [r for r, node in enumerate(ids) if r not in skip_set and node in self.refs.index]
+        info: dict[str, Any] = {"self_clipped": 0, "self_radius": float("nan"), "self_rows": len(rows), "jumped": []}
+        stored = V
+        if len(rows) >= self.min_rows:
+            ref = self.refs.get([ids[r] for r in rows])
+            dev = G[rows] - ref
+            drift = np.median(dev, axis=0)
+            dev -= drift
+            dist = np.sqrt(np.einsum("ij,ij->i", dev, dev))
+            radius = self.scale * float(np.median(dist))
+            if radius > 0 and np.isfinite(radius):
+                factors = np.minimum(1.0, radius / np.maximum(dist, 1e-300))
+                V[rows] = ref + drift + dev * factors[:, None].astype(dev.dtype, copy=False)
+                info.update(self_clipped=int(np.sum(factors < 1.0)), self_radius=radius)
+                if self.jump_factor is not None:
+                    jump = dist > self.jump_factor * float(np.median(dist))
+                    if jump.any():
+                        # a jump far beyond the round's changes: the node's reference only follows the drift
+                        stored = V.copy()
+                        jr = [rows[k] for k in np.flatnonzero(jump)]
+                        stored[jr] = ref[jump] + drift
+                        info["jumped"] = [int(r) for r in jr]
+                        info["jump_ratio"] = [float(x) for x in dist[jump] / max(float(np.median(dist)), 1e-300)]
+        seen = [r for r in range(len(ids)) if r not in skip_set]
+        present = {ids[r] for r in seen}
+        self.refs.drop([node for node in self.refs.index if node not in present])
+        if seen:
+            self.refs.put([ids[r] for r in seen], stored[seen])
+        return V, info
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"scale", "jump_factor", "ids", "refs"}``: plain values and one ``(m, d)`` array."""
+        ids = sorted(self.refs.index)
+        d = self.refs.dim or 0
+        return {"scale": self.scale, "jump_factor": self.jump_factor, "ids": ids,
+                "refs": self.refs.get(ids).copy() if ids else np.zeros((0, d))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; ``ValueError`` on anything malformed (nothing changes then)."""
+        try:
+            ids = [int(i) for i in state["ids"]]
+            refs = np.asarray(state["refs"], dtype=np.float64)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed self-reference state: {exc}") from exc
+        if refs.ndim != 2 or refs.shape[0] != len(ids) or len(set(ids)) != len(ids):
+            raise ValueError("malformed self-reference state: ids and refs disagree")
+        if not np.isfinite(refs).all():
+            raise ValueError("malformed self-reference state: non-finite reference")
+        table = _RowTable()
+        if ids:
+            table.put(ids, refs)
+        self.refs = table
+
+
+__all__ = ["DEFAULT_JUMP_FACTOR", "DEFAULT_SELF_CLIP_SCALE", "SelfReference"]

@@ -1,0 +1,154 @@
+"""Self-reference clipping (flwr_byzantine.aggregators.temporal) and its use in the default defence."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from flwr_byzantine.aggregators import RobustDefence
+from flwr_byzantine.aggregators.temporal import SelfReference
+
+
+def _honest_stream(rng, R=20, d=30, rounds=8, spread=5.0, noise=0.3):
+    """Heterogeneous clients (fixed offsets of size ``spread``) with small per-round noise and a common drift."""
+    offsets = spread * rng.normal(size=(R, d))
+    for t in range(rounds):
+        yield offsets + 0.1 * t + noise * rng.normal(size=(R, d))
+
+
+def test_first_sight_passes_unchanged_and_later_changes_are_clipped_to_the_noise_level():
+    rng = np.random.default_rng(0)
+    sr = SelfReference(scale=1.0, jump_factor=None)
+    ids = list(range(100, 120))
+    stream = list(_honest_stream(rng))
+    V, info = sr.apply(stream[0], ids)
+    np.testing.assert_array_equal(V, stream[0])
+    assert info["self_rows"] == 0 and len(sr) == 20
+    G = stream[1].copy()
+    G[3] += 50.0  # node 103 moves far from its own last reply (but not far from the others' spread)
+    V, info = sr.apply(G, ids)
+    assert info["self_rows"] == 20 and info["self_clipped"] >= 1
+    move = np.linalg.norm(V[3] - stream[0][3])
+    # it moved by the common drift (0.55, estimated by a median) plus at most the radius: a small
+    # fraction of the 50 * sqrt(30) it asked for
+    assert move <= np.linalg.norm(np.full(30, 0.1)) + 1.0 + info["self_radius"]
+    assert info["self_radius"] < 5.0 and move < 10.0
+    # the reference remembers the clipped row, not the raw one
+    np.testing.assert_allclose(sr.refs.get([103])[0], V[3])
+
+
+def test_jumps_are_reported_and_the_reference_only_follows_the_drift():
+    rng = np.random.default_rng(1)
+    sr = SelfReference(scale=1.0, jump_factor=4.0)
+    ids = list(range(20))
+    stream = list(_honest_stream(rng, rounds=3))
+    sr.apply(stream[0], ids)
+    G = stream[1].copy()
+    G[[2, 7]] *= -1.0  # two nodes turn (a sleeper waking up)
+    V, info = sr.apply(G, ids)
+    assert sorted(info["jumped"]) == [2, 7] and min(info["jump_ratio"]) > 4.0
+    ref = sr.refs.get([2])[0]
+    assert np.linalg.norm(ref - stream[0][2]) < 2.0  # its reference stayed with its old self (+ the drift)
+    assert np.linalg.norm(G[2] - stream[0][2]) > 40.0
+    # an honest round: nobody jumps
+    _, info = sr.apply(stream[2], ids)
+    assert info["jumped"] == []
+
+
+def test_absent_nodes_and_skipped_rows_lose_their_reference():
+    sr = SelfReference()
+    sr.apply(np.ones((4, 3)), [1, 2, 3, 4])
+    sr.apply(np.ones((3, 3)), [1, 2, 5], skip=[1])
+    assert sorted(sr.refs.index) == [1, 5]
+
+
+def test_self_reference_state_round_trip_and_malformed_state():
+    rng = np.random.default_rng(2)
+    a = SelfReference(scale=1.5)
+    ids = [11, 12, 13, 14, 15]
+    for _ in range(3):
+        a.apply(rng.normal(size=(5, 4)), ids)
+    state = a.state_dict()
+    b = SelfReference(scale=1.5)
+    b.load_state_dict(json.loads(json.dumps({**state, "refs": state["refs"].tolist()})))
+    G = rng.normal(size=(5, 4))
+    np.testing.assert_array_equal(a.apply(G, ids)[0], b.apply(G, ids)[0])
+    for bad in ({"ids": [1], "refs": np.zeros((2, 4))}, {"ids": [1], "refs": [[np.nan]]}, {"refs": np.zeros((0, 4))},
+                {"ids": [1, 1], "refs": np.zeros((2, 4))}):
+        with pytest.raises(ValueError):
+            SelfReference().load_state_dict(bad)
+    for kw in ({"scale": 0.0}, {"scale": np.inf}, {"jump_factor": 1.0}, {"min_rows": 1}):
+        with pytest.raises(ValueError):
+            SelfReference(**kw)
+
+
+def test_defence_bounds_a_mobile_adversary_by_the_noise_level_not_the_heterogeneity():
+    """Nodes honest in the previous round turn into a coordinated push: its effect is bounded by the noise."""
+    rng = np.random.default_rng(3)
+    R, d, f = 20, 30, 4
+    ids = list(range(1000, 1000 + R))
+    stream = list(_honest_stream(rng, R=R, d=d, rounds=6, spread=5.0, noise=0.3))
+    p = rng.normal(size=d)
+    p /= np.linalg.norm(p)
+    pushes = {}
+    for self_clip in (1.0, None):
+        defence = RobustDefence(eps_tilde=0.2, self_clip_scale=self_clip, jump_factor=None, evidence=False)
+        for t, G in enumerate(stream):
+            if t == len(stream) - 1:
+                G = G.copy()
+                G[:f] = G[f:].mean(axis=0) + 15.0 * p  # inside the honest spread (rows are ~27 apart)
+            res = defence.aggregate(G, client_ids=ids)
+        # how far the round's estimate moved along the push, from the clean round's mean
+        pushes[self_clip] = float((np.asarray(res.estimate) - stream[-1].mean(axis=0)) @ p)
+    assert pushes[None] > 1.5, pushes  # without it the push gets through the cross-sectional clipping
+    assert pushes[1.0] < 0.4 * pushes[None], pushes
+
+
+def test_defence_leaves_out_a_jumping_node_within_the_budget():
+    rng = np.random.default_rng(4)
+    ids = list(range(20))
+    defence = RobustDefence(eps_tilde=0.2, evidence=False)
+    stream = list(_honest_stream(rng, rounds=4))
+    for G in stream[:3]:
+        res = defence.aggregate(G, client_ids=ids)
+        assert res.info["jumped"] == []
+    G = stream[3].copy()
+    G[:6] *= -1.0  # six jump, the budget is floor(0.2 * 20) = 4
+    res = defence.aggregate(G, client_ids=ids)
+    assert set(res.info["jumped"]) == set(range(6))
+    assert len(set(res.info["suspected"]) & set(range(6))) == 4
+    assert len(res.info["suspected"]) == 4
+
+
+def test_gross_rows_cannot_inflate_sigma0_and_slip_through():
+    """Huge rows (a client-side defence-aware attack that overshoots) are dropped before the filter."""
+    rng = np.random.default_rng(5)
+    G = rng.normal(size=(20, 40))
+    G[:4] = rng.normal(size=(4, 40)) * 1e11
+    for gross in (4.0, None):
+        res = RobustDefence(eps_tilde=0.2, gross_factor=gross).aggregate(G)
+        if gross is not None:
+            assert set(res.info["gross"]) == {0, 1, 2, 3}
+            assert not set(res.kept.tolist()) & {0, 1, 2, 3}
+            assert np.linalg.norm(res.estimate) < 3.0
+    assert RobustDefence().gross_factor == 4.0
+
+
+def test_defence_state_carries_the_references():
+    rng = np.random.default_rng(6)
+    ids = [3, 5, 8, 13, 21, 34, 55, 89]
+    a = RobustDefence(eps_tilde=0.25)
+    for _ in range(4):
+        a.aggregate(rng.normal(size=(8, 6)), client_ids=ids)
+    state, arrays = a.state_dict()
+    assert arrays["self_reference.refs"].shape == (8, 6) and state["self_reference"]["ids"] == sorted(ids)
+    b = RobustDefence(eps_tilde=0.25)
+    b.load_state_dict(json.loads(json.dumps(state)), arrays, dim=6)
+    G = 5.0 * rng.normal(size=(8, 6))
+    np.testing.assert_array_equal(a.aggregate(G, client_ids=ids).estimate, b.aggregate(G, client_ids=ids).estimate)
+    with pytest.raises(ValueError):
+        RobustDefence(self_clip_scale=None).load_state_dict(state, arrays)
+    with pytest.raises(ValueError):
+        RobustDefence().load_state_dict(state, {**arrays, "self_reference.refs": np.zeros((8, 7))}, dim=6)
