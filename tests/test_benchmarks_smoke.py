@@ -113,7 +113,9 @@ def test_mean_estimation_tiny(tmp_path):
     # survivors, a bounded bias) lands close to the honest mean, far from the attacked mean
     assert payload["summary"]["gaussian-far"]["rge-paper"]["median_error"][1] < 1e-6
     far = payload["summary"]["gaussian-far"]
-    assert far["rge"]["median_error"][1] < 0.05 * far["mean"]["median_error"][1]
+    # the default mixes its survivors (NNM: means of n - f neighbours), which costs a little of the
+    # sample mean's efficiency on clean Gaussian rows; still > 10x below the mean's error
+    assert far["rge"]["median_error"][1] < 0.1 * far["mean"]["median_error"][1]
     assert payload["summary"]["gaussian-far"]["mean"]["median_error"][1] > 1.0
     assert "slope" in (tmp_path / "mean_estimation.md").read_text()
     assert (tmp_path / "mean_estimation.png").stat().st_size > 0

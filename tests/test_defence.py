@@ -237,3 +237,4 @@ def test_strategies_default_defences():
     assert isinstance(sgd, RobustDefence) and sgd.evidence is not None and sgd.momentum == 0.0
     # model updates after local training are not gradients: no monotonicity evidence for them
     assert isinstance(fedavg, RobustDefence) and fedavg.evidence is None
+    assert fedavg.self_reference is None and not fedavg.mixing and sgd.self_reference is not None and sgd.mixing

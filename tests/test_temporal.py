@@ -133,7 +133,7 @@ def test_gross_rows_cannot_inflate_sigma0_and_slip_through():
             assert set(res.info["gross"]) == {0, 1, 2, 3}
             assert not set(res.kept.tolist()) & {0, 1, 2, 3}
             assert np.linalg.norm(res.estimate) < 3.0
-    assert RobustDefence().gross_factor == 4.0
+    assert RobustDefence().gross_factor == 8.0
 
 
 def test_defence_state_carries_the_references():

@@ -75,8 +75,9 @@ def default_aggregator(replies_are_gradients: bool = True) -> Aggregator:
 
     Its monotonicity evidence assumes every reply is a stochastic gradient of the client's loss;
     for model updates after several local steps (``RobustFedAvg``) it is switched off
-    (``replies_are_gradients=False``), with the jump rule (``MODEL_UPDATE_OPTIONS``): on a
-    non-convex model such updates need be neither monotone nor smooth from round to round.
+    (``replies_are_gradients=False``), with the self-reference clipping, the jump rule and the
+    mixing (``MODEL_UPDATE_OPTIONS``): on a non-convex model such updates need be neither monotone nor
+    smooth from round to round.
     """
     from ..aggregators.defence import MODEL_UPDATE_OPTIONS
 
