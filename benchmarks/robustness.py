@@ -98,7 +98,7 @@ LOCAL_ATTACKS = ("sign-flip", "label-flip", "alie", "ipm", "gaussian", "scaled-n
 LOCAL_RULES = ("rge", "cclip", "multi-krum", "trimmed-mean", "median", "mean")
 #: ``rge/evidence``: the default defence with the evidence it has in gradient mode (local-SGD updates of a
 #: convex loss are monotone too: x - w(x) with w a composition of nonexpansive SGD steps, lr <= 2/L)
-LOCAL_GRID = dict(models=("logreg",), alphas=(0.3, 1.0), seeds=(0, 1, 2, 3), attacks=LOCAL_ATTACKS,
+LOCAL_GRID = dict(models=("logreg", "mlp"), alphas=(0.3, 1.0), seeds=(0, 1, 2, 3), attacks=LOCAL_ATTACKS,
                   rules=(*LOCAL_RULES, "rge/evidence"), ablations=(), ablation_attacks=())
 MODES = ("gradient", "local")
 QUICK = dict(models=("logreg",), alphas=(0.3,), seeds=(0,), attacks=("sign-flip", "alie"), rules=("rge", "cclip"),
