@@ -36,6 +36,9 @@ filter and adds what a single round lacks:
 5. **Gross outliers** (rows farther from the coordinate-wise median than ``gross_factor``
    times the median distance) are dropped before anything else sees them, so a few huge rows
    cannot inflate the filter's automatic ``sigma_0`` and smuggle one of them through.
+6. **Mixing** (``mixing=True``): the filter's survivors are replaced by nearest-neighbour
+   mixtures (Allouah et al. 2023, NNM) before the clipping, shrinking the heterogeneity in which a
+   static attacker that knows the rule, its state and the node ids hides its shift.
 
 With ``client_ids=None`` (e.g. a compressed round, where coordinates change every
 round, or a caller without node ids) the memory step is skipped and the rule is

@@ -94,7 +94,7 @@ class SelfReference:
             dev = G[rows] - ref
             drift = np.median(dev, axis=0)
             dev -= drift
-            dist = np.sqrt(np.einsum("ij,ij->i", dev, dev))
+            dist = np.sqrt(np.einsum("ij,ij->i", dev, dev).astype(np.float64))
             radius = self.scale * float(np.median(dist))
             if radius > 0 and np.isfinite(radius):
                 factors = np.minimum(1.0, radius / np.maximum(dist, 1e-300))
