@@ -136,6 +136,22 @@ def test_gross_rows_cannot_inflate_sigma0_and_slip_through():
     assert RobustDefence().gross_factor == 8.0
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_defence_resumes_bit_exactly_in_the_rounds_dtype(dtype):
+    rng = np.random.default_rng(7)
+    ids = list(range(100, 112))
+    a = RobustDefence(eps_tilde=0.25)
+    for _ in range(5):
+        a.aggregate(rng.normal(size=(12, 9)).astype(dtype), client_ids=ids)
+    state, arrays = a.state_dict()
+    assert arrays["self_reference.refs"].dtype == dtype
+    b = RobustDefence(eps_tilde=0.25)
+    b.load_state_dict(json.loads(json.dumps(state)), arrays, dim=9)
+    for _ in range(4):
+        G = rng.normal(size=(12, 9)).astype(dtype)
+        np.testing.assert_array_equal(a.aggregate(G, client_ids=ids).estimate, b.aggregate(G, client_ids=ids).estimate)
+
+
 def test_defence_state_carries_the_references():
     rng = np.random.default_rng(6)
     ids = [3, 5, 8, 13, 21, 34, 55, 89]

@@ -127,7 +127,9 @@ class SelfReference:
         """Restore :meth:`state_dict` output; ``ValueError`` on anything malformed (nothing changes then)."""
         try:
             ids = [int(i) for i in state["ids"]]
-            refs = np.asarray(state["refs"], dtype=np.float64)
+            refs = np.asarray(state["refs"])
+            if refs.dtype.kind != "f":  # a checkpoint keeps the rounds' float dtype; anything else -> float64
+                refs = refs.astype(np.float64)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed self-reference state: {exc}") from exc
         if refs.ndim != 2 or refs.shape[0] != len(ids) or len(set(ids)) != len(ids):
