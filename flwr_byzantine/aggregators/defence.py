@@ -389,6 +389,12 @@ class RobustDefence(Aggregator):
             filt.sigma0 = self.sigma0
         kept = active[np.asarray(res.kept)]
         centre = np.asarray(res.estimate)
+        new_rows = self_info.pop("new_rows", [])
+        if new_rows and self.self_reference is not None:
+            # a node seen for the first time whose reply the round did not keep has no trustworthy
+            # reference yet: it starts fresh next round instead of being judged against that reply
+            kept_set = set(kept.tolist())
+            self.self_reference.forget([ids[r] for r in new_rows if r not in kept_set])
         Y, survivors = M, kept
         if self.mixing and kept.size > 2:
             # nearest-neighbour mixing of the survivors (Allouah et al. 2023, NNM): each is replaced by

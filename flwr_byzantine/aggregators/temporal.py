@@ -109,12 +109,17 @@ class SelfReference:
                         stored[jr] = ref[jump] + drift
                         info["jumped"] = [int(r) for r in jr]
                         info["jump_ratio"] = [float(x) for x in dist[jump] / max(float(np.median(dist)), 1e-300)]
+        info["new_rows"] = [r for r, node in enumerate(ids) if r not in skip_set and node not in self.refs.index]
         seen = [r for r in range(len(ids)) if r not in skip_set]
         present = {ids[r] for r in seen}
         self.refs.drop([node for node in self.refs.index if node not in present])
         if seen:
             self.refs.put([ids[r] for r in seen], stored[seen])
         return V, info
+
+    def forget(self, node_ids: Sequence[int]) -> None:
+        """Drop the references of ``node_ids`` (they start fresh when they next reply)."""
+        self.refs.drop([int(n) for n in node_ids if int(n) in self.refs.index])
 
     def state_dict(self) -> dict[str, Any]:
         """``{"scale", "jump_factor", "ids", "refs"}``: plain values and one ``(m, d)`` array."""
