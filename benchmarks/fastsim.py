@@ -368,6 +368,8 @@ def simulate(cfg: SimConfig, aggregator: Any, aggregator_name: str = "mean", pro
                 if cfg.attack == "erasure":
                     continue
                 rank, atk = client_attacks[p]
+                if hasattr(atk, "aim_at") and getattr(aggregator, "evidence", None) is not None:
+                    atk.aim_at(aggregator.evidence)  # knows the rule: attacked at its (last round's) levels
                 if hasattr(atk, "observe_model"):
                     atk.observe_model(x)
                 if local_mode:

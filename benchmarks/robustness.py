@@ -83,15 +83,17 @@ OMNI_ATTACKS = ("omni:alie", "omni:ipm", "omni:sign-flip", "omni:defence-aware",
 ATTACKS = CLIENT_ATTACKS + OMNI_ATTACKS
 PEERS = ("cclip", "nnm:cclip", "multi-krum", "trimmed-mean", "median", "geomed")
 MOMENTUM_PEERS = ("wm:cclip", "wm:nnm:cclip", "wm:multi-krum", "wm:trimmed-mean")
-ABLATIONS = ("rge/no-mixing", "rge/no-evidence", "rge/no-self-ref", "rge/no-jump", "rge/no-gross", "rge/no-clip", "rge/threshold-4",
-             "rge/momentum")
+ABLATIONS = ("rge/no-mixing", "rge/no-evidence", "rge/evidence-level-1.5", "rge/no-relative-level",
+             "rge/no-skip-anomalies", "rge/no-self-ref",
+             "rge/no-jump", "rge/no-burn-in", "rge/no-gross", "rge/no-clip", "rge/threshold-4", "rge/momentum")
 RULES = ("rge", "rge-paper", *PEERS, *MOMENTUM_PEERS, "mean")
 REFERENCES = ("oracle", "clean-fedavg")
 MODELS = {"logreg": dict(rounds=60, learning_rate=0.5), "mlp": dict(rounds=200, learning_rate=0.3)}
 GRID = dict(models=("logreg", "mlp"), alphas=(0.3, 1.0), seeds=(0, 1, 2, 3), attacks=ATTACKS, rules=RULES,
             ablations=ABLATIONS, ablation_attacks=("sign-flip", "label-flip", "alie", "ipm", "defence-aware",
                                                    "sleeper", "memory-aware", "omni:defence-aware",
-                                                   "omni-rotate:alie", "omni-rotate:defence-aware", "none"))
+                                                   "omni-rotate:alie", "omni-rotate:defence-aware",
+                                                   "omni-rotate:sign-flip", "none"))
 #: Local mode (``--mode local``): the server step is the App's ``server-lr`` default; the clients' local
 #: training uses the App's ``local-epochs`` / ``local-steps`` / ``client-lr`` defaults (see :func:`local_defaults`).
 LOCAL_ATTACKS = ("sign-flip", "label-flip", "alie", "ipm", "gaussian", "scaled-negative", "defence-aware", "omni:alie")
@@ -147,6 +149,14 @@ def build_rule(name: str, num_nodes: int, f: int, mode: str = "gradient"):
             kw = dict(gross_factor=None)
         elif variant == "no-clip":
             kw = dict(clip_scale=None)
+        elif variant.startswith("evidence-level-"):  # exclusion level of the evidence: Z < -level
+            kw = dict(z_exclude=float(variant.rpartition("-")[2]))
+        elif variant == "no-skip-anomalies":  # the evidence scores every reply, not winsorised
+            kw = dict(skip_anomalies=False, score_clip=None)
+        elif variant == "no-relative-level":  # the evidence's level is -z_exclude in every round
+            kw = dict(evidence_relative=None)
+        elif variant == "no-burn-in":  # a jumped node's reference follows only the drift, from its first round
+            kw = dict(reference_burn_in=0)
         elif variant == "threshold-4":
             kw = dict(threshold_factor=4.0)
         elif variant:

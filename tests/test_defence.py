@@ -83,6 +83,37 @@ def test_monotonicity_evidence_suspects_sign_flippers_and_not_heterogeneous_hone
     assert all(ev.z(100 + i) > 0 for i in range(R) if i not in flip)
 
 
+def test_relative_level_follows_a_low_spread_population_down_and_is_never_stricter():
+    ev = MonotonicityEvidence(z_exclude=0.0, relative=2.0)
+    # convex-like population: honest Z around 2.5, tight -> the level is -z_exclude = 0
+    assert ev._level(np.array([2.4, 2.6, 2.5, 2.2, 2.8, 2.5, 2.7])) == 0.0
+    # a non-convex model's first rounds: Z spread around 0.5 -> the level follows the population down
+    z = np.array([-0.8, 0.6, 0.5, 0.0, -0.1, -0.7, 2.3, -0.5, 1.7, 1.2])
+    med = np.median(z)
+    assert ev._level(z) == pytest.approx(med - 2.0 * 1.4826 * np.median(np.abs(z - med)))
+    assert ev._level(z) < -0.8  # no honest node of this population is below it
+    assert ev._level(z[:4]) == 0.0  # fewer than 5 nodes with evidence: the absolute level
+    assert MonotonicityEvidence(relative=None)._level(z) == 0.0
+    with pytest.raises(ValueError):
+        MonotonicityEvidence(relative=0.0)
+
+
+def test_suspected_uses_the_last_rounds_level_and_the_state_keeps_it():
+    rng = np.random.default_rng(2)
+    ev = MonotonicityEvidence()
+    ids = list(range(8))
+    G = rng.normal(size=(8, 4))
+    for t in range(8):
+        G = G + rng.normal(size=(8, 4))
+        ev.observe(G, ids, None if t == 0 else rng.normal(size=4))
+    mask = ev.suspected_rows(ids)
+    assert [ev.suspected(i) for i in ids] == mask.tolist()
+    other = MonotonicityEvidence()
+    other.load_state_dict(ev.state_dict())
+    assert other.level == ev.level
+    assert [other.suspected(i) for i in ids] == mask.tolist()
+
+
 def test_monotonicity_evidence_state_round_trip():
     rng = np.random.default_rng(2)
     ev = MonotonicityEvidence()
@@ -133,6 +164,34 @@ def test_defence_excludes_a_consistent_sign_flipper_by_node_id_over_rounds():
         x = x - 0.1 * res.estimate
     assert suspected_rounds >= 20
     assert not set(res.info["suspected"]) - set(flip)
+
+
+@pytest.mark.parametrize("skip_anomalies", [True, False])
+def test_a_node_held_by_a_mobile_adversary_for_one_round_is_not_suspected_afterwards(skip_anomalies):
+    # honest heterogeneous quadratics; node 3 is corrupted in round 15 only (a far jump against the
+    # step).  The default leaves that reply and its node's next one out of the evidence (and
+    # winsorises the scores); scoring them raw plants negative evidence on an honest node.
+    rng = np.random.default_rng(8)
+    R, d = 12, 20
+    A = [np.diag(rng.uniform(0.5, 3.0, size=d)) for _ in range(R)]
+    b = [rng.normal(size=d) for _ in range(R)]
+    ids = list(range(100, 100 + R))
+    kw = {} if skip_anomalies else {"skip_anomalies": False, "score_clip": None}
+    defence = RobustDefence(eps_tilde=0.25, **kw)
+    x = np.zeros(d)
+    for t in range(30):
+        G = _quadratic_round(rng, x, A, b, [])
+        if t == 15:
+            G[3] = G[3] + 40.0 * res.estimate
+        res = defence.aggregate(G, client_ids=ids)
+        if t == 15:
+            assert 3 in res.info["jumped"]
+        x = x - 0.1 * res.estimate
+    z3 = defence.evidence.z(103)
+    if skip_anomalies:
+        assert z3 > 0 and not res.info["suspected"]
+    else:
+        assert z3 < 0
 
 
 def test_defence_memory_never_excludes_more_than_the_byzantine_budget():
@@ -202,12 +261,14 @@ def test_sleeper_is_honest_until_it_wakes():
         make_attack("sleeper", wake_round=0)
 
 
-def test_memory_aware_attack_keeps_its_own_score_inside_the_exclusion_level():
+@pytest.mark.parametrize("z_exclude", [1.5, 0.0])
+def test_memory_aware_attack_keeps_its_own_score_inside_the_exclusion_level(z_exclude):
     rng = np.random.default_rng(10)
     d = 6
     A = np.diag(rng.uniform(1.0, 2.0, size=d))
-    atk = MemoryAware(z_exclude=1.5, margin=0.25, seed=0)
-    ev = MonotonicityEvidence(z_exclude=1.5)
+    atk = MemoryAware(z_exclude=z_exclude, margin=0.25, seed=0)
+    # the attacker models the levels, not the winsorisation of the scores (it cannot see the round's scores)
+    ev = MonotonicityEvidence(z_exclude=z_exclude, score_clip=None)
     x = rng.normal(size=d)
     prev_step = None
     for t in range(1, 60):
@@ -220,6 +281,67 @@ def test_memory_aware_attack_keeps_its_own_score_inside_the_exclusion_level():
         x = x + step
     assert atk.attacked_rounds < 59  # the correction was needed in some rounds
     assert not ev.suspected(9)
+    assert ev.z(9) > -z_exclude
+
+
+def test_a_plain_sign_flipper_is_over_the_default_exclusion_level():
+    # the same federation without the memory-aware correction: the default level suspects it
+    rng = np.random.default_rng(10)
+    d = 6
+    A = np.diag(rng.uniform(1.0, 2.0, size=d))
+    ev = MonotonicityEvidence()
+    assert ev.z_exclude == 0.0
+    x, prev_step = rng.normal(size=d), None
+    for _ in range(1, 30):
+        honest = np.stack([A @ x + 0.05 * rng.normal(size=d) for _ in range(8)])
+        ev.observe(np.vstack([honest, -honest[:1]]), list(range(1, 10)), prev_step)
+        prev_step = -0.1 * honest.mean(axis=0)
+        x = x + prev_step
+    assert ev.suspected(9) and not any(ev.suspected(i) for i in range(1, 9))
+
+
+def test_memory_aware_attack_aims_at_the_rules_levels():
+    atk = MemoryAware(seed=0)
+    assert atk.z_exclude == RobustDefence().evidence.z_exclude == 0.0  # the default defence's level
+    atk.aim_at(MonotonicityEvidence(gamma=0.9, z_exclude=1.5, gamma_short=0.7, z_short=2.5))
+    assert (atk.z_exclude, atk.gamma, atk.gamma_short, atk.z_short) == (1.5, 0.9, 0.7, 2.5)
+
+
+def test_evidence_skips_anomalous_replies_and_the_next_reply_of_their_node():
+    rng = np.random.default_rng(3)
+    ev = MonotonicityEvidence(score_clip=None)
+    G = rng.normal(size=(4, 5))
+    step = np.ones(5)
+    ev.observe(G, [1, 2, 3, 4], None)
+    ev.observe(G + 1.0, [1, 2, 3, 4], step)  # every node scored once, positively
+    z0 = [ev.z(i) for i in (1, 2, 3, 4)]
+    ev.observe(G - 5.0, [1, 2, 3, 4], step, skip=[1])  # node 2's reply is anomalous: not scored
+    assert ev.z(2) == z0[1] and ev.z(1) < z0[0]
+    assert 2 not in ev.state_dict()["last_ids"]  # nor remembered ...
+    ev.observe(G + 3.0, [1, 2, 3, 4], step)
+    assert ev.z(2) == z0[1]  # ... so its next reply is not scored against it
+    ev.observe(G + 4.0, [1, 2, 3, 4], step)
+    assert ev.z(2) != z0[1]  # and scoring resumes after that
+
+
+def test_winsorised_scores_keep_one_anomalous_round_from_deciding_the_evidence():
+    # a node with a long positive record and one round of a huge negative score (a mobile adversary
+    # held it for one round): winsorised, its evidence stays positive; raw, one round flips Z to ~ -1
+    rng = np.random.default_rng(4)
+    d, ids = 6, list(range(10))
+    out = {}
+    for clip in (3.0, None):
+        ev = MonotonicityEvidence(score_clip=clip)
+        x, step = np.zeros(d), None
+        for t in range(30):
+            G = np.stack([x + 0.05 * rng.normal(size=d) for _ in ids])  # gradients of 1/2 |x|^2: monotone
+            if t == 20:
+                G[0] = x - 50.0 * step / np.linalg.norm(step)  # node 0's reply, corrupted once
+            ev.observe(G, ids, step)
+            step = -0.2 * np.ones(d) if t % 2 else 0.2 * np.ones(d)
+            x = x + step
+        out[clip] = ev.z(0)
+    assert out[None] < 0 < out[3.0]
 
 
 def test_run_config_refuses_the_memory_aware_attack_with_a_clear_message():

@@ -15,7 +15,8 @@ import pytest
 
 from flwr_byzantine.aggregators import RGE, RobustDefence
 
-GAMMA, Z_EXCLUDE, MIN_ROUNDS, GAMMA_SHORT, Z_SHORT = 0.95, 1.5, 5, 0.8, 2.0
+GAMMA, Z_EXCLUDE, MIN_ROUNDS, GAMMA_SHORT, Z_SHORT = 0.95, 0.0, 5, 0.8, 2.0
+SCORE_CLIP, RELATIVE = 3.0, 2.0  # winsorised scores; the relative level median(Z) - 2 MADn(Z) where lower
 
 
 def reference_rounds(rounds, eps_tilde: float, threshold_factor: float = 1.5, clip_scale: float = 1.0,
@@ -45,7 +46,11 @@ def reference_rounds(rounds, eps_tilde: float, threshold_factor: float = 1.5, cl
                 diffs = np.stack([G[r] - last[node] for r, node in pairs])
                 scale = float(np.median(np.linalg.norm(diffs, axis=1)))
                 if scale > 0:
-                    for (_, node), s in zip(pairs, diffs @ u / scale):
+                    scores = diffs @ u / scale
+                    m = float(np.median(np.abs(scores)))
+                    if m > 0:
+                        scores = np.clip(scores, -SCORE_CLIP * m, SCORE_CLIP * m)
+                    for (_, node), s in zip(pairs, scores):
                         S[node] = GAMMA * S.get(node, 0.0) + s
                         Q[node] = GAMMA * Q.get(node, 0.0) + s * s
                         S2[node] = GAMMA_SHORT * S2.get(node, 0.0) + s
@@ -56,8 +61,14 @@ def reference_rounds(rounds, eps_tilde: float, threshold_factor: float = 1.5, cl
         def z(node, S_, Q_):
             return S_.get(node, 0.0) / np.sqrt(Q_[node]) if Q_.get(node, 0.0) > 0 else 0.0
 
+        eligible = [node for node in ids if n.get(node, 0) >= MIN_ROUNDS]
+        level = -Z_EXCLUDE
+        if len(eligible) >= 5:
+            zs = np.array([z(node, S, Q) for node in eligible])
+            med = float(np.median(zs))
+            level = min(level, med - RELATIVE * 1.4826 * float(np.median(np.abs(zs - med))))
         suspects = [r for r, node in enumerate(ids) if n.get(node, 0) >= MIN_ROUNDS
-                    and (z(node, S, Q) < -Z_EXCLUDE or z(node, S2, Q2) < -Z_SHORT)]
+                    and (z(node, S, Q) < level or z(node, S2, Q2) < -Z_SHORT)]
         budget = int(np.floor(eps_tilde * G.shape[0]))
         if len(suspects) > budget:
             suspects = sorted(sorted(suspects, key=lambda r: z(ids[r], S, Q))[:budget])

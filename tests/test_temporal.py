@@ -39,9 +39,9 @@ def test_first_sight_passes_unchanged_and_later_changes_are_clipped_to_the_noise
     np.testing.assert_allclose(sr.refs.get([103])[0], V[3])
 
 
-def test_jumps_are_reported_and_the_reference_only_follows_the_drift():
+def test_jumps_are_reported_and_a_mature_reference_only_follows_the_drift():
     rng = np.random.default_rng(1)
-    sr = SelfReference(scale=1.0, jump_factor=4.0)
+    sr = SelfReference(scale=1.0, jump_factor=4.0, burn_in=0)
     ids = list(range(20))
     stream = list(_honest_stream(rng, rounds=3))
     sr.apply(stream[0], ids)
@@ -55,6 +55,58 @@ def test_jumps_are_reported_and_the_reference_only_follows_the_drift():
     # an honest round: nobody jumps
     _, info = sr.apply(stream[2], ids)
     assert info["jumped"] == []
+
+
+def test_a_young_reference_follows_a_jump_by_one_clip_radius_and_a_mature_one_does_not():
+    rng = np.random.default_rng(1)
+    sr = SelfReference(scale=1.0, jump_factor=4.0, burn_in=3)
+    ids = list(range(20))
+    stream = list(_honest_stream(rng, rounds=8))
+    sr.apply(stream[0], ids)
+    G = stream[1].copy()
+    G[2] *= -1.0  # young reference (age 0)
+    V, info = sr.apply(G, ids)
+    assert info["jumped"] == [2]
+    np.testing.assert_allclose(sr.refs.get([2])[0], V[2])  # the clipped reply, one radius from the old one
+    for t in range(2, 6):
+        sr.apply(stream[t], ids)
+    assert sr.ages[7] >= 3
+    G = stream[6].copy()
+    G[7] *= -1.0  # mature reference
+    before = sr.refs.get([7])[0].copy()
+    V, info = sr.apply(G, ids)
+    assert 7 in info["jumped"]
+    assert not np.allclose(sr.refs.get([7])[0], V[7])
+    assert np.linalg.norm(sr.refs.get([7])[0] - before) < 1.0  # only the drift (0.1 per coordinate here)
+    # the ages survive a checkpoint; a checkpoint without them counts every reference as mature
+    other = SelfReference(scale=1.0, jump_factor=4.0, burn_in=3)
+    other.load_state_dict(sr.state_dict())
+    assert other.ages == sr.ages
+    legacy = {k: v for k, v in sr.state_dict().items() if k != "ages"}
+    other.load_state_dict(legacy)
+    assert set(other.ages.values()) == {3}
+    with pytest.raises(ValueError):
+        other.load_state_dict({**sr.state_dict(), "ages": [-1] * len(ids)})
+
+
+@pytest.mark.parametrize("burn_in", [5, 0])
+def test_a_reference_poisoned_at_first_sight_recovers_only_with_a_burn_in(burn_in):
+    """A mobile adversary holds node 2 in the round the server first sees it (its first reply is the
+    reference); the node is honest afterwards.  With a burn-in its reference follows it back; without,
+    the node jumps in every later round."""
+    rng = np.random.default_rng(1)
+    sr = SelfReference(scale=1.0, jump_factor=4.0, burn_in=burn_in)
+    ids = list(range(20))
+    stream = list(_honest_stream(rng, rounds=40))
+    G = stream[0].copy()
+    G[2] += 3.0  # |shift| about 7.5 median changes: a jump back, within reach of a few radius-long steps
+    sr.apply(G, ids)
+    jumped = [2 in sr.apply(stream[t], ids)[1]["jumped"] for t in range(1, 40)]
+    assert jumped[0]
+    if burn_in:
+        assert not any(jumped[-20:])
+    else:
+        assert all(jumped)
 
 
 def test_absent_nodes_and_skipped_rows_lose_their_reference():

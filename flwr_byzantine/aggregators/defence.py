@@ -11,8 +11,11 @@ filter and adds what a single round lacks:
 1. **Memory across rounds, keyed by the Flower node id**
    (:class:`~.memory.MonotonicityEvidence`): gradients of a convex loss are monotone,
    ``<g_i(t) - g_i(t-1), x_t - x_{t-1}> >= 0``; a node whose replies violate this round after
-   round (sign flip, IPM, anything that raises its own loss) is excluded, at most
-   ``floor(eps_tilde R)`` nodes, the most suspect first, re-decided every round.  Node ids
+   round (sign flip, IPM, anything that raises its own loss) is excluded once its evidence
+   ``Z_i`` is not positive (``z_exclude = 0``), at most ``floor(eps_tilde R)`` nodes, the most
+   suspect first, re-decided every round.  Replies the round finds anomalous (gross outliers,
+   jumps) are not scored, nor is the node's next reply against them, and the scores are
+   winsorised (``score_clip``), so a mobile adversary cannot plant evidence on honest nodes.  Node ids
    come from the SuperLink, never from what a client claims.  Optional per-node worker
    momentum (:class:`~.memory.ClientMomentum`, Karimireddy, He, Jaggi 2021; ``momentum=0.9``
    with input clipping) is off by default: the benchmark's ablation measured no gain.
@@ -30,8 +33,9 @@ filter and adds what a single round lacks:
    heterogeneity.  It bounds what a *mobile* adversary, which corrupts nodes that were honest a
    round ago, can do per round.  A reply that *jumps* (``jump_factor`` times the median change:
    a sleeper waking up, a node the mobile adversary has just taken) is left out of the round,
-   within the ``floor(eps_tilde R)`` budget shared with the evidence, and its node's reference
-   does not follow it.  The filter runs on the self-clipped rows, with ``sigma_0`` estimated from
+   within the ``floor(eps_tilde R)`` budget shared with the evidence; its node's reference then
+   follows only the drift, except in the reference's first ``reference_burn_in`` rounds, so a
+   reference poisoned at first sight recovers.  The filter runs on the self-clipped rows, with ``sigma_0`` estimated from
    the raw replies (on the exact path).
 5. **Gross outliers** (rows farther from the coordinate-wise median than ``gross_factor``
    times the median distance) are dropped before anything else sees them, so a few huge rows
@@ -56,11 +60,11 @@ import numpy as np
 
 from .._backend import ArrayLike, centred_gram, is_torch
 from .base import AggregationResult, Aggregator
-from .memory import ClientMomentum, MonotonicityEvidence
+from .memory import DEFAULT_RELATIVE, DEFAULT_SCORE_CLIP, DEFAULT_Z_EXCLUDE, ClientMomentum, MonotonicityEvidence
 from .rge import RGE
 from .sigma import estimate_sigma0_sq
 from .streaming import clip_survivors, host_array, row_sq_norms
-from .temporal import DEFAULT_JUMP_FACTOR, DEFAULT_SELF_CLIP_SCALE, SelfReference
+from .temporal import DEFAULT_BURN_IN, DEFAULT_JUMP_FACTOR, DEFAULT_SELF_CLIP_SCALE, SelfReference
 
 #: Format tag of :meth:`RobustDefence.state_dict`.
 STATE_FORMAT = "flwr-byzantine/robust-defence-v1"
@@ -114,7 +118,20 @@ class RobustDefence(Aggregator):
     max_idle_rounds:
         A node absent for more than this many calls starts a fresh memory when it returns.
     evidence, z_exclude, evidence_gamma:
-        The monotonicity evidence (on/off, exclusion level, discount).
+        The monotonicity evidence (on/off, exclusion level: a node is suspected when
+        ``Z_i < -z_exclude``, discount).
+    score_clip:
+        Winsorisation of the evidence's scores, in units of the round's median ``|score|``
+        (``None``: raw scores).
+    skip_anomalies:
+        Gross outliers and jumps are not scored by the evidence, nor is their node's next reply.
+    reference_burn_in:
+        For the first rounds of a node's reference a jump is followed like any change
+        (:class:`~.temporal.SelfReference`'s ``burn_in``); afterwards a jumped node's reference
+        follows only the common drift.
+    evidence_relative:
+        Width of the evidence's relative level: a round's level is
+        ``min(-z_exclude, median(Z) - evidence_relative * MADn(Z))`` (``None``: ``-z_exclude``).
     mixing:
         Nearest-neighbour mixing (Allouah et al. 2023, NNM) of the filter's survivors before the
         clipping: each is replaced by the mean of its ``n - f`` nearest survivors, which shrinks the
@@ -153,7 +170,7 @@ class RobustDefence(Aggregator):
         sigma0: float | None = None,
         max_idle_rounds: int = 1,
         evidence: bool = True,
-        z_exclude: float = 1.5,
+        z_exclude: float = DEFAULT_Z_EXCLUDE,
         evidence_gamma: float = 0.95,
         mixing: bool = True,
         input_clip_scale: float | None = DEFAULT_INPUT_CLIP_SCALE,
@@ -162,7 +179,12 @@ class RobustDefence(Aggregator):
         jump_factor: float | None = DEFAULT_JUMP_FACTOR,
         fast_above: int | None = DEFAULT_FAST_ABOVE,
         seed: int | None = None,
+        score_clip: float | None = DEFAULT_SCORE_CLIP,
+        skip_anomalies: bool = True,
+        reference_burn_in: int = DEFAULT_BURN_IN,
+        evidence_relative: float | None = DEFAULT_RELATIVE,
     ) -> None:
+        self.skip_anomalies = bool(skip_anomalies)
         if not (np.isfinite(momentum) and 0.0 <= momentum < 1.0):
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         if clip_scale is not None and not (np.isfinite(clip_scale) and clip_scale > 0):
@@ -182,7 +204,9 @@ class RobustDefence(Aggregator):
         self.clip_scale = None if clip_scale is None else float(clip_scale)
         self.sigma0 = self.filter.sigma0
         self.memory = ClientMomentum(beta=self.momentum, max_idle_rounds=max_idle_rounds)
-        self.evidence = MonotonicityEvidence(gamma=evidence_gamma, z_exclude=z_exclude) if evidence else None
+        self.evidence = MonotonicityEvidence(gamma=evidence_gamma, z_exclude=z_exclude,
+                                                                  score_clip=score_clip,
+                                                                  relative=evidence_relative) if evidence else None
         self.mixing = bool(mixing)
         if input_clip_scale is not None and not (np.isfinite(input_clip_scale) and input_clip_scale > 0):
             raise ValueError(f"input_clip_scale must be a positive finite number or None, got {input_clip_scale!r}")
@@ -191,7 +215,8 @@ class RobustDefence(Aggregator):
             raise ValueError(f"gross_factor must be a finite number > 1 or None, got {gross_factor!r}")
         self.gross_factor = None if gross_factor is None else float(gross_factor)
         self.self_reference = (None if self_clip_scale is None
-                               else SelfReference(scale=self_clip_scale, jump_factor=jump_factor))
+                               else SelfReference(scale=self_clip_scale, jump_factor=jump_factor,
+                                                  burn_in=reference_burn_in))
         self._pending_step: np.ndarray | None = None
         self._last_estimate: np.ndarray | None = None
 
@@ -260,12 +285,14 @@ class RobustDefence(Aggregator):
         evidence = None
         if self.evidence is not None:
             evidence = MonotonicityEvidence(self.evidence.gamma, self.evidence.z_exclude, self.evidence.min_rounds,
-                                            self.evidence.gamma_short, self.evidence.z_short)
+                                            self.evidence.gamma_short, self.evidence.z_short, self.evidence.score_clip,
+                                            self.evidence.relative)
             evidence.load_state_dict({**dict(state["evidence"]), "last": arrays.get("evidence.last", np.zeros((0, 0)))})
         self_reference = None
         if self.self_reference is not None:
             self_reference = SelfReference(scale=self.self_reference.scale, min_rows=self.self_reference.min_rows,
-                                           jump_factor=self.self_reference.jump_factor)
+                                           jump_factor=self.self_reference.jump_factor,
+                                           burn_in=self.self_reference.burn_in)
             self_reference.load_state_dict({**dict(state["self_reference"]),
                                             "refs": arrays.get("self_reference.refs", np.zeros((0, 0)))})
             if dim is not None and len(self_reference) and self_reference.refs.dim != dim:
@@ -317,20 +344,6 @@ class RobustDefence(Aggregator):
         G = host_array(updates)
         R, d = G.shape
         ids = None if client_ids is None else [int(c) for c in client_ids]
-        suspects = np.zeros(0, dtype=np.intp)
-        if ids is not None and self.evidence is not None:
-            step = self._pending_step if self._pending_step is not None else (
-                None if self._last_estimate is None else -self._last_estimate)
-            if step is not None and step.shape[0] != d:
-                step = None
-            self.evidence.observe(G, ids, step)
-            suspects = np.flatnonzero(self.evidence.suspected_rows(ids))
-            # memory never excludes more nodes than the assumed Byzantine budget: the most suspect first
-            budget = int(np.floor(self.eps_tilde * R))
-            if suspects.size > budget:
-                z = self.evidence.z_values([ids[r] for r in suspects])
-                suspects = np.sort(suspects[np.argsort(z, kind="stable")[:budget]])
-        self._pending_step = None
         gross = np.zeros(0, dtype=np.intp)
         if self.gross_factor is not None and R > 2:
             # gross outliers, far beyond the honest spread: dropped before they can inflate sigma_0
@@ -344,6 +357,22 @@ class RobustDefence(Aggregator):
         self_info: dict[str, Any] = {}
         if ids is not None and self.self_reference is not None:
             G, self_info = self.self_reference.apply(raw, ids, skip=gross)
+        suspects = np.zeros(0, dtype=np.intp)
+        if ids is not None and self.evidence is not None:
+            step = self._pending_step if self._pending_step is not None else (
+                None if self._last_estimate is None else -self._last_estimate)
+            if step is not None and step.shape[0] != d:
+                step = None
+            anomalous = np.union1d(gross, self_info.get("jumped", [])).astype(np.intp) if self.skip_anomalies else ()
+            self.evidence.observe(raw, ids, step, skip=anomalous)
+            suspects = np.flatnonzero(self.evidence.suspected_rows(ids))
+            # memory never excludes more nodes than the assumed Byzantine budget: the most suspect first
+            budget = int(np.floor(self.eps_tilde * R))
+            if suspects.size > budget:
+                z = self.evidence.z_values([ids[r] for r in suspects])
+                suspects = np.sort(suspects[np.argsort(z, kind="stable")[:budget]])
+        self._pending_step = None
+        if self_info:
             jumped = self_info.get("jumped", [])
             if jumped:  # left out of the round, within the budget the evidence's suspects also draw on
                 room = max(int(np.floor(self.eps_tilde * R)) - suspects.size, 0)

@@ -35,6 +35,8 @@ from .memory import _RowTable
 DEFAULT_SELF_CLIP_SCALE = 1.0
 #: Default jump level: a change this many times the round's median change is a jump.
 DEFAULT_JUMP_FACTOR = 4.0
+#: Default burn-in: for its first rounds a node's reference follows its clipped reply even after a jump.
+DEFAULT_BURN_IN = 5
 
 
 class SelfReference:
@@ -51,10 +53,19 @@ class SelfReference:
         *jump*: reported in ``info["jumped"]`` (row indices) and ``info["jump_ratio"]``, and the
         node's reference then follows only the common drift (``r_i <- r_i + drift``), so a node
         cannot drag its reference along with a jump; ``None`` disables it.
+    burn_in:
+        For the first ``burn_in`` rounds of a node's reference a jump is followed like any change
+        (the reference becomes the clipped reply): a reference set from a corrupt first reply (a
+        mobile adversary holding the node when the server first sees it) would otherwise stay
+        poisoned, and the honest node would jump in every later round.  0: never.
     """
 
     def __init__(self, scale: float = DEFAULT_SELF_CLIP_SCALE, min_rows: int = 3,
-                 jump_factor: float | None = DEFAULT_JUMP_FACTOR) -> None:
+                 jump_factor: float | None = DEFAULT_JUMP_FACTOR, burn_in: int = DEFAULT_BURN_IN) -> None:
+        if isinstance(burn_in, bool) or int(burn_in) != burn_in or burn_in < 0:
+            raise ValueError(f"burn_in must be a non-negative integer, got {burn_in!r}")
+        self.burn_in = int(burn_in)
+        self.ages: dict[int, int] = {}  # node id -> rounds its reference has been kept
         if not (np.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a positive finite number, got {scale!r}")
         if isinstance(min_rows, bool) or int(min_rows) != min_rows or min_rows < 2:
@@ -69,6 +80,7 @@ class SelfReference:
     def reset(self) -> None:
         """Forget every node's reference."""
         self.refs = _RowTable()
+        self.ages = {}
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -103,16 +115,24 @@ class SelfReference:
                 if self.jump_factor is not None:
                     jump = dist > self.jump_factor * float(np.median(dist))
                     if jump.any():
-                        # a jump far beyond the round's changes: the node's reference only follows the drift
-                        stored = V.copy()
                         jr = [rows[k] for k in np.flatnonzero(jump)]
-                        stored[jr] = ref[jump] + drift
+                        # a mature reference only follows the drift; a young one (its first burn_in
+                        # rounds) follows the clipped reply, so a reference poisoned at first sight recovers
+                        mature = np.array([self.ages.get(ids[r], 0) >= self.burn_in for r in jr], dtype=bool)
+                        if mature.any():
+                            stored = V.copy()
+                            stored[[r for r, m in zip(jr, mature) if m]] = (ref[jump] + drift)[mature]
                         info["jumped"] = [int(r) for r in jr]
                         info["jump_ratio"] = [float(x) for x in dist[jump] / max(float(np.median(dist)), 1e-300)]
         info["new_rows"] = [r for r, node in enumerate(ids) if r not in skip_set and node not in self.refs.index]
         seen = [r for r in range(len(ids)) if r not in skip_set]
         present = {ids[r] for r in seen}
         self.refs.drop([node for node in self.refs.index if node not in present])
+        for node in list(self.ages):
+            if node not in self.refs.index:
+                del self.ages[node]
+        for r in seen:
+            self.ages[ids[r]] = self.ages.get(ids[r], -1) + 1 if ids[r] in self.refs.index else 0
         if seen:
             self.refs.put([ids[r] for r in seen], stored[seen])
         return V, info
@@ -120,24 +140,30 @@ class SelfReference:
     def forget(self, node_ids: Sequence[int]) -> None:
         """Drop the references of ``node_ids`` (they start fresh when they next reply)."""
         self.refs.drop([int(n) for n in node_ids if int(n) in self.refs.index])
+        for n in node_ids:
+            self.ages.pop(int(n), None)
 
     def state_dict(self) -> dict[str, Any]:
         """``{"scale", "jump_factor", "ids", "refs"}``: plain values and one ``(m, d)`` array."""
         ids = sorted(self.refs.index)
         d = self.refs.dim or 0
         return {"scale": self.scale, "jump_factor": self.jump_factor, "ids": ids,
+                "ages": [int(self.ages.get(i, self.burn_in)) for i in ids],
                 "refs": self.refs.get(ids).copy() if ids else np.zeros((0, d))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; ``ValueError`` on anything malformed (nothing changes then)."""
         try:
             ids = [int(i) for i in state["ids"]]
+            # checkpoints written before the burn-in have no ages: their references count as mature
+            ages = [int(a) for a in state.get("ages", [self.burn_in] * len(ids))]
             refs = np.asarray(state["refs"])
             if refs.dtype.kind != "f":  # a checkpoint keeps the rounds' float dtype; anything else -> float64
                 refs = refs.astype(np.float64)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed self-reference state: {exc}") from exc
-        if refs.ndim != 2 or refs.shape[0] != len(ids) or len(set(ids)) != len(ids):
+        if refs.ndim != 2 or refs.shape[0] != len(ids) or len(set(ids)) != len(ids) or len(ages) != len(ids) \
+                or min(ages, default=0) < 0:
             raise ValueError("malformed self-reference state: ids and refs disagree")
         if not np.isfinite(refs).all():
             raise ValueError("malformed self-reference state: non-finite reference")
@@ -145,6 +171,7 @@ class SelfReference:
         if ids:
             table.put(ids, refs)
         self.refs = table
+        self.ages = dict(zip(ids, ages))
 
 
-__all__ = ["DEFAULT_JUMP_FACTOR", "DEFAULT_SELF_CLIP_SCALE", "SelfReference"]
+__all__ = ["DEFAULT_BURN_IN", "DEFAULT_JUMP_FACTOR", "DEFAULT_SELF_CLIP_SCALE", "SelfReference"]

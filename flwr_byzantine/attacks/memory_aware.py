@@ -5,7 +5,7 @@ node whose monotonicity evidence ``Z = S / sqrt(Q)`` falls below ``-z_exclude``
 (:class:`~flwr_byzantine.aggregators.memory.MonotonicityEvidence`).  This attacker
 replays that bookkeeping for its own replies (it knows the models it receives, hence
 every step, and what it sent) and, every round, sends the inner attack; when that would
-take its score below ``-(z_exclude - margin)`` it adds the smallest component along the
+take its score within ``margin`` of ``-z_exclude`` (or of ``-z_short``, short window) it adds the smallest component along the
 last step that keeps the score at that level (a drag on training that looks "monotone").
 It thus attacks every round, as hard as the rule allows.
 
@@ -46,7 +46,7 @@ class MemoryAware(UpdateAttack):
     needs_model_history: ClassVar[bool] = True
 
     inner: str = "sign-flip"
-    z_exclude: float = 1.5
+    z_exclude: float = 0.0
     gamma: float = 0.95
     margin: float = 0.25
     gamma_short: float = 0.8
@@ -64,10 +64,10 @@ class MemoryAware(UpdateAttack):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("z_exclude", "margin"):
+        for name in ("z_exclude", "z_short", "margin"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and np.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a non-negative finite number, got {v!r}")
+            if not (isinstance(v, (int, float)) and np.isfinite(v)) or (name == "margin" and v < 0):
+                raise ValueError(f"{name} must be a finite number (margin >= 0), got {v!r}")
         if not (0 < self.gamma <= 1):
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma!r}")
         if self.inner in ("sleeper", "memory-aware"):
@@ -75,6 +75,18 @@ class MemoryAware(UpdateAttack):
         from . import make_attack
 
         self._inner = make_attack(self.inner, seed=self.seed, **(self.inner_params or {}))
+
+    def aim_at(self, evidence: Any) -> None:
+        """Take the exclusion levels and discounts of the rule it attacks.
+
+        ``evidence``: a :class:`~flwr_byzantine.aggregators.memory.MonotonicityEvidence` (e.g. the
+        default defence's ``.evidence``); the attacker knows the rule, so a defence run with other
+        levels is attacked at its own levels.  Call before every :meth:`craft`: the long window's
+        level of a relative rule (:attr:`MonotonicityEvidence.level`) changes from round to round.
+        """
+        # the long window's level of the rule's last round (relative levels move with the population)
+        self.z_exclude, self.gamma = -float(getattr(evidence, "level", -evidence.z_exclude)), float(evidence.gamma)
+        self.z_short, self.gamma_short = float(evidence.z_short), float(evidence.gamma_short)
 
     def observe_model(self, x: ArrayLike) -> None:
         """The model broadcast this round (call before :meth:`craft`)."""
@@ -90,12 +102,15 @@ class MemoryAware(UpdateAttack):
         return float((vec - self._last_sent) @ delta / n / scale)
 
     def _z(self, s: float) -> float:
-        """The smaller margin of the two rules after a score ``s``, in units of the long rule's level."""
+        """How far inside both rules a score ``s`` keeps the node: ``min(Z_long + z_exclude, Z_short + z_short)``.
+
+        Negative: over the exclusion level of one window (the defence leaves the node out).
+        """
         S, Q = self.gamma * self._S + s, self.gamma * self._Q + s * s
         S2, Q2 = self.gamma_short * self._S2 + s, self.gamma_short * self._Q2 + s * s
         z_long = S / np.sqrt(Q) if Q > 0 else 0.0
         z_recent = S2 / np.sqrt(Q2) if Q2 > 0 else 0.0
-        return min(z_long, z_recent * self.z_exclude / self.z_short)
+        return min(z_long + self.z_exclude, z_recent + self.z_short)
 
     def _craft(self, honest: ArrayLike, num_byzantine: int, round: int) -> ArrayLike | None:  # noqa: A002
         h64 = np.asarray(to_numpy64(honest), dtype=np.float64)
@@ -109,7 +124,7 @@ class MemoryAware(UpdateAttack):
         if scale <= 0 and self._last_sent is not None:
             scale = float(np.linalg.norm(mean - self._last_sent))
         s = self._score(vec, scale)
-        bound = -(self.z_exclude - self.margin)
+        bound = self.margin
         if s is not None and self._z(s) < bound:
             # add the least component along the last step that keeps Z at the bound (bisection on the score)
             lo, hi = s, s + 1.0
