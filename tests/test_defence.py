@@ -322,6 +322,9 @@ def test_evidence_skips_anomalous_replies_and_the_next_reply_of_their_node():
     assert ev.z(2) == z0[1]  # ... so its next reply is not scored against it
     ev.observe(G + 4.0, [1, 2, 3, 4], step)
     assert ev.z(2) != z0[1]  # and scoring resumes after that
+    # a skipped reply in a round that scores nobody (no step) is not remembered either
+    ev.observe(G, [1, 2, 3, 4], None, skip=[1])  # row 1: node 2
+    assert 2 not in ev.state_dict()["last_ids"] and 1 in ev.state_dict()["last_ids"]
 
 
 def test_winsorised_scores_keep_one_anomalous_round_from_deciding_the_evidence():

@@ -383,6 +383,9 @@ class MonotonicityEvidence:
         table = self._last.rows
         u = (np.asarray(delta) / step_norm).astype(table.dtype, copy=False) if rows.size else None
         sq, dots = diff_stats_and_store(G, table, rows, prev, slots, u)
+        skip_set = {int(r) for r in skip}
+        if skip_set:  # an anomalous reply is not remembered, whether or not this round scores
+            self._last.drop([ids[r] for r in skip_set])
         if not rows.size:
             return
         scale = float(np.median(np.sqrt(sq)))
@@ -392,9 +395,7 @@ class MonotonicityEvidence:
         m = float(np.median(np.abs(s)))
         if self.score_clip is not None and m > 0:
             s = np.clip(s, -self.score_clip * m, self.score_clip * m)
-        skip_set = {int(r) for r in skip}
         if skip_set:
-            self._last.drop([ids[r] for r in skip_set])
             keep = np.array([r not in skip_set for r in rows], dtype=bool)
             rows, s = rows[keep], s[keep]
             if not rows.size:
