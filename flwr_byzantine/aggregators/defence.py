@@ -374,11 +374,20 @@ class RobustDefence(Aggregator):
         self._pending_step = None
         if self_info:
             jumped = self_info.get("jumped", [])
-            if jumped:  # left out of the round, within the budget the evidence's suspects also draw on
-                room = max(int(np.floor(self.eps_tilde * R)) - suspects.size, 0)
+            if jumped:
+                # left out of the round, within the budget the evidence's suspects also draw on; a jump is
+                # this round's evidence and goes first (a mobile adversary's fresh corruptions ahead of
+                # nodes whose long-run evidence is merely low), the evidence's suspects take what is left
+                budget = int(np.floor(self.eps_tilde * R))
                 order = np.argsort(-np.asarray(self_info["jump_ratio"]), kind="stable")
-                extra = [jumped[k] for k in order if jumped[k] not in set(suspects.tolist())][:room]
-                suspects = np.union1d(suspects, np.asarray(extra, dtype=np.intp))
+                first = [jumped[k] for k in order][:budget]
+                if suspects.size and self.evidence is not None:
+                    z = self.evidence.z_values([ids[r] for r in suspects])
+                    by_z = [int(r) for r in suspects[np.argsort(z, kind="stable")] if int(r) not in first]
+                else:
+                    by_z = []
+                suspects = np.union1d(np.asarray(first, dtype=np.intp),
+                                      np.asarray(by_z[: budget - len(first)], dtype=np.intp)).astype(np.intp)
         use_memory = ids is not None and self.momentum > 0
         input_clipped = 0
         if use_memory and self.input_clip_scale is not None and R > 2:
