@@ -12,8 +12,9 @@ filter and adds what a single round lacks:
    (:class:`~.memory.MonotonicityEvidence`): gradients of a convex loss are monotone,
    ``<g_i(t) - g_i(t-1), x_t - x_{t-1}> >= 0``; a node whose replies violate this round after
    round (sign flip, IPM, anything that raises its own loss) is excluded once its evidence
-   ``Z_i`` is not positive (``z_exclude = 0``), at most ``floor(eps_tilde R)`` nodes, the most
-   suspect first, re-decided every round.  Replies the round finds anomalous (gross outliers,
+   ``Z_i`` falls below the round's level ``min(-z_exclude, median(Z) - evidence_relative MADn(Z))``
+   (``z_exclude = 0``: not positive, where the honest majority's own evidence is), at most
+   ``floor(eps_tilde R)`` nodes, the most suspect first, re-decided every round.  Replies the round finds anomalous (gross outliers,
    jumps) are not scored, nor is the node's next reply against them, and the scores are
    winsorised (``score_clip``), so a mobile adversary cannot plant evidence on honest nodes.  Node ids
    come from the SuperLink, never from what a client claims.  Optional per-node worker
@@ -33,7 +34,8 @@ filter and adds what a single round lacks:
    heterogeneity.  It bounds what a *mobile* adversary, which corrupts nodes that were honest a
    round ago, can do per round.  A reply that *jumps* (``jump_factor`` times the median change:
    a sleeper waking up, a node the mobile adversary has just taken) is left out of the round,
-   within the ``floor(eps_tilde R)`` budget shared with the evidence; its node's reference then
+   within the ``floor(eps_tilde R)`` budget shared with the evidence (jumps first, the largest
+   first; the evidence's suspects take what is left); its node's reference then
    follows only the drift, except in the reference's first ``reference_burn_in`` rounds, so a
    reference poisoned at first sight recovers.  The filter runs on the self-clipped rows, with ``sigma_0`` estimated from
    the raw replies (on the exact path).
@@ -204,9 +206,8 @@ class RobustDefence(Aggregator):
         self.clip_scale = None if clip_scale is None else float(clip_scale)
         self.sigma0 = self.filter.sigma0
         self.memory = ClientMomentum(beta=self.momentum, max_idle_rounds=max_idle_rounds)
-        self.evidence = MonotonicityEvidence(gamma=evidence_gamma, z_exclude=z_exclude,
-                                                                  score_clip=score_clip,
-                                                                  relative=evidence_relative) if evidence else None
+        self.evidence = (MonotonicityEvidence(gamma=evidence_gamma, z_exclude=z_exclude, score_clip=score_clip,
+                                              relative=evidence_relative) if evidence else None)
         self.mixing = bool(mixing)
         if input_clip_scale is not None and not (np.isfinite(input_clip_scale) and input_clip_scale > 0):
             raise ValueError(f"input_clip_scale must be a positive finite number or None, got {input_clip_scale!r}")
