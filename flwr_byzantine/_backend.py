@@ -181,12 +181,16 @@ def weighted_sum(updates: ArrayLike, weights: np.ndarray) -> ArrayLike:
 ALGEBRAIC_CENTRING_MIN = 0.5
 
 
-def _chunk_products(updates: ArrayLike, chunk: int, offset: ArrayLike | None) -> np.ndarray:
-    """``sum over column chunks of (B - offset)(B - offset)^T`` in float64 (chunk products in the input dtype)."""
-    n, d = updates.shape
+def _chunk_products(updates: ArrayLike, chunk: int, offset: ArrayLike | None, rows: Any = None) -> np.ndarray:
+    """``sum over column chunks of (B - offset)(B - offset)^T`` in float64 (chunk products in the input dtype).
+
+    ``rows`` (an index array) restricts ``B`` to those rows, gathered chunk by chunk.
+    """
+    d = updates.shape[1]
+    n = updates.shape[0] if rows is None else len(rows)
     gram = np.zeros((n, n), dtype=np.float64)
     for start in range(0, d, chunk):
-        block = updates[:, start : start + chunk]
+        block = updates[:, start : start + chunk] if rows is None else updates[rows, start : start + chunk]
         if offset is not None:
             block = block - offset[start : start + chunk]
         prod64 = to_numpy64(block @ block.T)
@@ -199,7 +203,7 @@ def _chunk_products(updates: ArrayLike, chunk: int, offset: ArrayLike | None) ->
 
 
 def centred_gram(updates: ArrayLike, chunk: int = GRAM_CHUNK, *, with_scale: bool = False,
-                 mean: ArrayLike | None = None):
+                 mean: ArrayLike | None = None, rows: np.ndarray | None = None):
     """Gram matrix of the rows after subtracting their mean, as float64 ``(R, R)``.
 
     ``K = (G - 1 gbar^T)(G - 1 gbar^T)^T`` computed in chunks of ``chunk`` coordinates,
@@ -214,17 +218,22 @@ def centred_gram(updates: ArrayLike, chunk: int = GRAM_CHUNK, *, with_scale: boo
 
     With ``with_scale=True`` returns ``(K, scale)`` where ``scale = sum_i ||g_i||^2``
     of the *uncentred* rows: the magnitude against which rounding noise of the inputs
-    is measured.  ``mean`` is the row mean when the caller has it already.
+    is measured.  ``mean`` is the row mean when the caller has it already.  ``rows``: the Gram
+    matrix of ``updates[rows]`` (and their mean), gathered chunk by chunk instead of copied.
     """
-    n, d = updates.shape
-    raw = _chunk_products(updates, chunk, None)
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.intp)
+        if rows.size and int(rows[-1]) - int(rows[0]) == rows.size - 1 and bool(np.all(np.diff(rows) == 1)):
+            updates, rows = updates[int(rows[0]) : int(rows[-1]) + 1], None  # a run of rows: a view
+    n = updates.shape[0] if rows is None else rows.size
+    raw = _chunk_products(updates, chunk, None, rows)
     energy = float(np.trace(raw))
     row = raw.mean(axis=0)
     gram = raw - row[None, :] - row[:, None] + row.mean()
     if not (np.isfinite(energy) and float(np.trace(gram)) >= ALGEBRAIC_CENTRING_MIN * energy):
         if mean is None:
-            mean = mean_rows(updates)
-        gram = _chunk_products(updates, chunk, mean)
+            mean = mean_rows(updates) if rows is None else subset_mean(updates, rows)
+        gram = _chunk_products(updates, chunk, mean, rows)
         if not np.isfinite(energy):
             mean64 = to_numpy64(mean)
             energy = float(np.trace(gram) + n * float(mean64 @ mean64))

@@ -65,7 +65,7 @@ from .base import AggregationResult, Aggregator
 from .memory import DEFAULT_RELATIVE, DEFAULT_SCORE_CLIP, DEFAULT_Z_EXCLUDE, ClientMomentum, MonotonicityEvidence
 from .rge import RGE
 from .sigma import estimate_sigma0_sq
-from .streaming import clip_survivors, host_array, row_sq_norms
+from .streaming import clip_survivors, column_median, host_array, row_sq_norms, row_sq_norms_to
 from .temporal import DEFAULT_BURN_IN, DEFAULT_JUMP_FACTOR, DEFAULT_SELF_CLIP_SCALE, SelfReference
 
 #: Format tag of :meth:`RobustDefence.state_dict`.
@@ -97,6 +97,41 @@ FAST_FILTER = {"sketch_dim": 2048, "spectral_above": 64}
 #: From this many rows on the fast filter's sketch has length 1024: its R x R Gram matrix costs
 #: O(R^2 m) (as ``benchmarks.decode_time``'s ``rge-fast``).
 FAST_MANY_ROWS, FAST_MANY_ROWS_SKETCH_DIM = 500, 1024
+
+
+def mix_and_clip(M: np.ndarray, kept: np.ndarray, f: int, clip_scale: float | None
+                 ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Nearest-neighbour mixing of ``M[kept]`` then one centered-clipping step around the mixtures' mean.
+
+    NNM (Allouah et al. 2023, Algorithm 1): ``y_k = (1 / (n - f)) sum of the n - f rows nearest to
+    row k`` (itself included), ``Y = A M[kept]``; then ``centre = mean_k y_k`` and
+    :func:`~.streaming.clip_survivors`' step ``v = centre + (1/n) sum_k (min(1, r / ||y_k - centre||) - 1)
+    (y_k - centre)`` with ``r = clip_scale * median_k ||y_k - centre||`` (``clip_scale`` ``None``: ``v =
+    centre``).  Everything is a combination of the rows: with ``w = 1^T A / n`` and ``B = A - 1 w^T``,
+    ``||y_k - centre||^2 = b_k^T K b_k`` for the rows' (centred) Gram matrix ``K``, which also gives the
+    neighbours, and ``v = (w + (1/n) sum_k (factor_k - 1) b_k)^T M[kept]``: one Gram product (rows
+    gathered chunk by chunk) and one weighted sum over the rows, no ``(n, d)`` mixture.
+    Returns ``(v, factors, r)`` as :func:`~.streaming.clip_survivors` does.
+    """
+    from .._backend import weighted_sum
+    from .preagg import NearestNeighborMixing
+
+    n = kept.size
+    K = centred_gram(M, rows=kept)
+    A, _ = NearestNeighborMixing(inner="mean", num_byzantine=f).mixing_matrix_from_gram(K)
+    w = A.mean(axis=0)
+    beta, factors, radius = w, np.ones(n), float("nan")
+    if clip_scale is not None:
+        B = A - w
+        dist = np.sqrt(np.maximum(np.einsum("ij,ij->i", B @ K, B), 0.0))
+        radius = clip_scale * float(np.median(dist))
+        if radius > 0:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                factors = np.where(dist > radius, radius / np.maximum(dist, 1e-300), 1.0)
+            beta = w + ((factors - 1.0) / n) @ B
+    coef = np.zeros(M.shape[0])
+    coef[kept] = beta
+    return np.asarray(weighted_sum(M, coef)), factors, radius
 
 
 class RobustDefence(Aggregator):
@@ -348,9 +383,7 @@ class RobustDefence(Aggregator):
         gross = np.zeros(0, dtype=np.intp)
         if self.gross_factor is not None and R > 2:
             # gross outliers, far beyond the honest spread: dropped before they can inflate sigma_0
-            off = G - np.median(G, axis=0).astype(G.dtype, copy=False)
-            dist_med = np.sqrt(row_sq_norms(off))
-            del off
+            dist_med = np.sqrt(row_sq_norms_to(G, column_median(G)))
             med_d = float(np.median(dist_med))
             if med_d > 0:
                 gross = np.flatnonzero(dist_med > self.gross_factor * med_d)
@@ -419,13 +452,9 @@ class RobustDefence(Aggregator):
             # sigma_0 from the raw replies: self-clipping shrinks the honest rows' noise, not their
             # heterogeneity, and a sigma_0 estimated on the clipped rows would filter honest minorities
             # (the sketched fast path keeps its own estimate: it never forms the raw Gram matrix)
-            sigma0_raw = float(np.sqrt(max(float(estimate_sigma0_sq(centred_gram(raw[active]), self.eps_tilde)), 0.0)))
-        try:
-            if sigma0_raw is not None:
-                filt.sigma0 = sigma0_raw  # this round only (restored below)
-            res = filt.aggregate_rows(M, active)  # the excluded rows are skipped, not copied out
-        finally:
-            filt.sigma0 = self.sigma0
+            sigma0_raw = float(np.sqrt(max(float(estimate_sigma0_sq(centred_gram(raw, rows=active),
+                                                                     self.eps_tilde)), 0.0)))
+        res = filt.aggregate_rows(M, active, sigma0=sigma0_raw)  # the excluded rows are skipped, not copied out
         kept = active[np.asarray(res.kept)]
         centre = np.asarray(res.estimate)
         new_rows = self_info.pop("new_rows", [])
@@ -434,20 +463,14 @@ class RobustDefence(Aggregator):
             # reference yet: it starts fresh next round instead of being judged against that reply
             kept_set = set(kept.tolist())
             self.self_reference.forget([ids[r] for r in new_rows if r not in kept_set])
-        Y, survivors = M, kept
         if self.mixing and kept.size > 2:
             # nearest-neighbour mixing of the survivors (Allouah et al. 2023, NNM): each is replaced by
             # the mean of its kept.size - f nearest survivors, shrinking the heterogeneity that a
             # static attacker hides in before the clipping bounds what it can move
-            from .preagg import NearestNeighborMixing
-
             f = min(int(np.floor(self.eps_tilde * kept.size)), (kept.size - 1) // 2)
-            A, _ = NearestNeighborMixing(inner="mean", num_byzantine=f).mixing_matrix(M[kept])
-            Y = (A @ M[kept]).astype(M.dtype, copy=False)
-            survivors = np.arange(kept.size)
-            centre = Y.mean(axis=0)
-        if self.clip_scale is not None and kept.size > 1:
-            estimate, factors, radius = clip_survivors(Y, survivors, centre, self.clip_scale)
+            estimate, factors, radius = mix_and_clip(M, kept, f, self.clip_scale)
+        elif self.clip_scale is not None and kept.size > 1:
+            estimate, factors, radius = clip_survivors(M, kept, centre, self.clip_scale)
         else:
             estimate, factors, radius = centre, np.ones(kept.size), float("nan")
         self._last_estimate = np.array(estimate, copy=True)

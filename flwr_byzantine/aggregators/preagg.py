@@ -225,12 +225,16 @@ class NearestNeighborMixing(Aggregator):
 
     def mixing_matrix(self, updates: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
         """``(A, neighbours)``: the row-stochastic mixing matrix and each row's ``R - f`` neighbours."""
-        R = updates.shape[0]
+        return self.mixing_matrix_from_gram(centred_gram(updates))
+
+    def mixing_matrix_from_gram(self, gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`mixing_matrix` from the rows' Gram matrix (any centring: only distances enter)."""
+        R = gram.shape[0]
         f = self.num_byzantine
         if R <= 2 * f:
             raise ValueError(f"nnm needs R > 2f inputs, got R={R} with f={f}")
         k = R - f
-        D = sq_distances_from_gram(centred_gram(updates))
+        D = sq_distances_from_gram(gram)
         np.fill_diagonal(D, -1.0)  # a point is its own nearest neighbour
         nbrs = np.argsort(D, axis=1, kind="stable")[:, :k]
         A = np.zeros((R, R))

@@ -168,28 +168,31 @@ class RGE(Aggregator):
         with _blas_threads(self.blas_threads):
             return self._decode(updates)
 
-    def aggregate_rows(self, updates: ArrayLike, rows: np.ndarray) -> AggregationResult:
+    def aggregate_rows(self, updates: ArrayLike, rows: np.ndarray, *, sigma0: float | None = None
+                       ) -> AggregationResult:
         """:meth:`aggregate` of ``updates[rows]`` without copying those rows (``rows`` ascending).
 
         For a caller that has validated ``updates`` already (:func:`~flwr_byzantine._backend.check_matrix`)
         and excludes some rows: ``kept`` indexes ``rows``, as for ``aggregate(updates[rows])``.  With a
         sketch every row is sketched and the estimate is a downdate of the full mean (no copy); the
-        exact filter takes the copy.
+        exact filter takes the copy.  ``sigma0`` (not squared) overrides the rule's ``sigma0`` for this
+        call (e.g. one estimated by the caller on other rows); ``None``: the rule's own.
         """
         rows = np.asarray(rows, dtype=np.intp)
         with _blas_threads(self.blas_threads):
             if rows.size == updates.shape[0]:
-                res = self._decode(updates)
+                res = self._decode(updates, sigma0=sigma0)
             elif self.sketch_dim is not None and updates.shape[1] > 2 * self.sketch_dim and rows.size > 1:
-                res = self._decode(updates, rows)
+                res = self._decode(updates, rows, sigma0=sigma0)
             else:
-                res = self._decode(updates[rows])
+                res = self._decode(updates[rows], sigma0=sigma0)
         from .._backend import restore_dtype
 
         res.estimate = restore_dtype(res.estimate, updates)
         return res
 
-    def _decode(self, updates: ArrayLike, rows: np.ndarray | None = None) -> AggregationResult:
+    def _decode(self, updates: ArrayLike, rows: np.ndarray | None = None, *, sigma0: float | None = None
+                ) -> AggregationResult:
         t0 = time.perf_counter()
         R, d = updates.shape
         sketched = self.sketch_dim is not None and d > 2 * self.sketch_dim
@@ -212,7 +215,7 @@ class RGE(Aggregator):
                                    else np.float64).eps)
         # The R x R loop is latency-bound: BLAS threads only add contention there.
         with _single_thread_blas():
-            res = self.filter_gram(gram, None, t_gram=t_gram, noise_floor=10.0 * eps_dtype * scale)
+            res = self.filter_gram(gram, None, t_gram=t_gram, noise_floor=10.0 * eps_dtype * scale, sigma0=sigma0)
         if res.kept.size == R:
             res.estimate = mean
         else:
@@ -231,6 +234,7 @@ class RGE(Aggregator):
         *,
         t_gram: float = 0.0,
         noise_floor: float = 0.0,
+        sigma0: float | None = None,
     ) -> AggregationResult:
         """Run the filter on a precomputed (centred) Gram matrix.
 
@@ -238,17 +242,19 @@ class RGE(Aggregator):
         otherwise ``estimate`` is ``None`` and only the diagnostics are returned.
         ``noise_floor`` is a lower bound on the stopping threshold: spread at the
         level of the inputs' rounding error (``10 * machine-eps * sum_i ||g_i||^2``
-        when called through :meth:`aggregate`) is not evidence of corruption.
+        when called through :meth:`aggregate`) is not evidence of corruption.  ``sigma0`` (not
+        squared) overrides the rule's ``sigma0`` for this call.
         """
         t0 = time.perf_counter()
         R = gram.shape[0]
         alpha = 1.0 - self.eps_tilde
         cap = capped_simplex_cap(alpha, R)
-        if self.sigma0 is None:
+        sigma0 = self.sigma0 if sigma0 is None else float(sigma0)
+        if sigma0 is None:
             sigma0_sq = estimate_sigma0_sq(gram, self.eps_tilde)
             sigma_mode = "auto"
         else:
-            sigma0_sq = self.sigma0**2
+            sigma0_sq = sigma0**2
             sigma_mode = "explicit"
         threshold = max(self.threshold_factor * R * sigma0_sq, noise_floor)  # Algorithm 3, line 5 (factor 4)
 

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .memory import _RowTable
+from .streaming import column_median
 
 #: Default radius, in units of the round's median distance of a node's change to the common drift.
 DEFAULT_SELF_CLIP_SCALE = 1.0
@@ -104,7 +105,7 @@ class SelfReference:
         if len(rows) >= self.min_rows:
             ref = self.refs.get([ids[r] for r in rows])
             dev = G[rows] - ref
-            drift = np.median(dev, axis=0)
+            drift = column_median(dev)
             dev -= drift
             dist = np.sqrt(np.einsum("ij,ij->i", dev, dev).astype(np.float64))
             radius = self.scale * float(np.median(dist))

@@ -1,0 +1,208 @@
+"""The default defence's fast kernels (issue 12) take the decisions of the plain formulations.
+
+:class:`~flwr_byzantine.aggregators.RobustDefence` computes a few things faster than it first
+did: the coordinate-wise medians (the gross screen's centre, the self-reference drift) by a SIMD
+sort of transposed blocks (:func:`~flwr_byzantine.aggregators.streaming.column_median`), the
+gross screen's distances without an ``(R, d)`` temporary, the Gram matrices of row subsets without
+copying the rows, and the nearest-neighbour mixing plus clipping as one combination of the rows
+(:func:`~flwr_byzantine.aggregators.defence.mix_and_clip`: distances from the Gram matrix, no
+``(n, d)`` mixture).  Here every one of them is swapped for its plain numpy formulation (the code
+before issue 12's passes were cut) in a second instance of the rule, which replays the robustness
+benchmark's rounds (``benchmarks/fastsim.py``, logistic regression and the MLP, client-side and
+omniscient mobile attacks) next to the fast one: gross, jumped and suspected rows, the kept set and
+the clipping must be identical in every round, and the estimates equal to float rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import numpy as np
+import pytest
+
+from flwr_byzantine._backend import centred_gram
+from flwr_byzantine.aggregators import defence as defence_mod
+from flwr_byzantine.aggregators import temporal as temporal_mod
+from flwr_byzantine.aggregators.defence import RobustDefence, mix_and_clip
+from flwr_byzantine.aggregators.streaming import clip_survivors, column_median, row_sq_norms, row_sq_norms_to
+
+
+def plain_mix_and_clip(M, kept, f, clip_scale):
+    """NNM then centered clipping as first written: the mixture ``Y = A M[kept]``, then its clipping."""
+    from flwr_byzantine.aggregators.preagg import NearestNeighborMixing
+
+    A, _ = NearestNeighborMixing(inner="mean", num_byzantine=f).mixing_matrix(M[kept])
+    Y = (A @ M[kept]).astype(M.dtype, copy=False)
+    centre = Y.mean(axis=0)
+    if clip_scale is None:
+        return centre, np.ones(kept.size), float("nan")
+    return clip_survivors(Y, np.arange(kept.size), centre, clip_scale)
+
+
+PLAIN = {
+    (defence_mod, "column_median"): lambda A: np.median(A, axis=0),
+    (temporal_mod, "column_median"): lambda A: np.median(A, axis=0),
+    (defence_mod, "row_sq_norms_to"): lambda A, c: row_sq_norms(A - np.asarray(c).astype(A.dtype, copy=False)),
+    (defence_mod, "mix_and_clip"): plain_mix_and_clip,
+    (defence_mod, "centred_gram"): lambda G, rows=None, **kw: centred_gram(G if rows is None else G[rows], **kw),
+}
+
+
+@contextlib.contextmanager
+def plain_kernels():
+    saved = {key: getattr(*key) for key in PLAIN}
+    try:
+        for (mod, name), fn in PLAIN.items():
+            setattr(mod, name, fn)
+        yield
+    finally:
+        for (mod, name), fn in saved.items():
+            setattr(mod, name, fn)
+
+
+class StopReplay(Exception):
+    """The two paths parted on a decision taken on rounding noise (see :meth:`ReplayCheck.aggregate`)."""
+
+
+DECISIONS = ("gross", "jumped", "suspected", "clipped", "self_clipped")
+
+
+class ReplayCheck:
+    """Runs the fast rule (whose output drives the federation) and the plain one on every round."""
+
+    def __init__(self, rule: RobustDefence, dtype=None, stop_at_noise: bool = False) -> None:
+        self.fast, self.plain, self.dtype, self.stop_at_noise = rule, copy.deepcopy(rule), dtype, stop_at_noise
+        self.noise_round: int | None = None
+        self.rounds = 0
+        self.worst = 0.0
+
+    @property
+    def evidence(self):  # the memory-aware attacker aims at the rule's evidence levels
+        return self.fast.evidence
+
+    def __deepcopy__(self, memo):  # what an omniscient defence-aware attacker simulates: the server's rule
+        return copy.deepcopy(self.fast, memo)
+
+    def aggregate(self, G, client_ids=None):
+        if self.dtype is not None:
+            G = np.asarray(G, dtype=self.dtype)
+        a = self.fast.aggregate(G, client_ids=client_ids)
+        with plain_kernels():
+            b = self.plain.aggregate(G, client_ids=client_ids)
+        if self.stop_at_noise and not np.array_equal(a.kept, b.kept):
+            # a node whose evidence is rounding noise (every score ~1e-17: a memory-aware attacker
+            # holding its score at exactly 0) is excluded or not by the last bit of the step; the
+            # two paths may then part, but on nothing else
+            rows = np.setxor1d(a.kept, b.kept)
+            for rule in (self.fast, self.plain):
+                st = rule.evidence._stats[rule.evidence._rows_of([client_ids[r] for r in rows])]
+                assert np.abs(st[:, [0, 2]]).max() <= 1e-12, f"round {self.rounds}: rows {rows} are not at noise level"
+            self.noise_round = self.rounds
+            raise StopReplay
+        assert np.array_equal(a.kept, b.kept), f"round {self.rounds}: kept {a.kept} vs {b.kept}"
+        for key in DECISIONS:
+            assert a.info.get(key) == b.info.get(key), f"round {self.rounds}: {key} {a.info.get(key)} vs {b.info.get(key)}"
+        np.testing.assert_allclose(a.weights, b.weights, rtol=1e-5, atol=1e-9)
+        ea, eb = np.asarray(a.estimate, dtype=np.float64), np.asarray(b.estimate, dtype=np.float64)
+        rel = float(np.linalg.norm(ea - eb) / max(np.linalg.norm(eb), 1e-300))
+        self.worst = max(self.worst, rel)
+        assert rel <= (1e-5 if np.asarray(G).dtype == np.float32 else 1e-9), f"round {self.rounds}: relative error {rel}"
+        self.rounds += 1
+        return a
+
+
+def replay(model: str, attack: str, rounds: int, seed: int = 0, dtype=None, alpha: float = 0.3,
+           stop_at_noise: bool = False) -> ReplayCheck:
+    from benchmarks.fastsim import SimConfig, simulate
+    from benchmarks.robustness import build_rule
+
+    adversary, mode = "client", "static"
+    if attack.startswith("omni"):
+        prefix, _, attack = attack.partition(":")
+        adversary, mode = "omniscient", ("rotate" if prefix == "omni-rotate" else "static")
+    rule, name = build_rule("rge", 20, 4)
+    check = ReplayCheck(rule, dtype, stop_at_noise)
+    cfg = SimConfig(alpha=alpha, model=model, num_nodes=20, num_malicious=4, attack=attack, adversary=adversary,
+                    adversary_mode=mode, eps_tilde=0.2, rounds=rounds,
+                    learning_rate=0.5 if model == "logreg" else 0.3, seed=seed, eval_every=rounds)
+    try:
+        simulate(cfg, check, name)
+    except StopReplay:
+        pass
+    return check
+
+
+@pytest.mark.parametrize("model,attack", [("logreg", "sign-flip"), ("logreg", "omni-rotate:defence-aware")])
+def test_fast_kernels_take_the_plain_decisions_on_benchmark_rounds(model, attack):
+    check = replay(model, attack, rounds=12)
+    assert check.rounds == 12
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["logreg", "mlp"])
+def test_fast_kernels_replay_memory_aware_rounds(model):
+    """The memory-aware attacker keeps its scores at exactly 0 (rounding noise, ~1e-17): whether the
+    evidence then excludes it is decided by the last bits of the step, in the plain code as in the fast
+    one.  The paths must agree until such a decision, and part on nothing else."""
+    check = replay(model, "memory-aware", rounds=40, stop_at_noise=True)
+    assert check.rounds >= 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["logreg", "mlp"])
+@pytest.mark.parametrize("attack", ["none", "alie", "ipm", "omni:defence-aware",
+                                    "omni-rotate:defence-aware", "omni-rotate:sign-flip"])
+def test_fast_kernels_replay_robustness_rounds(model, attack):
+    rounds = 40 if model == "logreg" else 60
+    check = replay(model, attack, rounds=rounds)
+    assert check.rounds == rounds
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attack", ["alie", "omni-rotate:defence-aware"])
+def test_fast_kernels_replay_float32_rounds(attack):
+    check = replay("mlp", attack, rounds=40, dtype=np.float32)
+    assert check.rounds == 40
+
+
+def test_column_median_is_numpys_median_bit_for_bit():
+    rng = np.random.default_rng(0)
+    for R, d in [(1, 5), (2, 7), (3, 100), (20, 650), (64, 3000), (101, 2049)]:
+        for dtype in (np.float32, np.float64):
+            A = (rng.standard_normal((R, d)) * 10.0 ** rng.uniform(-3, 3)).astype(dtype)
+            A[:, :3] = 1.0  # ties
+            out = column_median(A)
+            assert out.dtype == A.dtype and np.array_equal(out, np.median(A, axis=0))
+    with pytest.raises(ValueError):
+        column_median(np.zeros((0, 3)))
+
+
+def test_row_sq_norms_to_matches_the_full_difference():
+    rng = np.random.default_rng(1)
+    A = rng.standard_normal((9, 300_001)).astype(np.float32)
+    c = rng.standard_normal(300_001)
+    assert np.array_equal(row_sq_norms_to(A, c), row_sq_norms(A - c.astype(np.float32)))
+
+
+def test_centred_gram_of_row_subsets_without_copies():
+    rng = np.random.default_rng(2)
+    G = rng.standard_normal((12, 5000)) + 3.0
+    for rows in (np.arange(12), np.arange(2, 9), np.array([0, 3, 4, 10, 11])):
+        np.testing.assert_allclose(centred_gram(G, rows=rows), centred_gram(G[rows]), rtol=1e-10, atol=1e-8)
+
+
+@pytest.mark.parametrize("clip_scale", [1.0, 0.3, None])
+def test_mix_and_clip_matches_the_explicit_mixture(clip_scale):
+    rng = np.random.default_rng(3)
+    M = rng.standard_normal((30, 4000)).astype(np.float32)
+    M[:5] += 3.0  # a cluster that NNM must not mix with the rest
+    kept = np.array([0, 1, 2, 5, 6, 7, 8, 9, 11, 13, 17, 19, 20, 21, 22, 25, 29])
+    v, factors, radius = mix_and_clip(M, kept, 3, clip_scale)
+    v0, factors0, radius0 = plain_mix_and_clip(M, kept, 3, clip_scale)
+    np.testing.assert_allclose(v, v0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(factors, factors0, rtol=1e-5)
+    assert np.array_equal(factors < 1.0, factors0 < 1.0)
+    if clip_scale is not None:
+        assert radius == pytest.approx(radius0, rel=1e-5)
+        assert (factors < 1.0).any()
