@@ -25,7 +25,9 @@ from flwr_byzantine._backend import centred_gram
 from flwr_byzantine.aggregators import defence as defence_mod
 from flwr_byzantine.aggregators import temporal as temporal_mod
 from flwr_byzantine.aggregators.defence import RobustDefence, mix_and_clip
-from flwr_byzantine.aggregators.streaming import clip_survivors, column_median, row_sq_norms, row_sq_norms_to
+from flwr_byzantine.aggregators.rge import RGE
+from flwr_byzantine.aggregators.streaming import (clip_survivors, clip_to_references, column_median,
+                                                  reference_deviation_stats, row_sq_norms, row_sq_norms_to)
 
 
 def plain_mix_and_clip(M, kept, f, clip_scale):
@@ -40,9 +42,43 @@ def plain_mix_and_clip(M, kept, f, clip_scale):
     return clip_survivors(Y, np.arange(kept.size), centre, clip_scale)
 
 
+def plain_reference_deviation_stats(G, rows, table, slots):
+    """The self-reference's drift and squared deviations as first written (``(n, d)`` temporaries)."""
+    ref = table[slots]
+    dev = G[rows] - ref
+    drift = np.median(dev, axis=0)
+    dev -= drift
+    return drift, np.einsum("ij,ij->i", dev, dev).astype(np.float64)
+
+
+def plain_clip_to_references(V, G, rows, table, slots, drift, factors):
+    ref = table[slots]
+    dev = G[rows] - ref - drift
+    V[rows] = ref + drift + dev * factors[:, None].astype(dev.dtype, copy=False)
+
+
+def plain_aggregate_rows(self, updates, rows, *, sigma0=None, estimate=True):
+    """``RGE.aggregate_rows`` as first written: the exact filter copies the rows out, the estimate always."""
+    from flwr_byzantine._backend import restore_dtype
+    from flwr_byzantine.aggregators.rge import _blas_threads
+
+    rows = np.asarray(rows, dtype=np.intp)
+    with _blas_threads(self.blas_threads):
+        if rows.size == updates.shape[0]:
+            res = self._decode(updates, sigma0=sigma0)
+        elif self.sketch_dim is not None and updates.shape[1] > 2 * self.sketch_dim and rows.size > 1:
+            res = self._decode(updates, rows, sigma0=sigma0)
+        else:
+            res = self._decode(updates[rows], sigma0=sigma0)
+    res.estimate = restore_dtype(res.estimate, updates)
+    return res
+
+
 PLAIN = {
+    (RGE, "aggregate_rows"): plain_aggregate_rows,
     (defence_mod, "column_median"): lambda A: np.median(A, axis=0),
-    (temporal_mod, "column_median"): lambda A: np.median(A, axis=0),
+    (temporal_mod, "reference_deviation_stats"): plain_reference_deviation_stats,
+    (temporal_mod, "clip_to_references"): plain_clip_to_references,
     (defence_mod, "row_sq_norms_to"): lambda A, c: row_sq_norms(A - np.asarray(c).astype(A.dtype, copy=False)),
     (defence_mod, "mix_and_clip"): plain_mix_and_clip,
     (defence_mod, "centred_gram"): lambda G, rows=None, **kw: centred_gram(G if rows is None else G[rows], **kw),
@@ -183,6 +219,24 @@ def test_row_sq_norms_to_matches_the_full_difference():
     A = rng.standard_normal((9, 300_001)).astype(np.float32)
     c = rng.standard_normal(300_001)
     assert np.array_equal(row_sq_norms_to(A, c), row_sq_norms(A - c.astype(np.float32)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n,d", [(3, 50), (4, 1000), (8, 70_001), (11, 300_000), (20, 650), (100, 10_000)])
+def test_self_reference_kernels_are_the_plain_arithmetic_bit_for_bit(dtype, n, d):
+    rng = np.random.default_rng(n)
+    G = rng.standard_normal((n + 3, d)).astype(dtype)
+    table = rng.standard_normal((n + 5, d)).astype(dtype)
+    rows = np.sort(rng.choice(n + 3, n, replace=False))
+    slots = rng.permutation(n + 5)[:n]
+    drift, sq = reference_deviation_stats(G, rows, table, slots)
+    drift0, sq0 = plain_reference_deviation_stats(G, rows, table, slots)
+    assert np.array_equal(drift, drift0) and np.array_equal(sq, sq0)
+    factors = np.minimum(1.0, rng.uniform(0.2, 2.0, n))
+    V, V0 = G.copy(), G.copy()
+    clip_to_references(V, G, rows, table, slots, drift, factors)
+    plain_clip_to_references(V0, G, rows, table, slots, drift0, factors)
+    assert np.array_equal(V, V0)
 
 
 def test_centred_gram_of_row_subsets_without_copies():

@@ -60,7 +60,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .._backend import ArrayLike, centred_gram, is_torch
+from .._backend import ArrayLike, centred_gram, is_torch, subset_mean
 from .base import AggregationResult, Aggregator
 from .memory import DEFAULT_RELATIVE, DEFAULT_SCORE_CLIP, DEFAULT_Z_EXCLUDE, ClientMomentum, MonotonicityEvidence
 from .rge import RGE
@@ -429,7 +429,7 @@ class RobustDefence(Aggregator):
             # centre (the last estimate, else the coordinate-wise median), so a mobile adversary cannot
             # plant a huge vector in the memories of the nodes it visits.
             centre0 = (self._last_estimate if self._last_estimate is not None and self._last_estimate.shape[0] == d
-                       else np.median(G, axis=0)).astype(G.dtype, copy=False)
+                       else column_median(G)).astype(G.dtype, copy=False)
             diff0 = G - centre0
             dist0 = np.sqrt(row_sq_norms(diff0))
             med0 = float(np.median(dist0))
@@ -454,9 +454,12 @@ class RobustDefence(Aggregator):
             # (the sketched fast path keeps its own estimate: it never forms the raw Gram matrix)
             sigma0_raw = float(np.sqrt(max(float(estimate_sigma0_sq(centred_gram(raw, rows=active),
                                                                      self.eps_tilde)), 0.0)))
-        res = filt.aggregate_rows(M, active, sigma0=sigma0_raw)  # the excluded rows are skipped, not copied out
+        # the excluded rows are skipped, not copied out; with mixing the survivors' mean is not needed
+        res = filt.aggregate_rows(M, active, sigma0=sigma0_raw, estimate=not self.mixing)
         kept = active[np.asarray(res.kept)]
-        centre = np.asarray(res.estimate)
+        if res.estimate is None and not kept.size > 2:
+            res.estimate = subset_mean(M, kept)  # too few survivors to mix: their mean, as the filter gives it
+        centre = None if res.estimate is None else np.asarray(res.estimate)
         new_rows = self_info.pop("new_rows", [])
         if new_rows and self.self_reference is not None:
             # a node seen for the first time whose reply the round did not keep has no trustworthy

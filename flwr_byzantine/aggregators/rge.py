@@ -168,35 +168,44 @@ class RGE(Aggregator):
         with _blas_threads(self.blas_threads):
             return self._decode(updates)
 
-    def aggregate_rows(self, updates: ArrayLike, rows: np.ndarray, *, sigma0: float | None = None
-                       ) -> AggregationResult:
+    def aggregate_rows(self, updates: ArrayLike, rows: np.ndarray, *, sigma0: float | None = None,
+                       estimate: bool = True) -> AggregationResult:
         """:meth:`aggregate` of ``updates[rows]`` without copying those rows (``rows`` ascending).
 
         For a caller that has validated ``updates`` already (:func:`~flwr_byzantine._backend.check_matrix`)
         and excludes some rows: ``kept`` indexes ``rows``, as for ``aggregate(updates[rows])``.  With a
-        sketch every row is sketched and the estimate is a downdate of the full mean (no copy); the
-        exact filter takes the copy.  ``sigma0`` (not squared) overrides the rule's ``sigma0`` for this
-        call (e.g. one estimated by the caller on other rows); ``None``: the rule's own.
+        sketch every row is sketched and the estimate is a downdate of the full mean; the exact filter
+        gathers the rows chunk by chunk for its Gram matrix (no copy either).  ``sigma0`` (not squared)
+        overrides the rule's ``sigma0`` for this call (e.g. one estimated by the caller on other rows);
+        ``None``: the rule's own.  ``estimate=False``: only the decisions (``estimate`` is ``None``),
+        for a caller that combines the survivors itself (one pass over the rows fewer).
         """
         rows = np.asarray(rows, dtype=np.intp)
         with _blas_threads(self.blas_threads):
             if rows.size == updates.shape[0]:
-                res = self._decode(updates, sigma0=sigma0)
-            elif self.sketch_dim is not None and updates.shape[1] > 2 * self.sketch_dim and rows.size > 1:
-                res = self._decode(updates, rows, sigma0=sigma0)
+                res = self._decode(updates, sigma0=sigma0, estimate=estimate)
+            elif rows.size > 1:
+                res = self._decode(updates, rows, sigma0=sigma0, estimate=estimate)
             else:
-                res = self._decode(updates[rows], sigma0=sigma0)
+                res = self._decode(updates[rows], sigma0=sigma0, estimate=estimate)
         from .._backend import restore_dtype
 
-        res.estimate = restore_dtype(res.estimate, updates)
+        if res.estimate is not None:
+            res.estimate = restore_dtype(res.estimate, updates)
         return res
 
-    def _decode(self, updates: ArrayLike, rows: np.ndarray | None = None, *, sigma0: float | None = None
-                ) -> AggregationResult:
+    def _decode(self, updates: ArrayLike, rows: np.ndarray | None = None, *, sigma0: float | None = None,
+                estimate: bool = True) -> AggregationResult:
         t0 = time.perf_counter()
         R, d = updates.shape
         sketched = self.sketch_dim is not None and d > 2 * self.sketch_dim
-        updates, mean = screened_mean(updates)
+        mean = None
+        if rows is not None and not sketched:
+            # the exact filter on a subset of validated rows: their Gram matrix gathered chunk by chunk
+            R = rows.size
+            gram, scale = centred_gram(updates, with_scale=True, rows=rows)
+        else:
+            updates, mean = screened_mean(updates)
         if sketched:
             Y = sketch_rows(updates, self.sketch_dim, self._rng)
             row_energy = np.einsum("ij,ij->i", Y, Y)  # ~ ||g_i||^2 (uncentred)
@@ -208,7 +217,7 @@ class RGE(Aggregator):
             gram = centre_gram(Y, str(updates.dtype).endswith(("float32", "float16")))
             mean64 = to_numpy64(mean)
             scale = float(np.trace(gram) + R * float(mean64 @ mean64))
-        else:
+        elif rows is None:
             gram, scale = centred_gram(updates, with_scale=True, mean=mean)
         t_gram = time.perf_counter() - t0
         eps_dtype = float(np.finfo(np.float32 if str(updates.dtype).endswith(("float32", "float16", "bfloat16"))
@@ -216,7 +225,9 @@ class RGE(Aggregator):
         # The R x R loop is latency-bound: BLAS threads only add contention there.
         with _single_thread_blas():
             res = self.filter_gram(gram, None, t_gram=t_gram, noise_floor=10.0 * eps_dtype * scale, sigma0=sigma0)
-        if res.kept.size == R:
+        if not estimate:
+            res.estimate = None
+        elif res.kept.size == R and mean is not None:
             res.estimate = mean
         else:
             kept = res.kept if rows is None else rows[res.kept]

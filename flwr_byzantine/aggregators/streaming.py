@@ -113,6 +113,83 @@ def row_sq_norms_to(A: np.ndarray, centre: np.ndarray) -> np.ndarray:
     return out
 
 
+def _median_of_block(T: np.ndarray, out: np.ndarray) -> None:
+    """Sort the rows of ``T`` (``(w, R)``) in place and write their medians, halves not yet divided, to ``out``."""
+    R = T.shape[1]
+    k = (R - 1) // 2
+    T.sort(axis=1)
+    if R % 2:
+        out[:] = T[:, k]
+    else:
+        np.add(T[:, k], T[:, k + 1], out=out)
+
+
+#: Fewest rows per block of the row-wise ``np.einsum`` of :func:`reference_deviation_stats`.
+EINSUM_MIN_ROWS = 3
+
+
+def reference_deviation_stats(G: np.ndarray, rows: np.ndarray, table: np.ndarray, slots: np.ndarray
+                              ) -> tuple[np.ndarray, np.ndarray]:
+    """``drift = np.median(G[rows] - table[slots], axis=0)`` and every row's ``||G[r] - table[s] - drift||^2``.
+
+    What :meth:`~.temporal.SelfReference.apply` computes, bit for bit (the squared norms by
+    ``np.einsum`` per row as there), without ``(n, d)`` temporaries: the differences are formed
+    in transposed column blocks and sorted there (:func:`column_median`), then again per block of
+    rows for the norms.  Returns ``(drift, sq)`` (``sq`` float64).
+    """
+    n, d = len(rows), G.shape[1]
+    ri, si = as_index(rows), as_index(slots)
+    dtype = np.result_type(G.dtype, table.dtype)
+    drift = np.empty(d, dtype=dtype)
+    w = max(1, min(d, MEDIAN_BLOCK_VALUES // max(n, 1)))
+    buf = np.empty((w, n), dtype=dtype)
+    for c0 in range(0, d, w):
+        c1 = min(d, c0 + w)
+        T = buf[: c1 - c0]
+        np.subtract(G[ri, c0:c1].T, table[si, c0:c1].T, out=T)
+        _median_of_block(T, drift[c0:c1])
+    if n % 2 == 0:
+        drift /= 2
+    sq = np.empty(n)
+    # np.einsum reduces one or two rows in another order than three or more (float32: 1e-5 apart at
+    # d = 3e5): blocks of at least EINSUM_MIN_ROWS rows, the remainder joining the last block
+    rb = max(EINSUM_MIN_ROWS, BLOCK_BYTES // max(1, d * dtype.itemsize))
+    dbuf = np.empty((min(n, rb + EINSUM_MIN_ROWS), d), dtype=dtype)
+    r0 = 0
+    while r0 < n:
+        r1 = n if n - (r0 + rb) < EINSUM_MIN_ROWS else r0 + rb
+        D = dbuf[: r1 - r0]
+        np.subtract(G[sub_index(ri, r0, r1)], table[sub_index(si, r0, r1)], out=D)
+        D -= drift
+        sq[r0:r1] = np.einsum("ij,ij->i", D, D)
+        r0 = r1
+    return drift, sq
+
+
+def clip_to_references(V: np.ndarray, G: np.ndarray, rows: np.ndarray, table: np.ndarray, slots: np.ndarray,
+                       drift: np.ndarray, factors: np.ndarray) -> None:
+    """``V[rows] = ref + drift + (G[rows] - ref - drift) * factors`` with ``ref = table[slots]``, in blocks of rows.
+
+    The arithmetic of :meth:`~.temporal.SelfReference.apply`, bit for bit, without ``(n, d)`` temporaries.
+    """
+    n, d = len(rows), G.shape[1]
+    ri, si = as_index(rows), as_index(slots)
+    dtype = np.result_type(G.dtype, table.dtype, drift.dtype)
+    rb = max(1, BLOCK_BYTES // max(1, d * dtype.itemsize))
+    dev = np.empty((min(n, rb), d), dtype=dtype)
+    base = np.empty_like(dev)
+    for r0 in range(0, n, rb):
+        r1 = min(n, r0 + rb)
+        D, B = dev[: r1 - r0], base[: r1 - r0]
+        ref = table[sub_index(si, r0, r1)]
+        np.subtract(G[sub_index(ri, r0, r1)], ref, out=D)
+        D -= drift
+        np.add(ref, drift, out=B)
+        D *= factors[r0:r1, None].astype(dtype, copy=False)
+        B += D
+        V[sub_index(ri, r0, r1)] = B
+
+
 def host_array(x: ArrayLike) -> np.ndarray:
     """``x`` as a host numpy array in its own floating dtype (half precision widened to float32)."""
     if is_torch(x):

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .memory import _RowTable
-from .streaming import column_median
+from .streaming import as_index, clip_to_references, reference_deviation_stats
 
 #: Default radius, in units of the round's median distance of a node's change to the common drift.
 DEFAULT_SELF_CLIP_SCALE = 1.0
@@ -103,15 +103,14 @@ class SelfReference:
         info: dict[str, Any] = {"self_clipped": 0, "self_radius": float("nan"), "self_rows": len(rows), "jumped": []}
         stored = V
         if len(rows) >= self.min_rows:
-            ref = self.refs.get([ids[r] for r in rows])
-            dev = G[rows] - ref
-            drift = column_median(dev)
-            dev -= drift
-            dist = np.sqrt(np.einsum("ij,ij->i", dev, dev).astype(np.float64))
+            # streamed in blocks (:mod:`.streaming`): ref = the references, dev = G[rows] - ref - drift
+            slots = self.refs.slots([ids[r] for r in rows])
+            drift, dev_sq = reference_deviation_stats(G, np.asarray(rows), self.refs.rows, slots)
+            dist = np.sqrt(dev_sq)
             radius = self.scale * float(np.median(dist))
             if radius > 0 and np.isfinite(radius):
                 factors = np.minimum(1.0, radius / np.maximum(dist, 1e-300))
-                V[rows] = ref + drift + dev * factors[:, None].astype(dev.dtype, copy=False)
+                clip_to_references(V, G, np.asarray(rows), self.refs.rows, slots, drift, factors)  # ref + drift + dev * factors
                 info.update(self_clipped=int(np.sum(factors < 1.0)), self_radius=radius)
                 if self.jump_factor is not None:
                     jump = dist > self.jump_factor * float(np.median(dist))
@@ -122,7 +121,7 @@ class SelfReference:
                         mature = np.array([self.ages.get(ids[r], 0) >= self.burn_in for r in jr], dtype=bool)
                         if mature.any():
                             stored = V.copy()
-                            stored[[r for r, m in zip(jr, mature) if m]] = (ref[jump] + drift)[mature]
+                            stored[[r for r, m in zip(jr, mature) if m]] = (self.refs.rows[slots[jump]] + drift)[mature]
                         info["jumped"] = [int(r) for r in jr]
                         info["jump_ratio"] = [float(x) for x in dist[jump] / max(float(np.median(dist)), 1e-300)]
         info["new_rows"] = [r for r, node in enumerate(ids) if r not in skip_set and node not in self.refs.index]
@@ -135,7 +134,7 @@ class SelfReference:
         for r in seen:
             self.ages[ids[r]] = self.ages.get(ids[r], -1) + 1 if ids[r] in self.refs.index else 0
         if seen:
-            self.refs.put([ids[r] for r in seen], stored[seen])
+            self.refs.put([ids[r] for r in seen], stored[as_index(np.asarray(seen))])
         return V, info
 
     def forget(self, node_ids: Sequence[int]) -> None:
