@@ -255,6 +255,12 @@ class RobustDefence(Aggregator):
                                                   burn_in=reference_burn_in))
         self._pending_step: np.ndarray | None = None
         self._last_estimate: np.ndarray | None = None
+        self._scratch: np.ndarray | None = None  # buffer of the self-clipped rows (no state: reused every round)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_scratch"] = None  # a buffer, not state: copies and pickles go without it
+        return state
 
     def observe_step(self, delta: ArrayLike) -> None:
         """Tell the rule the model step ``x_{t+1} - x_t`` actually taken after its last output.
@@ -390,7 +396,9 @@ class RobustDefence(Aggregator):
         raw = G
         self_info: dict[str, Any] = {}
         if ids is not None and self.self_reference is not None:
-            G, self_info = self.self_reference.apply(raw, ids, skip=gross)
+            if self._scratch is None or self._scratch.shape != raw.shape or self._scratch.dtype != raw.dtype:
+                self._scratch = np.empty_like(raw)  # the clipped rows, rewritten every round (no fresh pages)
+            G, self_info = self.self_reference.apply(raw, ids, skip=gross, out=self._scratch)
         suspects = np.zeros(0, dtype=np.intp)
         if ids is not None and self.evidence is not None:
             step = self._pending_step if self._pending_step is not None else (

@@ -86,22 +86,25 @@ class SelfReference:
     def __len__(self) -> int:
         return len(self.refs)
 
-    def apply(self, G: np.ndarray, ids: Sequence[int], skip: Sequence[int] = ()) -> tuple[np.ndarray, dict[str, Any]]:
+    def apply(self, G: np.ndarray, ids: Sequence[int], skip: Sequence[int] = (),
+              out: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         """Clip the rows of ``G`` (node ``ids[r]`` for row ``r``) against their references.
 
         Rows in ``skip`` (e.g. gross outliers dropped this round) are returned unchanged, do not
         enter the drift or the radius, and their node's reference is forgotten.  Every other
-        node's reference becomes its (clipped) row.  Returns ``(V, info)``.
+        node's reference becomes its (clipped) row.  Returns ``(V, info)``; ``V`` is ``out`` when
+        given (an array of ``G``'s shape and dtype, e.g. a buffer the caller reuses every round).
         """
         G = np.asarray(G)
         ids = [int(i) for i in ids]
         if self.refs.dim is not None and self.refs.dim != G.shape[1]:
             self.reset()
         skip_set = {int(r) for r in skip}
-        V = G.copy()
         rows = [r for r, node in enumerate(ids) if r not in skip_set and node in self.refs.index]
         info: dict[str, Any] = {"self_clipped": 0, "self_radius": float("nan"), "self_rows": len(rows), "jumped": []}
-        stored = V
+        V = np.empty_like(G) if out is None else out
+        copied = False  # the rows `rows` are written by the clipping; the others are copied from G
+        jump_fix: tuple[list[int], np.ndarray] | None = None  # references that follow only the drift
         if len(rows) >= self.min_rows:
             # streamed in blocks (:mod:`.streaming`): ref = the references, dev = G[rows] - ref - drift
             slots = self.refs.slots([ids[r] for r in rows])
@@ -111,6 +114,7 @@ class SelfReference:
             if radius > 0 and np.isfinite(radius):
                 factors = np.minimum(1.0, radius / np.maximum(dist, 1e-300))
                 clip_to_references(V, G, np.asarray(rows), self.refs.rows, slots, drift, factors)  # ref + drift + dev * factors
+                copied = True
                 info.update(self_clipped=int(np.sum(factors < 1.0)), self_radius=radius)
                 if self.jump_factor is not None:
                     jump = dist > self.jump_factor * float(np.median(dist))
@@ -119,11 +123,13 @@ class SelfReference:
                         # a mature reference only follows the drift; a young one (its first burn_in
                         # rounds) follows the clipped reply, so a reference poisoned at first sight recovers
                         mature = np.array([self.ages.get(ids[r], 0) >= self.burn_in for r in jr], dtype=bool)
-                        if mature.any():
-                            stored = V.copy()
-                            stored[[r for r, m in zip(jr, mature) if m]] = (self.refs.rows[slots[jump]] + drift)[mature]
+                        if mature.any():  # stored after this round's rows, below
+                            jump_fix = ([ids[r] for r, m in zip(jr, mature) if m],
+                                        (self.refs.rows[slots[jump]] + drift)[mature].astype(V.dtype, copy=False))
                         info["jumped"] = [int(r) for r in jr]
                         info["jump_ratio"] = [float(x) for x in dist[jump] / max(float(np.median(dist)), 1e-300)]
+        for r in np.setdiff1d(np.arange(len(ids)), rows if copied else []):  # row by row: no gathered temporary
+            V[r] = G[r]
         info["new_rows"] = [r for r, node in enumerate(ids) if r not in skip_set and node not in self.refs.index]
         seen = [r for r in range(len(ids)) if r not in skip_set]
         present = {ids[r] for r in seen}
@@ -134,7 +140,9 @@ class SelfReference:
         for r in seen:
             self.ages[ids[r]] = self.ages.get(ids[r], -1) + 1 if ids[r] in self.refs.index else 0
         if seen:
-            self.refs.put([ids[r] for r in seen], stored[as_index(np.asarray(seen))])
+            self.refs.put([ids[r] for r in seen], V[as_index(np.asarray(seen))])
+        if jump_fix is not None:
+            self.refs.put(*jump_fix)
         return V, info
 
     def forget(self, node_ids: Sequence[int]) -> None:
