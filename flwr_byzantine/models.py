@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flwr_byzantine import npmodels
+
 MODELS = ("logreg", "mlp", "linear")
 TASKS = ("classification", "regression")
 
@@ -54,10 +56,11 @@ class LinearRegression(nn.Module):
 def build_model(name: str, num_features: int, num_classes: int, seed: int) -> nn.Module:
     """Model ``name`` in {"logreg", "mlp", "linear"}, initialised deterministically from ``seed``.
 
-    The initialisation runs under ``torch.random.fork_rng`` with ``torch.manual_seed(seed)``,
-    so equal arguments give equal parameters and the caller's global RNG state is left
-    untouched.  ``"logreg"`` and ``"mlp"`` are classifiers (``num_classes >= 2``);
-    ``"linear"`` is a regression model (``num_classes`` must be 1).
+    The parameters are :func:`flwr_byzantine.npmodels.init_params` (torch's default
+    initialisation after ``torch.manual_seed(seed)``, computed in numpy, so the ServerApp
+    draws the same ``x_0`` without torch); the caller's global RNG state is left untouched.
+    ``"logreg"`` and ``"mlp"`` are classifiers (``num_classes >= 2``); ``"linear"`` is a
+    regression model (``num_classes`` must be 1).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid names: {list(MODELS)}")
@@ -67,13 +70,16 @@ def build_model(name: str, num_features: int, num_classes: int, seed: int) -> nn
         raise ValueError(f"model 'linear' is for regression (num_classes=1), got num_classes={num_classes}")
     if name != "linear" and num_classes < 2:
         raise ValueError(f"model {name!r} is a classifier and needs num_classes >= 2, got {num_classes}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+    with torch.random.fork_rng(devices=[]):  # the module's own initialisation is overwritten below
         if name == "logreg":
-            return LogisticRegression(num_features, num_classes)
-        if name == "mlp":
-            return MLP(num_features, num_classes)
-        return LinearRegression(num_features)
+            model: nn.Module = LogisticRegression(num_features, num_classes)
+        elif name == "mlp":
+            model = MLP(num_features, num_classes)
+        else:
+            model = LinearRegression(num_features)
+    params = npmodels.init_params(name, num_features, num_classes, seed)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
+    return model
 
 
 def cross_entropy_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

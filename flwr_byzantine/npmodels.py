@@ -15,12 +15,14 @@ cross-entropy; half mean squared error, the paper's Section 6 ``f(z, x) =
 1/2 (<w, x> - y)^2``) and their gradients by the chain rule.  The gradient of a
 mini-batch is ``(1/b) sum_{i in H} grad f(z_i, x_t)`` (Data & Diggavi,
 Algorithm 1, line 5).  ``tests/test_npmodels.py`` checks every model against
-torch autograd.  Initialisation stays with the torch modules (the server draws
-``x_0``); clients only ever receive parameters.
+torch autograd.  The initial model ``x_0`` comes from :func:`init_params` (numpy too,
+so the ServerApp of the default App never imports torch either); the torch modules
+of :func:`flwr_byzantine.models.build_model` load the same parameters.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import numpy as np
@@ -45,6 +47,47 @@ def param_shapes(name: str, num_features: int, num_classes: int) -> dict[str, tu
     if name == "linear":
         return {"linear.weight": (1, d), "linear.bias": (1,)}
     raise ValueError(f"unknown model {name!r}; valid names: {list(MODEL_TASKS)}")
+
+
+def _torch_uniform(bitgen: np.random.MT19937, size: int, bound: float) -> np.ndarray:
+    """``size`` draws of ``torch.Tensor.uniform_(-bound, bound)`` (float32, CPU) from ``bitgen``'s stream.
+
+    torch's CPU generator is a 32-bit Mersenne Twister; a float32 uniform takes the low
+    24 bits of one output, ``u = (r & (2^24 - 1)) * 2^-24``, and returns
+    ``u * (to - from) + from`` with ``from``/``to`` rounded to float32 and one rounding
+    (a fused multiply-add; exact here in float64, since ``u * (to - from)`` has at most 48 bits).
+    """
+    raw = bitgen.random_raw(size).astype(np.uint64) & np.uint64((1 << 24) - 1)
+    u = raw.astype(np.float64) * 2.0**-24
+    lo, hi = np.float32(-bound), np.float32(bound)
+    return (u * np.float64(hi - lo) + np.float64(lo)).astype(np.float32)
+
+
+def init_params(name: str, num_features: int, num_classes: int, seed: int) -> Params:
+    """The initial parameters ``x_0`` of model ``name``, deterministic in ``seed``.
+
+    Every ``nn.Linear`` layer's default initialisation, in state-dict order: weight and bias
+    uniform on ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]`` (kaiming-uniform with ``a = sqrt(5)``),
+    drawn from torch's CPU Mersenne Twister seeded with ``seed`` (numpy's legacy MT19937
+    seeding is the same algorithm).  This is, bit for bit, what ``torch.manual_seed(seed)``
+    followed by constructing the torch module gives (``tests/test_npmodels.py``), without
+    importing torch.
+    """
+    shapes = param_shapes(name, num_features, num_classes)
+    bitgen = np.random.MT19937()
+    bitgen._legacy_seeding(int(seed) & 0xFFFFFFFF)  # torch's mt19937 takes the low 32 bits of the seed
+    out: Params = {}
+    fan_in = 1
+    for key, shape in shapes.items():
+        if key.endswith(".weight"):
+            fan_in = shape[1]
+            # torch.nn.init.kaiming_uniform_(a=sqrt(5)), with torch's float64 operations in its order
+            gain = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))
+            bound = math.sqrt(3.0) * (gain / math.sqrt(fan_in))
+        else:
+            bound = 1 / math.sqrt(fan_in)
+        out[key] = _torch_uniform(bitgen, int(np.prod(shape)), bound).reshape(shape)
+    return out
 
 
 def load_params(name: str, num_features: int, num_classes: int, arrays: Mapping[str, np.ndarray]) -> Params:

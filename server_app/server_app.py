@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import Array, ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
+from flwr.superlink.grid import HttpGrid
 
 from flwr_byzantine.aggregators import Aggregator, build_for_federation
 from flwr_byzantine.aggregators.defence import MODEL_UPDATE_OPTIONS
@@ -39,7 +39,7 @@ from flwr_byzantine.compression import RandK
 from flwr_byzantine.config import NewtonConfig, RunConfig, check_federation, parse_run_config
 from flwr_byzantine.data import dataset_info, load_test_set
 from flwr_byzantine.federation import malicious_partition_ids
-from flwr_byzantine.models import build_model, loss_fn_for
+from flwr_byzantine import npmodels
 from flwr_byzantine.results import blame, plot_run, safe_stem, write_json_atomic
 from flwr_byzantine.strategies.omniscient import OmniscientAdversary
 from flwr_byzantine.strategies.robust_base import RobustStrategy
@@ -47,6 +47,7 @@ from flwr_byzantine.strategies.robust_fedavg import RobustFedAvg
 from flwr_byzantine.strategies.robust_sgd import RobustSGD
 from flwr_byzantine.strategies.validation import REJECTION_KINDS
 from server_app.nodes import wait_for_nodes
+from server_app.prompt_grid import PromptGrid
 
 
 def build_aggregator(cfg: RunConfig, num_nodes: int) -> Aggregator:
@@ -105,23 +106,27 @@ def build_strategy(cfg: RunConfig, num_nodes: int) -> RobustStrategy:
 
 
 def central_evaluator(cfg: RunConfig):
-    """``evaluate_fn(server_round, arrays) -> MetricRecord`` on the held-out test set."""
+    """``evaluate_fn(server_round, arrays) -> MetricRecord`` on the held-out test set.
+
+    Loss (and accuracy for the classifiers) from :func:`flwr_byzantine.npmodels.evaluate`,
+    the numpy forward pass of the model (no torch in the ServerApp's process).
+    """
     X, y = load_test_set(cfg.dataset, cfg.seed)
     info = dataset_info(cfg.dataset)
-    model = build_model(cfg.model, info["num_features"], info["num_classes"], cfg.seed)
-    loss_fn = loss_fn_for(info["task"])
-    xt, yt = torch.as_tensor(X), torch.as_tensor(y)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model.load_state_dict(arrays.to_torch_state_dict())
-        with torch.no_grad():
-            out = model(xt)
-            metrics = {"loss": float(loss_fn(out, yt))}
-            if info["task"] == "classification":
-                metrics["accuracy"] = float((out.argmax(dim=1) == yt).float().mean())
-        return MetricRecord(metrics)
+        params = npmodels.load_params(cfg.model, info["num_features"], info["num_classes"],
+                                      {k: a.numpy() for k, a in arrays.items()})
+        return MetricRecord(npmodels.evaluate(cfg.model, params, X, y))
 
     return evaluate
+
+
+def initial_arrays(cfg: RunConfig) -> ArrayRecord:
+    """``x_0``: :func:`flwr_byzantine.npmodels.init_params` of the run's model, seeded by run config ``seed``."""
+    info = dataset_info(cfg.dataset)
+    params = npmodels.init_params(cfg.model, info["num_features"], info["num_classes"], cfg.seed)
+    return ArrayRecord({k: Array(v) for k, v in params.items()})
 
 
 #: Run-config keys that may differ between a checkpointed run and its resumption.
@@ -162,8 +167,6 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, An
                     "building the aggregator for %d as before", num_nodes, stored, stored)
             num_nodes = stored
         checkpointer.meta = {"num_nodes": num_nodes}
-    info = dataset_info(cfg.dataset)
-    model = build_model(cfg.model, info["num_features"], info["num_classes"], cfg.seed)
     inner = strategy = build_strategy(cfg, num_nodes)
     evaluate = central_evaluator(cfg)
     omniscient = cfg.adversary == "omniscient" and cfg.num_malicious > 0
@@ -182,7 +185,7 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, An
     start_kwargs: dict[str, Any] = {} if omniscient else {"checkpoint": checkpointer}
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
+        initial_arrays=initial_arrays(cfg),
         num_rounds=cfg.num_server_rounds,
         timeout=cfg.reply_timeout,  # per send_and_receive: late or missing replies are erasures
         evaluate_fn=evaluate,
@@ -236,8 +239,14 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, An
 
 def serve(grid: Grid, context: Context, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ServerApp's main: validate the whole run config (``context.run_config`` updated with
-    ``overrides``) before round 1, then run its ``method``'s federation; returns the results dict."""
+    ``overrides``) before round 1, then run its ``method``'s federation; returns the results dict.
+
+    In a deployment (Flower's ``HttpGrid``) the Grid is wrapped in :class:`PromptGrid`, which
+    pulls replies every second instead of every 3 s (a round ends sooner after its last reply).
+    """
     cfg = parse_run_config(dict(context.run_config), overrides)
+    if isinstance(grid, HttpGrid):  # a deployment: notice replies within 1 s, not Flower's 3 s
+        grid = PromptGrid(grid)
     if isinstance(cfg, NewtonConfig):
         from server_app.newton import run_newton_federation  # scipy's minimiser: Newton runs only
 

@@ -107,6 +107,29 @@ def test_param_shapes_are_the_torch_state_dict():
         assert npmodels.param_shapes(name, d, c) == {k: tuple(v.shape) for k, v in sd.items()}
 
 
+@pytest.mark.parametrize("seed", [0, 1, 7, 12345, 2**31 + 5, 2**32 + 3])
+@pytest.mark.parametrize("name,d,c", CASES + [("mlp", 784, 10), ("logreg", 3, 2), ("linear", 1000, 1)])
+def test_init_params_are_torchs_default_initialisation_bit_for_bit(name, d, c, seed):
+    """``x_0`` without torch equals ``torch.manual_seed(seed)`` + the torch module's own init."""
+    from flwr_byzantine.models import MLP, LinearRegression, LogisticRegression
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = {"logreg": lambda: LogisticRegression(d, c), "mlp": lambda: MLP(d, c),
+                  "linear": lambda: LinearRegression(d)}[name]()
+    ref = _params(module)
+    got = npmodels.init_params(name, d, c, seed)
+    assert list(got) == list(ref)
+    for k in ref:
+        assert got[k].dtype == np.float32
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    built = _params(build_model(name, d, c, seed))  # the torch model starts from the same x_0
+    for k in ref:
+        np.testing.assert_array_equal(built[k], ref[k], err_msg=k)
+    other = npmodels.init_params(name, d, c, seed + 1)
+    assert any(not np.array_equal(other[k], got[k]) for k in got)
+
+
 _NO_TORCH_SCRIPT = r"""
 import json, sys
 import numpy as np
