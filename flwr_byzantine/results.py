@@ -10,10 +10,19 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` with the Agg backend, imported on first use.
+
+    A ServerApp imports this module at start-up but plots only after its last round, so a
+    deployment round (with every node's ClientApp alive) never holds matplotlib's memory.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def safe_stem(*parts: object) -> str:
@@ -81,6 +90,7 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 def plot_accuracy(curves: dict[str, tuple[list[int], list[float]]], path: Path, title: str) -> None:
     """One line per curve name: accuracy (y) against server round (x)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (rounds, acc) in curves.items():
         ax.plot(rounds, acc, marker=".", label=label)
@@ -110,6 +120,7 @@ def plot_run(payload: dict[str, Any], path: Path, title: str) -> Path:
     rounds = sorted(int(r) for r in central)
     metric = "accuracy" if any("accuracy" in central[str(r)] for r in rounds) else "loss"
     reports = payload.get("rounds", [])
+    plt = _pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
     top.plot(rounds, [central[str(r)].get(metric, float("nan")) for r in rounds], marker=".",
              label=f"{payload.get('config', {}).get('aggregator', 'defence')} (defended run)")

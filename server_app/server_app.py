@@ -37,7 +37,8 @@ from flwr_byzantine.attacks import MobileAdversary, make_attack, run_attack_para
 from flwr_byzantine.checkpoint import CheckpointError, Checkpointer
 from flwr_byzantine.compression import RandK
 from flwr_byzantine.config import NewtonConfig, RunConfig, check_federation, parse_run_config
-from flwr_byzantine.data import dataset_info, load_test_set
+from flwr_byzantine.data import dataset_info
+from flwr_byzantine.data.cache import cached_test_set
 from flwr_byzantine.federation import malicious_partition_ids
 from flwr_byzantine import npmodels
 from flwr_byzantine.results import blame, plot_run, safe_stem, write_json_atomic
@@ -109,9 +110,10 @@ def central_evaluator(cfg: RunConfig):
     """``evaluate_fn(server_round, arrays) -> MetricRecord`` on the held-out test set.
 
     Loss (and accuracy for the classifiers) from :func:`flwr_byzantine.npmodels.evaluate`,
-    the numpy forward pass of the model (no torch in the ServerApp's process).
+    the numpy forward pass of the model (no torch in the ServerApp's process); the test set
+    is read through the data cache (:func:`flwr_byzantine.data.cache.cached_test_set`).
     """
-    X, y = load_test_set(cfg.dataset, cfg.seed)
+    X, y = cached_test_set(cfg.dataset, cfg.seed)
     info = dataset_info(cfg.dataset)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:

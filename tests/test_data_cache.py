@@ -66,3 +66,19 @@ def test_command_line_fills_the_cache(tmp_path, monkeypatch, capsys):
     assert "partition 2/3" in capsys.readouterr().out
     monkeypatch.setattr(data_cache, "load_partition", lambda *a: (_ for _ in ()).throw(AssertionError("miss")))
     data_cache.cached_partition(DS, 2, 3, 1.0, 2)  # a hit: the loader is not called
+
+
+def test_test_set_is_cached_bit_for_bit_and_by_the_command_line(tmp_path, monkeypatch):
+    from flwr_byzantine.data import load_test_set
+
+    monkeypatch.setenv(data_cache.CACHE_ENV, str(tmp_path))
+    data_cache.main(["--dataset", DS, "--num-partitions", "0", "--seed", "2", "--test-set"])
+    (path,) = tmp_path.glob("test-set-*.npz")
+    X0, y0 = load_test_set(DS, 2)
+    monkeypatch.setattr(data_cache, "load_test_set", lambda *a: (_ for _ in ()).throw(AssertionError("miss")))
+    X, y = data_cache.cached_test_set(DS, 2)  # a hit: the loader is not called
+    assert X.dtype == X0.dtype and y.dtype == y0.dtype
+    np.testing.assert_array_equal(X, X0)
+    np.testing.assert_array_equal(y, y0)
+    assert data_cache.test_set_key(DS, 2) != data_cache.test_set_key(DS, 3)
+    assert data_cache.test_set_key(DS, 2) not in {data_cache.cache_key(DS, i, 4, 1.0, 2) for i in range(4)}

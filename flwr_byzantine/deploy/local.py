@@ -342,11 +342,13 @@ class LocalDeployment:
         """Provision the nodes' data: ``python -m flwr_byzantine.data.cache`` with this deployment's environment.
 
         Fills the ClientApp's partition cache, so that even the first round's ClientApps
-        skip scikit-learn and ``datasets``.  Returns the seconds it took.
+        skip scikit-learn and ``datasets``, and the ServerApp's test set (same machine, same
+        cache).  Returns the seconds it took.
         """
         t0 = time.monotonic()
         subprocess.run([sys.executable, "-m", "flwr_byzantine.data.cache", "--dataset", dataset,
-                        "--num-partitions", str(num_partitions), "--alpha", repr(float(alpha)), "--seed", str(seed)],
+                        "--num-partitions", str(num_partitions), "--alpha", repr(float(alpha)), "--seed", str(seed),
+                        "--test-set"],
                        cwd=self.app_dir, env=self.env, check=True, capture_output=True, timeout=600)
         return time.monotonic() - t0
 
