@@ -31,8 +31,11 @@ ServerApp's own per-round seconds (``reply_seconds`` + ``decode_seconds``), the
 erasures (rejections by kind) per round, the filtered nodes against the malicious
 ones (node ids from each SuperNode's log, i.e. from node config, not from what a
 client claims), the peak PSS and RSS summed over every process of the deployment
-(``/proc/PID/smaps_rollup``, sampled every second) and the final model of each
-run (``superlink-restart`` against ``reference``: maximum absolute difference).
+(``/proc/PID/smaps_rollup``, sampled every second; at the PSS peak also per kind of
+process) and the final model of each run (``superlink-restart`` against ``reference``:
+maximum absolute difference).  A run's wall time ends at the SuperLink's ``finished-at``
+(whole seconds, + 1 s) or when the benchmark's ``flwr ls`` poll saw the status, whichever
+is earlier; the poll's time is kept as ``wall_seconds_flwr_run_to_status_seen``.
 Every process is started in its own process group and killed at the end.
 """
 
@@ -55,6 +58,7 @@ from flwr_byzantine.deploy.local import LocalDeployment, MemorySampler, load_mod
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 GIB = 1024.0**3
+GB = 1e9  # the issue's target is 6 GB (decimal) of PSS
 
 
 def summarise(res: dict[str, Any], malicious_ids: set[int], wall: float, num_attackers: int) -> dict[str, Any]:
@@ -192,6 +196,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 res = read_results(out_dir, run_id)
                 models[phase] = load_model(out_dir, res)
                 summary = summarise(res, malicious_ids, wall, len(attackers))
+                seen = dep.timings.get(run_id, {}).get("status_seen_seconds")
+                if seen is not None:
+                    summary["wall_seconds_flwr_run_to_status_seen"] = round(seen, 2)
                 summary["events"] = log
                 summary["malicious_node_ids"] = sorted(malicious_ids)
                 summary["peak_pss_gib_so_far"] = round(mem.peak_pss / GIB, 3)
@@ -213,8 +220,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         diff = max(float(np.max(np.abs(model[k] - models["reference"][k]))) for k in model)
                         report["runs"][phase]["max_abs_diff_to_reference_model"] = diff
         report["peak_pss_gib"] = round(mem.peak_pss / GIB, 3)
+        report["peak_pss_gb"] = round(mem.peak_pss / GB, 3)
         report["peak_rss_gib"] = round(mem.peak_rss / GIB, 3)
         report["peak_processes"] = mem.peak_processes
+        report["peak_pss_gib_by_kind"] = {kind: {"pss_gib": round(pss / GIB, 3), "processes": n}
+                                          for kind, (pss, n) in sorted(mem.peak_by_kind.items())}
     finally:
         dep.close()
     report["left_running"] = dep.pids()
@@ -226,12 +236,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "never_an_honest_node_filtered": all(r["honest_filtered"] == 0 for run in report["runs"].values()
                                                  for r in run["rounds"]),
             "rounds_within_120_s": ref["wall_seconds_flwr_run_to_finished"] <= 120.0,
-            "peak_pss_within_6_gib": report["peak_pss_gib"] <= 6.0,
+            "peak_pss_within_6_gb": mem.peak_pss <= 6.0 * GB,
         }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "deployment.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     plot(report, args.out / "deployment.png")
-    print(json.dumps({k: report.get(k) for k in ("startup_seconds", "peak_pss_gib", "peak_rss_gib", "targets")}))
+    print(json.dumps({k: report.get(k) for k in ("startup_seconds", "peak_pss_gib", "peak_pss_gb", "peak_rss_gib",
+                                                 "peak_pss_gib_by_kind", "targets")}))
     return report
 
 

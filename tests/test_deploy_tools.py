@@ -18,8 +18,11 @@ from flwr_byzantine.deploy.certs import make_node_key, make_tls
 from flwr_byzantine.deploy.local import (
     BIN,
     LocalDeployment,
+    MemorySampler,
     checkpoint_round,
+    finished_epoch,
     format_node_config,
+    process_kind,
     process_memory,
 )
 
@@ -85,6 +88,43 @@ def test_close_kills_every_process_group_and_descendant(tmp_path):
     assert n == 4 and 0 < pss <= rss
     dep.close(grace=2)
     assert dep.pids() == [] and all(p.poll() is not None for p in procs)
+
+
+def test_memory_sampler_keeps_the_peak_per_kind_of_process(tmp_path):
+    """A process started as ``flwr-clientapp`` is counted as one; everything else as ``other``."""
+    import subprocess
+    import time
+
+    exe = tmp_path / "flwr-clientapp"
+    exe.write_text("import time\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, str(exe)])
+    try:
+        deadline = time.monotonic() + 10
+        while process_kind(proc.pid) != "flwr-clientapp" and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the child has exec'd
+        assert process_kind(proc.pid) == "flwr-clientapp"
+        assert process_kind(os.getpid()) == "other"
+
+        class Two:
+            def pids(self):
+                return [proc.pid, os.getpid()]
+
+        sampler = MemorySampler(Two())  # type: ignore[arg-type]
+        sampler.sample()
+        by_kind = sampler.peak_by_kind
+        assert set(by_kind) == {"flwr-clientapp", "other"}
+        assert by_kind["flwr-clientapp"][1] == 1 and by_kind["flwr-clientapp"][0] > 0
+        assert sum(p for p, _ in by_kind.values()) == sampler.peak_pss <= sampler.peak_rss
+        assert sampler.peak_processes == 2
+    finally:
+        proc.kill()
+        proc.wait()
+    assert process_kind(2**22 + 12345) == "other"
+
+
+def test_finished_at_of_flwr_ls_is_read_as_utc_seconds():
+    assert finished_epoch("2026-11-30 02:28:36Z") == 1796005716.0
+    assert finished_epoch("N/A") is None and finished_epoch("") is None
 
 
 def test_process_memory_of_self_and_of_a_missing_process():

@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -109,6 +110,14 @@ def load_model(out_dir: Path, results: Mapping[str, Any]) -> dict[str, np.ndarra
     """The final model named by a results file (``model_file`` in ``out_dir``)."""
     with np.load(Path(out_dir) / results["model_file"]) as npz:
         return {k: npz[k] for k in npz.files}
+
+
+def finished_epoch(stamp: str) -> float | None:
+    """Seconds since the epoch of a ``flwr ls`` timestamp (``2026-11-30 02:28:36Z``); None if absent."""
+    try:
+        return datetime.fromisoformat(str(stamp).strip().replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def _json_tail(text: str) -> Any:
@@ -195,6 +204,8 @@ class LocalDeployment:
         self.nodes: dict[int, Node] = {}
         self._all: list[subprocess.Popen] = []
         self._starts: dict[str, int] = {}
+        #: Run id -> how long :meth:`run_and_wait` took, by the SuperLink's record and by its poller.
+        self.timings: dict[int, dict[str, float]] = {}
 
     # ----------------------------------------------------------- processes
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
@@ -415,19 +426,23 @@ class LocalDeployment:
             raise RuntimeError(f"flwr run failed: {started.stdout}{started.stderr}")
         return int(_json_tail(started.stdout)["run-id"])
 
-    def status(self, run_id: int) -> str:
-        """The run's status (``finished:completed`` at the end; '' if unknown)."""
+    def run_info(self, run_id: int) -> dict[str, Any]:
+        """``flwr ls --run-id RUN_ID``: the run's row (``status``, ``pending-at``, ``finished-at``, ...); {} if unknown."""
         try:
             ls = self.flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json", timeout=60)
         except subprocess.TimeoutExpired:
-            return ""
+            return {}
         if ls.returncode != 0:
-            return ""
+            return {}
         try:
             runs = _json_tail(ls.stdout).get("runs", [])
         except ValueError:
-            return ""
-        return str(runs[0].get("status", "")) if runs else ""
+            return {}
+        return dict(runs[0]) if runs else {}
+
+    def status(self, run_id: int) -> str:
+        """The run's status (``finished:completed`` at the end; '' if unknown)."""
+        return str(self.run_info(run_id).get("status", ""))
 
     def wait_finished(self, run_id: int, timeout: float = 600.0, poll: float = 3.0) -> str:
         """Wait until the run is ``finished:*``; returns the status ('' or the last one on timeout)."""
@@ -447,15 +462,19 @@ class LocalDeployment:
 
         Fires ``events`` (``(after_round, action)``, ``action() -> description``) as the
         ServerApp's checkpoint reaches ``after_round``, then waits for ``finished:completed``.
+        The seconds returned run from just before ``flwr run`` to the SuperLink's
+        ``finished-at`` (recorded in whole seconds, so + 1 s: an upper bound), or to the
+        moment this poller saw the status if that is earlier; both are kept in
+        :attr:`timings` (``finished_at_seconds``, ``status_seen_seconds``) by run id.
         ``crash = (after_round, action)`` fires the action and returns at once (the run
         cannot finish).  Returns ``(run_id, seconds, event log)``; raises if the run fails.
         """
         log: list[dict[str, Any]] = []
-        t0 = time.monotonic()
+        t0, epoch0 = time.monotonic(), time.time()
         run_id = self.run({**dict(run_config), "output-dir": str(out_dir)})
         last_round = int(run_config.get("num-server-rounds", 0)) if run_config.get("checkpoint") else 0
         pending = sorted(events or [], key=lambda e: e[0])
-        last_poll, status = 0.0, ""
+        last_poll, status, info = 0.0, "", {}
 
         def fire(after: int, action: Callable[[], str]) -> None:
             note = action()
@@ -472,7 +491,8 @@ class LocalDeployment:
             # `flwr ls` costs a CLI start (~1 s CPU): ask often only once the last round is checkpointed
             if time.monotonic() - last_poll > (3.0 if done >= last_round else 30.0):
                 last_poll = time.monotonic()
-                status = self.status(run_id)
+                info = self.run_info(run_id)
+                status = str(info.get("status", ""))
                 if status.startswith("finished"):
                     break
             time.sleep(0.5)
@@ -480,6 +500,11 @@ class LocalDeployment:
         if status != "finished:completed":
             raise RuntimeError(f"[{name}] run {run_id} ended with status {status!r} after {wall:.0f} s\n"
                                f"{self.server_log(run_id)[-4000:]}\n{self.logs_tail()}")
+        finished = finished_epoch(info.get("finished-at", ""))
+        self.timings[run_id] = {"status_seen_seconds": wall}
+        if finished is not None:  # the SuperLink's own record, not when this poller saw it
+            wall = min(wall, finished + 1.0 - epoch0)  # + 1 s: Flower records whole seconds (truncated)
+            self.timings[run_id]["finished_at_seconds"] = wall
         return run_id, wall, log
 
     def server_log(self, run_id: int) -> str:
@@ -490,20 +515,58 @@ class LocalDeployment:
             return ""
 
 
+#: Process kinds of a deployment, by the executable in their command line (see :func:`process_kind`).
+PROCESS_KINDS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp")
+
+
+def process_kind(pid: int) -> str:
+    """Which of :data:`PROCESS_KINDS` process ``pid`` runs (``"other"`` if none, or it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            args = fh.read().split(b"\0")
+    except OSError:
+        return "other"
+    for arg in args[:3]:  # [python,] executable path, ...
+        name = os.path.basename(arg.decode(errors="replace"))
+        if name in PROCESS_KINDS:
+            return name
+    return "other"
+
+
 class MemorySampler:
-    """Samples :meth:`LocalDeployment.memory` every ``interval`` s in a thread; keeps the peaks."""
+    """Samples the deployment's memory every ``interval`` s in a thread; keeps the peaks.
+
+    ``peak_pss`` / ``peak_rss`` / ``peak_processes``: the largest sums over all processes
+    (:meth:`LocalDeployment.pids`); ``peak_by_kind``: at the PSS peak, ``{kind: (PSS bytes,
+    processes)}`` per :func:`process_kind`.
+    """
 
     def __init__(self, deployment: LocalDeployment, interval: float = 1.0) -> None:
         self.deployment, self.interval = deployment, interval
         self.peak_pss = self.peak_rss = self.peak_processes = 0
+        self.peak_by_kind: dict[str, tuple[int, int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
+    def sample(self) -> None:
+        """One sample of every process of the deployment."""
+        pss = rss = 0
+        by_kind: dict[str, tuple[int, int]] = {}
+        pids = self.deployment.pids()
+        for pid in pids:
+            p, r = process_memory(pid)
+            pss, rss = pss + p, rss + r
+            kind = process_kind(pid)
+            total, count = by_kind.get(kind, (0, 0))
+            by_kind[kind] = (total + p, count + 1)
+        if pss > self.peak_pss:
+            self.peak_pss, self.peak_by_kind = pss, by_kind
+        self.peak_rss = max(self.peak_rss, rss)
+        self.peak_processes = max(self.peak_processes, len(pids))
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            pss, rss, n = self.deployment.memory()
-            self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
-            self.peak_processes = max(self.peak_processes, n)
+            self.sample()
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "MemorySampler":
