@@ -54,8 +54,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def descendants(pid: int) -> list[int]:
-    """All live descendants of ``pid`` (from ``/proc``), children first."""
+def _children_map() -> dict[int, list[int]]:
+    """Parent pid -> pids of its live children (one pass over ``/proc``)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -67,6 +67,12 @@ def descendants(pid: int) -> list[int]:
         except (OSError, ValueError, IndexError):
             continue
         children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def descendants(pid: int, children: Mapping[int, list[int]] | None = None) -> list[int]:
+    """All live descendants of ``pid`` (from ``/proc``, or the ``children`` map of one pass), children first."""
+    children = _children_map() if children is None else children
     out, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -313,10 +319,11 @@ class LocalDeployment:
     def pids(self) -> list[int]:
         """Every live process of the deployment (started ones and their descendants)."""
         out: list[int] = []
+        children = _children_map()  # one pass over /proc for all of them (sampled every second)
         for proc in self._all:
             if proc.poll() is None:
                 out.append(proc.pid)
-            out.extend(descendants(proc.pid))
+            out.extend(descendants(proc.pid, children))
         return sorted(set(out))
 
     def memory(self) -> tuple[int, int, int]:
