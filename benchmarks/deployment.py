@@ -61,6 +61,33 @@ GIB = 1024.0**3
 GB = 1e9  # the issue's target is 6 GB (decimal) of PSS
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy since boot (``/proc/stat``: all but idle and iowait)."""
+    with open("/proc/stat", encoding="utf-8") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds(dep: LocalDeployment) -> float:
+    """CPU seconds of this benchmark and every process of the deployment, including reaped descendants.
+
+    Each live process counts ``utime + stime + cutime + cstime`` (``/proc/PID/stat``): a
+    finished ClientApp is in its SuperExec's ``cutime``; the benchmark's own ``flwr`` CLI
+    calls are in its own children's times.
+    """
+    hz = os.sysconf("SC_CLK_TCK")
+    total = sum(os.times()[:4])
+    for pid in dep.pids():
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+                stat = fh.read()
+            f = stat[stat.rindex(")") + 2:].split()
+            total += (int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])) / hz
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 def summarise(res: dict[str, Any], malicious_ids: set[int], wall: float, num_attackers: int) -> dict[str, Any]:
     """Per-round view of a results file: seconds, erasures, filtered vs malicious nodes.
 
@@ -174,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         return "killed the SuperLink (SIGKILL, with its SuperExec and ServerApp)"
                     crash = (2, crash_superlink)
                 malicious_ids = {dep.node_ids()[i] for i in attackers}
+                busy0, own0 = machine_busy_seconds(), own_cpu_seconds(dep)
                 run_id, wall, log = dep.run_and_wait(phase, run_config, out_dir, timeout=900, events=events,
                                               crash=crash)
                 if phase == "superlink-restart":
@@ -193,9 +221,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     log.append({"event": f"SuperLink restarted ({how}), {args.nodes} SuperNodes online after "
                                          f"{online_after:.1f} s, same flwr run resumed",
                                 "first_run_seconds_until_crash": round(first_wall, 2)})
+                busy, own = machine_busy_seconds() - busy0, own_cpu_seconds(dep) - own0
                 res = read_results(out_dir, run_id)
                 models[phase] = load_model(out_dir, res)
                 summary = summarise(res, malicious_ids, wall, len(attackers))
+                # what else ran on the machine meanwhile (the benchmark assumes it has the CPUs to itself)
+                summary["cpu_seconds_machine_busy"] = round(busy, 1)
+                summary["cpu_seconds_deployment_and_benchmark"] = round(own, 1)
+                summary["cpu_seconds_other_processes"] = round(max(busy - own, 0.0), 1)
                 seen = dep.timings.get(run_id, {}).get("status_seen_seconds")
                 if seen is not None:
                     summary["wall_seconds_flwr_run_to_status_seen"] = round(seen, 2)

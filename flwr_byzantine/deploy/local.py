@@ -488,15 +488,20 @@ class LocalDeployment:
             log.append({"after_round": after, "at_seconds": round(time.monotonic() - t0, 2), "event": note})
             print(f"[{name}] after round {after}: {note}", flush=True)
 
+        progress, progress_at = -1, time.monotonic()
         while time.monotonic() - t0 < timeout:
             done = checkpoint_round(out_dir)
+            if done != progress:
+                progress, progress_at = done, time.monotonic()
             while pending and done >= pending[0][0]:
                 fire(*pending.pop(0))
             if crash is not None and done >= crash[0]:
                 fire(*crash)
                 return run_id, time.monotonic() - t0, log
-            # `flwr ls` costs a CLI start (~1 s CPU): ask often only once the last round is checkpointed
-            if time.monotonic() - last_poll > (3.0 if done >= last_round else 30.0):
+            # `flwr ls` costs a CLI start (~1 s CPU, competing with the deployment): ask every 3 s once
+            # the last round is checkpointed, otherwise only after 30 s without a new checkpoint
+            stalled = time.monotonic() - progress_at > 30.0
+            if (done >= last_round or stalled) and time.monotonic() - last_poll > (3.0 if done >= last_round else 30.0):
                 last_poll = time.monotonic()
                 info = self.run_info(run_id)
                 status = str(info.get("status", ""))
