@@ -3,13 +3,15 @@
 One command::
 
     nice -n 5 python -m benchmarks.defence_before_after [--ref dd1561d] [--repeats 7] [--quick]
+        [--sizes 20,100000 100,1000000 ...] [--name defence_before_after]
 
 The package as of git commit ``--ref`` (default ``dd1561d``: the float64 memory path with per-row
 tables) is extracted with ``git archive`` into a temporary directory and imported under another
 name next to the working tree's package.  Both defences (``build_for_federation('rge', R, 0.2)``,
 called with node ids) see :data:`~benchmarks.decode_time.DEFENCE_WARM` rounds first, then every
 timed round is interleaved: ``np.mean(G, axis=0)``, the old defence, the new one (median of
-``--repeats``; 1 BLAS thread).  Writes ``defence_before_after.json`` and ``.png`` into ``--out``.
+``--repeats``; 1 BLAS thread).  Writes ``<--name>.json`` and ``.png`` (default
+``defence_before_after``) into ``--out``.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def measure(old: Any, sizes: list[tuple[int, int]], repeats: int, seed: int) -> 
     return out
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, labels: tuple[str, str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,8 +89,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
     x = np.arange(len(rows))
-    ax.bar(x - 0.2, [r["before"]["ratio"] for r in rows], 0.4, label="before (float64 copies, per-row tables)")
-    ax.bar(x + 0.2, [r["after"]["ratio"] for r in rows], 0.4, label="after (input dtype, tiled passes)")
+    ax.bar(x - 0.2, [r["before"]["ratio"] for r in rows], 0.4, label=labels[0])
+    ax.bar(x + 0.2, [r["after"]["ratio"] for r in rows], 0.4, label=labels[1])
     ax.set_xticks(x, [f"R={r['R']}, d={r['d']:.0e}" for r in rows], fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("decode time / np.mean(G, axis=0)")
@@ -107,18 +109,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--sizes", nargs="+", default=None, help="R,d pairs (default: 20,100000 100,100000 100,1000000)")
+    p.add_argument("--name", default="defence_before_after", help="stem of the JSON and PNG written into --out")
     args = p.parse_args(argv)
+    sizes = (QUICK_SIZES if args.quick else SIZES) if args.sizes is None else \
+        [(int(r), int(float(d))) for r, d in (s.split(",") for s in args.sizes)]
     from threadpoolctl import threadpool_limits
 
     root = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory() as tmp, threadpool_limits(limits=1):
         old = import_old(args.ref, root, Path(tmp))
-        rows = measure(old, QUICK_SIZES if args.quick else SIZES, args.repeats, args.seed)
+        rows = measure(old, sizes, args.repeats, args.seed)
     command = "python -m benchmarks.defence_before_after " + " ".join(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "defence_before_after.json").write_text(json.dumps(
+    (args.out / f"{args.name}.json").write_text(json.dumps(
         {"command": command.strip(), "ref": args.ref, "blas_threads": 1, "dtype": "float32", "rows": rows}, indent=1))
-    plot(rows, args.out / "defence_before_after.png")
+    labels = (("before (float64 copies, per-row tables)", "after (input dtype, tiled passes)")
+              if args.ref == "dd1561d" else (f"before (commit {args.ref})", "after (this tree)"))
+    plot(rows, args.out / f"{args.name}.png", labels)
     return 0
 
 
