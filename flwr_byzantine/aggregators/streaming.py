@@ -159,8 +159,11 @@ def reference_deviation_stats(G: np.ndarray, rows: np.ndarray, table: np.ndarray
     while r0 < n:
         r1 = n if n - (r0 + rb) < EINSUM_MIN_ROWS else r0 + rb
         D = dbuf[: r1 - r0]
-        np.subtract(G[sub_index(ri, r0, r1)], table[sub_index(si, r0, r1)], out=D)
-        D -= drift
+        for c0 in range(0, d, TILE_COLUMNS):  # the differences column tile by column tile (in cache)
+            c1 = min(d, c0 + TILE_COLUMNS)
+            Dt = D[:, c0:c1]
+            np.subtract(G[sub_index(ri, r0, r1), c0:c1], table[sub_index(si, r0, r1), c0:c1], out=Dt)
+            Dt -= drift[c0:c1]
         sq[r0:r1] = np.einsum("ij,ij->i", D, D)
         r0 = r1
     return drift, sq
@@ -168,26 +171,27 @@ def reference_deviation_stats(G: np.ndarray, rows: np.ndarray, table: np.ndarray
 
 def clip_to_references(V: np.ndarray, G: np.ndarray, rows: np.ndarray, table: np.ndarray, slots: np.ndarray,
                        drift: np.ndarray, factors: np.ndarray) -> None:
-    """``V[rows] = ref + drift + (G[rows] - ref - drift) * factors`` with ``ref = table[slots]``, in blocks of rows.
+    """``V[rows] = ref + drift + (G[rows] - ref - drift) * factors`` with ``ref = table[slots]``, in cache-sized tiles.
 
-    The arithmetic of :meth:`~.temporal.SelfReference.apply`, bit for bit, without ``(n, d)`` temporaries.
+    The arithmetic of :meth:`~.temporal.SelfReference.apply`, bit for bit (elementwise), without
+    ``(n, d)`` temporaries.
     """
     n, d = len(rows), G.shape[1]
     ri, si = as_index(rows), as_index(slots)
     dtype = np.result_type(G.dtype, table.dtype, drift.dtype)
-    rb = max(1, BLOCK_BYTES // max(1, d * dtype.itemsize))
-    dev = np.empty((min(n, rb), d), dtype=dtype)
+    f = np.asarray(factors).astype(dtype, copy=False)
+    dev = tile_buffer(n, d, dtype)
     base = np.empty_like(dev)
-    for r0 in range(0, n, rb):
-        r1 = min(n, r0 + rb)
-        D, B = dev[: r1 - r0], base[: r1 - r0]
-        ref = table[sub_index(si, r0, r1)]
-        np.subtract(G[sub_index(ri, r0, r1)], ref, out=D)
-        D -= drift
-        np.add(ref, drift, out=B)
-        D *= factors[r0:r1, None].astype(dtype, copy=False)
+    for r0, r1, c0, c1 in tiles(n, d, dtype.itemsize):
+        D, B = dev[: r1 - r0, : c1 - c0], base[: r1 - r0, : c1 - c0]
+        ref = table[sub_index(si, r0, r1), c0:c1]
+        dr = drift[c0:c1]
+        np.subtract(G[sub_index(ri, r0, r1), c0:c1], ref, out=D)
+        D -= dr
+        np.add(ref, dr, out=B)
+        D *= f[r0:r1, None]
         B += D
-        V[sub_index(ri, r0, r1)] = B
+        V[sub_index(ri, r0, r1), c0:c1] = B
 
 
 def host_array(x: ArrayLike) -> np.ndarray:
