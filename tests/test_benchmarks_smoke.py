@@ -218,3 +218,12 @@ def test_defence_before_after_tiny(tmp_path):
     assert defence_before_after.main(["--quick", "--repeats", "5", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "defence_before_after.json").read_text())["rows"]
     assert len(rows) == 2 and all(r["before"]["seconds"] > 0 and r["after"]["seconds"] > 0 for r in rows)
+
+
+def test_defence_passes_tiny(tmp_path):
+    from benchmarks import defence_passes
+
+    assert defence_passes.main(["--sizes", "20,3000", "--calls", "2", "--out", str(tmp_path)]) == 0
+    row = json.loads((tmp_path / "defence_passes.json").read_text())["rows"][0]
+    assert row["defence_ratio"] > 0 and row["passes"]["filter (sketch or Gram, solver)"] > 0
+    assert "self-reference: clipping" in row["passes"]

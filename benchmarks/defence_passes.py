@@ -1,0 +1,115 @@
+"""Where the default defence's decode goes: each pass's time in units of ``np.mean(G, axis=0)``.
+
+One command::
+
+    nice -n 5 python -m benchmarks.defence_passes [--sizes 20,100000 100,1000000 1000,100000] [--calls 5]
+
+``build_for_federation('rge', R, 0.2)`` called with node ids on the ``far`` rounds of
+:mod:`benchmarks.decode_time`'s ``defence`` section, after :data:`~benchmarks.decode_time.DEFENCE_WARM`
+rounds; every pass of :meth:`~flwr_byzantine.aggregators.RobustDefence._run` is wrapped in a timer
+(the gross screen's median and distances, the self-reference's drift and deviations, its clipping, the
+references' store, the evidence pass, the filter, the mixing and clipping), ``--calls`` calls are timed,
+each next to a call of ``np.mean`` (1 BLAS thread, float32).  Writes ``defence_passes.json`` into ``--out``.
+A profile, not a benchmark of its own: the wrappers add a little, and the passes sum to the total within
+about 10 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from benchmarks.decode_time import DEFAULT_OUT, DEFENCE_WARM, make_round
+
+SIZES = [(20, 100_000), (100, 1_000_000), (1000, 100_000)]
+
+
+def _wrappers() -> list[tuple[Any, str, str]]:
+    from flwr_byzantine.aggregators import defence, memory, temporal
+    from flwr_byzantine.aggregators.rge import RGE
+
+    return [(defence, "column_median", "gross screen: coordinate-wise median"),
+            (defence, "row_sq_norms_to", "gross screen: distances"),
+            (temporal, "reference_deviation_stats", "self-reference: drift (coordinate-wise median) and deviations"),
+            (temporal, "clip_to_references", "self-reference: clipping"),
+            (memory._RowTable, "put", "references' and memories' store"),
+            (memory.MonotonicityEvidence, "observe", "monotonicity evidence pass"),
+            (RGE, "aggregate_rows", "filter (sketch or Gram, solver)"),
+            (defence, "mix_and_clip", "mixing: exact Gram of the survivors, weighted sum")]
+
+
+def measure(sizes: list[tuple[int, int]], calls: int, seed: int) -> list[dict[str, Any]]:
+    from flwr_byzantine.aggregators import build_for_federation
+
+    acc: dict[str, float] = {}
+    saved = []
+    for obj, name, label in _wrappers():
+        fn = getattr(obj, name)
+        saved.append((obj, name, fn))
+
+        def timed(*a: Any, _fn: Callable = fn, _label: str = label, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                acc[_label] = acc.get(_label, 0.0) + time.perf_counter() - t0
+
+        setattr(obj, name, timed)
+    out = []
+    try:
+        for R, d in sizes:
+            rounds = [make_round(R, d, 0.2, seed + R + k, "far")[0] for k in range(2)]
+            ids = list(range(10_000, 10_000 + R))
+            rule = build_for_federation("rge", R, 0.2, seed=seed)
+            for k in range(DEFENCE_WARM):
+                rule.aggregate(rounds[k % 2], client_ids=ids)
+            acc.clear()
+            refs, tot = [], []
+            for k in range(calls):
+                t0 = time.perf_counter()
+                np.mean(rounds[k % 2], axis=0)
+                refs.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                rule.aggregate(rounds[k % 2], client_ids=ids)
+                tot.append(time.perf_counter() - t0)
+            ref = statistics.median(refs)
+            row = {"R": R, "d": d, "np_mean_seconds": ref, "defence_ratio": statistics.median(tot) / ref,
+                   "passes": {k: v / calls / ref for k, v in sorted(acc.items(), key=lambda kv: -kv[1])}}
+            print(f"R={R} d={d:.0e}: defence {row['defence_ratio']:.1f}x np.mean; "
+                  + "; ".join(f"{k} {v:.1f}x" for k, v in row["passes"].items()), flush=True)
+            out.append(row)
+            del rounds, rule
+    finally:
+        for obj, name, fn in saved:
+            setattr(obj, name, fn)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=None, help="R,d pairs")
+    p.add_argument("--calls", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+    from threadpoolctl import threadpool_limits
+
+    sizes = SIZES if args.sizes is None else [(int(r), int(float(d))) for r, d in (s.split(",") for s in args.sizes)]
+    with threadpool_limits(limits=1):
+        rows = measure(sizes, max(args.calls, 1), args.seed)
+    command = "python -m benchmarks.defence_passes " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "defence_passes.json").write_text(json.dumps(
+        {"command": command.strip(), "blas_threads": 1, "dtype": "float32", "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
