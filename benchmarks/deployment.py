@@ -31,8 +31,8 @@ ServerApp's own per-round seconds (``reply_seconds`` + ``decode_seconds``), the
 erasures (rejections by kind) per round, the filtered nodes against the malicious
 ones (node ids from each SuperNode's log, i.e. from node config, not from what a
 client claims), the peak PSS and RSS summed over every process of the deployment
-(``/proc/PID/smaps_rollup``, sampled every second; at the PSS peak also per kind of
-process) and the final model of each run (``superlink-restart`` against ``reference``:
+(``/proc/PID/smaps_rollup``, sampled every ``--memory-interval`` s, default 2; at the PSS
+peak also per kind of process) and the final model of each run (``superlink-restart`` against ``reference``:
 maximum absolute difference).  A run's wall time ends at the SuperLink's ``finished-at``
 (whole seconds, + 1 s) or when the benchmark's ``flwr ls`` poll saw the status, whichever
 is earlier; the poll's time is kept as ``wall_seconds_flwr_run_to_status_seen``.
@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from flwr_byzantine.deploy.local import LocalDeployment, MemorySampler, load_model, read_results
+from flwr_byzantine.deploy.local import LocalDeployment, MemorySampler, load_model, process_kind, read_results
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -68,24 +68,34 @@ def machine_busy_seconds() -> float:
     return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def own_cpu_seconds(dep: LocalDeployment) -> float:
-    """CPU seconds of this benchmark and every process of the deployment, including reaped descendants.
+def own_cpu_seconds(dep: LocalDeployment) -> dict[str, float]:
+    """CPU seconds of this benchmark and of the deployment's processes by kind, including reaped descendants.
 
-    Each live process counts ``utime + stime + cutime + cstime`` (``/proc/PID/stat``): a
-    finished ClientApp is in its SuperExec's ``cutime``; the benchmark's own ``flwr`` CLI
-    calls are in its own children's times.
+    ``{kind: seconds}`` over the live processes (:func:`process_kind`), each counting its own
+    ``utime + stime``; ``"<kind> children"`` is what its reaped children used (``cutime +
+    cstime``: a finished ClientApp is in its SuperExec's), ``"benchmark"`` this process with
+    its reaped children (the ``flwr`` CLI calls).
     """
     hz = os.sysconf("SC_CLK_TCK")
-    total = sum(os.times()[:4])
+    out = {"benchmark": sum(os.times()[:4])}
     for pid in dep.pids():
         try:
             with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
                 stat = fh.read()
             f = stat[stat.rindex(")") + 2:].split()
-            total += (int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])) / hz
+            own, children = (int(f[11]) + int(f[12])) / hz, (int(f[13]) + int(f[14])) / hz
         except (OSError, ValueError, IndexError):
             continue
-    return total
+        kind = process_kind(pid)
+        out[kind] = out.get(kind, 0.0) + own
+        out[f"{kind} children"] = out.get(f"{kind} children", 0.0) + children
+    return out
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """``after - before`` per key (a process that appeared counts from 0), rounded; zeros dropped."""
+    out = {k: round(v - before.get(k, 0.0), 1) for k, v in after.items()}
+    return {k: v for k, v in sorted(out.items()) if v > 0}
 
 
 def summarise(res: dict[str, Any], malicious_ids: set[int], wall: float, num_attackers: int) -> dict[str, Any]:
@@ -141,6 +151,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--phases", default="reference,node-churn,superlink-restart")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--workdir", type=Path, default=None, help="logs and state (default: a temporary folder)")
+    parser.add_argument("--memory-interval", type=float, default=2.0,
+                        help="seconds between two memory samples of all processes (each costs ~2 ms of CPU per "
+                             "process, ~0.15 s for 60 processes; a round's peak, with every ClientApp alive, lasts "
+                             "10 s and more)")
     parser.add_argument("--database", action="store_true",
                         help="SuperLink state in SQLite (survives its restart; without it the SuperNodes exit when "
                              "the SuperLink restarts and are started again, as a supervisor would)")
@@ -163,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dep = LocalDeployment(workdir, ROOT, database=workdir / "superlink.db" if args.database else None,
                           env={"FLWR_BYZANTINE_CACHE": str(workdir / "partition-cache")})
     try:
-        with MemorySampler(dep) as mem:
+        with MemorySampler(dep, interval=args.memory_interval) as mem:
             report["provisioning_seconds"] = round(dep.prefetch_partitions(args.nodes), 2)
             t0 = time.monotonic()
             dep.start_superlink()
@@ -221,7 +235,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     log.append({"event": f"SuperLink restarted ({how}), {args.nodes} SuperNodes online after "
                                          f"{online_after:.1f} s, same flwr run resumed",
                                 "first_run_seconds_until_crash": round(first_wall, 2)})
-                busy, own = machine_busy_seconds() - busy0, own_cpu_seconds(dep) - own0
+                busy, own_by_kind = machine_busy_seconds() - busy0, cpu_delta(own0, own_cpu_seconds(dep))
+                own = sum(own_by_kind.values())
                 res = read_results(out_dir, run_id)
                 models[phase] = load_model(out_dir, res)
                 summary = summarise(res, malicious_ids, wall, len(attackers))
@@ -229,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 summary["cpu_seconds_machine_busy"] = round(busy, 1)
                 summary["cpu_seconds_deployment_and_benchmark"] = round(own, 1)
                 summary["cpu_seconds_other_processes"] = round(max(busy - own, 0.0), 1)
+                summary["cpu_seconds_by_kind"] = own_by_kind
                 seen = dep.timings.get(run_id, {}).get("status_seen_seconds")
                 if seen is not None:
                     summary["wall_seconds_flwr_run_to_status_seen"] = round(seen, 2)
@@ -256,6 +272,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["peak_pss_gb"] = round(mem.peak_pss / GB, 3)
         report["peak_rss_gib"] = round(mem.peak_rss / GIB, 3)
         report["peak_processes"] = mem.peak_processes
+        report["memory_samples"] = {"interval_seconds": args.memory_interval, "samples": mem.samples,
+                                    "sampler_cpu_seconds": round(mem.cpu_seconds, 1)}
         report["peak_pss_gib_by_kind"] = {kind: {"pss_gib": round(pss / GIB, 3), "processes": n}
                                           for kind, (pss, n) in sorted(mem.peak_by_kind.items())}
     finally:

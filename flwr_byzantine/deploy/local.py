@@ -557,6 +557,7 @@ class MemorySampler:
         self.deployment, self.interval = deployment, interval
         self.peak_pss = self.peak_rss = self.peak_processes = 0
         self.peak_by_kind: dict[str, tuple[int, int]] = {}
+        self.samples, self.cpu_seconds = 0, 0.0  # the sampler's own cost (PSS: ~2 ms of CPU per process)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -578,7 +579,10 @@ class MemorySampler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            t = time.thread_time()
             self.sample()
+            self.cpu_seconds += time.thread_time() - t
+            self.samples += 1
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "MemorySampler":
