@@ -96,8 +96,9 @@ def test_memory_sampler_keeps_the_peak_per_kind_of_process(tmp_path):
     import time
 
     exe = tmp_path / "flwr-clientapp"
-    exe.write_text("import time\ntime.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, str(exe)])
+    exe.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(60)\n")  # started by name, as a SuperExec does
+    exe.chmod(0o755)
+    proc = subprocess.Popen([str(exe)])
     try:
         deadline = time.monotonic() + 10
         while process_kind(proc.pid) != "flwr-clientapp" and time.monotonic() < deadline:
@@ -116,6 +117,11 @@ def test_memory_sampler_keeps_the_peak_per_kind_of_process(tmp_path):
         assert by_kind["flwr-clientapp"][1] == 1 and by_kind["flwr-clientapp"][0] > 0
         assert sum(p for p, _ in by_kind.values()) == sampler.peak_pss <= sampler.peak_rss
         assert sampler.peak_processes == 2
+        proc.kill()  # a zombie until waited for (a finished ClientApp before its SuperExec reaps it)
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{proc.pid}/stat").read().split(")")[1].split()[0] != "Z" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process_kind(proc.pid) == "flwr-clientapp"  # from the name in /proc/PID/stat
     finally:
         proc.kill()
         proc.wait()

@@ -532,16 +532,27 @@ PROCESS_KINDS = ("flower-superlink", "flower-supernode", "flower-superexec", "fl
 
 
 def process_kind(pid: int) -> str:
-    """Which of :data:`PROCESS_KINDS` process ``pid`` runs (``"other"`` if none, or it is gone)."""
+    """Which of :data:`PROCESS_KINDS` process ``pid`` runs (``"other"`` if none, or it is gone).
+
+    From the command line; for a zombie (an exited process its parent has not reaped yet,
+    e.g. a finished ClientApp until its SuperExec's next poll) from its name in ``stat``.
+    """
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
             args = fh.read().split(b"\0")
-    except OSError:
-        return "other"
-    for arg in args[:3]:  # [python,] executable path, ...
-        name = os.path.basename(arg.decode(errors="replace"))
-        if name in PROCESS_KINDS:
-            return name
+        for arg in args[:3]:  # [python,] executable path, ...
+            name = os.path.basename(arg.decode(errors="replace"))
+            if name in PROCESS_KINDS:
+                return name
+        if not any(args):
+            with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+                stat = fh.read()
+            comm = stat[stat.index("(") + 1:stat.rindex(")")]
+            for kind in PROCESS_KINDS:
+                if comm == kind[:15]:  # the kernel keeps 15 characters of the name
+                    return kind
+    except (OSError, ValueError):
+        pass
     return "other"
 
 
