@@ -363,3 +363,25 @@ def test_strategies_default_defences():
     # model updates after local training are not gradients: no monotonicity evidence for them
     assert isinstance(fedavg, RobustDefence) and fedavg.evidence is None
     assert fedavg.self_reference is None and not fedavg.mixing and sgd.self_reference is not None and sgd.mixing
+
+
+def test_spent_budget_leaves_the_survivors_unmixed_and_unclipped():
+    # 20 heterogeneous honest rows, 4 gross outliers: the screen spends the whole budget floor(0.2 * 20) = 4,
+    # so the estimate is the plain mean of the 16 honest rows (mixing and clipping would pull it towards
+    # the majority and away from the minority clients, here the rows with a large offset)
+    rng = np.random.default_rng(3)
+    d = 40
+    honest = rng.normal(size=(16, d)) + np.where(np.arange(16) < 3, 6.0, 0.0)[:, None] * rng.normal(size=d)
+    G = np.vstack([honest, 1e3 * rng.normal(size=(4, d))])
+    spend = RobustDefence(eps_tilde=0.2)
+    res = spend.aggregate(G)
+    assert set(res.info["gross"]) == {16, 17, 18, 19}
+    np.testing.assert_allclose(res.estimate, honest.mean(axis=0), rtol=1e-10, atol=1e-12)
+    nospend = RobustDefence(eps_tilde=0.2, spend_budget=False).aggregate(G)
+    assert np.linalg.norm(nospend.estimate - honest.mean(axis=0)) > 1e-3  # mixed and clipped: pulled away
+    # nothing left out: the budget is not spent and the two agree (mixing and clipping as before)
+    a = RobustDefence(eps_tilde=0.2).aggregate(G[:16])
+    b = RobustDefence(eps_tilde=0.2, spend_budget=False).aggregate(G[:16])
+    if len(a.kept) == 16:
+        np.testing.assert_allclose(a.estimate, b.estimate)
+        assert np.linalg.norm(a.estimate - honest.mean(axis=0)) > 1e-3

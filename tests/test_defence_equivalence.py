@@ -74,12 +74,17 @@ def reference_rounds(rounds, eps_tilde: float, threshold_factor: float = 1.5, cl
             suspects = sorted(sorted(suspects, key=lambda r: z(ids[r], S, Q))[:budget])
         active = np.array([r for r in range(G.shape[0]) if r not in suspects])
         Y = G[active]
-        res = rge.aggregate(Y)
-        kept = active[res.kept]
-        centre = np.asarray(res.estimate, dtype=np.float64)
-        surv = Y[res.kept]
+        if len(suspects) >= budget:  # the budget is spent before the filter: no filter, the plain mean
+            kept, centre, surv = active, Y.mean(axis=0), Y
+        else:
+            res = rge.aggregate(Y)
+            kept = active[res.kept]
+            centre = np.asarray(res.estimate, dtype=np.float64)
+            surv = Y[res.kept]
         estimate = centre
-        if kept.size > 1:
+        if G.shape[0] - kept.size >= budget:
+            pass  # the Byzantine budget is spent on this round's exclusions: the survivors' plain mean
+        elif kept.size > 1:
             dist = np.linalg.norm(surv - centre, axis=1)
             radius = clip_scale * float(np.median(dist))
             if radius > 0:

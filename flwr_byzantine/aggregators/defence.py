@@ -45,6 +45,13 @@ filter and adds what a single round lacks:
 6. **Mixing** (``mixing=True``): the filter's survivors are replaced by nearest-neighbour
    mixtures (Allouah et al. 2023, NNM) before the clipping, shrinking the heterogeneity in which a
    static attacker that knows the rule, its state and the node ids hides its shift.
+7. **A spent budget** (``spend_budget=True``): the rule assumes at most ``floor(eps_tilde R)``
+   Byzantine replies.  When the gross screen, the jumps and the evidence have already left out that
+   many, the filter is skipped and the rest are averaged plainly; when the filter's removals complete
+   the budget, the survivors are averaged without mixing and clipping.  Filtering, mixing and clipping
+   honest rows only pull the estimate away from their minority clients (an honest client holding most
+   of a rare class is far from the others): on the robustness grid's heterogeneous seeds that cost up
+   to 12 points under attacks the memory had already fully excluded.
 
 With ``client_ids=None`` (e.g. a compressed round, where coordinates change every
 round, or a caller without node ids) the memory step is skipped and the rule is
@@ -169,6 +176,9 @@ class RobustDefence(Aggregator):
     evidence_relative:
         Width of the evidence's relative level: a round's level is
         ``min(-z_exclude, median(Z) - evidence_relative * MADn(Z))`` (``None``: ``-z_exclude``).
+    spend_budget:
+        Skip the filter (and the mixing and clipping) once ``floor(eps_tilde R)`` rows are left out
+        before it, and the mixing and clipping once the filter's removals complete that budget (step 7).
     mixing:
         Nearest-neighbour mixing (Allouah et al. 2023, NNM) of the filter's survivors before the
         clipping: each is replaced by the mean of its ``n - f`` nearest survivors, which shrinks the
@@ -220,7 +230,9 @@ class RobustDefence(Aggregator):
         skip_anomalies: bool = True,
         reference_burn_in: int = DEFAULT_BURN_IN,
         evidence_relative: float | None = DEFAULT_RELATIVE,
+        spend_budget: bool = True,
     ) -> None:
+        self.spend_budget = bool(spend_budget)
         self.skip_anomalies = bool(skip_anomalies)
         if not (np.isfinite(momentum) and 0.0 <= momentum < 1.0):
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
@@ -455,15 +467,25 @@ class RobustDefence(Aggregator):
             M = self.memory.update(G, ids) if use_memory else G
         active = np.setdiff1d(np.arange(R), np.union1d(suspects, gross))
         filt = self.filter_for(active.size, d)
+        budget = int(np.floor(self.eps_tilde * R))
+        spent_before_filter = self.spend_budget and R - active.size >= budget
         sigma0_raw = None
-        if raw is not G and not use_memory and self.sigma0 is None and filt is self.filter and active.size > 2:
+        if not spent_before_filter and raw is not G and not use_memory and self.sigma0 is None and filt is self.filter and active.size > 2:
             # sigma_0 from the raw replies: self-clipping shrinks the honest rows' noise, not their
             # heterogeneity, and a sigma_0 estimated on the clipped rows would filter honest minorities
             # (the sketched fast path keeps its own estimate: it never forms the raw Gram matrix)
             sigma0_raw = float(np.sqrt(max(float(estimate_sigma0_sq(centred_gram(raw, rows=active),
                                                                      self.eps_tilde)), 0.0)))
-        # the excluded rows are skipped, not copied out; with mixing the survivors' mean is not needed
-        res = filt.aggregate_rows(M, active, sigma0=sigma0_raw, estimate=not self.mixing)
+        if spent_before_filter:
+            # the gross screen, the jumps and the evidence have left out the assumed Byzantine budget
+            # floor(eps R): the rest are taken as honest, and filtering, mixing or clipping them would only
+            # cost their minority clients (an honest client with a rare class is far from the others)
+            res = AggregationResult(estimate=subset_mean(M, active), kept=np.arange(active.size),
+                                    weights=np.full(active.size, 1.0 / max(active.size, 1)), iterations=0,
+                                    statistic=0.0, info={"budget_spent": True})
+        else:
+            # the excluded rows are skipped, not copied out; with mixing the survivors' mean is not needed
+            res = filt.aggregate_rows(M, active, sigma0=sigma0_raw, estimate=not self.mixing)
         kept = active[np.asarray(res.kept)]
         if res.estimate is None and not kept.size > 2:
             res.estimate = subset_mean(M, kept)  # too few survivors to mix: their mean, as the filter gives it
@@ -474,7 +496,12 @@ class RobustDefence(Aggregator):
             # reference yet: it starts fresh next round instead of being judged against that reply
             kept_set = set(kept.tolist())
             self.self_reference.forget([ids[r] for r in new_rows if r not in kept_set])
-        if self.mixing and kept.size > 2:
+        if self.spend_budget and R - kept.size >= budget:
+            # the budget is spent (before the filter, or by it): the survivors are taken as honest, and
+            # mixing or clipping them would only pull the estimate away from their minority clients
+            estimate = centre if centre is not None else subset_mean(M, kept)
+            factors, radius = np.ones(kept.size), float("nan")
+        elif self.mixing and kept.size > 2:
             # nearest-neighbour mixing of the survivors (Allouah et al. 2023, NNM): each is replaced by
             # the mean of its kept.size - f nearest survivors, shrinking the heterogeneity that a
             # static attacker hides in before the clipping bounds what it can move
