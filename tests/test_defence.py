@@ -379,9 +379,21 @@ def test_spent_budget_leaves_the_survivors_unmixed_and_unclipped():
     np.testing.assert_allclose(res.estimate, honest.mean(axis=0), rtol=1e-10, atol=1e-12)
     nospend = RobustDefence(eps_tilde=0.2, spend_budget=False).aggregate(G)
     assert np.linalg.norm(nospend.estimate - honest.mean(axis=0)) > 1e-3  # mixed and clipped: pulled away
-    # nothing left out: the budget is not spent and the two agree (mixing and clipping as before)
-    a = RobustDefence(eps_tilde=0.2).aggregate(G[:16])
-    b = RobustDefence(eps_tilde=0.2, spend_budget=False).aggregate(G[:16])
-    if len(a.kept) == 16:
-        np.testing.assert_allclose(a.estimate, b.estimate)
-        assert np.linalg.norm(a.estimate - honest.mean(axis=0)) > 1e-3
+    # the filter's removals complete the budget (3 of 16: the offset minority): its survivors' plain mean
+    a = RobustDefence(eps_tilde=0.2).aggregate(honest)
+    assert len(a.kept) == 13 and a.info["gross"] == []
+    np.testing.assert_allclose(a.estimate, honest[a.kept].mean(axis=0), rtol=1e-10, atol=1e-12)
+    b = RobustDefence(eps_tilde=0.2, spend_budget=False).aggregate(honest)
+    assert np.array_equal(a.kept, b.kept) and np.linalg.norm(b.estimate - honest[b.kept].mean(axis=0)) > 1e-3
+
+
+def test_unspent_budget_mixes_and_clips_as_before():
+    # nothing left out (homogeneous rows): the budget is not spent, the two agree, and the estimate is
+    # the mixed and clipped one, not the plain mean
+    rng = np.random.default_rng(4)
+    G = rng.normal(size=(16, 40))
+    a = RobustDefence(eps_tilde=0.2).aggregate(G)
+    b = RobustDefence(eps_tilde=0.2, spend_budget=False).aggregate(G)
+    assert len(a.kept) == 16
+    np.testing.assert_array_equal(a.estimate, b.estimate)
+    assert a.info["clipped"] > 0 and np.linalg.norm(a.estimate - G.mean(axis=0)) > 1e-6
