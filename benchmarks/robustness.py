@@ -165,7 +165,10 @@ def build_rule(name: str, num_nodes: int, f: int, mode: str = "gradient"):
         elif variant:
             raise ValueError(f"unknown ablation {name!r}")
         if mode == "local":
-            kw.setdefault("evidence", False)
+            # what the App runs for model updates (server_app.build_aggregator): no history-of-gradients rules
+            from flwr_byzantine.aggregators.defence import MODEL_UPDATE_OPTIONS
+
+            kw = {**MODEL_UPDATE_OPTIONS, **kw}
         return RobustDefence(eps_tilde=min(eps, 0.25), **kw), "rge"
     if name.startswith("wm:"):
         inner, cfg_name = build_rule(name[3:], num_nodes, f, mode)

@@ -227,3 +227,20 @@ def test_defence_passes_tiny(tmp_path):
     row = json.loads((tmp_path / "defence_passes.json").read_text())["rows"][0]
     assert row["defence_ratio"] > 0 and row["passes"]["filter (sketch or Gram, solver)"] > 0
     assert "self-reference: clipping" in row["passes"]
+
+
+def test_local_mode_default_is_the_apps_local_default():
+    """The local-mode grid measures the defence the App builds for model updates (MODEL_UPDATE_OPTIONS)."""
+    from flwr_byzantine.config import RunConfig
+    from server_app.server_app import build_aggregator
+
+    bench, _ = robustness.build_rule("rge", 20, 4, mode="local")
+    app = build_aggregator(RunConfig.from_mapping({"client-mode": "local", "num-malicious": 4}), 20)
+    for attr in ("evidence", "self_reference", "mixing", "clip_scale", "gross_factor"):  # eps: the true f here
+        assert (getattr(bench, attr) is None) == (getattr(app, attr) is None), attr
+        if not hasattr(getattr(bench, attr), "__dict__"):
+            assert getattr(bench, attr) == getattr(app, attr), attr
+    assert bench.evidence is None and bench.self_reference is None and not bench.mixing
+    ev, _ = robustness.build_rule("rge/evidence", 20, 4, mode="local")
+    assert ev.evidence is not None and ev.self_reference is None and not ev.mixing
+
