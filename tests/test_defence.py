@@ -397,3 +397,17 @@ def test_unspent_budget_mixes_and_clips_as_before():
     assert len(a.kept) == 16
     np.testing.assert_array_equal(a.estimate, b.estimate)
     assert a.info["clipped"] > 0 and np.linalg.norm(a.estimate - G.mean(axis=0)) > 1e-6
+
+
+def test_zero_budget_spends_nothing():
+    # floor(0.2 * 4) = 0: the rule claims no Byzantine budget, so nothing counts as spent and the
+    # filter, mixing and clipping run as without the rule (a far row is not averaged in)
+    rng = np.random.default_rng(5)
+    G = rng.normal(size=(4, 30))
+    G[3] += 50.0
+    a = RobustDefence(eps_tilde=0.2).aggregate(G)
+    b = RobustDefence(eps_tilde=0.2, spend_budget=False).aggregate(G)
+    np.testing.assert_array_equal(a.estimate, b.estimate)
+    assert "budget_spent" not in a.info
+    assert np.linalg.norm(a.estimate - G.mean(axis=0)) > 1.0
+

@@ -74,7 +74,7 @@ def reference_rounds(rounds, eps_tilde: float, threshold_factor: float = 1.5, cl
             suspects = sorted(sorted(suspects, key=lambda r: z(ids[r], S, Q))[:budget])
         active = np.array([r for r in range(G.shape[0]) if r not in suspects])
         Y = G[active]
-        if len(suspects) >= budget:  # the budget is spent before the filter: no filter, the plain mean
+        if budget > 0 and len(suspects) >= budget:  # the budget is spent before the filter: the plain mean
             kept, centre, surv = active, Y.mean(axis=0), Y
         else:
             res = rge.aggregate(Y)
@@ -82,7 +82,7 @@ def reference_rounds(rounds, eps_tilde: float, threshold_factor: float = 1.5, cl
             centre = np.asarray(res.estimate, dtype=np.float64)
             surv = Y[res.kept]
         estimate = centre
-        if G.shape[0] - kept.size >= budget:
+        if budget > 0 and G.shape[0] - kept.size >= budget:
             pass  # the Byzantine budget is spent on this round's exclusions: the survivors' plain mean
         elif kept.size > 1:
             dist = np.linalg.norm(surv - centre, axis=1)

@@ -468,7 +468,8 @@ class RobustDefence(Aggregator):
         active = np.setdiff1d(np.arange(R), np.union1d(suspects, gross))
         filt = self.filter_for(active.size, d)
         budget = int(np.floor(self.eps_tilde * R))
-        spent_before_filter = self.spend_budget and R - active.size >= budget
+        # a budget of 0 (floor(eps R) = 0: a small round) claims nothing, and the rule runs in full
+        spent_before_filter = self.spend_budget and budget > 0 and R - active.size >= budget
         sigma0_raw = None
         if not spent_before_filter and raw is not G and not use_memory and self.sigma0 is None and filt is self.filter and active.size > 2:
             # sigma_0 from the raw replies: self-clipping shrinks the honest rows' noise, not their
@@ -496,7 +497,7 @@ class RobustDefence(Aggregator):
             # reference yet: it starts fresh next round instead of being judged against that reply
             kept_set = set(kept.tolist())
             self.self_reference.forget([ids[r] for r in new_rows if r not in kept_set])
-        if self.spend_budget and R - kept.size >= budget:
+        if self.spend_budget and budget > 0 and R - kept.size >= budget:
             # the budget is spent (before the filter, or by it): the survivors are taken as honest, and
             # mixing or clipping them would only pull the estimate away from their minority clients
             estimate = centre if centre is not None else subset_mean(M, kept)
