@@ -138,6 +138,11 @@ class ReplayCheck:
             raise StopReplay
         assert np.array_equal(a.kept, b.kept), f"round {self.rounds}: kept {a.kept} vs {b.kept}"
         for key in DECISIONS:
+            if key == "clipped" and np.asarray(G).dtype == np.float32:
+                # a row at the clipping radius to float32 precision counts as clipped in one path and not in
+                # the other (its factor 1 - 1e-7 against 1); the weights' check below bounds every factor
+                assert abs(a.info[key] - b.info[key]) <= 1, f"round {self.rounds}: {key} {a.info[key]} vs {b.info[key]}"
+                continue
             assert a.info.get(key) == b.info.get(key), f"round {self.rounds}: {key} {a.info.get(key)} vs {b.info.get(key)}"
         np.testing.assert_allclose(a.weights, b.weights, rtol=1e-5, atol=1e-9)
         ea, eb = np.asarray(a.estimate, dtype=np.float64), np.asarray(b.estimate, dtype=np.float64)
