@@ -173,6 +173,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="seconds between two memory samples of all processes (each costs ~2 ms of CPU per "
                              "process, ~0.15 s for 60 processes; a round's peak, with every ClientApp alive, lasts "
                              "10 s and more)")
+    parser.add_argument("--executor", choices=("flower", "fork"), default="flower",
+                        help="flower: each SuperNode starts Flower's flower-superexec (a new flwr-clientapp process "
+                             "per message); fork: SuperNodes with --isolation process and a "
+                             "flwr_byzantine.deploy.forkexec SuperExec each (ClientApps forked from a warm parent)")
+    parser.add_argument("--name", default=None,
+                        help="file names NAME.json / NAME.png in --out (default: deployment, deployment_fork)")
     parser.add_argument("--database", action="store_true",
                         help="SuperLink state in SQLite (survives its restart; without it the SuperNodes exit when "
                              "the SuperLink restarts and are started again, as a supervisor would)")
@@ -188,13 +194,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "command": "nice -n 5 python -m benchmarks.deployment " + " ".join(argv if argv is not None else sys.argv[1:]),
         "nodes": args.nodes, "attackers_partitions": attackers, "rounds": args.rounds,
-        "reply_timeout": args.reply_timeout, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                                          "platform": platform.platform()},
+        "reply_timeout": args.reply_timeout, "executor": args.executor, "database": args.database,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "runs": {},
     }
     report["clientapp_import_cpu_seconds"] = clientapp_import_cpu_seconds()
     dep = LocalDeployment(workdir, ROOT, database=workdir / "superlink.db" if args.database else None,
-                          env={"FLWR_BYZANTINE_CACHE": str(workdir / "partition-cache")})
+                          env={"FLWR_BYZANTINE_CACHE": str(workdir / "partition-cache")}, executor=args.executor)
     try:
         with MemorySampler(dep, interval=args.memory_interval) as mem:
             report["provisioning_seconds"] = round(dep.prefetch_partitions(args.nodes), 2)
@@ -242,8 +248,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     t_restart = time.monotonic()
                     dep.start_superlink()
                     if not args.database:  # in-memory state: the SuperNodes cannot resume their sessions
-                        for i, node in dep.nodes.items():  # restart them all, as a supervisor would
-                            dep.kill(node.proc)  # (with its SuperExec, which may still be retrying)
+                        for i in dep.nodes:  # restart them all, as a supervisor would
+                            dep.kill_node(i)  # (with its SuperExec, which may still be retrying)
                             dep.start_node(i)
                     dep.wait_online(args.nodes, timeout=600)
                     online_after = time.monotonic() - t_restart
@@ -310,8 +316,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "peak_pss_within_6_gb": mem.peak_pss <= 6.0 * GB,
         }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "deployment.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    plot(report, args.out / "deployment.png")
+    name = args.name or ("deployment" if args.executor == "flower" else "deployment_fork")
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    plot(report, args.out / f"{name}.png")
     print(json.dumps({k: report.get(k) for k in ("startup_seconds", "peak_pss_gib", "peak_pss_gb", "peak_rss_gib",
                                                  "peak_pss_gib_by_kind", "targets")}))
     return report
@@ -339,8 +346,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.axhline(report["reply_timeout"], color="grey", ls=":", lw=1, label="reply-timeout")
     ax.set_xlabel("server round")
     ax.set_ylabel("seconds (ServerApp: replies + decode)")
-    ax.set_title(f"{report['nodes']} SuperNodes ({len(report['attackers_partitions'])} attackers) on "
-                 f"{report['machine']['cpus']} cores; peak {report.get('peak_pss_gib', float('nan')):.2f} GiB PSS")
+    ax.set_title(f"{report['nodes']} SuperNodes ({len(report['attackers_partitions'])} attackers, "
+                 f"{report.get('executor', 'flower')} executor) on {report['machine']['cpus']} cores; "
+                 f"peak {report.get('peak_pss_gb', float('nan')):.2f} GB PSS", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

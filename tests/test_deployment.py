@@ -55,9 +55,11 @@ def _assert_all_stopped(dep: LocalDeployment) -> None:
 
 
 @pytest.mark.slow
-def test_superlink_supernodes_flwr_run_filters_the_malicious_node(tmp_path):
+@pytest.mark.parametrize("executor", ["flower", "fork"])
+def test_superlink_supernodes_flwr_run_filters_the_malicious_node(tmp_path, executor):
+    """``executor='fork'``: SuperNodes with ``--isolation process`` and a forkexec SuperExec each."""
     num, malicious, rounds = 4, 2, 3
-    dep = _deployment(tmp_path)
+    dep = _deployment(tmp_path, executor=executor)
     try:
         _start(dep, num, (malicious,))
         dep.wait_online(num, timeout=180)

@@ -157,6 +157,8 @@ class Node:
     key: Path | None = None
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    #: With ``executor="fork"``: the node's SuperExec (:mod:`flwr_byzantine.deploy.forkexec`).
+    executor: subprocess.Popen | None = None
 
 
 class LocalDeployment:
@@ -176,12 +178,21 @@ class LocalDeployment:
         Keep the SuperLink's state in this SQLite file (survives a SuperLink restart).
     env:
         Extra environment variables for every process.
+    executor:
+        ``"flower"`` (default): each SuperNode starts Flower's ``flower-superexec``, which
+        starts a new ``flwr-clientapp`` process per message. ``"fork"``: SuperNodes run with
+        ``--isolation process`` next to a :mod:`flwr_byzantine.deploy.forkexec` SuperExec
+        each (``--preload numpy``), which forks the ClientApp processes from a warm parent.
     """
 
     connection = "loopback"
 
     def __init__(self, workdir: Path, app_dir: Path, *, tls: TlsFiles | None = None, supernode_auth: bool = False,
-                 database: Path | None = None, env: Mapping[str, str] | None = None) -> None:
+                 database: Path | None = None, env: Mapping[str, str] | None = None,
+                 executor: str = "flower") -> None:
+        if executor not in ("flower", "fork"):
+            raise ValueError(f"executor must be 'flower' or 'fork', got {executor!r}")
+        self.executor = executor
         if supernode_auth and tls is None:
             raise ValueError("SuperNode authentication needs TLS (Flower refuses --enable-supernode-auth with --insecure)")
         self.workdir = Path(workdir).resolve()
@@ -214,10 +225,10 @@ class LocalDeployment:
         self.timings: dict[int, dict[str, float]] = {}
 
     # ----------------------------------------------------------- processes
-    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, cmd: list[str], cwd: Path | None = None) -> subprocess.Popen:
         n = self._starts[name] = self._starts.get(name, 0) + 1
         fh = (self.logs / f"{name}.{n}.log").open("wb")
-        proc = subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=fh, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=cwd or self.workdir, env=self.env, stdout=fh, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         fh.close()
         self._all.append(proc)
@@ -252,7 +263,14 @@ class LocalDeployment:
         cmd += ["--root-certificates", str(self.tls.ca_cert)] if self.tls else ["--insecure"]
         if node.key is not None:
             cmd += ["--auth-supernode-private-key", str(node.key)]
+        if self.executor == "fork":
+            cmd += ["--isolation", "process"]
         node.proc = self._spawn(f"supernode{index}", cmd)
+        if self.executor == "fork":  # its SuperExec: the node's Runtime API is local plain HTTP
+            node.executor = self._spawn(f"forkexec{index}", [
+                sys.executable, "-m", "flwr_byzantine.deploy.forkexec", "--insecure",
+                "--runtime-api-address", f"127.0.0.1:{node.port}", "--parent-pid", str(node.proc.pid),
+                "--preload", "numpy"], cwd=self.app_dir)  # (the App's folder: this checkout's package)
         return node.proc
 
     @staticmethod
@@ -280,8 +298,10 @@ class LocalDeployment:
             proc.wait(timeout=30)
 
     def kill_node(self, index: int, sig: int = signal.SIGKILL) -> None:
-        """Kill SuperNode ``index`` (default ``kill -9``, as a crash)."""
-        self.kill(self.nodes[index].proc, sig)
+        """Kill SuperNode ``index`` and its SuperExec (default ``kill -9``, as a crash of the device)."""
+        node = self.nodes[index]
+        self.kill(node.proc, sig)
+        self.kill(node.executor, sig)
 
     def kill_superlink(self, sig: int = signal.SIGKILL) -> None:
         """Kill the SuperLink and its SuperExec/ServerApp processes (default ``kill -9``)."""
@@ -534,20 +554,26 @@ PROCESS_KINDS = ("flower-superlink", "flower-supernode", "flower-superexec", "fl
 def process_kind(pid: int) -> str:
     """Which of :data:`PROCESS_KINDS` process ``pid`` runs (``"other"`` if none, or it is gone).
 
-    From the command line; for a zombie (an exited process its parent has not reaped yet,
-    e.g. a finished ClientApp until its SuperExec's next poll) from its name in ``stat``.
+    From the command line; a :mod:`flwr_byzantine.deploy.forkexec` SuperExec counts as
+    ``flower-superexec`` and the ClientApps it forks (same command line, name
+    ``flwr-clientapp``) as ``flwr-clientapp``; a zombie (an exited process its parent has not
+    reaped yet, e.g. a finished ClientApp until its SuperExec's next poll) by its name in ``stat``.
     """
     try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            stat = fh.read()
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        if comm == "flwr-clientapp":  # Flower's, or forked by forkexec (which names it so)
+            return comm
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
             args = fh.read().split(b"\0")
         for arg in args[:3]:  # [python,] executable path, ...
             name = os.path.basename(arg.decode(errors="replace"))
             if name in PROCESS_KINDS:
                 return name
+            if name == "flwr_byzantine.deploy.forkexec":
+                return "flower-superexec"
         if not any(args):
-            with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-                stat = fh.read()
-            comm = stat[stat.index("(") + 1:stat.rindex(")")]
             for kind in PROCESS_KINDS:
                 if comm == kind[:15]:  # the kernel keeps 15 characters of the name
                     return kind
