@@ -35,7 +35,8 @@ def _wrappers() -> list[tuple[Any, str, str]]:
     from flwr_byzantine.aggregators import defence, memory, temporal
     from flwr_byzantine.aggregators.rge import RGE
 
-    return [(defence, "column_median", "gross screen: coordinate-wise median"),
+    return [(defence, "sketch_rows", "gross screen: sketch of the rows (large rounds)"),
+            (defence, "column_median", "gross screen: coordinate-wise median"),
             (defence, "row_sq_norms_to", "gross screen: distances"),
             (temporal, "reference_deviation_stats", "self-reference: drift (coordinate-wise median) and deviations"),
             (temporal, "clip_to_references", "self-reference: clipping"),

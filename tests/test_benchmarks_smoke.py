@@ -244,3 +244,15 @@ def test_local_mode_default_is_the_apps_local_default():
     ev, _ = robustness.build_rule("rge/evidence", 20, 4, mode="local")
     assert ev.evidence is not None and ev.self_reference is None and not ev.mixing
 
+
+
+def test_fast_passes_agreement_tiny(tmp_path):
+    from benchmarks import fast_passes_agreement
+
+    assert fast_passes_agreement.main(["--attacks", "alie", "--alphas", "1.0", "--rounds", "4", "--sketch-dims", "128",
+                                       "--drift-rows", "9", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "fast_passes_agreement.json").read_text())
+    run = payload["runs"][0]["128/9"]
+    assert run["rounds"] == 4 and 0 <= run["kept_agree"] <= 4 and run["gross_agree"] <= 4
+    assert 0.0 <= payload["summary"]["128/9"]["kept_identical_fraction"] <= 1.0
+    assert (tmp_path / "fast_passes_agreement.png").exists()

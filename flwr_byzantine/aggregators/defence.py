@@ -72,6 +72,7 @@ from .base import AggregationResult, Aggregator
 from .memory import DEFAULT_RELATIVE, DEFAULT_SCORE_CLIP, DEFAULT_Z_EXCLUDE, ClientMomentum, MonotonicityEvidence
 from .rge import RGE
 from .sigma import estimate_sigma0_sq
+from .sketch import sketch_rows
 from .streaming import clip_survivors, column_median, host_array, row_sq_norms, row_sq_norms_to
 from .temporal import DEFAULT_BURN_IN, DEFAULT_JUMP_FACTOR, DEFAULT_SELF_CLIP_SCALE, SelfReference
 
@@ -104,6 +105,12 @@ FAST_FILTER = {"sketch_dim": 2048, "spectral_above": 64}
 #: From this many rows on the fast filter's sketch has length 1024: its R x R Gram matrix costs
 #: O(R^2 m) (as ``benchmarks.decode_time``'s ``rge-fast``).
 FAST_MANY_ROWS, FAST_MANY_ROWS_SKETCH_DIM = 500, 1024
+#: Rounds of at least ``fast_above`` entries with ``d > 2 * SCREEN_SKETCH_DIM`` screen gross outliers on a
+#: server-private CountSketch of this length (:func:`~.sketch.sketch_rows`, fresh signs every round).
+SCREEN_SKETCH_DIM = 2048
+#: Rounds of at least ``fast_above`` entries take the self-reference drift from this many nodes drawn at
+#: random every round (the coordinate-wise median of more rows costs a sort of R values per coordinate).
+DRIFT_ROWS = 31
 
 
 def mix_and_clip(M: np.ndarray, kept: np.ndarray, f: int, clip_scale: float | None
@@ -201,9 +208,15 @@ class RobustDefence(Aggregator):
         :data:`FAST_FILTER` (a sketched Gram matrix when ``d > 4096``, fresh server-private signs
         every round; spectral steps while more than 64 points are active); ``None``: always the
         exact filter (Algorithm 3's saddle solves on the exact Gram matrix).
+    fast_passes:
+        In rounds of at least ``fast_above`` entries (issue 12): the gross screen's centre and distances on
+        a CountSketch of length :data:`SCREEN_SKETCH_DIM` of the rows (when ``d > 2 *`` that length), and
+        the self-reference drift from :data:`DRIFT_ROWS` nodes drawn at random (when more have a
+        reference), both from a server-private generator, fresh every round (attributes
+        ``screen_sketch_dim`` and ``drift_rows``); ``False``: the exact passes at every size.
     seed:
         Seed of the sketch's generator (``None``: fresh OS entropy; the filter for 500 rows or more
-        uses ``seed + 1``).
+        uses ``seed + 1``, the fast passes ``[seed, 12]``).
     """
 
     name = "rge"
@@ -231,7 +244,11 @@ class RobustDefence(Aggregator):
         reference_burn_in: int = DEFAULT_BURN_IN,
         evidence_relative: float | None = DEFAULT_RELATIVE,
         spend_budget: bool = True,
+        fast_passes: bool = True,
     ) -> None:
+        self.fast_passes = bool(fast_passes)
+        self.screen_sketch_dim, self.drift_rows = SCREEN_SKETCH_DIM, DRIFT_ROWS
+        self._pass_rng = np.random.default_rng(None if seed is None else [int(seed), 12])
         self.spend_budget = bool(spend_budget)
         self.skip_anomalies = bool(skip_anomalies)
         if not (np.isfinite(momentum) and 0.0 <= momentum < 1.0):
@@ -399,9 +416,12 @@ class RobustDefence(Aggregator):
         R, d = G.shape
         ids = None if client_ids is None else [int(c) for c in client_ids]
         gross = np.zeros(0, dtype=np.intp)
+        fast = self.fast_passes and self.fast_above is not None and R * d >= self.fast_above
         if self.gross_factor is not None and R > 2:
             # gross outliers, far beyond the honest spread: dropped before they can inflate sigma_0
-            dist_med = np.sqrt(row_sq_norms_to(G, column_median(G)))
+            # (large rounds: centre and distances on a fresh server-private sketch of the rows)
+            Y = sketch_rows(G, self.screen_sketch_dim, self._pass_rng) if fast and d > 2 * self.screen_sketch_dim else G
+            dist_med = np.sqrt(row_sq_norms_to(Y, column_median(Y)))
             med_d = float(np.median(dist_med))
             if med_d > 0:
                 gross = np.flatnonzero(dist_med > self.gross_factor * med_d)
@@ -410,7 +430,8 @@ class RobustDefence(Aggregator):
         if ids is not None and self.self_reference is not None:
             if self._scratch is None or self._scratch.shape != raw.shape or self._scratch.dtype != raw.dtype:
                 self._scratch = np.empty_like(raw)  # the clipped rows, rewritten every round (no fresh pages)
-            G, self_info = self.self_reference.apply(raw, ids, skip=gross, out=self._scratch)
+            G, self_info = self.self_reference.apply(raw, ids, skip=gross, out=self._scratch,
+                                                     drift_rows=self.drift_rows if fast else None, rng=self._pass_rng)
         suspects = np.zeros(0, dtype=np.intp)
         if ids is not None and self.evidence is not None:
             step = self._pending_step if self._pending_step is not None else (

@@ -128,27 +128,34 @@ def _median_of_block(T: np.ndarray, out: np.ndarray) -> None:
 EINSUM_MIN_ROWS = 3
 
 
-def reference_deviation_stats(G: np.ndarray, rows: np.ndarray, table: np.ndarray, slots: np.ndarray
-                              ) -> tuple[np.ndarray, np.ndarray]:
+def reference_deviation_stats(G: np.ndarray, rows: np.ndarray, table: np.ndarray, slots: np.ndarray,
+                              median_of: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``drift = np.median(G[rows] - table[slots], axis=0)`` and every row's ``||G[r] - table[s] - drift||^2``.
 
     What :meth:`~.temporal.SelfReference.apply` computes, bit for bit (the squared norms by
     ``np.einsum`` per row as there), without ``(n, d)`` temporaries: the differences are formed
     in transposed column blocks and sorted there (:func:`column_median`), then again per block of
-    rows for the norms.  Returns ``(drift, sq)`` (``sq`` float64).
+    rows for the norms.  ``median_of`` (ascending positions in ``rows``): the drift is the median
+    of those rows' differences only (a subsample, issue 12), the squared norms are every row's.
+    Returns ``(drift, sq)`` (``sq`` float64).
     """
     n, d = len(rows), G.shape[1]
     ri, si = as_index(rows), as_index(slots)
     dtype = np.result_type(G.dtype, table.dtype)
     drift = np.empty(d, dtype=dtype)
-    w = max(1, min(d, MEDIAN_BLOCK_VALUES // max(n, 1)))
-    buf = np.empty((w, n), dtype=dtype)
+    if median_of is None:
+        mi, ms, nm = ri, si, n
+    else:
+        median_of = np.asarray(median_of, dtype=np.intp)
+        mi, ms, nm = as_index(np.asarray(rows)[median_of]), as_index(np.asarray(slots)[median_of]), median_of.size
+    w = max(1, min(d, MEDIAN_BLOCK_VALUES // max(nm, 1)))
+    buf = np.empty((w, nm), dtype=dtype)
     for c0 in range(0, d, w):
         c1 = min(d, c0 + w)
         T = buf[: c1 - c0]
-        np.subtract(G[ri, c0:c1].T, table[si, c0:c1].T, out=T)
+        np.subtract(G[mi, c0:c1].T, table[ms, c0:c1].T, out=T)
         _median_of_block(T, drift[c0:c1])
-    if n % 2 == 0:
+    if nm % 2 == 0:
         drift /= 2
     sq = np.empty(n)
     # np.einsum reduces one or two rows in another order than three or more (float32: 1e-5 apart at

@@ -87,13 +87,17 @@ class SelfReference:
         return len(self.refs)
 
     def apply(self, G: np.ndarray, ids: Sequence[int], skip: Sequence[int] = (),
-              out: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+              out: np.ndarray | None = None, drift_rows: int | None = None,
+              rng: np.random.Generator | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         """Clip the rows of ``G`` (node ``ids[r]`` for row ``r``) against their references.
 
         Rows in ``skip`` (e.g. gross outliers dropped this round) are returned unchanged, do not
         enter the drift or the radius, and their node's reference is forgotten.  Every other
         node's reference becomes its (clipped) row.  Returns ``(V, info)``; ``V`` is ``out`` when
         given (an array of ``G``'s shape and dtype, e.g. a buffer the caller reuses every round).
+        ``drift_rows`` (with ``rng``, the caller's private generator): when more nodes than that have a
+        reference, the drift is the coordinate-wise median of ``drift_rows`` of them drawn at random
+        (its cost falls with the sample; the radius and the jumps still see every node); ``None``: all.
         """
         G = np.asarray(G)
         ids = [int(i) for i in ids]
@@ -108,7 +112,12 @@ class SelfReference:
         if len(rows) >= self.min_rows:
             # streamed in blocks (:mod:`.streaming`): ref = the references, dev = G[rows] - ref - drift
             slots = self.refs.slots([ids[r] for r in rows])
-            drift, dev_sq = reference_deviation_stats(G, np.asarray(rows), self.refs.rows, slots)
+            if drift_rows is not None and len(rows) > drift_rows:
+                sample = np.sort((rng or np.random.default_rng()).choice(len(rows), size=drift_rows, replace=False))
+                drift, dev_sq = reference_deviation_stats(G, np.asarray(rows), self.refs.rows, slots, sample)
+                info["drift_rows"] = int(drift_rows)
+            else:
+                drift, dev_sq = reference_deviation_stats(G, np.asarray(rows), self.refs.rows, slots)
             dist = np.sqrt(dev_sq)
             radius = self.scale * float(np.median(dist))
             if radius > 0 and np.isfinite(radius):

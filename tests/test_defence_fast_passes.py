@@ -1,0 +1,144 @@
+"""The default defence's fast passes for large rounds (issue 12).
+
+In rounds of at least ``fast_above`` entries :class:`~flwr_byzantine.aggregators.RobustDefence`
+screens gross outliers on a server-private CountSketch of the rows and takes the self-reference
+drift from a random subsample of the nodes.  Small rounds (the robustness benchmark's) run the exact
+passes bit for bit; large ones must take the exact passes' decisions on clear-cut data, and the
+randomness must be fresh every round and deterministic under the seed.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from flwr_byzantine.aggregators.defence import RobustDefence
+from flwr_byzantine.aggregators.streaming import reference_deviation_stats
+from flwr_byzantine.aggregators.temporal import SelfReference
+
+
+def _rounds(n_rounds: int, R: int, d: int, far: int, seed: int = 0) -> list[np.ndarray]:
+    """float32 rounds of ``R`` heterogeneous honest rows drifting together, the first ``far`` rows far away."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(R, d)).astype(np.float32)
+    out = []
+    for t in range(n_rounds):
+        G = centres * np.float32(0.5) + np.float32(0.1 * t) + rng.normal(size=(R, d)).astype(np.float32) * 0.3
+        G[:far] += np.float32(30.0)  # gross: ~ 30 sqrt(d) away, the honest spread ~ 0.6 sqrt(d)
+        out.append(G)
+    return out
+
+
+def test_reference_deviation_stats_median_of_a_subsample():
+    rng = np.random.default_rng(0)
+    G = rng.normal(size=(12, 300)).astype(np.float32)
+    table = rng.normal(size=(15, 300)).astype(np.float32)
+    rows = np.array([0, 1, 2, 4, 5, 7, 8, 9, 11])
+    slots = np.array([3, 0, 14, 2, 1, 9, 8, 7, 5])
+    sample = np.array([0, 2, 3, 6, 8])
+    drift, sq = reference_deviation_stats(G, rows, table, slots, sample)
+    dev = G[rows] - table[slots]
+    np.testing.assert_array_equal(drift, np.median(dev[sample], axis=0))
+    full = dev - drift
+    np.testing.assert_allclose(sq, np.einsum("ij,ij->i", full, full), rtol=1e-6)
+    # without a sample: the median of every row's difference
+    np.testing.assert_array_equal(reference_deviation_stats(G, rows, table, slots)[0], np.median(dev, axis=0))
+
+
+def test_self_reference_drift_from_a_random_subsample_of_nodes():
+    rng = np.random.default_rng(1)
+    G0, G1 = rng.normal(size=(2, 40, 200))
+    G1[:10] += 50.0  # a quarter of the nodes move together by a lot: the median of all is not moved
+    ids = list(range(40))
+    exact, sampled = SelfReference(), SelfReference()
+    for ref in (exact, sampled):
+        ref.apply(G0, ids)
+    _, a = exact.apply(G1, ids)
+    _, b = sampled.apply(G1, ids, drift_rows=15, rng=np.random.default_rng(3))
+    assert "drift_rows" not in a and b["drift_rows"] == 15
+    assert a["jumped"] == b["jumped"] == list(range(10))  # the same jumps from 15 nodes' drift as from 40
+    # at most drift_rows nodes with a reference: every one of them, as without a sample
+    small, plain = SelfReference(), SelfReference()
+    for ref in (small, plain):
+        ref.apply(G0[:10], ids[:10])
+    Va, _ = small.apply(G1[:10], ids[:10], drift_rows=15, rng=np.random.default_rng(3))
+    Vb, _ = plain.apply(G1[:10], ids[:10])
+    np.testing.assert_array_equal(Va, Vb)
+
+
+def test_small_rounds_run_the_exact_passes_bit_for_bit():
+    rounds = _rounds(4, 20, 650, far=2)
+    ids = list(range(20))
+    a, b = RobustDefence(eps_tilde=0.2, seed=0), RobustDefence(eps_tilde=0.2, seed=0, fast_passes=False)
+    for G in rounds:
+        ra, rb = a.aggregate(G, client_ids=ids), b.aggregate(G, client_ids=ids)
+        np.testing.assert_array_equal(ra.estimate, rb.estimate)
+        assert "drift_rows" not in ra.info
+
+
+def test_large_rounds_sketch_the_screen_and_sample_the_drift():
+    R, d = 48, 9000
+    rounds = _rounds(5, R, d, far=3)
+    ids = list(range(R))
+    fast = RobustDefence(eps_tilde=0.2, seed=0, fast_above=R * d)
+    exact = RobustDefence(eps_tilde=0.2, seed=0, fast_above=R * d, fast_passes=False)
+    calls = []
+    import flwr_byzantine.aggregators.defence as mod
+
+    real = mod.sketch_rows
+
+    def spy(G, dim, rng):
+        calls.append(dim)
+        return real(G, dim, rng)
+
+    mod.sketch_rows = spy
+    try:
+        for G in rounds:
+            ra, rb = fast.aggregate(G, client_ids=ids), exact.aggregate(G, client_ids=ids)
+            assert ra.info["gross"] == rb.info["gross"] == [0, 1, 2]
+            assert ra.kept.tolist() == rb.kept.tolist()
+            assert ra.info["jumped"] == rb.info["jumped"]
+            # the sampled drift moves only the clipped rows, by a fraction of the drift's own noise: per
+            # coordinate well under the rows' noise (0.3) and the round's common drift (0.1)
+            assert np.linalg.norm(ra.estimate - rb.estimate) / np.sqrt(d) < 0.02
+    finally:
+        mod.sketch_rows = real
+    assert calls == [2048] * len(rounds)  # the fast rule's screen only (the exact rule's never sketches)
+    assert ra.info["drift_rows"] == 31  # 45 nodes with a reference: the drift from 31 of them
+    assert "drift_rows" not in rb.info
+
+
+def test_sketched_screen_sees_a_row_concentrated_on_one_coordinate():
+    R, d = 30, 20000
+    rng = np.random.default_rng(4)
+    G = rng.normal(size=(R, d)).astype(np.float32)
+    G[5, 1234] = 1e4  # its whole excess on one (secret-signed) coordinate: no bucket map can hide it
+    res = RobustDefence(eps_tilde=0.2, seed=1, fast_above=R * d).aggregate(G, client_ids=list(range(R)))
+    assert res.info["gross"] == [5]
+
+
+def test_fast_passes_are_fresh_every_round_and_deterministic_under_the_seed():
+    R, d = 48, 9000
+    rounds = _rounds(4, R, d, far=0, seed=2)
+    ids = list(range(R))
+    a, b = (RobustDefence(eps_tilde=0.2, seed=7, fast_above=R * d) for _ in range(2))
+    c = RobustDefence(eps_tilde=0.2, seed=8, fast_above=R * d)
+    ests = []
+    for G in rounds:
+        ra, rb, rc = (rule.aggregate(G, client_ids=ids) for rule in (a, b, c))
+        np.testing.assert_array_equal(ra.estimate, rb.estimate)
+        ests.append((ra.estimate, rc.estimate))
+    assert any(not np.array_equal(x, y) for x, y in ests[1:])  # another seed samples another drift
+    # the generator advances: the same round twice from the same state draws other signs and nodes
+    twin = copy.deepcopy(a)
+    s1 = twin._pass_rng.bytes(8)
+    s2 = twin._pass_rng.bytes(8)
+    assert s1 != s2
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_fast_above_still_validated(bad):
+    with pytest.raises(ValueError):
+        RobustDefence(fast_above=bad)
