@@ -22,7 +22,10 @@ nothing: run config ``num-malicious=0``).  Three runs of the default App
 3. ``superlink-restart``: after round 2 the SuperLink (with its SuperExec and
    ServerApp processes) is killed with SIGKILL, started again on the same port (and
    database); without a database the SuperNodes cannot continue their sessions and are
-   all started again, as a supervisor would; the same ``flwr run`` resumes from the checkpoint.
+   all started again, as a supervisor would; with ``--database`` they keep their sessions
+   and node ids, and the crashed run (still ``running`` in the database) is stopped with
+   ``flwr stop`` first (:meth:`~flwr_byzantine.deploy.local.LocalDeployment.stop_crashed_run`);
+   the same ``flwr run`` resumes from the checkpoint.
 
 Recorded (``deployment.json`` and ``deployment.png`` in ``--out``, default
 ``benchmarks/results``): start-up time (SuperLink start until every SuperNode is
@@ -253,6 +256,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             dep.start_node(i)
                     dep.wait_online(args.nodes, timeout=600)
                     online_after = time.monotonic() - t_restart
+                    stop_wait = None
+                    if args.database:  # the crashed run is still "running" there: stop it first
+                        stop_wait = round(dep.stop_crashed_run(run_id), 1)
                     first_wall = wall
                     malicious_ids |= {dep.node_ids()[i] for i in attackers}
                     run_id, wall, _ = dep.run_and_wait(phase + "-resume", run_config, out_dir, timeout=900)
@@ -260,6 +266,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     log.append({"event": f"SuperLink restarted ({how}), {args.nodes} SuperNodes online after "
                                          f"{online_after:.1f} s, same flwr run resumed",
                                 "first_run_seconds_until_crash": round(first_wall, 2)})
+                    if stop_wait is not None:
+                        log.append({"event": "crashed run stopped (flwr stop); SuperNodes done with its messages "
+                                             f"{stop_wait} s later"})
                 busy, own_by_kind = machine_busy_seconds() - busy0, cpu_delta(own0, own_cpu_seconds(dep))
                 own = sum(own_by_kind.values())
                 res = read_results(out_dir, run_id)

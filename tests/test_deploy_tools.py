@@ -158,3 +158,21 @@ def test_checkpoint_round_and_node_config_format(tmp_path):
     assert checkpoint_round(tmp_path) == 0
     assert format_node_config({"partition-id": 2, "malicious": True, "attack": "alie", "lr": 0.5}) == \
         "partition-id=2 malicious=true attack='alie' lr=0.5"
+
+
+def test_a_node_is_fetching_a_run_until_its_log_shows_an_outcome(tmp_path):
+    """LocalDeployment._fetching (stop_crashed_run waits on it) reads the SuperNode's latest log."""
+    dep = LocalDeployment(tmp_path / "d", tmp_path)
+    dep.add_node(0, {"partition-id": 0})
+    log = dep.logs / "supernode0.1.log"
+    assert not dep._fetching(0, 7)  # no log yet
+    log.write_text("INFO: [RUN 7, ROUND 2]\nINFO: Receiving: train message (ID: a)\nINFO: Received successfully\n"
+                   "INFO: [RUN 7, ROUND 2]\nINFO: Sending: train message (ID: b)\nINFO: Sent successfully\n"
+                   "INFO: [RUN 7, ROUND 3]\nINFO: Receiving: train message (ID: c)\n")
+    assert dep._fetching(0, 7) and not dep._fetching(0, 8)
+    (dep.logs / "supernode0.2.log").write_text("INFO: [RUN 9, ROUND 1]\n")  # a restart: only the latest log counts
+    assert not dep._fetching(0, 7)
+    (dep.logs / "supernode0.2.log").unlink()
+    with log.open("a") as fh:
+        fh.write("INFO: Run ID 7 is not in `RUNNING` status. Ignoring message c.\n")
+    assert not dep._fetching(0, 7)

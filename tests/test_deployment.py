@@ -13,8 +13,9 @@ and the test checks that none is left.
 * the malicious node (by node config) is exactly the filtered one, by node id;
 * a SuperNode killed with SIGKILL costs a round at most ``reply-timeout`` (plus the
   Grid's 3 s polling), is an erasure of its own node id, and its restart rejoins;
-* the SuperLink killed with SIGKILL and restarted: the same ``flwr run`` resumes from
-  the checkpoint and ends with the model of an uninterrupted run;
+* the SuperLink (``--database``) killed with SIGKILL and restarted, the crashed run stopped:
+  the same ``flwr run`` resumes from the checkpoint and ends with the model of an
+  uninterrupted run, with the default defence (per-node memory) and with Algorithm 3;
 * TLS and SuperNode authentication: registered nodes run the federation, a SuperNode
   with an unregistered key or without a key is refused.
 """
@@ -106,26 +107,32 @@ def test_killed_supernode_costs_at_most_the_reply_timeout_and_rejoins(tmp_path):
 
 
 @pytest.mark.slow
-def test_superlink_kill_and_resume_ends_with_the_uninterrupted_model(tmp_path):
+@pytest.mark.parametrize("aggregator", ["rge", "rge-paper"])
+def test_superlink_kill_and_resume_ends_with_the_uninterrupted_model(tmp_path, aggregator):
+    """The operator path of docs/deployment.md: SuperLink with ``--database``, killed after round 2,
+    restarted on the same database (the SuperNodes keep their sessions and node ids, so the default
+    defence's per-node memory in the checkpoint is theirs), the crashed run stopped with ``flwr stop``,
+    the same ``flwr run`` again: the final model equals the uninterrupted run's, bit for bit."""
     num, rounds = 3, 4
-    # the SuperNodes re-register with the restarted SuperLink under new node ids, so per-node memory
-    # (the default defence's self-reference clipping) restarts with them: the exact comparison uses
-    # Algorithm 3, whose state is all in the checkpoint
     cfg = {"num-server-rounds": rounds, "num-malicious": 0, "checkpoint": True, "reply-timeout": 120.0,
-           "aggregator": "rge-paper"}
-    dep = _deployment(tmp_path, database=tmp_path / "superlink.db")
+           "aggregator": aggregator}
+    dep = _deployment(tmp_path, database=tmp_path / "superlink.db", executor="fork")
     try:
         _start(dep, num)
         dep.wait_online(num, timeout=180)
         ref_out, out = tmp_path / "reference", tmp_path / "crashed"
         ref_id, _, _ = dep.run_and_wait("reference", cfg, ref_out, timeout=600)
-        _, _, log = dep.run_and_wait("crash", cfg, out, timeout=600, crash=(2, lambda: dep.kill_superlink() or "killed"))
+        crashed_id, _, log = dep.run_and_wait("crash", cfg, out, timeout=600,
+                                              crash=(2, lambda: dep.kill_superlink() or "killed"))
         assert log[-1]["event"] == "killed"
         dep.start_superlink()  # same port and database; the SuperNodes reconnect by themselves
         dep.wait_online(num, timeout=180)
+        dep.stop_crashed_run(crashed_id)
         run_id, _, _ = dep.run_and_wait("resume", cfg, out, timeout=600)
         ref, res = read_results(ref_out, ref_id), read_results(out, run_id)
         assert res["resumed_from_round"] >= 2 and len(res["rounds"]) == rounds
+        assert {tuple(sorted(int(n) for n in r["accepted"])) for r in ref["rounds"] + res["rounds"]} == {tuple(sorted(
+            dep.node_ids().values()))}  # the same node ids in every round of both runs
         for rep in ref["rounds"] + res["rounds"]:  # no erasure in either run: the comparison is exact
             assert rep["applied"] and not rep["rejected"], rep["rejected"]
         ref_model, model = load_model(ref_out, ref), load_model(out, res)

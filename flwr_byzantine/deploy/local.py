@@ -539,6 +539,38 @@ class LocalDeployment:
             self.timings[run_id]["finished_at_seconds"] = wall
         return run_id, wall, log
 
+    def stop_crashed_run(self, run_id: int, timeout: float = 60.0, poll: float = 1.0) -> float:
+        """After a SuperLink restart with ``--database``: ``flwr stop RUN_ID``, then wait until no SuperNode
+        is still fetching one of its messages; returns the seconds waited (at most ``timeout``).
+
+        The database keeps the crashed run ``running`` and its last round's messages, but the
+        message contents lived in the SuperLink's memory: a SuperNode that pulled such a
+        message retries the missing contents (Flower's backoff, up to 10 s apart) until the run
+        is no longer running, about 50 s after the restart if nobody stops it, and answers
+        nothing else meanwhile.  After the stop its next try is refused and it logs ``Run ID
+        ... is not in `RUNNING` status. Ignoring message``.  A node is done with the run when
+        its log shows no ``Receiving`` of it without an outcome (received, ignored or sent).
+        """
+        self.flwr("stop", str(run_id), self.connection, timeout=120)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if not any(self._fetching(index, run_id) for index in self.nodes):
+                break
+            time.sleep(poll)
+        return time.monotonic() - t0
+
+    def _fetching(self, index: int, run_id: int) -> bool:
+        """Whether SuperNode ``index``'s latest log ends in a ``Receiving`` of a ``run_id`` message with no outcome."""
+        logs = sorted(self.logs.glob(f"supernode{index}.*.log"), key=lambda p: int(p.suffixes[0][1:]))
+        if not logs:
+            return False
+        text = logs[-1].read_text(errors="replace")
+        last = text.rfind(f"[RUN {run_id}")
+        if last < 0:
+            return False
+        tail = text[last:]
+        return "Receiving" in tail and not any(m in tail for m in ("Received successfully", "Ignoring", "Sent"))
+
     def server_log(self, run_id: int) -> str:
         """``flwr log RUN_ID --show``: the ServerApp's log."""
         try:
