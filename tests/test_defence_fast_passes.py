@@ -138,6 +138,28 @@ def test_fast_passes_are_fresh_every_round_and_deterministic_under_the_seed():
     assert s1 != s2
 
 
+def test_drift_sample_grows_with_the_round():
+    """max(31, R // 4) nodes, odd: at R = 1000 a sample of 31 would be noisier than the round's mean."""
+    import flwr_byzantine.aggregators.defence as mod
+
+    seen = []
+    real = SelfReference.apply
+
+    def spy(self, G, ids, **kw):
+        seen.append(kw.get("drift_rows"))
+        return real(self, G, ids, **kw)
+
+    for R in (40, 200):
+        rule = RobustDefence(eps_tilde=0.2, seed=0, fast_above=1)
+        G = np.random.default_rng(R).normal(size=(R, 50)).astype(np.float32)
+        SelfReference.apply = spy
+        try:
+            rule.aggregate(G, client_ids=list(range(R)))
+        finally:
+            SelfReference.apply = real
+    assert seen == [mod.DRIFT_ROWS, 51]
+
+
 @pytest.mark.parametrize("bad", [0, -1])
 def test_fast_above_still_validated(bad):
     with pytest.raises(ValueError):

@@ -108,9 +108,10 @@ FAST_MANY_ROWS, FAST_MANY_ROWS_SKETCH_DIM = 500, 1024
 #: Rounds of at least ``fast_above`` entries with ``d > 2 * SCREEN_SKETCH_DIM`` screen gross outliers on a
 #: server-private CountSketch of this length (:func:`~.sketch.sketch_rows`, fresh signs every round).
 SCREEN_SKETCH_DIM = 2048
-#: Rounds of at least ``fast_above`` entries take the self-reference drift from this many nodes drawn at
-#: random every round (the coordinate-wise median of more rows costs a sort of R values per coordinate).
-DRIFT_ROWS = 31
+#: Rounds of at least ``fast_above`` entries take the self-reference drift from ``max(DRIFT_ROWS, R //
+#: DRIFT_SHARE)`` nodes (odd) drawn at random every round (the coordinate-wise median of all rows costs a sort
+#: of R values per coordinate): the sample's noise and its Byzantine share stay close to the whole round's.
+DRIFT_ROWS, DRIFT_SHARE = 31, 4
 
 
 def mix_and_clip(M: np.ndarray, kept: np.ndarray, f: int, clip_scale: float | None
@@ -211,8 +212,8 @@ class RobustDefence(Aggregator):
     fast_passes:
         In rounds of at least ``fast_above`` entries (issue 12): the gross screen's centre and distances on
         a CountSketch of length :data:`SCREEN_SKETCH_DIM` of the rows (when ``d > 2 *`` that length), and
-        the self-reference drift from :data:`DRIFT_ROWS` nodes drawn at random (when more have a
-        reference), both from a server-private generator, fresh every round (attributes
+        the self-reference drift from ``max(DRIFT_ROWS, R // DRIFT_SHARE)`` nodes drawn at random (when more
+        have a reference), both from a server-private generator, fresh every round (attributes
         ``screen_sketch_dim`` and ``drift_rows``); ``False``: the exact passes at every size.
     seed:
         Seed of the sketch's generator (``None``: fresh OS entropy; the filter for 500 rows or more
@@ -430,8 +431,9 @@ class RobustDefence(Aggregator):
         if ids is not None and self.self_reference is not None:
             if self._scratch is None or self._scratch.shape != raw.shape or self._scratch.dtype != raw.dtype:
                 self._scratch = np.empty_like(raw)  # the clipped rows, rewritten every round (no fresh pages)
-            G, self_info = self.self_reference.apply(raw, ids, skip=gross, out=self._scratch,
-                                                     drift_rows=self.drift_rows if fast else None, rng=self._pass_rng)
+            drift_rows = (max(self.drift_rows, R // DRIFT_SHARE) | 1) if fast else None
+            G, self_info = self.self_reference.apply(raw, ids, skip=gross, out=self._scratch, drift_rows=drift_rows,
+                                                     rng=self._pass_rng)
         suspects = np.zeros(0, dtype=np.intp)
         if ids is not None and self.evidence is not None:
             step = self._pending_step if self._pending_step is not None else (
