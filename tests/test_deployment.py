@@ -144,11 +144,12 @@ def test_superlink_kill_and_resume_ends_with_the_uninterrupted_model(tmp_path, a
 
 
 @pytest.mark.slow
-def test_tls_and_supernode_auth_refuse_unknown_nodes(tmp_path):
+@pytest.mark.parametrize("executor", ["flower", "fork"])
+def test_tls_and_supernode_auth_refuse_unknown_nodes(tmp_path, executor):
     num = 3
     tls = make_tls(tmp_path / "certs")
     keys = [make_node_key(tmp_path / "certs" / "keys" / f"supernode-{i}") for i in range(num + 1)]
-    dep = _deployment(tmp_path, tls=tls, supernode_auth=True)
+    dep = _deployment(tmp_path, tls=tls, supernode_auth=True, executor=executor)
     try:
         dep.prefetch_partitions(num)
         dep.start_superlink()
