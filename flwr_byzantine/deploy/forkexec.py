@@ -43,13 +43,17 @@ import os
 import signal
 import sys
 import traceback
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # Flower is imported when the executor is built, not with this module
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult
 
 #: ``/proc/PID/comm`` of a forked ClientApp (what ``ps`` and the deployment's process kinds see).
 CHILD_NAME = "flwr-clientapp"
 
 
-def _run_clientapp_child(spec) -> int:  # pragma: no cover - runs in a forked child (tests check its effect)
+def _run_clientapp_child(spec: ExecutionSpec) -> int:  # pragma: no cover - runs in a forked child (tests check its effect)
     """Body of a forked child: Flower's ``run_clientapp`` for ``spec``; returns the exit code."""
     from flwr.supercore.exit import exit_handler
     from flwr.supercore.tls import validate_and_resolve_root_certificates
@@ -101,16 +105,18 @@ class ForkExecutor:
         self.children: dict[int, int] = {}
         self.exits: collections.deque[tuple[int, int]] = collections.deque(maxlen=64)
 
-    def get_eligible_capacity(self, supported_task_types, *, insecure=False, root_certificates_path=None):
+    def get_eligible_capacity(self, supported_task_types: set[TaskType], *, insecure: bool = False,
+                              root_certificates_path: str | None = None) -> tuple[set[TaskType], set[str]]:
         """Every task type can start at once (as Flower's ``SubprocessExecutor``)."""
         return self._fallback.get_eligible_capacity(supported_task_types, insecure=insecure,
                                                     root_certificates_path=root_certificates_path)
 
-    def wait_for_capacity(self, task_type=None, *, fab_hash=None, insecure=False, root_certificates_path=None):
+    def wait_for_capacity(self, task_type: TaskType | None = None, *, fab_hash: str | None = None,
+                          insecure: bool = False, root_certificates_path: str | None = None) -> None:
         """No capacity gate."""
         return None
 
-    def launch(self, spec):
+    def launch(self, spec: ExecutionSpec) -> LaunchResult:
         """Fork a ClientApp child for ``spec`` (other task types: a subprocess, as Flower does)."""
         from flwr.supercore.constant import TaskType
         from flwr.supercore.superexec.executor import LaunchResult
