@@ -138,6 +138,32 @@ def test_fast_passes_are_fresh_every_round_and_deterministic_under_the_seed():
     assert s1 != s2
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_clipped_rows_become_the_references_in_the_clipping_pass(dtype):
+    """The clipping writes the references as it writes the clipped rows (no second copy): every node seen this
+    round (new, clipped or not) has its row of V as reference, a mature jump the old reference plus the drift."""
+    rng = np.random.default_rng(5)
+    ref = SelfReference(burn_in=1)
+    prev = {}
+    for t in range(6):
+        ids = [i for i in range(30) if (i + t) % 7]  # churn: a node is absent every seventh round
+        G = (rng.normal(size=(len(ids), 300)) + 0.05 * t).astype(dtype)
+        if t >= 3:
+            G[:2] += dtype(40.0)  # two jumps
+        V, info = ref.apply(G, ids, skip=[5])
+        if t >= 3:
+            assert {0, 1} <= set(info["jumped"])
+        for r, node in enumerate(ids):
+            if r == 5:
+                assert node not in ref.refs.index
+            elif r in info["jumped"] and node in prev:
+                assert not np.array_equal(ref.refs.get([node])[0], V[r])  # followed the drift, not the jump
+            else:
+                np.testing.assert_array_equal(ref.refs.get([node])[0], V[r])
+        assert ref.refs.rows.dtype == dtype
+        prev = {node: ref.refs.get([node])[0].copy() for node in ref.refs.index}
+
+
 def test_drift_sample_grows_with_the_round():
     """max(31, R // 4) nodes, odd: at R = 1000 a sample of 31 would be noisier than the round's mean."""
     import flwr_byzantine.aggregators.defence as mod

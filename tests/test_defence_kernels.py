@@ -51,10 +51,12 @@ def plain_reference_deviation_stats(G, rows, table, slots):
     return drift, np.einsum("ij,ij->i", dev, dev).astype(np.float64)
 
 
-def plain_clip_to_references(V, G, rows, table, slots, drift, factors):
+def plain_clip_to_references(V, G, rows, table, slots, drift, factors, store=False):
     ref = table[slots]
     dev = G[rows] - ref - drift
     V[rows] = ref + drift + dev * factors[:, None].astype(dev.dtype, copy=False)
+    if store:  # what SelfReference.apply's store of every seen row did for these rows
+        table[slots] = V[rows]
 
 
 def plain_aggregate_rows(self, updates, rows, *, sigma0=None, estimate=True):
@@ -138,10 +140,14 @@ class ReplayCheck:
             raise StopReplay
         assert np.array_equal(a.kept, b.kept), f"round {self.rounds}: kept {a.kept} vs {b.kept}"
         for key in DECISIONS:
-            if key == "clipped" and np.asarray(G).dtype == np.float32:
-                # a row at the clipping radius to float32 precision counts as clipped in one path and not in
-                # the other (its factor 1 - 1e-7 against 1); the weights' check below bounds every factor
-                assert abs(a.info[key] - b.info[key]) <= 1, f"round {self.rounds}: {key} {a.info[key]} vs {b.info[key]}"
+            if key == "clipped":
+                # a row at the clipping radius to rounding precision counts as clipped in one path and not in the
+                # other (its factor 1 - 1e-16, or 1 - 1e-7 in float32, against 1; mixtures of rows with the same
+                # neighbours tie at the median radius, seen at round 12 of the MLP's IPM replay): the rows clipped
+                # by more than rounding must be the same, and the weights' check below bounds every factor
+                tol = 1e-5 if np.asarray(G).dtype == np.float32 else 1e-9
+                fa, fb = (r.weights[r.kept] * r.kept.size for r in (a, b))
+                assert np.array_equal(fa < 1 - tol, fb < 1 - tol), f"round {self.rounds}: clipped {fa} vs {fb}"
                 continue
             assert a.info.get(key) == b.info.get(key), f"round {self.rounds}: {key} {a.info.get(key)} vs {b.info.get(key)}"
         np.testing.assert_allclose(a.weights, b.weights, rtol=1e-5, atol=1e-9)

@@ -177,11 +177,13 @@ def reference_deviation_stats(G: np.ndarray, rows: np.ndarray, table: np.ndarray
 
 
 def clip_to_references(V: np.ndarray, G: np.ndarray, rows: np.ndarray, table: np.ndarray, slots: np.ndarray,
-                       drift: np.ndarray, factors: np.ndarray) -> None:
+                       drift: np.ndarray, factors: np.ndarray, store: bool = False) -> None:
     """``V[rows] = ref + drift + (G[rows] - ref - drift) * factors`` with ``ref = table[slots]``, in cache-sized tiles.
 
     The arithmetic of :meth:`~.temporal.SelfReference.apply`, bit for bit (elementwise), without
-    ``(n, d)`` temporaries.
+    ``(n, d)`` temporaries.  ``store``: the clipped rows also replace their references
+    (``table[slots] = V[rows]``, each tile written once its references are read; ``table`` must have
+    the clipped rows' dtype), in the same pass instead of a second copy.
     """
     n, d = len(rows), G.shape[1]
     ri, si = as_index(rows), as_index(slots)
@@ -199,6 +201,8 @@ def clip_to_references(V: np.ndarray, G: np.ndarray, rows: np.ndarray, table: np
         D *= f[r0:r1, None]
         B += D
         V[sub_index(ri, r0, r1), c0:c1] = B
+        if store:
+            table[sub_index(si, r0, r1), c0:c1] = B
 
 
 def host_array(x: ArrayLike) -> np.ndarray:

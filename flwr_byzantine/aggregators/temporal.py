@@ -108,6 +108,7 @@ class SelfReference:
         info: dict[str, Any] = {"self_clipped": 0, "self_radius": float("nan"), "self_rows": len(rows), "jumped": []}
         V = np.empty_like(G) if out is None else out
         copied = False  # the rows `rows` are written by the clipping; the others are copied from G
+        stored = False  # the clipping also wrote the rows `rows` into their references
         jump_fix: tuple[list[int], np.ndarray] | None = None  # references that follow only the drift
         if len(rows) >= self.min_rows:
             # streamed in blocks (:mod:`.streaming`): ref = the references, dev = G[rows] - ref - drift
@@ -122,9 +123,9 @@ class SelfReference:
             radius = self.scale * float(np.median(dist))
             if radius > 0 and np.isfinite(radius):
                 factors = np.minimum(1.0, radius / np.maximum(dist, 1e-300))
-                clip_to_references(V, G, np.asarray(rows), self.refs.rows, slots, drift, factors)  # ref + drift + dev * factors
-                copied = True
-                info.update(self_clipped=int(np.sum(factors < 1.0)), self_radius=radius)
+                # the clipped rows become their nodes' references in the same pass (when the table keeps their
+                # dtype); a mature jump's reference is read before that, below, and patched after the store
+                stored = self.refs.rows.dtype == V.dtype
                 if self.jump_factor is not None:
                     jump = dist > self.jump_factor * float(np.median(dist))
                     if jump.any():
@@ -137,6 +138,10 @@ class SelfReference:
                                         (self.refs.rows[slots[jump]] + drift)[mature].astype(V.dtype, copy=False))
                         info["jumped"] = [int(r) for r in jr]
                         info["jump_ratio"] = [float(x) for x in dist[jump] / max(float(np.median(dist)), 1e-300)]
+                clip_to_references(V, G, np.asarray(rows), self.refs.rows, slots, drift, factors,  # ref + drift + dev * f
+                                   store=stored)
+                copied = True
+                info.update(self_clipped=int(np.sum(factors < 1.0)), self_radius=radius)
         for r in np.setdiff1d(np.arange(len(ids)), rows if copied else []):  # row by row: no gathered temporary
             V[r] = G[r]
         info["new_rows"] = [r for r, node in enumerate(ids) if r not in skip_set and node not in self.refs.index]
@@ -148,6 +153,9 @@ class SelfReference:
                 del self.ages[node]
         for r in seen:
             self.ages[ids[r]] = self.ages.get(ids[r], -1) + 1 if ids[r] in self.refs.index else 0
+        if stored:  # the clipped rows are stored already: only the others (new nodes)
+            done = set(rows)
+            seen = [r for r in seen if r not in done]
         if seen:
             self.refs.put([ids[r] for r in seen], V[as_index(np.asarray(seen))])
         if jump_fix is not None:
