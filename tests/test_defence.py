@@ -284,6 +284,34 @@ def test_memory_aware_attack_keeps_its_own_score_inside_the_exclusion_level(z_ex
     assert ev.z(9) > -z_exclude
 
 
+@pytest.mark.parametrize("jump_factor", [4.0, None])
+def test_memory_aware_attack_never_trips_the_jump_rule_to_keep_its_score(jump_factor):
+    # a level it cannot reach by a small correction (Z >= 3.25): unbounded, the correction runs away
+    # (a reply the jump rule and the gross screen leave out); bounded, the attacker scales its
+    # attack back towards its own gradient and moves at most jump_margin * jump_factor median changes
+    rng = np.random.default_rng(11)
+    d = 6
+    A = np.diag(rng.uniform(1.0, 2.0, size=d))
+    atk = MemoryAware(z_exclude=-3.0, margin=0.25, jump_factor=jump_factor, seed=0)
+    x = rng.normal(size=d)
+    last, ratios = None, []
+    for t in range(1, 40):
+        atk.observe_model(x)
+        honest = np.stack([A @ x + 0.05 * rng.normal(size=d) for _ in range(8)])
+        sent = np.asarray(atk.craft(honest, 1, t)[0])
+        scale = float(np.median(np.linalg.norm(honest - honest.mean(axis=0), axis=1))) * np.sqrt(2.0)
+        if last is not None:
+            ratios.append(float(np.linalg.norm(sent - last)) / scale)
+        last = sent
+        x = x - 0.1 * honest.mean(axis=0)
+    if jump_factor is None:
+        assert max(ratios) > 4.0
+    else:
+        assert max(ratios) <= 0.8 * jump_factor + 1e-9
+    with pytest.raises(ValueError):
+        MemoryAware(jump_factor=0.0)
+
+
 def test_a_plain_sign_flipper_is_over_the_default_exclusion_level():
     # the same federation without the memory-aware correction: the default level suspects it
     rng = np.random.default_rng(10)

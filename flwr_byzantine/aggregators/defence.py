@@ -52,6 +52,12 @@ filter and adds what a single round lacks:
    honest rows only pull the estimate away from their minority clients (an honest client holding most
    of a rare class is far from the others): on the robustness grid's heterogeneous seeds that cost up
    to 12 points under attacks the memory had already fully excluded.
+8. **Duplicates** (``duplicate_tol``, :mod:`.duplicates`): rows closer to one another than
+   ``duplicate_tol`` times the round's median pairwise distance are one message sent by several
+   nodes (honest replies differ at least by their mini-batch noise; colluding nodes that send one
+   crafted vector do not): the group keeps its first row, the others are left out of the round
+   (outside the budget of step 7, so copies cannot spend it).  The FoolsGold observation (Fung et
+   al. 2020); attackers that add honest-sized noise are not duplicates and meet the other steps.
 
 With ``client_ids=None`` (e.g. a compressed round, where coordinates change every
 round, or a caller without node ids) the memory step is skipped and the rule is
@@ -69,6 +75,7 @@ import numpy as np
 
 from .._backend import ArrayLike, centred_gram, is_torch, subset_mean
 from .base import AggregationResult, Aggregator
+from .duplicates import DEFAULT_DUPLICATE_TOL, duplicate_rows
 from .memory import DEFAULT_RELATIVE, DEFAULT_SCORE_CLIP, DEFAULT_Z_EXCLUDE, ClientMomentum, MonotonicityEvidence
 from .rge import RGE
 from .sigma import estimate_sigma0_sq
@@ -215,9 +222,12 @@ class RobustDefence(Aggregator):
         the self-reference drift from ``max(DRIFT_ROWS, R // DRIFT_SHARE)`` nodes drawn at random (when more
         have a reference), both from a server-private generator, fresh every round (attributes
         ``screen_sketch_dim`` and ``drift_rows``); ``False``: the exact passes at every size.
+    duplicate_tol:
+        Rows closer than this fraction of the round's median pairwise distance are duplicates: one
+        row of each group is kept (step 8, :func:`~.duplicates.duplicate_rows`); ``None`` disables it.
     seed:
         Seed of the sketch's generator (``None``: fresh OS entropy; the filter for 500 rows or more
-        uses ``seed + 1``, the fast passes ``[seed, 12]``).
+        uses ``seed + 1``, the fast passes ``[seed, 12]``, the duplicates' sketch ``[seed, 13]``).
     """
 
     name = "rge"
@@ -246,10 +256,15 @@ class RobustDefence(Aggregator):
         evidence_relative: float | None = DEFAULT_RELATIVE,
         spend_budget: bool = True,
         fast_passes: bool = True,
+        duplicate_tol: float | None = DEFAULT_DUPLICATE_TOL,
     ) -> None:
         self.fast_passes = bool(fast_passes)
         self.screen_sketch_dim, self.drift_rows = SCREEN_SKETCH_DIM, DRIFT_ROWS
         self._pass_rng = np.random.default_rng(None if seed is None else [int(seed), 12])
+        if duplicate_tol is not None and not (np.isfinite(duplicate_tol) and 0 < duplicate_tol < 1):
+            raise ValueError(f"duplicate_tol must be in (0, 1) or None, got {duplicate_tol!r}")
+        self.duplicate_tol = None if duplicate_tol is None else float(duplicate_tol)
+        self._duplicate_rng = np.random.default_rng(None if seed is None else [int(seed), 13])
         self.spend_budget = bool(spend_budget)
         self.skip_anomalies = bool(skip_anomalies)
         if not (np.isfinite(momentum) and 0.0 <= momentum < 1.0):
@@ -488,11 +503,16 @@ class RobustDefence(Aggregator):
             M[keep_rows] = self.memory.update(G[keep_rows], [ids[r] for r in keep_rows])
         else:
             M = self.memory.update(G, ids) if use_memory else G
-        active = np.setdiff1d(np.arange(R), np.union1d(suspects, gross))
+        dups = np.zeros(0, dtype=np.intp)
+        if self.duplicate_tol is not None and R > 2:
+            # colluding copies of one message get one vote (step 0 of the docstring); not part of the budget
+            dups = duplicate_rows(raw, np.setdiff1d(np.arange(R), np.union1d(suspects, gross)),
+                                  self.duplicate_tol, self._duplicate_rng)
+        active = np.setdiff1d(np.arange(R), np.union1d(np.union1d(suspects, gross), dups))
         filt = self.filter_for(active.size, d)
         budget = int(np.floor(self.eps_tilde * R))
         # a budget of 0 (floor(eps R) = 0: a small round) claims nothing, and the rule runs in full
-        spent_before_filter = self.spend_budget and budget > 0 and R - active.size >= budget
+        spent_before_filter = self.spend_budget and budget > 0 and R - dups.size - active.size >= budget
         sigma0_raw = None
         if not spent_before_filter and raw is not G and not use_memory and self.sigma0 is None and filt is self.filter and active.size > 2:
             # sigma_0 from the raw replies: self-clipping shrinks the honest rows' noise, not their
@@ -520,7 +540,7 @@ class RobustDefence(Aggregator):
             # reference yet: it starts fresh next round instead of being judged against that reply
             kept_set = set(kept.tolist())
             self.self_reference.forget([ids[r] for r in new_rows if r not in kept_set])
-        if self.spend_budget and budget > 0 and R - kept.size >= budget:
+        if self.spend_budget and budget > 0 and R - dups.size - kept.size >= budget:
             # the budget is spent (before the filter, or by it): the survivors are taken as honest, and
             # mixing or clipping them would only pull the estimate away from their minority clients
             estimate = centre if centre is not None else subset_mean(M, kept)
@@ -547,7 +567,7 @@ class RobustDefence(Aggregator):
             out = estimate.astype(updates.dtype, copy=False)
         info = dict(res.info)
         info.update({
-            "gross": [int(r) for r in gross], "input_clipped": input_clipped, "memory": bool(use_memory), **self_info,
+            "gross": [int(r) for r in gross], "duplicates": [int(r) for r in dups], "input_clipped": input_clipped, "memory": bool(use_memory), **self_info,
             "suspected": [int(i) for i in suspects], "clip_radius": float(radius),
             "clipped": int(np.sum(factors < 1.0)), "defence_seconds": time.perf_counter() - t0,
         })

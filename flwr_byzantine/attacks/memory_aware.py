@@ -52,6 +52,8 @@ class MemoryAware(UpdateAttack):
     gamma_short: float = 0.8
     z_short: float = 2.0
     inner_params: dict[str, Any] | None = None
+    jump_factor: float | None = 4.0
+    jump_margin: float = 0.8
     attacked_rounds: int = field(default=0, init=False, compare=False)  # rounds sent uncorrected
     _inner: Any = field(default=None, init=False, repr=False, compare=False)
     _x: Any = field(default=None, init=False, repr=False, compare=False)
@@ -68,6 +70,10 @@ class MemoryAware(UpdateAttack):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and np.isfinite(v)) or (name == "margin" and v < 0):
                 raise ValueError(f"{name} must be a finite number (margin >= 0), got {v!r}")
+        if self.jump_factor is not None and not (np.isfinite(self.jump_factor) and self.jump_factor > 0):
+            raise ValueError(f"jump_factor must be a positive number or None, got {self.jump_factor!r}")
+        if not (0 < self.jump_margin <= 1):
+            raise ValueError(f"jump_margin must be in (0, 1], got {self.jump_margin!r}")
         if not (0 < self.gamma <= 1):
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma!r}")
         if self.inner in ("sleeper", "memory-aware"):
@@ -112,6 +118,54 @@ class MemoryAware(UpdateAttack):
         z_recent = S2 / np.sqrt(Q2) if Q2 > 0 else 0.0
         return min(z_long + self.z_exclude, z_recent + self.z_short)
 
+    def _drag(self, s: float) -> float:
+        """The least score ``>= s`` that keeps the node ``margin`` inside both windows (bisection)."""
+        lo, hi = s, s + 1.0
+        while self._z(hi) < self.margin and hi - s < 1e6:
+            hi = s + 2.0 * (hi - s)
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if self._z(mid) < self.margin else (lo, mid)
+        return hi
+
+    def _fit(self, attack: np.ndarray, own: np.ndarray, scale: float) -> np.ndarray:
+        """The strongest reply that keeps the evidence inside the rule without tripping the jump rule.
+
+        Candidates ``own + lam (attack - own)``, ``lam`` from 1 down to 0 in steps of 1/8 (the
+        inner attack scaled back towards the node's own gradient), each moved along the last step
+        just enough to keep ``Z`` at the bound (not at all if it is inside already); the first whose
+        change from the last reply stays under ``jump_margin * jump_factor * scale`` (the defence
+        leaves out a reply that changes by more than ``jump_factor`` median changes) is sent.  If
+        none fits, the own gradient with the largest allowed move along the step is sent (the
+        evidence then recovers over the next rounds).  Updates the attacker's own bookkeeping.
+        """
+        delta = self._x - self._x_prev
+        limit = None if self.jump_factor is None else self.jump_margin * self.jump_factor * scale
+        chosen: tuple[np.ndarray, float] | None = None
+        for lam in np.linspace(1.0, 0.0, 9):
+            base = attack if lam == 1.0 else own + lam * (attack - own)
+            s0 = float(self._score(base, scale))
+            if self._z(s0) >= self.margin:
+                vec, s = base, s0
+            else:
+                s = self._drag(s0)
+                vec = base + (s - s0) * scale * delta / np.linalg.norm(delta)
+            if limit is None or float(np.linalg.norm(vec - self._last_sent)) <= limit:
+                chosen = (vec, s)
+                if lam == 1.0 and s == s0:
+                    self.attacked_rounds += 1  # the plain attack fits inside the rule
+                break
+        if chosen is None:
+            # none fits: the step from the last reply towards the own gradient that the jump rule allows
+            gap = own - self._last_sent
+            norm = float(np.linalg.norm(gap))
+            vec = self._last_sent + (min(1.0, float(limit) / norm) if norm > 0 else 0.0) * gap
+            chosen = (vec, float(self._score(vec, scale)))
+        vec, s = chosen
+        self._S, self._Q = self.gamma * self._S + s, self.gamma * self._Q + s * s
+        self._S2, self._Q2 = self.gamma_short * self._S2 + s, self.gamma_short * self._Q2 + s * s
+        return vec
+
     def _craft(self, honest: ArrayLike, num_byzantine: int, round: int) -> ArrayLike | None:  # noqa: A002
         h64 = np.asarray(to_numpy64(honest), dtype=np.float64)
         rows = self._inner.craft(honest, num_byzantine, round)
@@ -123,24 +177,8 @@ class MemoryAware(UpdateAttack):
         scale = float(np.median(np.linalg.norm(h64 - mean, axis=1))) * np.sqrt(2.0) if h64.shape[0] > 1 else 0.0
         if scale <= 0 and self._last_sent is not None:
             scale = float(np.linalg.norm(mean - self._last_sent))
-        s = self._score(vec, scale)
-        bound = self.margin
-        if s is not None and self._z(s) < bound:
-            # add the least component along the last step that keeps Z at the bound (bisection on the score)
-            lo, hi = s, s + 1.0
-            while self._z(hi) < bound and hi - s < 1e6:
-                hi = s + 2.0 * (hi - s)
-            for _ in range(60):
-                mid = 0.5 * (lo + hi)
-                lo, hi = (mid, hi) if self._z(mid) < bound else (lo, mid)
-            delta = self._x - self._x_prev
-            vec = vec + (hi - s) * scale * delta / np.linalg.norm(delta)
-            s = hi
-        else:
-            self.attacked_rounds += 1  # the plain attack fits inside the rule
-        if s is not None:
-            self._S, self._Q = self.gamma * self._S + s, self.gamma * self._Q + s * s
-            self._S2, self._Q2 = self.gamma_short * self._S2 + s, self.gamma_short * self._Q2 + s * s
+        if self._score(vec, scale) is not None:
+            vec = self._fit(vec, mean, scale)
         self._last_sent = vec.copy()
         out = np.repeat(vec[None, :], num_byzantine, axis=0)
         return cast_like(from_numpy64(out, honest), honest)

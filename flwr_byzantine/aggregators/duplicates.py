@@ -1,0 +1,79 @@
+"""Near-duplicate replies: one vote for a group of (almost) identical vectors.
+
+Honest clients compute their replies on their own mini-batches, so two honest replies
+differ at least by the mini-batch noise: their distance is of the order of the round's
+typical pairwise distance.  Colluding Byzantine nodes that send one crafted vector (ALIE,
+IPM, an omniscient adversary's sign flip, the defence-aware attack) send *identical* rows,
+which give a robust rule ``k`` votes for one message.  This is the Sybil observation of
+FoolsGold (Fung, Yoon, Beschastnikh, "The Limitations of Federated Learning in Sybil
+Settings", RAID 2020): replies that are far more similar to one another than honest
+clients ever are carry one client's information.  Here a group of rows whose pairwise
+distances are below ``tol`` times the round's median pairwise distance keeps its first row
+and the others are left out of the round.
+
+It is a screen against lazy collusion only: attackers that add independent noise of the
+honest replies' size to their common vector are not duplicates (the rest of the defence
+then judges them one by one).  For large rounds the distances come from a CountSketch of
+the rows with fresh server-private signs (:func:`~.sketch.sketch_rows`): identical rows have
+identical sketches, and a pair at the median distance keeps about that distance (the
+sketch's relative error is ``O(1/sqrt(m))``, far from the ``tol = 0.01`` of a duplicate).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._backend import centred_gram
+from .sketch import sketch_rows
+
+#: Default tolerance: rows closer than this fraction of the round's median pairwise distance are duplicates.
+DEFAULT_DUPLICATE_TOL = 0.01
+#: Rounds with at least this many entries ``R * d`` compute the distances on a sketch.
+SKETCH_ABOVE = 1 << 20
+#: Length parameter of that sketch (:func:`~.sketch.sketch_rows`: at least ``2 sqrt(d)``).
+SKETCH_DIM = 512
+
+
+def pairwise_distances(G: np.ndarray, rows: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+    """``(n, n)`` Euclidean distances between ``G[rows]`` (float64), exact or on a sketch.
+
+    Exact (from the centred Gram matrix, :func:`~.._backend.centred_gram`) below
+    :data:`SKETCH_ABOVE` entries or without ``rng``; otherwise from a CountSketch of the rows.
+    """
+    rows = np.asarray(rows, dtype=np.intp)
+    if rng is None or rows.size * G.shape[1] < SKETCH_ABOVE:
+        K = centred_gram(G, rows=rows)
+    else:
+        Y = sketch_rows(G[rows], SKETCH_DIM, rng)
+        Y -= Y.mean(axis=0)
+        K = Y @ Y.T
+    diag = np.diag(K)
+    return np.sqrt(np.maximum(diag[:, None] + diag[None, :] - 2.0 * K, 0.0))
+
+
+def duplicate_rows(G: np.ndarray, rows: np.ndarray, tol: float = DEFAULT_DUPLICATE_TOL,
+                   rng: np.random.Generator | None = None) -> np.ndarray:
+    """The rows of ``rows`` that repeat an earlier one: sorted row numbers of ``G`` to leave out.
+
+    Rows ``i < j`` are duplicates when ``||g_i - g_j|| <= tol * median_{k != l} ||g_k - g_l||``; each
+    group (connected by that relation to its first row) keeps its first row.  Fewer than 3 rows, or a
+    median distance of 0 (every row alike: nothing to tell apart), give no duplicates.
+    """
+    rows = np.asarray(rows, dtype=np.intp)
+    n = rows.size
+    if n < 3:
+        return np.zeros(0, dtype=np.intp)
+    D = pairwise_distances(G, rows, rng)
+    med = float(np.median(D[~np.eye(n, dtype=bool)]))
+    if not (med > 0 and np.isfinite(med)):
+        return np.zeros(0, dtype=np.intp)
+    close = D <= tol * med
+    taken = np.zeros(n, dtype=bool)
+    out: list[int] = []
+    for i in range(n):
+        if taken[i]:
+            continue
+        group = np.flatnonzero(close[i] & ~taken)  # includes i itself
+        taken[group] = True
+        out.extend(int(rows[j]) for j in group if j != i)
+    return np.asarray(sorted(out), dtype=np.intp)
