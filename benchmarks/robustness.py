@@ -86,7 +86,7 @@ MOMENTUM_PEERS = ("wm:cclip", "wm:nnm:cclip", "wm:multi-krum", "wm:trimmed-mean"
 ABLATIONS = ("rge/no-mixing", "rge/no-evidence", "rge/evidence-level-1.5", "rge/no-relative-level",
              "rge/no-skip-anomalies", "rge/no-self-ref",
              "rge/no-jump", "rge/no-burn-in", "rge/no-gross", "rge/no-clip", "rge/threshold-4", "rge/momentum",
-             "rge/no-spend-budget")
+             "rge/no-spend-budget", "rge/no-duplicates")
 RULES = ("rge", "rge-paper", *PEERS, *MOMENTUM_PEERS, "mean")
 REFERENCES = ("oracle", "clean-fedavg")
 MODELS = {"logreg": dict(rounds=60, learning_rate=0.5), "mlp": dict(rounds=200, learning_rate=0.3)}
@@ -162,6 +162,8 @@ def build_rule(name: str, num_nodes: int, f: int, mode: str = "gradient"):
             kw = dict(threshold_factor=4.0)
         elif variant == "no-spend-budget":  # filter, mix and clip even when floor(eps R) rows are already left out
             kw = dict(spend_budget=False)
+        elif variant == "no-duplicates":  # copies of one message each get a vote (what colluders adding noise get)
+            kw = dict(duplicate_tol=None)
         elif variant:
             raise ValueError(f"unknown ablation {name!r}")
         if mode == "local":

@@ -58,6 +58,9 @@ def test_the_default_defence_gives_copies_one_vote_outside_the_budget():
     # of the rest would take the kept copy at full weight), the filter still runs
     res5 = RobustDefence(eps_tilde=0.2, seed=0).aggregate(_round(copies=5))
     assert len(res5.info["duplicates"]) == 4 and "budget_spent" not in res5.info
+    # a large round: the duplicates come from the gross screen's sketch of the rows
+    big = _round(R=24, d=60000, copies=4, seed=5).astype(np.float32)
+    assert RobustDefence(eps_tilde=0.2, seed=0).aggregate(big).info["duplicates"] == [21, 22, 23]
     for bad in (0.0, 1.0, float("nan"), -0.1):
         with pytest.raises(ValueError):
             RobustDefence(duplicate_tol=bad)

@@ -432,11 +432,13 @@ class RobustDefence(Aggregator):
         R, d = G.shape
         ids = None if client_ids is None else [int(c) for c in client_ids]
         gross = np.zeros(0, dtype=np.intp)
+        screen_sketch = None  # the gross screen's sketch of the rows, when it made one
         fast = self.fast_passes and self.fast_above is not None and R * d >= self.fast_above
         if self.gross_factor is not None and R > 2:
             # gross outliers, far beyond the honest spread: dropped before they can inflate sigma_0
             # (large rounds: centre and distances on a fresh server-private sketch of the rows)
             Y = sketch_rows(G, self.screen_sketch_dim, self._pass_rng) if fast and d > 2 * self.screen_sketch_dim else G
+            screen_sketch = Y if Y is not G else None
             dist_med = np.sqrt(row_sq_norms_to(Y, column_median(Y)))
             med_d = float(np.median(dist_med))
             if med_d > 0:
@@ -506,8 +508,10 @@ class RobustDefence(Aggregator):
         dups = np.zeros(0, dtype=np.intp)
         if self.duplicate_tol is not None and R > 2:
             # colluding copies of one message get one vote (step 0 of the docstring); not part of the budget
-            dups = duplicate_rows(raw, np.setdiff1d(np.arange(R), np.union1d(suspects, gross)),
-                                  self.duplicate_tol, self._duplicate_rng)
+            # (large rounds: on the gross screen's sketch when there is one, else on a sketch of their own)
+            cand = np.setdiff1d(np.arange(R), np.union1d(suspects, gross))
+            dups = (duplicate_rows(screen_sketch, cand, self.duplicate_tol) if screen_sketch is not None
+                    else duplicate_rows(raw, cand, self.duplicate_tol, self._duplicate_rng))
         active = np.setdiff1d(np.arange(R), np.union1d(np.union1d(suspects, gross), dups))
         filt = self.filter_for(active.size, d)
         budget = int(np.floor(self.eps_tilde * R))
