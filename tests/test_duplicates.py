@@ -43,7 +43,9 @@ def test_the_sketched_distances_find_the_same_duplicates():
     exact, sketched = pairwise_distances(G, np.arange(R)), pairwise_distances(G, np.arange(R), rng)
     off = ~np.eye(R, dtype=bool)
     honest = np.ix_(np.arange(R - 5), np.arange(R - 5))
-    np.testing.assert_allclose(sketched[honest][off[honest]], exact[honest][off[honest]], rtol=0.1)
+    ratio = sketched[honest][off[honest]] / exact[honest][off[honest]]
+    # a 64-coordinate projection: about 18 % per pair, never near the 1 % of a duplicate
+    assert 0.4 < ratio.min() and ratio.max() < 1.6 and abs(float(np.median(ratio)) - 1.0) < 0.1
     np.testing.assert_array_equal(duplicate_rows(G, np.arange(R), rng=rng), [20, 21, 22, 23])
 
 

@@ -510,8 +510,8 @@ class RobustDefence(Aggregator):
             # colluding copies of one message get one vote (step 0 of the docstring); not part of the budget
             # (large rounds: on the gross screen's sketch when there is one, else on a sketch of their own)
             cand = np.setdiff1d(np.arange(R), np.union1d(suspects, gross))
-            dups = (duplicate_rows(screen_sketch, cand, self.duplicate_tol) if screen_sketch is not None
-                    else duplicate_rows(raw, cand, self.duplicate_tol, self._duplicate_rng))
+            dups = duplicate_rows(raw if screen_sketch is None else screen_sketch, cand, self.duplicate_tol,
+                                  self._duplicate_rng)
         active = np.setdiff1d(np.arange(R), np.union1d(np.union1d(suspects, gross), dups))
         filt = self.filter_for(active.size, d)
         budget = int(np.floor(self.eps_tilde * R))

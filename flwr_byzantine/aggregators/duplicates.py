@@ -13,10 +13,11 @@ and the others are left out of the round.
 
 It is a screen against lazy collusion only: attackers that add independent noise of the
 honest replies' size to their common vector are not duplicates (the rest of the defence
-then judges them one by one).  For large rounds the distances come from a CountSketch of
-the rows with fresh server-private signs (:func:`~.sketch.sketch_rows`): identical rows have
-identical sketches, and a pair at the median distance keeps about that distance (the
-sketch's relative error is ``O(1/sqrt(m))``, far from the ``tol = 0.01`` of a duplicate).
+then judges them one by one).  For large rounds the distances come from a random projection
+of the rows with fresh server-private randomness (a CountSketch, :func:`~.sketch.sketch_rows`,
+then a Gaussian projection to 64 coordinates): identical rows have identical projections, and a
+pair at the median distance keeps about that distance (relative error about 18 %, a hundred
+times short of the ``tol = 0.01`` of a duplicate).
 """
 
 from __future__ import annotations
@@ -28,23 +29,30 @@ from .sketch import sketch_rows
 
 #: Default tolerance: rows closer than this fraction of the round's median pairwise distance are duplicates.
 DEFAULT_DUPLICATE_TOL = 0.01
-#: Rounds with at least this many entries ``R * d`` compute the distances on a sketch.
+#: Rounds with at least this many entries ``R * d`` compute the distances on a projection of the rows.
 SKETCH_ABOVE = 1 << 20
-#: Length parameter of that sketch (:func:`~.sketch.sketch_rows`: at least ``2 sqrt(d)``).
+#: Length parameter of the CountSketch taken first when ``d`` is large (:func:`~.sketch.sketch_rows`: at least ``2 sqrt(d)``).
 SKETCH_DIM = 512
+#: Length of the final Gaussian projection: distances within about ``sqrt(2 / 64)`` = 18 % (one standard
+#: deviation), while a duplicate stays at 0; an honest pair would need to shrink a hundredfold.
+PROJECTION_DIM = 64
 
 
 def pairwise_distances(G: np.ndarray, rows: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-    """``(n, n)`` Euclidean distances between ``G[rows]`` (float64), exact or on a sketch.
+    """``(n, n)`` Euclidean distances between ``G[rows]`` (float64), exact or on a random projection.
 
     Exact (from the centred Gram matrix, :func:`~.._backend.centred_gram`) below
-    :data:`SKETCH_ABOVE` entries or without ``rng``; otherwise from a CountSketch of the rows.
+    :data:`SKETCH_ABOVE` entries or without ``rng``.  Otherwise the rows are projected: a
+    CountSketch (:func:`~.sketch.sketch_rows`, one pass, when ``d > 4096``) then a Gaussian
+    projection to :data:`PROJECTION_DIM` coordinates, so the cost is ``O(n d + n^2)``, not
+    ``O(n^2 d)``.  Identical rows have identical projections.
     """
     rows = np.asarray(rows, dtype=np.intp)
     if rng is None or rows.size * G.shape[1] < SKETCH_ABOVE:
         K = centred_gram(G, rows=rows)
     else:
-        Y = sketch_rows(G[rows], SKETCH_DIM, rng)
+        Y = sketch_rows(G, SKETCH_DIM, rng)[rows] if G.shape[1] > 4096 else np.asarray(G[rows], dtype=np.float64)
+        Y = Y @ (rng.standard_normal((Y.shape[1], PROJECTION_DIM)) / np.sqrt(PROJECTION_DIM))
         Y -= Y.mean(axis=0)
         K = Y @ Y.T
     diag = np.diag(K)
