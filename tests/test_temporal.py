@@ -144,13 +144,16 @@ def test_defence_bounds_a_mobile_adversary_by_the_noise_level_not_the_heterogene
     stream = list(_honest_stream(rng, R=R, d=d, rounds=6, spread=5.0, noise=0.3))
     p = rng.normal(size=d)
     p /= np.linalg.norm(p)
+    push_noise = rng.normal(size=(f, d))
     pushes = {}
     for self_clip in (1.0, None):
         defence = RobustDefence(eps_tilde=0.2, self_clip_scale=self_clip, jump_factor=None, evidence=False)
         for t, G in enumerate(stream):
             if t == len(stream) - 1:
                 G = G.copy()
-                G[:f] = G[f:].mean(axis=0) + 15.0 * p  # inside the honest spread (rows are ~27 apart)
+                # inside the honest spread (rows are ~27 apart); each with its own noise, so that they
+                # are not copies of one message (which the duplicates step would count once)
+                G[:f] = G[f:].mean(axis=0) + 15.0 * p + 0.3 * push_noise
             res = defence.aggregate(G, client_ids=ids)
         # how far the round's estimate moved along the push, from the clean round's mean
         pushes[self_clip] = float((np.asarray(res.estimate) - stream[-1].mean(axis=0)) @ p)

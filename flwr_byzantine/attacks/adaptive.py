@@ -139,7 +139,8 @@ class DefenceAware(UpdateAttack):
     def accepts(self, honest: ArrayLike, num_byzantine: int, gamma: float) -> bool:
         """Whether the configured defence accepts ``num_byzantine`` copies of ``mu + gamma * p``.
 
-        With an aggregator: all Byzantine rows are in ``kept``.  Without: the
+        With an aggregator: all Byzantine rows are in ``kept`` (or, for a rule that counts copies of one
+        message once, one of them is kept and the others are its ``info["duplicates"]``).  Without: the
         min-max / min-sum criterion holds (up to a relative slack of 1e-9).
         """
         h = self._check(honest)
@@ -182,7 +183,12 @@ class DefenceAware(UpdateAttack):
             res = self.aggregator.aggregate(_stack(h, byz))
         n_h = h.shape[0]
         kept = np.asarray(res.kept, dtype=np.int64).reshape(-1)
-        return bool(np.isin(np.arange(n_h, n_h + f), kept).all())
+        byz = np.arange(n_h, n_h + f)
+        in_kept = np.isin(byz, kept)
+        # a rule that counts copies of one message once (the default defence's duplicates step) keeps
+        # the first copy and lists the others as its duplicates: the message is accepted, with one vote
+        dups = (res.info or {}).get("duplicates", []) if isinstance(res.info, dict) else []
+        return bool(in_kept.any() and (in_kept | np.isin(byz, np.asarray(dups, dtype=np.int64))).all())
 
     @staticmethod
     def _centred(h: ArrayLike) -> tuple[np.ndarray, ArrayLike]:
