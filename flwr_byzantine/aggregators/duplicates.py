@@ -29,8 +29,9 @@ from .sketch import sketch_rows
 
 #: Default tolerance: rows closer than this fraction of the round's median pairwise distance are duplicates.
 DEFAULT_DUPLICATE_TOL = 0.01
-#: Rounds with at least this many entries ``R * d`` compute the distances on a projection of the rows.
-SKETCH_ABOVE = 1 << 20
+#: Rounds with at least this many entries ``R * d`` compute the distances on a projection of the rows
+#: (the App's and the robustness benchmark's rounds, 20 x 650, are exact).
+SKETCH_ABOVE = 1 << 16
 #: Length parameter of the CountSketch taken first when ``d`` is large (:func:`~.sketch.sketch_rows`: at least ``2 sqrt(d)``).
 SKETCH_DIM = 512
 #: Length of the final Gaussian projection: distances within about ``sqrt(2 / 64)`` = 18 % (one standard
