@@ -7,7 +7,9 @@ replays that bookkeeping for its own replies (it knows the models it receives, h
 every step, and what it sent) and, every round, sends the inner attack; when that would
 take its score within ``margin`` of ``-z_exclude`` (or of ``-z_short``, short window) it adds the smallest component along the
 last step that keeps the score at that level (a drag on training that looks "monotone").
-It thus attacks every round, as hard as the rule allows.
+It never trips the defence's jump rule to do so: where that correction would change its reply by
+more than ``jump_margin * jump_factor`` median changes, it scales the inner attack back towards its
+own gradient first (:meth:`MemoryAware._fit`).  It thus attacks every round, as hard as the rule allows.
 
 It needs the model of every round: the caller passes it with :meth:`MemoryAware.observe_model`
 before :meth:`~flwr_byzantine.attacks.base.UpdateAttack.craft` (the simulator does; a
@@ -136,8 +138,9 @@ class MemoryAware(UpdateAttack):
         just enough to keep ``Z`` at the bound (not at all if it is inside already); the first whose
         change from the last reply stays under ``jump_margin * jump_factor * scale`` (the defence
         leaves out a reply that changes by more than ``jump_factor`` median changes) is sent.  If
-        none fits, the own gradient with the largest allowed move along the step is sent (the
-        evidence then recovers over the next rounds).  Updates the attacker's own bookkeeping.
+        none fits, the reply moves from the last one towards the own gradient as far as the jump
+        rule allows (the evidence then recovers over the next rounds).  Updates the attacker's own
+        bookkeeping.
         """
         delta = self._x - self._x_prev
         limit = None if self.jump_factor is None else self.jump_margin * self.jump_factor * scale
