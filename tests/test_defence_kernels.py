@@ -234,7 +234,7 @@ def test_row_sq_norms_to_matches_the_full_difference():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n,d", [(3, 50), (4, 1000), (8, 70_001), (11, 300_000), (20, 650), (100, 10_000)])
-def test_self_reference_kernels_are_the_plain_arithmetic_bit_for_bit(dtype, n, d):
+def test_self_reference_kernels_are_the_plain_arithmetic(dtype, n, d):
     rng = np.random.default_rng(n)
     G = rng.standard_normal((n + 3, d)).astype(dtype)
     table = rng.standard_normal((n + 5, d)).astype(dtype)
@@ -242,7 +242,12 @@ def test_self_reference_kernels_are_the_plain_arithmetic_bit_for_bit(dtype, n, d
     slots = rng.permutation(n + 5)[:n]
     drift, sq = reference_deviation_stats(G, rows, table, slots)
     drift0, sq0 = plain_reference_deviation_stats(G, rows, table, slots)
-    assert np.array_equal(drift, drift0) and np.array_equal(sq, sq0)
+    assert drift.dtype == drift0.dtype and np.array_equal(drift, drift0)
+    # the compiled pass sums the squares in float64: the exact sum of the dtype's differences to float64
+    # rounding, numpy's float32 einsum to float32 rounding
+    dev = (G[rows] - table[slots]) - drift0
+    np.testing.assert_allclose(sq, np.sum(dev.astype(np.float64) ** 2, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(sq, sq0, rtol=2e-5 if dtype == np.float32 else 1e-12)
     factors = np.minimum(1.0, rng.uniform(0.2, 2.0, n))
     V, V0 = G.copy(), G.copy()
     clip_to_references(V, G, rows, table, slots, drift, factors)

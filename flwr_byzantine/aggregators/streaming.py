@@ -113,96 +113,49 @@ def row_sq_norms_to(A: np.ndarray, centre: np.ndarray) -> np.ndarray:
     return out
 
 
-def _median_of_block(T: np.ndarray, out: np.ndarray) -> None:
-    """Sort the rows of ``T`` (``(w, R)``) in place and write their medians, halves not yet divided, to ``out``."""
-    R = T.shape[1]
-    k = (R - 1) // 2
-    T.sort(axis=1)
-    if R % 2:
-        out[:] = T[:, k]
-    else:
-        np.add(T[:, k], T[:, k + 1], out=out)
-
-
-#: Fewest rows per block of the row-wise ``np.einsum`` of :func:`reference_deviation_stats`.
-EINSUM_MIN_ROWS = 3
-
-
 def reference_deviation_stats(G: np.ndarray, rows: np.ndarray, table: np.ndarray, slots: np.ndarray,
                               median_of: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``drift = np.median(G[rows] - table[slots], axis=0)`` and every row's ``||G[r] - table[s] - drift||^2``.
 
-    What :meth:`~.temporal.SelfReference.apply` computes, bit for bit (the squared norms by
-    ``np.einsum`` per row as there), without ``(n, d)`` temporaries: the differences are formed
-    in transposed column blocks and sorted there (:func:`column_median`), then again per block of
-    rows for the norms.  ``median_of`` (ascending positions in ``rows``): the drift is the median
-    of those rows' differences only (a subsample, issue 12), the squared norms are every row's.
-    Returns ``(drift, sq)`` (``sq`` float64).
+    What :meth:`~.temporal.SelfReference.apply` computes, in one compiled pass over the rows
+    (:func:`~.kernels.drift_and_deviations`): the drift exactly ``np.median``'s (a selection network
+    over the sampled rows' changes, column block by column block), the differences ``(G - table) -
+    drift`` in the rows' dtype as numpy forms them, their squares summed in float64 (numpy's float32
+    ``einsum`` rounds more; the sums agree to float32 rounding).  ``median_of`` (ascending positions in
+    ``rows``): the drift is the median of those rows' differences only (a subsample, issue 12), the
+    squared norms are every row's.  Returns ``(drift, sq)`` (``sq`` float64).
     """
-    n, d = len(rows), G.shape[1]
-    ri, si = as_index(rows), as_index(slots)
-    dtype = np.result_type(G.dtype, table.dtype)
-    drift = np.empty(d, dtype=dtype)
-    if median_of is None:
-        mi, ms, nm = ri, si, n
-    else:
-        median_of = np.asarray(median_of, dtype=np.intp)
-        mi, ms, nm = as_index(np.asarray(rows)[median_of]), as_index(np.asarray(slots)[median_of]), median_of.size
-    w = max(1, min(d, MEDIAN_BLOCK_VALUES // max(nm, 1)))
-    buf = np.empty((w, nm), dtype=dtype)
-    for c0 in range(0, d, w):
-        c1 = min(d, c0 + w)
-        T = buf[: c1 - c0]
-        np.subtract(G[mi, c0:c1].T, table[ms, c0:c1].T, out=T)
-        _median_of_block(T, drift[c0:c1])
-    if nm % 2 == 0:
-        drift /= 2
+    from .kernels import drift_and_deviations, selection_network
+
+    rows = np.ascontiguousarray(rows, dtype=np.intp)
+    slots = np.ascontiguousarray(slots, dtype=np.intp)
+    n, d = rows.size, G.shape[1]
+    sample = np.arange(n, dtype=np.intp) if median_of is None else np.ascontiguousarray(median_of, dtype=np.intp)
+    if sample.size == 0:
+        raise ValueError("the drift of an empty set of rows")
+    drift = np.empty(d, dtype=np.result_type(G.dtype, table.dtype))
     sq = np.empty(n)
-    # np.einsum reduces one or two rows in another order than three or more (float32: 1e-5 apart at
-    # d = 3e5): blocks of at least EINSUM_MIN_ROWS rows, the remainder joining the last block
-    rb = max(EINSUM_MIN_ROWS, BLOCK_BYTES // max(1, d * dtype.itemsize))
-    dbuf = np.empty((min(n, rb + EINSUM_MIN_ROWS), d), dtype=dtype)
-    r0 = 0
-    while r0 < n:
-        r1 = n if n - (r0 + rb) < EINSUM_MIN_ROWS else r0 + rb
-        D = dbuf[: r1 - r0]
-        for c0 in range(0, d, TILE_COLUMNS):  # the differences column tile by column tile (in cache)
-            c1 = min(d, c0 + TILE_COLUMNS)
-            Dt = D[:, c0:c1]
-            np.subtract(G[sub_index(ri, r0, r1), c0:c1], table[sub_index(si, r0, r1), c0:c1], out=Dt)
-            Dt -= drift[c0:c1]
-        sq[r0:r1] = np.einsum("ij,ij->i", D, D)
-        r0 = r1
+    lo, hi, npad = selection_network(int(sample.size))
+    drift_and_deviations(G, rows, table, slots, sample, lo, hi, npad, drift, sq)
     return drift, sq
 
 
 def clip_to_references(V: np.ndarray, G: np.ndarray, rows: np.ndarray, table: np.ndarray, slots: np.ndarray,
                        drift: np.ndarray, factors: np.ndarray, store: bool = False) -> None:
-    """``V[rows] = ref + drift + (G[rows] - ref - drift) * factors`` with ``ref = table[slots]``, in cache-sized tiles.
+    """``V[rows] = ref + drift + (G[rows] - ref - drift) * factors`` with ``ref = table[slots]``, one compiled pass.
 
-    The arithmetic of :meth:`~.temporal.SelfReference.apply`, bit for bit (elementwise), without
-    ``(n, d)`` temporaries.  ``store``: the clipped rows also replace their references
-    (``table[slots] = V[rows]``, each tile written once its references are read; ``table`` must have
-    the clipped rows' dtype), in the same pass instead of a second copy.
+    The arithmetic of :meth:`~.temporal.SelfReference.apply`, bit for bit (elementwise, in the dtype
+    ``result_type(G, table, drift)``; :func:`~.kernels.clip_rows`), without temporaries.  ``store``: the
+    clipped rows also replace their references (``table[slots] = V[rows]``, each row written once its
+    reference is read; ``table`` must have the clipped rows' dtype), in the same pass instead of a second copy.
     """
-    n, d = len(rows), G.shape[1]
-    ri, si = as_index(rows), as_index(slots)
+    from .kernels import clip_rows
+
     dtype = np.result_type(G.dtype, table.dtype, drift.dtype)
-    f = np.asarray(factors).astype(dtype, copy=False)
-    dev = tile_buffer(n, d, dtype)
-    base = np.empty_like(dev)
-    for r0, r1, c0, c1 in tiles(n, d, dtype.itemsize):
-        D, B = dev[: r1 - r0, : c1 - c0], base[: r1 - r0, : c1 - c0]
-        ref = table[sub_index(si, r0, r1), c0:c1]
-        dr = drift[c0:c1]
-        np.subtract(G[sub_index(ri, r0, r1), c0:c1], ref, out=D)
-        D -= dr
-        np.add(ref, dr, out=B)
-        D *= f[r0:r1, None]
-        B += D
-        V[sub_index(ri, r0, r1), c0:c1] = B
-        if store:
-            table[sub_index(si, r0, r1), c0:c1] = B
+    if store and table.dtype != V.dtype:
+        raise ValueError("the references' table must have the clipped rows' dtype to store them")
+    clip_rows(V, G, np.ascontiguousarray(rows, dtype=np.intp), table, np.ascontiguousarray(slots, dtype=np.intp),
+              np.asarray(drift).astype(dtype, copy=False), np.asarray(factors).astype(dtype, copy=False), bool(store))
 
 
 def host_array(x: ArrayLike) -> np.ndarray:

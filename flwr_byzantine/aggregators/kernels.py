@@ -1,0 +1,202 @@
+"""Compiled single-thread loops for the default defence's streaming passes (issue 12).
+
+In numpy every in-cache operation on a tile of the rows costs about as much as streaming the tile
+from memory, so a pass that subtracts, squares and sums is several passes' worth of time.  The loops
+here (numba, ``cache=True``, one thread: the decode is measured against a one-thread ``np.mean``)
+read each row segment once and do all the arithmetic of a pass on it:
+
+* :func:`drift_and_deviations`: the self-reference drift (the coordinate-wise median of the changes
+  ``G[r] - T[s]`` of some rows, Section "self-reference" of :mod:`.temporal`) by a *selection
+  network* evaluated across a block of columns at once (compare-exchanges of whole rows of a
+  transposed block: branch-free, vectorised; exact, the same value as ``np.median``), and every row's
+  squared distance ``||G[r] - T[s] - drift||^2`` from the same read of the rows;
+* :func:`clip_rows`: ``V[r] = T[s] + drift + (G[r] - T[s] - drift) f_r`` and optionally ``T[s] = V[r]``
+  (the elementwise arithmetic of the numpy formulation, bit for bit);
+
+Reductions (squared norms) accumulate the rows' values, widened to float64, with reassociation allowed
+(vector lanes): the only fast-math flag set, and only on those sums (:func:`_sum_sq_deviation`); the
+elementwise arithmetic keeps IEEE order.  Inputs are the rows' dtype (float32 or float64).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numba
+import numpy as np
+
+#: Columns of one tile of a compiled pass (row segments of 16-32 KB: long runs for the prefetcher, the
+#: tile's float64 scratch in L1/L2).
+KERNEL_TILE = 4096
+#: Values of one transposed block of the selection network (``padded size x columns``), kept in L2.
+SELECT_BLOCK_VALUES = 1 << 14
+
+
+@numba.njit(cache=True)
+def _deviation(g, t, dr):
+    """``(g - t) - dr`` in the operands' dtype, widened to float64 (IEEE order: no fast-math here)."""
+    return np.float64((g - t) - dr)
+
+
+@numba.njit(cache=True, fastmath={"reassoc"})
+def _sum_sq_deviation(g, t, dr, n):
+    """``sum_c ((g[c] - t[c]) - dr[c])**2`` in float64: the differences in IEEE order (:func:`_deviation`),
+    only the float64 sum reassociated into vector lanes."""
+    acc = 0.0
+    for c in range(n):
+        x = _deviation(g[c], t[c], dr[c])
+        acc += x * x
+    return acc
+
+
+def _batcher_pairs(n: int) -> list[tuple[int, int]]:
+    """Comparators ``(i, j)``, ``i < j``, of Batcher's odd-even merge sort of ``n`` (a power of two) wires."""
+    pairs = []
+    p = 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return pairs
+
+
+@functools.lru_cache(maxsize=64)
+def selection_network(m: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Compare-exchanges that put the middle value(s) of ``m`` values at positions ``(m - 1) // 2`` and ``m // 2``.
+
+    Batcher's sorting network on ``N`` = the next power of two wires, the ``N - m`` padding wires holding
+    ``+inf``: comparators whose upper wire surely holds ``+inf`` are no-ops and dropped (forward), then every
+    comparator that cannot reach the two middle positions (backward).  Returns ``(lo, hi, N)``: after the
+    exchanges ``lo[t] <- min, hi[t] <- max`` in order, positions ``(m - 1) // 2`` and ``m // 2`` hold the
+    sorted values there (a sorting network sorts every input; dropping comparators that feed neither
+    position leaves those two outputs unchanged).
+    """
+    if m < 1:
+        raise ValueError("selection of an empty set")
+    N = 1
+    while N < m:
+        N *= 2
+    inf = [w >= m for w in range(N)]
+    fwd = []
+    for i, j in _batcher_pairs(N):
+        if inf[j]:
+            continue  # min(a, +inf) = a: nothing moves
+        if inf[i]:  # the value moves down, +inf up
+            inf[i], inf[j] = False, True
+        fwd.append((i, j))
+    need = {(m - 1) // 2, m // 2}
+    keep = []
+    for i, j in reversed(fwd):
+        if i in need or j in need:
+            keep.append((i, j))
+            need.update((i, j))
+    keep.reverse()
+    lo = np.array([p[0] for p in keep], dtype=np.intp)
+    hi = np.array([p[1] for p in keep], dtype=np.intp)
+    return lo, hi, N
+
+
+@numba.njit(cache=True)
+def _median_block(B, w, lo, hi, m, out, c_out):
+    """Median of each of the ``w`` columns of ``B[:m]`` (rows ``m..`` are ``+inf`` padding) into ``out[c_out:]``.
+
+    ``np.median``'s value: the middle one, or the two middle ones added in the dtype and halved; a
+    column with a NaN gives NaN.
+    """
+    for t in range(lo.size):
+        a_row = B[lo[t]]
+        b_row = B[hi[t]]
+        for c in range(w):
+            a = a_row[c]
+            b = b_row[c]
+            swap = b < a
+            a_row[c] = b if swap else a
+            b_row[c] = a if swap else b
+    k = (m - 1) // 2
+    o = out[c_out:c_out + w]
+    mid = B[k]
+    if m % 2:
+        for c in range(w):
+            o[c] = mid[c]
+    else:
+        nxt = B[k + 1]
+        for c in range(w):
+            o[c] = (mid[c] + nxt[c]) * 0.5  # (a + b) in the dtype, halved exactly
+    # NaN: np.median's result is NaN for the column (the network orders NaN arbitrarily)
+    for r in range(m):
+        Br = B[r]
+        for c in range(w):
+            x = Br[c]
+            if x != x:
+                o[c] = x
+
+
+@numba.njit(cache=True)
+def drift_and_deviations(G, rows, T, slots, sample, lo, hi, npad, drift, sq):
+    """``drift = median_k (G[rows[sample[k]]] - T[slots[sample[k]]])`` per coordinate, and
+    ``sq[i] = ||G[rows[i]] - T[slots[i]] - drift||^2`` (float64) for every ``i``.
+
+    One pass over the rows in column tiles of :data:`KERNEL_TILE`: the sampled rows' changes of a
+    sub-block go transposed into a padded buffer and the selection network (``lo``, ``hi`` of
+    :func:`selection_network` for ``sample.size`` values, ``npad`` wires) leaves their medians in the
+    middle rows; then every row's deviations over the tile, whose sampled rows are still in cache.
+    The differences are ``(G - T) - drift`` in the rows' dtype, as numpy computes them.
+    """
+    n = rows.size
+    d = G.shape[1]
+    m = sample.size
+    wm = max(8, 16384 // npad)
+    B = np.empty((npad, wm), dtype=drift.dtype)
+    for i in range(n):
+        sq[i] = 0.0
+    for c0 in range(0, d, 4096):
+        c1 = min(d, c0 + 4096)
+        for b0 in range(c0, c1, wm):
+            b1 = min(c1, b0 + wm)
+            w = b1 - b0
+            for k in range(m):
+                g = G[rows[sample[k]], b0:b1]
+                t = T[slots[sample[k]], b0:b1]
+                Bk = B[k]
+                for c in range(w):
+                    Bk[c] = g[c] - t[c]
+            for k in range(m, npad):
+                Bk = B[k]
+                for c in range(w):
+                    Bk[c] = np.inf
+            _median_block(B, w, lo, hi, m, drift, b0)
+        dr = drift[c0:c1]
+        for i in range(n):
+            sq[i] += _sum_sq_deviation(G[rows[i], c0:c1], T[slots[i], c0:c1], dr, c1 - c0)
+
+
+@numba.njit(cache=True)
+def clip_rows(V, G, rows, T, slots, drift, factors, store):
+    """``V[rows[i]] = T[s] + drift + ((G[rows[i]] - T[s]) - drift) * factors[i]`` with ``s = slots[i]``;
+    ``store``: also ``T[s] = V[rows[i]]`` (each row's reference read before it is overwritten).
+
+    Elementwise in the dtype of ``V``, in numpy's order of operations (bit for bit).
+    """
+    d = G.shape[1]
+    for i in range(rows.size):
+        g = G[rows[i]]
+        t = T[slots[i]]
+        v = V[rows[i]]
+        f = factors[i]
+        if store:
+            for c in range(d):
+                ref = t[c]
+                dr = drift[c]
+                y = (ref + dr) + ((g[c] - ref) - dr) * f
+                v[c] = y
+                t[c] = y
+        else:
+            for c in range(d):
+                ref = t[c]
+                dr = drift[c]
+                v[c] = (ref + dr) + ((g[c] - ref) - dr) * f

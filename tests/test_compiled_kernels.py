@@ -1,0 +1,125 @@
+"""The compiled loops of :mod:`flwr_byzantine.aggregators.kernels` against plain numpy formulations.
+
+Each kernel is checked on float32 and float64, odd sizes (a single row, sizes that are not multiples
+of the tiles or of a vector's lanes, padded selection networks) and rows with NaN / Inf, which the
+defence screens before these passes but the kernels must still treat as numpy does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flwr_byzantine.aggregators.kernels import KERNEL_TILE, selection_network
+from flwr_byzantine.aggregators.streaming import clip_to_references, reference_deviation_stats
+
+DTYPES = [np.float32, np.float64]
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 16, 20, 31, 33, 51, 64, 100, 251])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_selection_network_gives_numpys_median(m, dtype):
+    rng = np.random.default_rng(m)
+    X = (rng.standard_normal((m, 777)) * 10.0 ** rng.uniform(-3, 3)).astype(dtype)
+    X[:, :4] = 1.0  # ties
+    X[: (m + 1) // 2, 4:8] = np.inf  # a majority (or half) of +inf
+    X[: m // 3, 8:12] = -np.inf
+    X[:, 12:20] = np.round(X[:, 12:20])  # many ties
+    G, T = X, np.zeros_like(X)
+    drift, sq = reference_deviation_stats(G, np.arange(m), T, np.arange(m))
+    assert drift.dtype == dtype
+    with np.errstate(invalid="ignore"):
+        assert np.array_equal(drift, np.median(X, axis=0), equal_nan=True)
+
+
+def test_selection_network_is_pruned_and_padded():
+    for m in (5, 31, 251):
+        lo, hi, npad = selection_network(m)
+        assert npad >= m and npad & (npad - 1) == 0
+        assert lo.size == hi.size and np.all(lo < hi) and hi.max(initial=0) < npad
+        full = (np.log2(npad) * (np.log2(npad) - 1) / 4 + 1) * npad  # Batcher's comparator count, at most
+        assert lo.size < full
+    with pytest.raises(ValueError):
+        selection_network(0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_drift_with_nan_is_nan_like_numpy(dtype):
+    rng = np.random.default_rng(1)
+    G = rng.standard_normal((9, 300)).astype(dtype)
+    T = rng.standard_normal((9, 300)).astype(dtype)
+    G[3, 7] = np.nan
+    G[0, 11] = np.inf
+    T[0, 11] = np.inf  # inf - inf: NaN
+    drift, sq = reference_deviation_stats(G, np.arange(9), T, np.arange(9))
+    with np.errstate(invalid="ignore"):
+        ref = np.median(G - T, axis=0)
+    assert np.array_equal(drift, ref, equal_nan=True)
+    assert np.isnan(drift[7]) and np.isnan(drift[11])
+    assert np.all(np.isnan(sq))  # every row meets the NaN drift
+    fin = np.isfinite(drift)
+    with np.errstate(invalid="ignore"):
+        assert np.array_equal(drift[fin], np.median((G - T)[:, fin], axis=0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d,m", [(1, 1, 1), (2, 3, 2), (5, 17, 3), (12, KERNEL_TILE + 13, 5),
+                                   (40, 2 * KERNEL_TILE - 1, 31), (300, 1001, 75)])
+def test_drift_and_deviations_against_the_plain_formulation(dtype, n, d, m):
+    rng = np.random.default_rng(n * 1000 + d)
+    G = rng.standard_normal((n + 4, d)).astype(dtype)
+    T = (rng.standard_normal((n + 7, d)) * 3.0).astype(dtype)
+    rows = np.sort(rng.choice(n + 4, n, replace=False))
+    slots = rng.permutation(n + 7)[:n]
+    sample = np.sort(rng.choice(n, min(m, n), replace=False))
+    drift, sq = reference_deviation_stats(G, rows, T, slots, sample)
+    dev = G[rows] - T[slots]
+    assert np.array_equal(drift, np.median(dev[sample], axis=0))
+    full = (dev - drift).astype(np.float64)
+    np.testing.assert_allclose(sq, np.sum(full * full, axis=1), rtol=1e-12)
+
+
+def test_drift_mixed_dtypes_widen_like_numpy():
+    rng = np.random.default_rng(2)
+    G = rng.standard_normal((6, 50)).astype(np.float32)
+    T = rng.standard_normal((6, 50))
+    drift, sq = reference_deviation_stats(G, np.arange(6), T, np.arange(6))
+    assert drift.dtype == np.float64 and np.array_equal(drift, np.median(G - T, axis=0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("store", [False, True])
+@pytest.mark.parametrize("n,d", [(1, 1), (3, 7), (10, KERNEL_TILE + 5), (33, 1000)])
+def test_clip_rows_is_the_numpy_arithmetic_bit_for_bit(dtype, store, n, d):
+    rng = np.random.default_rng(n + d)
+    G = rng.standard_normal((n + 2, d)).astype(dtype)
+    T = rng.standard_normal((n + 3, d)).astype(dtype)
+    G[0, 0] = np.nan  # non-finite values go through elementwise, as in numpy
+    if d > 1:
+        G[-1, 1] = np.inf
+    rows = np.sort(rng.choice(n + 2, n, replace=False))
+    slots = rng.permutation(n + 3)[:n]
+    drift = rng.standard_normal(d).astype(dtype)
+    factors = np.minimum(1.0, rng.uniform(0.1, 2.0, n))
+    V, T1 = np.zeros_like(G), T.copy()
+    clip_to_references(V, G, rows, T1, slots, drift, factors, store=store)
+    ref = T[slots]
+    f = factors.astype(dtype)[:, None]
+    with np.errstate(invalid="ignore"):
+        expect = (ref + drift) + ((G[rows] - ref) - drift) * f
+    assert np.array_equal(V[rows], expect, equal_nan=True)
+    others = np.setdiff1d(np.arange(n + 2), rows)
+    assert np.all(V[others] == 0)
+    if store:
+        assert np.array_equal(T1[slots], expect, equal_nan=True)
+        untouched = np.setdiff1d(np.arange(n + 3), slots)
+        assert np.array_equal(T1[untouched], T[untouched])
+    else:
+        assert np.array_equal(T1, T)
+
+
+def test_clip_store_needs_the_rows_dtype():
+    G = np.ones((2, 4), dtype=np.float32)
+    with pytest.raises(ValueError):
+        clip_to_references(np.empty_like(G), G, np.arange(2), np.ones((2, 4)), np.arange(2), np.zeros(4), np.ones(2),
+                           store=True)
