@@ -183,20 +183,29 @@ def project_capped_rows(
 def _lmo_total(G: np.ndarray, cap: float) -> float:
     """``sum_i min_{s in CS} <G[i], s>`` over the rows (greedy fill of the cap).
 
-    In each row the ``m = floor(1/cap)`` smallest entries get ``cap`` and the next one the rest.
+    In each row the ``m = floor(1/cap)`` smallest entries get ``cap`` and the next one the rest;
+    the row is insertion-sorted into a buffer (O(n^2) per row, below the O(n^3) of an iteration,
+    and several times faster than ``np.sort`` at the rows' sizes here).
     """
     rows, n = G.shape
     m = min(int(math.floor(1.0 / cap + 1e-12)), n)
     rest = 1.0 - m * cap
+    buf = np.empty(n)
     total = 0.0
     for i in range(rows):
-        srt = np.sort(G[i])
+        for j in range(n):
+            x = G[i, j]
+            k = j
+            while k > 0 and buf[k - 1] > x:
+                buf[k] = buf[k - 1]
+                k -= 1
+            buf[k] = x
         val = 0.0
         for j in range(m):
-            val += srt[j]
+            val += buf[j]
         val *= cap
         if m < n and rest > 1e-15:
-            val += rest * srt[m]
+            val += rest * buf[m]
         total += val
     return total
 
