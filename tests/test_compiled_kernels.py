@@ -123,3 +123,51 @@ def test_clip_store_needs_the_rows_dtype():
     with pytest.raises(ValueError):
         clip_to_references(np.empty_like(G), G, np.arange(2), np.ones((2, 4)), np.arange(2), np.zeros(4), np.ones(2),
                            store=True)
+
+
+def plain_sketch(G, dim, rng):
+    """:func:`sketch_rows` as first written: signed rows in their dtype, each bucket map summed as an ``(L, k)`` view."""
+    from flwr_byzantine.aggregators.sketch import sketch_buckets
+
+    R, d = G.shape
+    k1, k2 = sketch_buckets(d, dim)
+    bits = np.unpackbits(np.frombuffer(rng.bytes((d + 7) // 8), dtype=np.uint8))[:d]
+    signed = G * (bits.astype(G.dtype) * 2 - 1)
+    out = []
+    for k in (k1, k2):
+        L, tail = divmod(d, k)
+        s = signed[:, : L * k].reshape(R, L, k).sum(1)
+        if tail:
+            s[:, :tail] += signed[:, L * k:]
+        out.append(s.astype(np.float64))
+    return np.concatenate(out, axis=1) * (1.0 / np.sqrt(2.0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("R,d,dim", [(1, 1, 4), (2, 5, 4), (3, 5000, 64), (7, 100_003, 2048), (4, 2 * 2048 + 1, 2048)])
+def test_count_sketch_is_the_numpy_sketch_bit_for_bit(dtype, R, d, dim):
+    from flwr_byzantine.aggregators.sketch import sketch_rows
+
+    rng = np.random.default_rng(R * d)
+    G = (rng.standard_normal((R, d)) * 10.0 ** rng.uniform(-3, 3, (R, 1))).astype(dtype)
+    sq = np.empty(R)
+    Y = sketch_rows(G, dim, np.random.default_rng(7), sq_norms=sq)
+    assert Y.dtype == np.float64 and np.array_equal(Y, plain_sketch(G, dim, np.random.default_rng(7)))
+    np.testing.assert_allclose(sq, np.sum(G.astype(np.float64) ** 2, axis=1), rtol=1e-12)
+    assert np.array_equal(sketch_rows(G, dim, np.random.default_rng(7)), Y)  # without the norms: the same sketch
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_count_sketch_flags_nan_and_inf_rows(dtype):
+    from flwr_byzantine.aggregators.sketch import sketch_rows
+
+    G = np.random.default_rng(3).standard_normal((5, 9001)).astype(dtype)
+    G[1, 4000] = np.nan
+    G[3, 17] = -np.inf
+    sq = np.empty(5)
+    with np.errstate(invalid="ignore"):
+        Y = sketch_rows(G, 2048, np.random.default_rng(0), sq_norms=sq)
+        Y0 = plain_sketch(G, 2048, np.random.default_rng(0))
+    assert np.array_equal(Y, Y0, equal_nan=True)
+    assert np.isnan(sq[1]) and sq[3] == np.inf and np.isfinite(sq[[0, 2, 4]]).all()
+    assert np.isfinite(Y[[0, 2, 4]]).all() and not np.isfinite(Y[1]).all() and not np.isfinite(Y[3]).all()

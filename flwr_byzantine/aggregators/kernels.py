@@ -12,6 +12,8 @@ read each row segment once and do all the arithmetic of a pass on it:
   squared distance ``||G[r] - T[s] - drift||^2`` from the same read of the rows;
 * :func:`clip_rows`: ``V[r] = T[s] + drift + (G[r] - T[s] - drift) f_r`` and optionally ``T[s] = V[r]``
   (the elementwise arithmetic of the numpy formulation, bit for bit);
+* :func:`count_sketch`: both bucket maps of :func:`~.sketch.sketch_rows` and the rows' squared norms
+  (the input check's energy) from one read of each row.
 
 Reductions (squared norms) accumulate the rows' values, widened to float64, with reassociation allowed
 (vector lanes): the only fast-math flag set, and only on those sums (:func:`_sum_sq_deviation`); the
@@ -200,3 +202,59 @@ def clip_rows(V, G, rows, T, slots, drift, factors, store):
                 ref = t[c]
                 dr = drift[c]
                 v[c] = (ref + dr) + ((g[c] - ref) - dr) * f
+
+
+@numba.njit(cache=True, fastmath={"reassoc"})
+def _sketch_segment(gs, ss, y1, y2, b2, k2, buf):
+    """Add ``s_i g_i`` of one segment (at most ``k1`` coordinates, starting at a multiple of ``k1``) to the
+    first map's buckets ``0..`` and the second map's ``b2..`` (wrapping once); returns ``sum g_i^2`` (float64).
+
+    The products and bucket sums are in the rows' dtype (one exact sign flip, then one addition per
+    bucket and segment, in the order of the numpy formulation); only the returned float64 sum of
+    squares is reassociated (vector lanes).
+    """
+    w = gs.size
+    acc = 0.0
+    for c in range(w):
+        x = gs[c] * ss[c]
+        buf[c] = x
+        acc += np.float64(x) * np.float64(x)
+    for c in range(w):
+        y1[c] += buf[c]
+    first = min(w, k2 - b2)
+    y2a = y2[b2:b2 + first]
+    for c in range(first):
+        y2a[c] += buf[c]
+    bt = buf[first:w]
+    for c in range(w - first):
+        y2[c] += bt[c]
+    return acc
+
+
+@numba.njit(cache=True)
+def count_sketch(G, signs, k1, k2, Y, sq):
+    """``Y[r, b] = sum_{i mod k1 = b} s_i G[r, i]`` (``b < k1``) and ``Y[r, k1 + b] = sum_{i mod k2 = b} s_i G[r, i]``,
+    and ``sq[r] = ||G[r]||^2`` (float64), for every row ``r``; ``k1 = k2 + 1``; ``signs`` in ``G``'s dtype.
+
+    Row by row, in segments of ``k1`` coordinates (:func:`_sketch_segment`: both bucket maps and the
+    squares from one read of the segment); the buckets are summed in ``G``'s dtype segment after segment,
+    as numpy's sum of the row viewed as an ``(L, k1)`` matrix (then the tail) does, and stored in
+    ``Y`` (float64).  Rows with NaN or Inf give NaN or Inf sums.
+    """
+    R, d = G.shape
+    buf = np.empty(k1, dtype=G.dtype)
+    acc_y = np.empty(k1 + k2, dtype=G.dtype)
+    y1 = acc_y[0:k1]
+    y2 = acc_y[k1:k1 + k2]
+    for r in range(R):
+        g = G[r]
+        for b in range(k1 + k2):
+            acc_y[b] = 0.0
+        acc = 0.0
+        for c0 in range(0, d, k1):
+            c1 = min(d, c0 + k1)
+            acc += _sketch_segment(g[c0:c1], signs[c0:c1], y1, y2, c0 % k2, k2, buf)
+        sq[r] = acc
+        yr = Y[r]
+        for b in range(k1 + k2):
+            yr[b] = acc_y[b]

@@ -6,8 +6,8 @@ length ``m = k1 + k2`` with two CountSketches that share one vector of random si
 ``s`` (one per coordinate, drawn fresh from the server's generator at every call): the
 bucket of coordinate ``i`` is ``i mod k1`` in the first and ``i mod k2`` in the second
 (``k2 = k1 - 1``, coprime, ``k1 k2 >= d``).  Both sketches come from one
-streaming pass over the rows (a block of rows times the signs, in cache, summed by both bucket
-maps: a row viewed as an ``(L, k)`` matrix summed over ``L``), about one read of the updates.
+streaming pass over the rows (a compiled loop, :func:`~.kernels.count_sketch`: each row segment
+times the signs, in L1, added to both bucket maps), about one read of the updates.
 
 Properties (``E`` over the signs):
 
@@ -40,12 +40,8 @@ def sketch_buckets(d: int, dim: int) -> tuple[int, int]:
     return k1, k1 - 1
 
 
-#: Bytes of the signed rows held at once by :func:`sketch_rows` (numpy path).
-SKETCH_BLOCK_BYTES = 1 << 20
-
-
 def _bucket_sums(rows: Any, k: int) -> Any:
-    """``(n, k)`` sums of the coordinates of each row by bucket ``i mod k`` (rows already signed).
+    """``(n, k)`` sums of the coordinates of each row by bucket ``i mod k`` (rows already signed; torch path).
 
     A row viewed as an ``(L, k)`` matrix is summed over ``L``; the tail adds to the first buckets.
     """
@@ -57,11 +53,14 @@ def _bucket_sums(rows: Any, k: int) -> Any:
     return out
 
 
-def sketch_rows(updates: ArrayLike, dim: int, rng: np.random.Generator) -> np.ndarray:
+def sketch_rows(updates: ArrayLike, dim: int, rng: np.random.Generator,
+                sq_norms: np.ndarray | None = None) -> np.ndarray:
     """Sketch every row of ``updates`` (``(R, d)``) to length ``k1 + k2`` (float64 numpy, see the module docstring).
 
-    One streaming pass: a block of rows (about :data:`SKETCH_BLOCK_BYTES`) is multiplied by the
-    signs into a cache-resident buffer, and both bucket maps sum that buffer.
+    One streaming pass (numpy rows: the compiled :func:`~.kernels.count_sketch`, bucket sums in the rows'
+    dtype as before, stored as float64): each row is read once, times the signs, into both bucket maps.  ``sq_norms`` (a float64 array of length
+    ``R``, numpy rows only): filled with the rows' squared norms from the same read (NaN/Inf for a row
+    with a NaN/Inf entry), e.g. for the input check.
     """
     R, d = updates.shape
     k1, k2 = sketch_buckets(d, dim)
@@ -69,19 +68,17 @@ def sketch_rows(updates: ArrayLike, dim: int, rng: np.random.Generator) -> np.nd
     if is_torch(updates):
         import torch
 
+        if sq_norms is not None:
+            raise ValueError("sq_norms is for numpy rows")
         signs = torch.as_tensor(bits, device=updates.device).to(updates.dtype) * 2 - 1
         signed = updates * signs
         Y = np.concatenate([to_numpy64(_bucket_sums(signed, k1)), to_numpy64(_bucket_sums(signed, k2))], axis=1)
     else:
+        from .kernels import count_sketch
+
         signs = bits.astype(updates.dtype) * 2 - 1
         Y = np.empty((R, k1 + k2))
-        rb = max(1, SKETCH_BLOCK_BYTES // max(d * updates.itemsize, 1))
-        buf = np.empty((min(rb, R), d), dtype=updates.dtype)
-        for r0 in range(0, R, rb):
-            r1 = min(R, r0 + rb)
-            signed = np.multiply(updates[r0:r1], signs, out=buf[: r1 - r0])
-            Y[r0:r1, :k1] = _bucket_sums(signed, k1)
-            Y[r0:r1, k1:] = _bucket_sums(signed, k2)
+        count_sketch(updates, signs, k1, k2, Y, np.empty(R) if sq_norms is None else sq_norms)
     Y *= 1.0 / math.sqrt(2.0)
     return Y
 
