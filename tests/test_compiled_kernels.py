@@ -171,3 +171,41 @@ def test_count_sketch_flags_nan_and_inf_rows(dtype):
     assert np.array_equal(Y, Y0, equal_nan=True)
     assert np.isnan(sq[1]) and sq[3] == np.inf and np.isfinite(sq[[0, 2, 4]]).all()
     assert np.isfinite(Y[[0, 2, 4]]).all() and not np.isfinite(Y[1]).all() and not np.isfinite(Y[3]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("R,d", [(1, 1), (3, 7), (9, KERNEL_TILE + 3), (40, 1000)])
+def test_evidence_pass_against_the_plain_formulation(dtype, R, d):
+    from flwr_byzantine.aggregators.streaming import diff_stats_and_store
+
+    rng = np.random.default_rng(R + d)
+    G = rng.standard_normal((R, d)).astype(dtype)
+    table = rng.standard_normal((R + 3, d)).astype(dtype)
+    slots = rng.permutation(R + 3)[:R]
+    rows = np.sort(rng.choice(R, max(1, R - 2), replace=False))  # the others are new nodes
+    prev = slots[rows]
+    u = rng.standard_normal(d).astype(dtype)
+    u /= np.linalg.norm(u)
+    T = table.copy()
+    sq, dots = diff_stats_and_store(G, T, rows, prev, slots, u)
+    D = (G[rows] - table[prev]).astype(np.float64)
+    np.testing.assert_allclose(sq, np.sum(D * D, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(dots, D @ u.astype(np.float64), rtol=1e-9, atol=1e-12 * np.sqrt(sq).max())
+    assert np.array_equal(T[slots], G)  # every row stored, scored or new
+    untouched = np.setdiff1d(np.arange(R + 3), slots)
+    assert np.array_equal(T[untouched], table[untouched])
+    # no scoring: only the store
+    T2 = table.copy()
+    sq2, dots2 = diff_stats_and_store(G, T2, np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.intp), slots, None)
+    assert sq2.size == dots2.size == 0 and np.array_equal(T2[slots], G)
+
+
+def test_evidence_pass_with_nan_rows_gives_nan_statistics():
+    from flwr_byzantine.aggregators.streaming import diff_stats_and_store
+
+    G = np.ones((3, 50))
+    G[1, 3] = np.nan
+    T = np.zeros((3, 50))
+    sq, dots = diff_stats_and_store(G, T, np.arange(3), np.arange(3), np.arange(3), np.full(50, 50 ** -0.5))
+    assert np.isnan(sq[1]) and np.isnan(dots[1]) and np.isfinite(sq[[0, 2]]).all()
+    np.testing.assert_allclose(sq[[0, 2]], 50.0)

@@ -258,3 +258,37 @@ def count_sketch(G, signs, k1, k2, Y, sq):
         yr = Y[r]
         for b in range(k1 + k2):
             yr[b] = acc_y[b]
+
+
+@numba.njit(cache=True, fastmath={"reassoc"})
+def _diff_stats_store_segment(g, t, u):
+    """``x = g - t`` (the table's dtype), ``(sum x^2, sum x u)`` in float64, then ``t = g``; only the two float64
+    sums are reassociated (vector lanes): each ``x`` is one subtraction, each term one product."""
+    sq = 0.0
+    dot = 0.0
+    for c in range(g.size):
+        x = g[c] - t[c]
+        x64 = np.float64(x)
+        sq += x64 * x64
+        dot += x64 * np.float64(u[c])
+        t[c] = g[c]
+    return sq, dot
+
+
+@numba.njit(cache=True)
+def diff_stats_store(G, rows, T, prev, u, sq, dots):
+    """For every ``i``: ``x = G[rows[i]] - T[prev[i]]``, ``sq[i] = ||x||^2``, ``dots[i] = x . u`` (float64), then
+    ``T[prev[i]] = G[rows[i]]``; column tiles of :data:`KERNEL_TILE` (``u``'s tile stays in cache), each row's
+    tile read and written once.  ``prev`` must not repeat (a row of the table is one node's)."""
+    n = rows.size
+    d = G.shape[1]
+    for i in range(n):
+        sq[i] = 0.0
+        dots[i] = 0.0
+    for c0 in range(0, d, 4096):
+        c1 = min(d, c0 + 4096)
+        ut = u[c0:c1]
+        for i in range(n):
+            s, p = _diff_stats_store_segment(G[rows[i], c0:c1], T[prev[i], c0:c1], ut)
+            sq[i] += s
+            dots[i] += p

@@ -176,6 +176,8 @@ def diff_stats_and_store(G: np.ndarray, table: np.ndarray, rows: np.ndarray, pre
                          slots: np.ndarray, u: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """One pass: ``D = G[rows] - table[prev]``, its rows' squared norms and ``D @ u``; then ``table[slots] = G``.
 
+    The differences in the table's dtype, the norms and projections summed in float64, in one compiled
+    pass over the rows (:func:`~.kernels.diff_stats_store`, each row read and written once).
     ``u`` ``None`` skips the statistics (only the store).  A node with a previous vector keeps its
     row of the table (``slots[rows] == prev``): each tile's differences are taken before the same
     tile of ``G`` overwrites it; the other rows of ``G`` go to rows of the table not in ``prev``.
@@ -192,16 +194,10 @@ def diff_stats_and_store(G: np.ndarray, table: np.ndarray, rows: np.ndarray, pre
         if fresh.size:
             table[slots[fresh]] = G[fresh]
         assert np.array_equal(slots[rows], prev)  # a continuing node keeps its row of the table
-        gi, li = as_index(rows), as_index(prev)
-        buf = tile_buffer(n, d, table.dtype)
-        for r0, r1, c0, c1 in tiles(n, d, table.itemsize):
-            D = buf[: r1 - r0, : c1 - c0]
-            Gt = G[sub_index(gi, r0, r1), c0:c1]
-            Lt = table[sub_index(li, r0, r1), c0:c1]
-            np.subtract(Gt, Lt, out=D)
-            sq[r0:r1] += row_sq_norms(D)
-            dots[r0:r1] += D @ u[c0:c1]
-            table[sub_index(li, r0, r1), c0:c1] = Gt
+        from .kernels import diff_stats_store
+
+        diff_stats_store(G, np.ascontiguousarray(rows, dtype=np.intp), table, np.ascontiguousarray(prev, dtype=np.intp),
+                         np.ascontiguousarray(u), sq, dots)
     else:
         table[as_index(slots)] = G
     return sq, dots
