@@ -20,8 +20,9 @@ Adversaries (``--attacks``):
   ``sign-flip``, ``label-flip``, ``random-labels``, ``alie``, ``ipm``, ``mimic``,
   ``gaussian``, ``scaled-negative``, ``defence-aware`` (the run config's rule simulated
   on ``estimate-batches`` + f rows), ``sleeper`` (honest, then sign-flip from half the
-  rounds on) and ``memory-aware`` (sign-flip whenever the default defence's evidence
-  rule lets it, honest otherwise);
+  rounds on), ``memory-aware`` (sign-flip whenever the default defence's evidence
+  rule lets it, honest otherwise), ``min-max`` and ``min-sum`` (Shejwalkar & Houmansadr 2021,
+  "partial knowledge": from the attacker's own estimates);
 * omniscient (server side, sees every honest vector of the round): ``omni:<attack>``
   with a static corrupt set, ``omni-rotate:<attack>`` with a mobile one
   (:class:`~flwr_byzantine.attacks.MobileAdversary`, ``rotate``); its ``defence-aware``
@@ -77,8 +78,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 JSONL_NAME = "robustness.jsonl"
 
 CLIENT_ATTACKS = ("sign-flip", "label-flip", "random-labels", "alie", "ipm", "mimic", "gaussian", "scaled-negative",
-                  "defence-aware", "sleeper", "memory-aware")
-OMNI_ATTACKS = ("omni:alie", "omni:ipm", "omni:sign-flip", "omni:defence-aware",
+                  "defence-aware", "sleeper", "memory-aware", "min-max", "min-sum")
+OMNI_ATTACKS = ("omni:alie", "omni:ipm", "omni:sign-flip", "omni:defence-aware", "omni:min-max", "omni:min-sum",
                 "omni-rotate:alie", "omni-rotate:ipm", "omni-rotate:sign-flip", "omni-rotate:defence-aware")
 ATTACKS = CLIENT_ATTACKS + OMNI_ATTACKS
 PEERS = ("cclip", "nnm:cclip", "multi-krum", "trimmed-mean", "median", "geomed")

@@ -379,7 +379,7 @@ def test_mobile_adversary_validation():
 def test_registry_names_and_errors():
     assert set(ATTACKS) == {
         "gaussian", "sign-flip", "scaled-negative", "alie", "ipm", "mimic", "erasure", "arbitrary",
-        "defence-aware", "label-flip", "random-labels", "sleeper", "memory-aware",
+        "defence-aware", "label-flip", "random-labels", "sleeper", "memory-aware", "min-max", "min-sum",
     }
     assert set(DATA_ATTACKS) == {"label-flip", "random-labels"}
     assert all(issubclass(ATTACKS[n], UpdateAttack) for n in UPDATE_ATTACKS)

@@ -21,6 +21,7 @@ from .adaptive import DefenceAware
 from .base import DataAttack, UpdateAttack, param_names
 from .data import LabelFlip, RandomLabels
 from .memory_aware import MemoryAware
+from .minmax import MinMax, MinSum
 from .mobile import MobileAdversary
 from .sleeper import Sleeper
 from .update import (
@@ -41,7 +42,7 @@ ATTACKS: dict[str, type] = {
     cls.name: cls
     for cls in (
         GaussianNoise, SignFlip, ScaledNegative, ALIE, InnerProductManipulation, Mimic, Erasure,
-        ArbitraryVector, DefenceAware, LabelFlip, RandomLabels, Sleeper, MemoryAware,
+        ArbitraryVector, DefenceAware, LabelFlip, RandomLabels, Sleeper, MemoryAware, MinMax, MinSum,
     )
 }
 #: names of the model-update attacks.
@@ -95,7 +96,8 @@ def make_attack(name: str, **params: Any) -> UpdateAttack | DataAttack:
 
 __all__ = [
     "ALIE", "ATTACKS", "ArbitraryVector", "DATA_ATTACKS", "DataAttack", "DefenceAware", "Erasure",
-    "GaussianNoise", "InnerProductManipulation", "LabelFlip", "MemoryAware", "Mimic", "MobileAdversary", "RandomLabels",
+    "GaussianNoise", "InnerProductManipulation", "LabelFlip", "MemoryAware", "Mimic", "MinMax", "MinSum", "MobileAdversary",
+    "RandomLabels",
     "Sleeper", "attack_names", "run_attack_params",
     "ScaledNegative", "SignFlip", "UPDATE_ATTACKS", "UpdateAttack", "alie_z_max", "make_attack",
     "top_principal_scores",
