@@ -89,9 +89,9 @@ def test_large_rounds_sketch_the_screen_and_sample_the_drift():
 
     real = mod.sketch_rows
 
-    def spy(G, dim, rng):
+    def spy(G, dim, rng, **kw):
         calls.append(dim)
-        return real(G, dim, rng)
+        return real(G, dim, rng, **kw)
 
     mod.sketch_rows = spy
     try:
@@ -190,3 +190,31 @@ def test_drift_sample_grows_with_the_round():
 def test_fast_above_still_validated(bad):
     with pytest.raises(ValueError):
         RobustDefence(fast_above=bad)
+
+
+def test_sketched_screen_is_the_input_check_of_large_rounds():
+    """Large rounds check NaN/Inf and the energy on the screen's sketching pass (no separate pass): a bad row
+    raises before anything changes (the private generator rewound: the next rounds are those of a rule that
+    never saw it), and rows whose energy would overflow float32 sums are widened as check_matrix widens them."""
+    rounds = _rounds(3, 12, 9000, far=2)
+    ids = list(range(12))
+    rule, ref = (RobustDefence(eps_tilde=0.2, seed=3, fast_above=1) for _ in range(2))
+    assert rule._screen_sketched(rounds[0])
+    rule.aggregate(rounds[0], client_ids=ids)
+    ref.aggregate(rounds[0], client_ids=ids)
+    for bad in (np.nan, np.inf):
+        G = rounds[1].copy()
+        G[4, 123] = bad
+        with pytest.raises(ValueError):
+            rule.aggregate(G, client_ids=ids)
+    a = rule.aggregate(rounds[1], client_ids=ids)
+    b = ref.aggregate(rounds[1], client_ids=ids)
+    assert np.array_equal(a.estimate, b.estimate) and a.info["gross"] == b.info["gross"] == [0, 1]
+    # finite rows whose squared norm passes LARGE_ENERGY: the rule works in float64, the estimate comes back float32
+    huge = rounds[2] * np.float32(1e17)
+    wide, plain = (RobustDefence(eps_tilde=0.2, seed=3, fast_above=1) for _ in range(2))
+    out = wide.aggregate(huge, client_ids=ids)
+    out64 = plain.aggregate(huge.astype(np.float64), client_ids=ids)
+    assert out.estimate.dtype == np.float32 and np.isfinite(out.estimate).all()
+    assert out.info["gross"] == out64.info["gross"] == [0, 1]
+    np.testing.assert_allclose(out.estimate, out64.estimate.astype(np.float32), rtol=1e-6)

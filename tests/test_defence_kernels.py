@@ -193,7 +193,9 @@ def test_fast_kernels_replay_memory_aware_rounds(model):
     evidence then excludes it is decided by the last bits of the step, in the plain code as in the fast
     one.  The paths must agree until such a decision, and part on nothing else."""
     check = replay(model, "memory-aware", rounds=40, stop_at_noise=True)
-    assert check.rounds >= 10
+    # the round where a decision on rounding noise parts them is itself set by rounding: 11-14 with the numpy
+    # passes, 8 on the MLP since the self-reference's deviations are summed in float64 (issue 12's compiled pass)
+    assert check.rounds >= 8
 
 
 @pytest.mark.slow

@@ -402,10 +402,14 @@ class RobustDefence(Aggregator):
         """Aggregate the rows of ``updates``; ``client_ids[i]`` is the node id of row ``i`` (memory key)."""
         from .._backend import check_matrix, restore_dtype
 
-        checked = check_matrix(updates, widen_large=True)
+        checked = check_matrix(updates, widen_large=True, screen=False)
+        # rounds whose gross screen sketches the rows take the NaN/Inf and energy check from that pass
+        screened = not self._screen_sketched(checked)
+        if screened:
+            checked = check_matrix(checked, widen_large=True)
         if client_ids is not None and len(client_ids) != checked.shape[0]:
             raise ValueError(f"client_ids has {len(client_ids)} entries for {checked.shape[0]} rows")
-        result = self._run(checked, client_ids)
+        result = self._run(checked, client_ids, screened=screened)
         if checked is not updates:
             result.estimate = restore_dtype(result.estimate, updates)
         return result
@@ -423,7 +427,38 @@ class RobustDefence(Aggregator):
             return self.filter
         return self.fast_filter_many_rows if R >= FAST_MANY_ROWS else self.fast_filter
 
-    def _run(self, updates: ArrayLike, client_ids: Sequence[int] | None) -> AggregationResult:
+    def _fast_round(self, R: int, d: int) -> bool:
+        """Whether a round of ``R x d`` entries runs the fast passes (``fast_passes``, at least ``fast_above`` entries)."""
+        return bool(self.fast_passes and self.fast_above is not None and R * d >= self.fast_above)
+
+    def _screen_sketched(self, updates: ArrayLike) -> bool:
+        """Whether the gross screen of ``updates`` runs on a sketch of numpy float32/float64 rows (one compiled pass
+        that also gives the rows' squared norms, which :meth:`_run` then uses as the input check)."""
+        if is_torch(updates) or updates.dtype not in (np.float32, np.float64):
+            return False
+        R, d = updates.shape
+        return self.gross_factor is not None and R > 2 and self._fast_round(R, d) and d > 2 * self.screen_sketch_dim
+
+    def _screen_sketch(self, G: np.ndarray, screened: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The gross screen's sketch of ``G`` (fresh private signs); unless ``screened``, the input check of
+        :func:`~flwr_byzantine._backend.check_matrix` on the squared norms of the same pass: a NaN/Inf raises
+        ``ValueError`` (nothing is changed; the private generator is rewound), an energy above ``LARGE_ENERGY``
+        widens the rows to float64 and sketches them again.  Returns ``(G, sketch)``."""
+        from .._backend import LARGE_ENERGY, check_matrix
+
+        state = self._pass_rng.bit_generator.state
+        sq = np.empty(G.shape[0])
+        Y = sketch_rows(G, self.screen_sketch_dim, self._pass_rng, sq_norms=sq)
+        if screened:
+            return G, Y
+        energy = float(np.sum(sq))
+        if np.isfinite(energy) and energy <= LARGE_ENERGY:
+            return G, Y
+        self._pass_rng.bit_generator.state = state
+        G = check_matrix(G, widen_large=True)  # raises on NaN/Inf; large entries: float64
+        return G, sketch_rows(G, self.screen_sketch_dim, self._pass_rng)
+
+    def _run(self, updates: ArrayLike, client_ids: Sequence[int] | None, screened: bool = True) -> AggregationResult:
         # Works in the input's dtype on the host (float32 stays float32; scalars in float64): every
         # pass over the rows is a tiled stream (:mod:`.streaming`), the row tables are vectorised.
         t0 = time.perf_counter()
@@ -433,11 +468,17 @@ class RobustDefence(Aggregator):
         ids = None if client_ids is None else [int(c) for c in client_ids]
         gross = np.zeros(0, dtype=np.intp)
         screen_sketch = None  # the gross screen's sketch of the rows, when it made one
-        fast = self.fast_passes and self.fast_above is not None and R * d >= self.fast_above
+        fast = self._fast_round(R, d)
+        if not screened and not self._screen_sketched(G):
+            raise ValueError("unscreened rows for a round whose screen is not sketched")
         if self.gross_factor is not None and R > 2:
             # gross outliers, far beyond the honest spread: dropped before they can inflate sigma_0
-            # (large rounds: centre and distances on a fresh server-private sketch of the rows)
-            Y = sketch_rows(G, self.screen_sketch_dim, self._pass_rng) if fast and d > 2 * self.screen_sketch_dim else G
+            # (large rounds: centre and distances on a fresh server-private sketch of the rows, whose pass
+            # also checks the input when the caller has not)
+            if fast and d > 2 * self.screen_sketch_dim:
+                G, Y = self._screen_sketch(G, screened)
+            else:
+                Y = G
             screen_sketch = Y if Y is not G else None
             dist_med = np.sqrt(row_sq_norms_to(Y, column_median(Y)))
             med_d = float(np.median(dist_med))

@@ -31,7 +31,7 @@ import numpy as np
 #: tile's float64 scratch in L1/L2).
 KERNEL_TILE = 4096
 #: Values of one transposed block of the selection network (``padded size x columns``), kept in L2.
-SELECT_BLOCK_VALUES = 1 << 14
+SELECT_BLOCK_VALUES = 1 << 16
 
 
 @numba.njit(cache=True)
@@ -139,20 +139,21 @@ def _median_block(B, w, lo, hi, m, out, c_out):
 
 
 @numba.njit(cache=True)
-def drift_and_deviations(G, rows, T, slots, sample, lo, hi, npad, drift, sq):
+def drift_and_deviations(G, rows, T, slots, sample, lo, hi, npad, drift, sq, block_values):
     """``drift = median_k (G[rows[sample[k]]] - T[slots[sample[k]]])`` per coordinate, and
     ``sq[i] = ||G[rows[i]] - T[slots[i]] - drift||^2`` (float64) for every ``i``.
 
     One pass over the rows in column tiles of :data:`KERNEL_TILE`: the sampled rows' changes of a
     sub-block go transposed into a padded buffer and the selection network (``lo``, ``hi`` of
     :func:`selection_network` for ``sample.size`` values, ``npad`` wires) leaves their medians in the
-    middle rows; then every row's deviations over the tile, whose sampled rows are still in cache.
+    middle rows (sub-blocks of ``block_values // npad`` columns); then every row's deviations over the
+    tile, whose sampled rows are still in cache.
     The differences are ``(G - T) - drift`` in the rows' dtype, as numpy computes them.
     """
     n = rows.size
     d = G.shape[1]
     m = sample.size
-    wm = max(8, 16384 // npad)
+    wm = max(8, block_values // npad)
     B = np.empty((npad, wm), dtype=drift.dtype)
     for i in range(n):
         sq[i] = 0.0

@@ -125,7 +125,7 @@ def reference_deviation_stats(G: np.ndarray, rows: np.ndarray, table: np.ndarray
     ``rows``): the drift is the median of those rows' differences only (a subsample, issue 12), the
     squared norms are every row's.  Returns ``(drift, sq)`` (``sq`` float64).
     """
-    from .kernels import drift_and_deviations, selection_network
+    from .kernels import SELECT_BLOCK_VALUES, drift_and_deviations, selection_network
 
     rows = np.ascontiguousarray(rows, dtype=np.intp)
     slots = np.ascontiguousarray(slots, dtype=np.intp)
@@ -136,7 +136,7 @@ def reference_deviation_stats(G: np.ndarray, rows: np.ndarray, table: np.ndarray
     drift = np.empty(d, dtype=np.result_type(G.dtype, table.dtype))
     sq = np.empty(n)
     lo, hi, npad = selection_network(int(sample.size))
-    drift_and_deviations(G, rows, table, slots, sample, lo, hi, npad, drift, sq)
+    drift_and_deviations(G, rows, table, slots, sample, lo, hi, npad, drift, sq, SELECT_BLOCK_VALUES)
     return drift, sq
 
 
