@@ -209,3 +209,37 @@ def test_evidence_pass_with_nan_rows_gives_nan_statistics():
     sq, dots = diff_stats_and_store(G, T, np.arange(3), np.arange(3), np.arange(3), np.full(50, 50 ** -0.5))
     assert np.isnan(sq[1]) and np.isnan(dots[1]) and np.isfinite(sq[[0, 2]]).all()
     np.testing.assert_allclose(sq[[0, 2]], 50.0)
+
+
+def test_count_sketch_column_sums_are_numpys_mean_bit_for_bit():
+    from flwr_byzantine.aggregators.sketch import sketch_rows
+
+    rng = np.random.default_rng(4)
+    for R, d in [(1, 3), (20, 650), (33, 70_001)]:
+        for dtype in DTYPES:
+            G = (rng.standard_normal((R, d)) * 7).astype(dtype)
+            sums = np.empty(d, dtype=dtype)
+            Y = sketch_rows(G, 2048, np.random.default_rng(1), col_sums=sums)
+            assert np.array_equal(sums / R, G.mean(axis=0))
+            assert np.array_equal(Y, sketch_rows(G, 2048, np.random.default_rng(1)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sketched_filter_screens_on_its_fused_mean(dtype):
+    """RGE's sketched path takes the mean from the sketching pass: a NaN/Inf row raises as screened_mean makes it
+    raise (the private signs rewound), and a clean round is what the rule decided before (the same signs, the
+    same mean)."""
+    from flwr_byzantine.aggregators.rge import RGE
+
+    rng = np.random.default_rng(5)
+    G = rng.standard_normal((30, 5000)).astype(dtype)
+    G[:5] += dtype(4.0)
+    a, b = RGE(eps_tilde=0.2, sketch_dim=256, seed=1), RGE(eps_tilde=0.2, sketch_dim=256, seed=1)
+    for bad in (np.nan, -np.inf):
+        B = G.copy()
+        B[7, 4321] = bad
+        with pytest.raises(ValueError):
+            a.aggregate_rows(B, np.arange(30))  # validated rows: only the fused screen sees them
+    ra, rb = a.aggregate(G), b.aggregate(G)  # a's signs were rewound: the same round as b's
+    assert np.array_equal(ra.kept, rb.kept) and np.array_equal(ra.estimate, rb.estimate)
+    assert set(range(5)).isdisjoint(ra.kept.tolist())

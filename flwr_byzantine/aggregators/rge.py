@@ -199,15 +199,27 @@ class RGE(Aggregator):
         t0 = time.perf_counter()
         R, d = updates.shape
         sketched = self.sketch_dim is not None and d > 2 * self.sketch_dim
-        mean = None
+        mean = Y = None
         if rows is not None and not sketched:
             # the exact filter on a subset of validated rows: their Gram matrix gathered chunk by chunk
             R = rows.size
             gram, scale = centred_gram(updates, with_scale=True, rows=rows)
+        elif sketched and not is_torch(updates) and updates.dtype in (np.float32, np.float64):
+            # one compiled pass: the sketch and the column sums, whose mean (bit for bit mean_rows') screens
+            # NaN/Inf as screened_mean does; a non-finite mean rewinds the signs and takes screened_mean's path
+            state = self._rng.bit_generator.state
+            mean = np.empty(d, dtype=updates.dtype)
+            Y = sketch_rows(updates, self.sketch_dim, self._rng, col_sums=mean)
+            mean /= R
+            if not np.isfinite(mean).all():
+                self._rng.bit_generator.state = state
+                Y = None
+                updates, mean = screened_mean(updates)
         else:
             updates, mean = screened_mean(updates)
         if sketched:
-            Y = sketch_rows(updates, self.sketch_dim, self._rng)
+            if Y is None:
+                Y = sketch_rows(updates, self.sketch_dim, self._rng)
             row_energy = np.einsum("ij,ij->i", Y, Y)  # ~ ||g_i||^2 (uncentred)
             if rows is not None:  # only the rows `rows` enter the filter: their mean is a downdate
                 all_mean, R = mean, rows.size

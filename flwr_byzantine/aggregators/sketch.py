@@ -54,13 +54,14 @@ def _bucket_sums(rows: Any, k: int) -> Any:
 
 
 def sketch_rows(updates: ArrayLike, dim: int, rng: np.random.Generator,
-                sq_norms: np.ndarray | None = None) -> np.ndarray:
+                sq_norms: np.ndarray | None = None, col_sums: np.ndarray | None = None) -> np.ndarray:
     """Sketch every row of ``updates`` (``(R, d)``) to length ``k1 + k2`` (float64 numpy, see the module docstring).
 
     One streaming pass (numpy rows: the compiled :func:`~.kernels.count_sketch`, bucket sums in the rows'
     dtype as before, stored as float64): each row is read once, times the signs, into both bucket maps.  ``sq_norms`` (a float64 array of length
     ``R``, numpy rows only): filled with the rows' squared norms from the same read (NaN/Inf for a row
-    with a NaN/Inf entry), e.g. for the input check.
+    with a NaN/Inf entry), e.g. for the input check; ``col_sums`` (an array of ``updates``' dtype and length
+    ``d``, numpy rows only): filled with ``updates.sum(axis=0)`` from the same read.
     """
     R, d = updates.shape
     k1, k2 = sketch_buckets(d, dim)
@@ -68,8 +69,8 @@ def sketch_rows(updates: ArrayLike, dim: int, rng: np.random.Generator,
     if is_torch(updates):
         import torch
 
-        if sq_norms is not None:
-            raise ValueError("sq_norms is for numpy rows")
+        if sq_norms is not None or col_sums is not None:
+            raise ValueError("sq_norms and col_sums are for numpy rows")
         signs = torch.as_tensor(bits, device=updates.device).to(updates.dtype) * 2 - 1
         signed = updates * signs
         Y = np.concatenate([to_numpy64(_bucket_sums(signed, k1)), to_numpy64(_bucket_sums(signed, k2))], axis=1)
@@ -78,7 +79,8 @@ def sketch_rows(updates: ArrayLike, dim: int, rng: np.random.Generator,
 
         signs = bits.astype(updates.dtype) * 2 - 1
         Y = np.empty((R, k1 + k2))
-        count_sketch(updates, signs, k1, k2, Y, np.empty(R) if sq_norms is None else sq_norms)
+        count_sketch(updates, signs, k1, k2, Y, np.empty(R) if sq_norms is None else sq_norms,
+                     np.empty(0, dtype=updates.dtype) if col_sums is None else col_sums)
     Y *= 1.0 / math.sqrt(2.0)
     return Y
 
