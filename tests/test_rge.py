@@ -97,7 +97,7 @@ def solver_dual_factor(G: np.ndarray, c: np.ndarray, sol) -> np.ndarray:
     n = G.shape[1]
     B = G @ (np.eye(n) - sol.W) @ np.diag(np.sqrt(c))  # d x n residual matrix
     rows = []
-    for k in range(n):
+    for k in range(sol.z.size):  # the eigenpairs the solver returns (those with soft-max weight)
         if sol.z[k] > 0 and sol.eigvals[k] > 1e-12 * sol.eigvals[-1]:
             v = B @ sol.eigvecs[:, k] / math.sqrt(sol.eigvals[k])
             rows.append(math.sqrt(sol.z[k]) * v)

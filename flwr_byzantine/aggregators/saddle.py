@@ -17,7 +17,11 @@ FISTA (backtracking step, projection of every column on ``CS``) and decrease
 feasible dual point ``Y = sum_k z_k v_k v_k^T`` (``v_k`` the unit left singular
 vectors of ``G (I - W) D``): Y is *not* assumed rank one, it mixes the
 (near-)top eigenvectors, which is what the saddle point needs when the top
-eigenvalue is repeated.  The pair certifies
+eigenvalue is repeated.  The iterations run in one compiled call (numba); an
+iteration is an eigendecomposition at the extrapolated point, the eigenvalues at the
+trial point (its eigenvectors too when the certificate is due), a projection and a
+few small products; eigenvectors are computed only for the eigenvalues within
+``40 mu`` of the top when few lie there (LAPACK's MRRR solver).  The pair certifies
 
 * upper bound ``UB = lambda_max(P(W)) >= value`` (``W`` is primal feasible),
 * lower bound ``LB = Phi(W, Y) + sum_i min_{s in CS} <grad_i, s - w_i> <= min_W' Phi(W', Y) <= value``
@@ -34,10 +38,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import llvmlite.binding as _ll
 import numba
 import numpy as np
 import scipy.linalg
 import scipy.sparse.linalg
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import get_cython_function_address, intrinsic
+
+#: Eigenvalues more than _WINDOW * mu below the top get soft-max weight < exp(-_WINDOW).
+_WINDOW = 40.0
 
 
 @dataclass
@@ -46,8 +57,11 @@ class SaddleSolution:
 
     ``W`` is primal feasible; the dual point is ``Y = sum_k z[k] v_k v_k^T``
     (trace <= 1) where ``v_k`` are the left singular vectors of ``G (I - W) D``
-    matching the eigenvectors ``eigvecs[:, k]`` of ``P(W)``.  ``mu`` is the final
-    soft-max smoothing parameter of the solve (0 when no iteration ran).
+    matching the eigenvectors ``eigvecs[:, k]`` of ``P(W)``.  ``eigvals`` (ascending),
+    ``eigvecs`` and ``z`` hold the eigenpairs that carry soft-max weight: all of them, or
+    (after iterations whose window held few) at least those within ``40 mu`` of the top, the
+    others' weights being below ``exp(-40)``.  ``mu`` is the final soft-max smoothing parameter
+    of the solve (0 when no iteration ran).
     """
 
     W: np.ndarray
@@ -210,12 +224,61 @@ def _lmo_total(G: np.ndarray, cap: float) -> float:
     return total
 
 
+# LAPACK's MRRR eigensolver (dsyevr) from SciPy's Cython LAPACK, bound by name so that the compiled
+# code that calls it can be cached (numba's own eigensolvers are full decompositions only).
+_ll.add_symbol("flwr_byzantine_dsyevr", get_cython_function_address("scipy.linalg.cython_lapack", "dsyevr"))
+
+
+@intrinsic
+def _dsyevr(typingctx, jobz, rng, uplo, n, a, lda, vl, vu, il, iu, abstol, m, w, z, ldz, isuppz, work, lwork, iwork,
+            liwork, info):
+    """``dsyevr(...)`` with every argument an array (its data pointer is passed, Fortran style)."""
+    sig = types.void(jobz, rng, uplo, n, a, lda, vl, vu, il, iu, abstol, m, w, z, ldz, isuppz, work, lwork, iwork,
+                     liwork, info)
+
+    def codegen(context, builder, signature, args):
+        i8p = ir.IntType(8).as_pointer()
+        ptrs = [builder.bitcast(context.make_array(ty)(context, builder, val).data, i8p)
+                for ty, val in zip(signature.args, args)]
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p] * 21),
+                                            "flwr_byzantine_dsyevr")
+        builder.call(fn, ptrs)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @numba.njit(cache=True)
-def _eig_p(K: np.ndarray, d: np.ndarray, Wt: np.ndarray, vectors: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _eig_above(S: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs of the symmetric ``S`` with eigenvalues ``>= floor`` (ascending; LAPACK ``dsyevr``, MRRR).
+
+    Returns empty arrays when LAPACK reports an error.
+    """
+    n = S.shape[0]
+    a = S.copy()  # symmetric: its C layout is its Fortran layout
+    chars = np.array([ord("V"), ord("V"), ord("L")], dtype=np.uint8)  # jobz, range, uplo
+    ints = np.array([n, 0, 0, 0, 26 * n, 10 * n, 0], dtype=np.int32)  # n (= lda = ldz), il, iu, m, lwork, liwork, info
+    bounds = np.array([floor, np.inf, 0.0])  # vl, vu, abstol (0: LAPACK's default accuracy)
+    w = np.empty(n)
+    z = np.empty((n, n))
+    isuppz = np.empty(2 * n, dtype=np.int32)
+    work = np.empty(26 * n)
+    iwork = np.empty(10 * n, dtype=np.int32)
+    _dsyevr(chars[0:1], chars[1:2], chars[2:3], ints[0:1], a, ints[0:1], bounds[0:1], bounds[1:2], ints[1:2],
+            ints[2:3], bounds[2:3], ints[3:4], w, z, ints[0:1], isuppz, work, ints[4:5], iwork, ints[5:6], ints[6:7])
+    m = ints[3] if ints[6] == 0 else 0
+    return w[:m].copy(), np.ascontiguousarray(z[:m].T)  # z's rows are the (Fortran) eigenvector columns
+
+
+@numba.njit(cache=True)
+def _eig_p(K: np.ndarray, d: np.ndarray, Wt: np.ndarray, vectors: bool,
+           floor: float = -np.inf) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Eigenvalues (ascending, clipped at 0), eigenvectors (if ``vectors``, else a 0 x 0 array) of ``P(W)``, and ``BK``.
 
     ``Wt = W^T`` (row ``i`` is the column ``w_i`` of (91)); with ``Bt = D (I - Wt)`` and ``BK = Bt K``:
-    ``P(W) = BK Bt^T`` (symmetrised), fully decomposed by LAPACK ``dsyevd`` (``np.linalg.eigh``).
+    ``P(W) = BK Bt^T`` (symmetrised).  The full decomposition is LAPACK ``dsyevd`` (``np.linalg.eigh``);
+    with ``vectors`` and a finite ``floor``, only the eigenpairs above ``floor`` (:func:`_eig_above`; empty
+    when there are none).
     """
     n = K.shape[0]
     Bt = np.empty((n, n))
@@ -228,12 +291,46 @@ def _eig_p(K: np.ndarray, d: np.ndarray, Wt: np.ndarray, vectors: bool) -> tuple
     for i in range(n):
         for j in range(n):
             S[i, j] = 0.5 * (P[i, j] + P[j, i])
-    if vectors:
+    if vectors and floor > -np.inf:
+        sig, U = _eig_above(S, floor)
+    elif vectors:
         sig, U = np.linalg.eigh(S)
     else:
         sig = np.linalg.eigvalsh(S)
         U = np.empty((0, 0))
     return np.maximum(sig, 0.0), U, BK
+
+
+@numba.njit(cache=True)
+def _eig_top(K: np.ndarray, d: np.ndarray, Wt: np.ndarray, top: float, reach: float,
+             expected: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The eigenpairs of ``P(W)`` with soft-max weight: at least those within ``reach`` of the top.
+
+    The soft-max weights of eigenvalues more than ``_WINDOW * mu`` below the top are below
+    ``exp(-_WINDOW)``, so the solver passes ``reach = _WINDOW * mu`` and ``top``, the top eigenvalue
+    at the last iterate.  When few eigenvalues (``expected``, counted at the last iterate) lie in
+    the window ``[top - reach - 0.05 top, inf)``, only those are computed (MRRR: about half a full
+    decomposition's cost for one or two pairs at n = 20); the full decomposition is taken when the
+    window would hold many, or does not reach ``reach`` below the *new* top.
+    """
+    n = K.shape[0]
+    floor = top - reach - 0.05 * abs(top)
+    if floor > 0.0 and expected <= max(2, n // 8):
+        sig, U, BK = _eig_p(K, d, Wt, True, floor)
+        if sig.size > 0 and sig[-1] - floor >= reach:
+            return sig, U, BK
+    return _eig_p(K, d, Wt, True)
+
+
+@numba.njit(cache=True)
+def _count_above(sig: np.ndarray, reach: float) -> int:
+    """How many of ``sig`` lie in :func:`_eig_top`'s window below ``sig[-1]``."""
+    floor = sig[-1] - reach - 0.05 * abs(sig[-1])
+    k = 0
+    for v in sig:
+        if v >= floor:
+            k += 1
+    return k
 
 
 @numba.njit(cache=True)
@@ -313,14 +410,20 @@ def _fista(K: np.ndarray, c: np.ndarray, cap: float, Wt: np.ndarray, tol_rel: fl
     it = 0
     for it in range(1, max_iter + 1):
         # --- one FISTA step on f_mu from the extrapolated point Yk ---
-        sig_y, U_y, BK_y = _eig_p(K, d, Yk, True)
+        reach = _WINDOW * mu
+        top = sig[-1]
+        expected = _count_above(sig, reach)
+        sig_y, U_y, BK_y = _eig_top(K, d, Yk, top, reach, expected)
         f_y, z_y = _smooth(sig_y, mu)
         g_y = _grad(BK_y, U_y, z_y, d)
         due = it - last_check >= stride  # certificate at this iteration: the trial needs eigenvectors
         while True:
             Wn, shift = _project_rows(Yk - g_y / L, cap, shift, warm)
             warm = True
-            sig_n, U_n, BK_n = _eig_p(K, d, Wn, due)
+            if due:
+                sig_n, U_n, BK_n = _eig_top(K, d, Wn, top, reach, expected)
+            else:
+                sig_n, U_n, BK_n = _eig_p(K, d, Wn, False)
             f_n, z_n = _smooth(sig_n, mu)
             diff = Wn - Yk
             if f_n <= f_y + np.sum(g_y * diff) + 0.5 * L * np.sum(diff * diff) + 1e-14 * abs(f_y):
@@ -335,7 +438,7 @@ def _fista(K: np.ndarray, c: np.ndarray, cap: float, Wt: np.ndarray, tol_rel: fl
         ub = sig[-1]
         if has_stop and ub <= stop_below:
             if not has_u:
-                sig, U, BK = _eig_p(K, d, Wt, True)
+                sig, U, BK = _eig_top(K, d, Wt, sig[-1], _WINDOW * mu, _count_above(sig, _WINDOW * mu))
                 z = _smooth(sig, mu)[1]
             return Wt, z, sig, U, float(z @ sig), it, False, True, mu
         # --- certificate: UB = lambda_max, LB = Phi(W,Y) + Frank-Wolfe term ---
@@ -357,7 +460,7 @@ def _fista(K: np.ndarray, c: np.ndarray, cap: float, Wt: np.ndarray, tol_rel: fl
             Yk = Wt.copy()
             t = 1.0
     if not has_u:
-        sig, U, BK = _eig_p(K, d, Wt, True)
+        sig, U, BK = _eig_top(K, d, Wt, sig[-1], _WINDOW * mu, _count_above(sig, _WINDOW * mu))
         z = _smooth(sig, mu)[1]
     return Wt, z, sig, U, lower, it, False, False, mu
 

@@ -1,0 +1,63 @@
+"""The saddle solver's compiled eigen kernels against numpy's full decomposition."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flwr_byzantine.aggregators.saddle import _eig_above, _eig_p, _eig_top
+
+
+def _sym(n: int, seed: int, repeated: bool = False) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if repeated:  # a doubled top eigenvalue, as at the saddle point
+        Q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+        ev = np.sort(rng.uniform(0.0, 1.0, size=n))
+        ev[-2:] = 3.0
+        S = (Q * ev) @ Q.T
+    else:
+        A = rng.normal(size=(n, 3 * n))
+        S = A @ A.T
+    return 0.5 * (S + S.T)
+
+
+@pytest.mark.parametrize("n,k,repeated", [(20, 1, False), (20, 3, False), (19, 2, True), (64, 5, False), (3, 3, False)])
+def test_eig_above_returns_exactly_the_eigenpairs_above_the_floor(n, k, repeated):
+    S = _sym(n, n + k, repeated)
+    w, V = np.linalg.eigh(S)
+    floor = 0.5 * (w[-k] + w[-k - 1]) if k < n else w[0] - 1.0
+    sig, U = _eig_above(S, floor)
+    assert sig.size == k
+    np.testing.assert_allclose(sig, w[-k:], rtol=1e-12, atol=1e-12 * w[-1])
+    np.testing.assert_allclose(S @ U, U * sig, atol=1e-11 * w[-1])  # eigenpairs of S
+    np.testing.assert_allclose(U.T @ U, np.eye(k), atol=1e-12)
+    if not repeated:  # simple eigenvalues: the same vectors up to sign
+        np.testing.assert_allclose(np.abs(U), np.abs(V[:, -k:]), atol=1e-9)
+
+
+def test_eig_above_is_empty_above_the_top():
+    S = _sym(20, 1)
+    sig, U = _eig_above(S, 2.0 * np.linalg.eigvalsh(S)[-1])
+    assert sig.size == 0 and U.shape == (20, 0)
+
+
+def test_eig_top_covers_its_reach_below_the_new_top():
+    """The window is kept only when it reaches ``reach`` below the top of the new point; else the full
+    decomposition (here the window's guess of the top is too high, so that the window stops short of
+    ``reach`` below the true top, and then far too low, so that the window would hold everything)."""
+    rng = np.random.default_rng(3)
+    n = 20
+    G = rng.normal(size=(60, n))
+    K = G.T @ G
+    d = np.sqrt(rng.uniform(0.5, 1.0, size=n))
+    Wt = np.full((n, n), 1.0 / n)
+    full, _, _ = _eig_p(K, d, Wt, True)
+    top = full[-1]
+    reach = 0.1 * top
+    sig, U, _ = _eig_top(K, d, Wt, top, reach, 1)
+    assert sig.size == np.count_nonzero(full >= top - reach - 0.05 * top)
+    np.testing.assert_allclose(sig, full[-sig.size:], rtol=1e-12)
+    for guess in (1.08 * top, 0.01 * top):
+        sig, _, _ = _eig_top(K, d, Wt, guess, reach, 1)
+        assert sig.size == n
+        np.testing.assert_allclose(sig, full, rtol=1e-12, atol=1e-12 * top)
