@@ -573,8 +573,11 @@ class RobustDefence(Aggregator):
                                     weights=np.full(active.size, 1.0 / max(active.size, 1)), iterations=0,
                                     statistic=0.0, info={"budget_spent": True})
         else:
-            # the excluded rows are skipped, not copied out; with mixing the survivors' mean is not needed
-            res = filt.aggregate_rows(M, active, sigma0=sigma0_raw, estimate=not self.mixing)
+            # the excluded rows are skipped, not copied out; with mixing the survivors' mean is needed only when the
+            # budget is spent (no mixing then): the sketched filter gives it as a downdate of the mean of its own
+            # sketching pass (a read of the removed rows), the exact one would need a pass of its own
+            sketched = filt.sketch_dim is not None and d > 2 * filt.sketch_dim
+            res = filt.aggregate_rows(M, active, sigma0=sigma0_raw, estimate=not self.mixing or sketched)
         kept = active[np.asarray(res.kept)]
         if res.estimate is None and not kept.size > 2:
             res.estimate = subset_mean(M, kept)  # too few survivors to mix: their mean, as the filter gives it
