@@ -51,7 +51,7 @@ def test_eig_top_covers_its_reach_below_the_new_top():
     K = G.T @ G
     d = np.sqrt(rng.uniform(0.5, 1.0, size=n))
     Wt = np.full((n, n), 1.0 / n)
-    full, _, _ = _eig_p(K, d, Wt, True)
+    full, _, _ = _eig_p(K, d, Wt, True, -np.inf)
     top = full[-1]
     reach = 0.1 * top
     sig, U, _ = _eig_top(K, d, Wt, top, reach, 1)

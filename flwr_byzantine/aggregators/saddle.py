@@ -272,13 +272,13 @@ def _eig_above(S: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
 
 @numba.njit(cache=True)
 def _eig_p(K: np.ndarray, d: np.ndarray, Wt: np.ndarray, vectors: bool,
-           floor: float = -np.inf) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Eigenvalues (ascending, clipped at 0), eigenvectors (if ``vectors``, else a 0 x 0 array) of ``P(W)``, and ``BK``.
 
     ``Wt = W^T`` (row ``i`` is the column ``w_i`` of (91)); with ``Bt = D (I - Wt)`` and ``BK = Bt K``:
-    ``P(W) = BK Bt^T`` (symmetrised).  The full decomposition is LAPACK ``dsyevd`` (``np.linalg.eigh``);
-    with ``vectors`` and a finite ``floor``, only the eigenpairs above ``floor`` (:func:`_eig_above`; empty
-    when there are none).
+    ``P(W) = BK Bt^T`` (symmetrised).  The full decomposition is LAPACK ``dsyevd`` (``np.linalg.eigh``;
+    ``floor = -inf``); with ``vectors`` and a finite ``floor``, only the eigenpairs above ``floor``
+    (:func:`_eig_above`; empty when there are none).
     """
     n = K.shape[0]
     Bt = np.empty((n, n))
@@ -319,7 +319,7 @@ def _eig_top(K: np.ndarray, d: np.ndarray, Wt: np.ndarray, top: float, reach: fl
         sig, U, BK = _eig_p(K, d, Wt, True, floor)
         if sig.size > 0 and sig[-1] - floor >= reach:
             return sig, U, BK
-    return _eig_p(K, d, Wt, True)
+    return _eig_p(K, d, Wt, True, -np.inf)
 
 
 @numba.njit(cache=True)
@@ -377,7 +377,7 @@ def _fista(K: np.ndarray, c: np.ndarray, cap: float, Wt: np.ndarray, tol_rel: fl
     """
     n = K.shape[0]
     d = np.sqrt(c)
-    sig, U, BK = _eig_p(K, d, Wt, True)
+    sig, U, BK = _eig_p(K, d, Wt, True, -np.inf)
     ub = sig[-1]
     scale = max(ub, np.trace(K) * c.max() / max(n, 1), 1e-300)
     tol_abs = tol_abs * scale  # relative to the problem's magnitude: scale-equivariant stopping
@@ -423,7 +423,7 @@ def _fista(K: np.ndarray, c: np.ndarray, cap: float, Wt: np.ndarray, tol_rel: fl
             if due:
                 sig_n, U_n, BK_n = _eig_top(K, d, Wn, top, reach, expected)
             else:
-                sig_n, U_n, BK_n = _eig_p(K, d, Wn, False)
+                sig_n, U_n, BK_n = _eig_p(K, d, Wn, False, -np.inf)
             f_n, z_n = _smooth(sig_n, mu)
             diff = Wn - Yk
             if f_n <= f_y + np.sum(g_y * diff) + 0.5 * L * np.sum(diff * diff) + 1e-14 * abs(f_y):
