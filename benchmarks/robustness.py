@@ -151,6 +151,8 @@ def build_rule(name: str, num_nodes: int, f: int, mode: str = "gradient"):
             kw = dict(gross_factor=None)
         elif variant == "no-clip":
             kw = dict(clip_scale=None)
+        elif variant.startswith("momentum-"):  # per-node worker momentum of another beta, e.g. rge/momentum-0.5
+            kw = dict(momentum=float(variant.rpartition("-")[2]))
         elif variant.startswith("evidence-level-"):  # exclusion level of the evidence: Z < -level
             kw = dict(z_exclude=float(variant.rpartition("-")[2]))
         elif variant == "no-skip-anomalies":  # the evidence scores every reply, not winsorised
