@@ -30,14 +30,13 @@ class MinMax(DefenceAware):
     criterion: ClassVar[str] = "min-max"
 
     direction: str = "std"
+    search: str = "min-max"
 
     def __post_init__(self) -> None:
         if self.aggregator is not None or self.aggregator_params:
             raise ValueError(f"{self.name} is aggregator-agnostic: use attack 'defence-aware' to target a rule")
         if self.search != self.criterion:
-            if self.search != "min-max":  # the inherited default: anything else was asked for
-                raise ValueError(f"{self.name} uses the {self.criterion} criterion, got search={self.search!r}")
-            self.search = self.criterion
+            raise ValueError(f"{self.name} uses the {self.criterion} criterion, got search={self.search!r}")
         super().__post_init__()
 
 
@@ -47,6 +46,8 @@ class MinSum(MinMax):
 
     name: ClassVar[str] = "min-sum"
     criterion: ClassVar[str] = "min-sum"
+
+    search: str = "min-sum"
 
 
 __all__ = ["MinMax", "MinSum"]
