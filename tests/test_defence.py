@@ -111,7 +111,69 @@ def test_suspected_uses_the_last_rounds_level_and_the_state_keeps_it():
     other = MonotonicityEvidence()
     other.load_state_dict(ev.state_dict())
     assert other.level == ev.level
+    assert other.floor == ev.floor and ev.floor[0] > 0
     assert [other.suspected(i) for i in ids] == mask.tolist()
+    for bad in ([1.0], [-1.0, 0.0], [float("nan"), 0.0]):
+        with pytest.raises(ValueError):
+            MonotonicityEvidence().load_state_dict({**ev.state_dict(), "floor": bad})
+    old = ev.state_dict()
+    del old["floor"]  # a checkpoint from before the floor: no floor until the next round sets one
+    other.load_state_dict(old)
+    assert other.floor == (0.0, 0.0)
+
+
+def _stale_node_z(noise: float, q_floor: float | None) -> float:
+    """Z of node 9, whose reply never moves along the steps (only an orthogonal wobble of size ``noise``),
+    among 8 nodes sending the gradients of convex quadratics."""
+    rng = np.random.default_rng(12)
+    d = 6
+    A = np.diag(rng.uniform(1.0, 2.0, size=d))
+    ev = MonotonicityEvidence(q_floor=q_floor)
+    x, step = rng.normal(size=d), None
+    stale = rng.normal(size=d)
+    for _ in range(30):
+        honest = np.stack([A @ x + 0.05 * rng.normal(size=d) for _ in range(8)])
+        move = -0.1 * honest.mean(axis=0)
+        wobble = rng.normal(size=d)
+        wobble -= (wobble @ move) / (move @ move) * move  # orthogonal to the coming step, up to rounding
+        ev.observe(np.vstack([honest, (stale + noise * wobble)[None]]), list(range(1, 10)), step)
+        ev.suspected_rows(list(range(1, 10)))  # the round's decision sets the floor
+        step = move
+        x = x + step
+    return ev.z(9)
+
+
+def test_evidence_floor_puts_a_node_whose_scores_are_rounding_noise_at_zero():
+    # without the floor S / sqrt(Q) is scale-free: a node whose scores are ~1e-16 gets a ratio of rounding
+    # noise, the same whatever their size (issue 10's memory-aware column); with it, Z is in the
+    # population's units and such a node sits at 0
+    tiny = [_stale_node_z(n, None) for n in (1e-6, 1e-3)]
+    assert abs(tiny[0] - tiny[1]) < 0.2 and max(abs(z) for z in tiny) > 0.1  # a scale-free ratio
+    floored = [_stale_node_z(n, 0.1) for n in (1e-6, 1e-3)]
+    assert max(abs(z) for z in floored) < 0.05
+    with pytest.raises(ValueError):
+        MonotonicityEvidence(q_floor=-0.1)
+
+
+def test_evidence_floor_barely_moves_an_honest_nodes_z():
+    rng = np.random.default_rng(13)
+    R, d = 10, 8
+    A = [np.diag(rng.uniform(0.5, 3.0, size=d)) for _ in range(R)]
+    b = [rng.normal(size=d) for _ in range(R)]
+    evs = [MonotonicityEvidence(q_floor=None), MonotonicityEvidence()]
+    ids = list(range(R))
+    x, step = np.zeros(d), None
+    for _ in range(30):
+        G = _quadratic_round(rng, x, A, b, [])
+        for ev in evs:
+            ev.observe(G, ids, step)
+            ev.suspected_rows(ids)
+        step = -0.1 * np.median(G, axis=0)
+        x = x + step
+    z0, z1 = (np.array([ev.z(i) for i in ids]) for ev in evs)
+    assert (z0 > 0.5).all()
+    np.testing.assert_array_less(z1, z0 + 1e-12)
+    assert np.max(1.0 - z1 / z0) < 0.1
 
 
 def test_monotonicity_evidence_state_round_trip():
@@ -272,10 +334,12 @@ def test_memory_aware_attack_keeps_its_own_score_inside_the_exclusion_level(z_ex
     x = rng.normal(size=d)
     prev_step = None
     for t in range(1, 60):
+        atk.aim_at(ev)  # the rule's level and population floor of the last round
         atk.observe_model(x)
         honest = np.stack([A @ x + 0.05 * rng.normal(size=d) for _ in range(8)])
         sent = atk.craft(honest, 1, t)[0]
         ev.observe(np.vstack([honest, sent[None]]), list(range(1, 10)), prev_step)  # the attacker is node 9
+        ev.suspected_rows(list(range(1, 10)))
         step = -0.1 * honest.mean(axis=0)
         prev_step = step
         x = x + step
@@ -331,8 +395,13 @@ def test_a_plain_sign_flipper_is_over_the_default_exclusion_level():
 def test_memory_aware_attack_aims_at_the_rules_levels():
     atk = MemoryAware(seed=0)
     assert atk.z_exclude == RobustDefence().evidence.z_exclude == 0.0  # the default defence's level
-    atk.aim_at(MonotonicityEvidence(gamma=0.9, z_exclude=1.5, gamma_short=0.7, z_short=2.5))
+    ev = MonotonicityEvidence(gamma=0.9, z_exclude=1.5, gamma_short=0.7, z_short=2.5)
+    ev.floor = (0.3, 0.2)
+    atk.aim_at(ev)
     assert (atk.z_exclude, atk.gamma, atk.gamma_short, atk.z_short) == (1.5, 0.9, 0.7, 2.5)
+    assert (atk.floor, atk.floor_short) == (0.3, 0.2)
+    with pytest.raises(ValueError):
+        MemoryAware(floor=-1.0)
 
 
 def test_evidence_skips_anomalous_replies_and_the_next_reply_of_their_node():

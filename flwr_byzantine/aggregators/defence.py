@@ -76,7 +76,8 @@ import numpy as np
 from .._backend import ArrayLike, centred_gram, is_torch, subset_mean
 from .base import AggregationResult, Aggregator
 from .duplicates import DEFAULT_DUPLICATE_TOL, duplicate_rows
-from .memory import DEFAULT_RELATIVE, DEFAULT_SCORE_CLIP, DEFAULT_Z_EXCLUDE, ClientMomentum, MonotonicityEvidence
+from .memory import (DEFAULT_Q_FLOOR, DEFAULT_RELATIVE, DEFAULT_SCORE_CLIP, DEFAULT_Z_EXCLUDE, ClientMomentum,
+                     MonotonicityEvidence)
 from .rge import RGE
 from .sigma import estimate_sigma0_sq
 from .sketch import sketch_rows
@@ -191,6 +192,9 @@ class RobustDefence(Aggregator):
     evidence_relative:
         Width of the evidence's relative level: a round's level is
         ``min(-z_exclude, median(Z) - evidence_relative * MADn(Z))`` (``None``: ``-z_exclude``).
+    evidence_floor:
+        Population floor of the evidence's normaliser, ``Z_i = S_i / sqrt(Q_i + evidence_floor * median(Q))``
+        (``None``: the scale-free ``S_i / sqrt(Q_i)``, under which scores at rounding level give any ``Z``).
     spend_budget:
         Skip the filter (and the mixing and clipping) once ``floor(eps_tilde R)`` rows are left out
         before it, and the mixing and clipping once the filter's removals complete that budget (step 7).
@@ -254,6 +258,7 @@ class RobustDefence(Aggregator):
         skip_anomalies: bool = True,
         reference_burn_in: int = DEFAULT_BURN_IN,
         evidence_relative: float | None = DEFAULT_RELATIVE,
+        evidence_floor: float | None = DEFAULT_Q_FLOOR,
         spend_budget: bool = True,
         fast_passes: bool = True,
         duplicate_tol: float | None = DEFAULT_DUPLICATE_TOL,
@@ -287,7 +292,8 @@ class RobustDefence(Aggregator):
         self.sigma0 = self.filter.sigma0
         self.memory = ClientMomentum(beta=self.momentum, max_idle_rounds=max_idle_rounds)
         self.evidence = (MonotonicityEvidence(gamma=evidence_gamma, z_exclude=z_exclude, score_clip=score_clip,
-                                              relative=evidence_relative) if evidence else None)
+                                              relative=evidence_relative, q_floor=evidence_floor)
+                         if evidence else None)
         self.mixing = bool(mixing)
         if input_clip_scale is not None and not (np.isfinite(input_clip_scale) and input_clip_scale > 0):
             raise ValueError(f"input_clip_scale must be a positive finite number or None, got {input_clip_scale!r}")
@@ -373,7 +379,7 @@ class RobustDefence(Aggregator):
         if self.evidence is not None:
             evidence = MonotonicityEvidence(self.evidence.gamma, self.evidence.z_exclude, self.evidence.min_rounds,
                                             self.evidence.gamma_short, self.evidence.z_short, self.evidence.score_clip,
-                                            self.evidence.relative)
+                                            self.evidence.relative, self.evidence.q_floor)
             evidence.load_state_dict({**dict(state["evidence"]), "last": arrays.get("evidence.last", np.zeros((0, 0)))})
         self_reference = None
         if self.self_reference is not None:

@@ -1,7 +1,7 @@
 """Memory-aware attack: knows the default defence's evidence rule and stays just inside it.
 
 The default defence (:class:`~flwr_byzantine.aggregators.defence.RobustDefence`) excludes a
-node whose monotonicity evidence ``Z = S / sqrt(Q)`` falls below ``-z_exclude``
+node whose monotonicity evidence ``Z = S / sqrt(Q + floor)`` falls below ``-z_exclude``
 (:class:`~flwr_byzantine.aggregators.memory.MonotonicityEvidence`).  This attacker
 replays that bookkeeping for its own replies (it knows the models it receives, hence
 every step, and what it sent) and, every round, sends the inner attack; when that would
@@ -40,6 +40,9 @@ class MemoryAware(UpdateAttack):
         default defence's).
     margin:
         How far inside the exclusion level the attacker keeps its score.
+    floor, floor_short:
+        The evidence's population floors of ``Q`` (long and short window; :meth:`aim_at` takes the
+        rule's last ones), in the defence's score units.
     """
 
     name: ClassVar[str] = "memory-aware"
@@ -48,11 +51,13 @@ class MemoryAware(UpdateAttack):
     needs_model_history: ClassVar[bool] = True
 
     inner: str = "sign-flip"
-    z_exclude: float = 0.0
+    z_exclude: float = 0.0  # the default defence's level (DEFAULT_Z_EXCLUDE; not imported: clients never load the aggregators)
     gamma: float = 0.95
     margin: float = 0.25
     gamma_short: float = 0.8
     z_short: float = 2.0
+    floor: float = 0.0
+    floor_short: float = 0.0
     inner_params: dict[str, Any] | None = None
     jump_factor: float | None = 4.0
     jump_margin: float = 0.8
@@ -68,10 +73,10 @@ class MemoryAware(UpdateAttack):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("z_exclude", "z_short", "margin"):
+        for name in ("z_exclude", "z_short", "margin", "floor", "floor_short"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and np.isfinite(v)) or (name == "margin" and v < 0):
-                raise ValueError(f"{name} must be a finite number (margin >= 0), got {v!r}")
+            if not (isinstance(v, (int, float)) and np.isfinite(v)) or (name in ("margin", "floor", "floor_short") and v < 0):
+                raise ValueError(f"{name} must be a finite number (margin and floors >= 0), got {v!r}")
         if self.jump_factor is not None and not (np.isfinite(self.jump_factor) and self.jump_factor > 0):
             raise ValueError(f"jump_factor must be a positive number or None, got {self.jump_factor!r}")
         if not (0 < self.jump_margin <= 1):
@@ -95,6 +100,7 @@ class MemoryAware(UpdateAttack):
         # the long window's level of the rule's last round (relative levels move with the population)
         self.z_exclude, self.gamma = -float(getattr(evidence, "level", -evidence.z_exclude)), float(evidence.gamma)
         self.z_short, self.gamma_short = float(evidence.z_short), float(evidence.gamma_short)
+        self.floor, self.floor_short = (float(v) for v in getattr(evidence, "floor", (0.0, 0.0)))
 
     def observe_model(self, x: ArrayLike) -> None:
         """The model broadcast this round (call before :meth:`craft`)."""
@@ -114,8 +120,8 @@ class MemoryAware(UpdateAttack):
 
         Negative: over the exclusion level of one window (the defence leaves the node out).
         """
-        S, Q = self.gamma * self._S + s, self.gamma * self._Q + s * s
-        S2, Q2 = self.gamma_short * self._S2 + s, self.gamma_short * self._Q2 + s * s
+        S, Q = self.gamma * self._S + s, self.gamma * self._Q + s * s + self.floor
+        S2, Q2 = self.gamma_short * self._S2 + s, self.gamma_short * self._Q2 + s * s + self.floor_short
         z_long = S / np.sqrt(Q) if Q > 0 else 0.0
         z_recent = S2 / np.sqrt(Q2) if Q2 > 0 else 0.0
         return min(z_long + self.z_exclude, z_recent + self.z_short)
