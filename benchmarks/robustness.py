@@ -86,7 +86,8 @@ PEERS = ("cclip", "nnm:cclip", "multi-krum", "trimmed-mean", "median", "geomed")
 MOMENTUM_PEERS = ("wm:cclip", "wm:nnm:cclip", "wm:multi-krum", "wm:trimmed-mean")
 ABLATIONS = ("rge/no-mixing", "rge/no-evidence", "rge/evidence-level-1.5", "rge/no-relative-level",
              "rge/no-skip-anomalies", "rge/no-self-ref",
-             "rge/no-jump", "rge/no-burn-in", "rge/no-gross", "rge/no-clip", "rge/threshold-4", "rge/momentum",
+             "rge/no-jump", "rge/no-burn-in", "rge/no-gross", "rge/no-clip", "rge/threshold-4", "rge/no-momentum",
+             "rge/momentum",
              "rge/no-spend-budget", "rge/no-duplicates")
 RULES = ("rge", "rge-paper", *PEERS, *MOMENTUM_PEERS, "mean")
 REFERENCES = ("oracle", "clean-fedavg")
@@ -135,8 +136,10 @@ def build_rule(name: str, num_nodes: int, f: int, mode: str = "gradient"):
     if name == "rge" or name.startswith("rge/"):
         kw: dict[str, Any] = {}
         variant = name.partition("/")[2]
-        if variant == "momentum":  # per-node worker momentum 0.9 (with its input clipping) on top
+        if variant == "momentum":  # per-node worker momentum 0.9 (with its input clipping) instead of 0.5
             kw = dict(momentum=0.9)
+        elif variant == "no-momentum":  # no per-node worker momentum (the filter sees the raw replies)
+            kw = dict(momentum=0.0)
         elif variant == "no-mixing":  # no nearest-neighbour mixing (NNM) before the filter
             kw = dict(mixing=False)
         elif variant == "no-evidence":

@@ -17,9 +17,12 @@ filter and adds what a single round lacks:
    ``floor(eps_tilde R)`` nodes, the most suspect first, re-decided every round.  Replies the round finds anomalous (gross outliers,
    jumps) are not scored, nor is the node's next reply against them, and the scores are
    winsorised (``score_clip``), so a mobile adversary cannot plant evidence on honest nodes.  Node ids
-   come from the SuperLink, never from what a client claims.  Optional per-node worker
-   momentum (:class:`~.memory.ClientMomentum`, Karimireddy, He, Jaggi 2021; ``momentum=0.9``
-   with input clipping) is off by default: the benchmark's ablation measured no gain.
+   come from the SuperLink, never from what a client claims.  Per-node worker momentum
+   (:class:`~.memory.ClientMomentum`, Karimireddy, He, Jaggi 2021, Algorithm 2), kept by the server,
+   ``momentum=0.5``, with input clipping: the filter and the clipping see ``m_i``, whose noise is
+   ``sqrt((1 - beta) / (1 + beta))`` of a reply's, so honest nodes stand closer together and an attack
+   inside one round's noise (min-max, ALIE) is averaged over rounds; the evidence and the jump rule
+   judge the raw replies.
 2. **A calibrated stopping rule** (Algorithm 3 line 5 with another constant):
    ``sum_i c_i tau_i <= threshold_factor * R * sigma0_hat^2`` with ``threshold_factor = 1.5``
    instead of the proof's 4 (``sigma0_hat^2`` is the automatic spectral estimate of
@@ -86,9 +89,10 @@ from .temporal import DEFAULT_BURN_IN, DEFAULT_JUMP_FACTOR, DEFAULT_SELF_CLIP_SC
 
 #: Format tag of :meth:`RobustDefence.state_dict`.
 STATE_FORMAT = "flwr-byzantine/robust-defence-v1"
-#: Default momentum of the per-node memory: off (the grid's ablation: 0.9 cost accuracy under the
-#: omniscient defence-aware attack and lags in short runs; the evidence is the memory that pays).
-DEFAULT_MOMENTUM = 0.0
+#: Default momentum of the per-node memory (issue 10's grid, seeds 0-7: 0.5 against 0 lowers the honest
+#: exclusion below 1 % of client-rounds in every setting and holds client-side min-max on the MLP, 95.6 against
+#: 92.3; 0.9 lags in short runs and cost accuracy under the omniscient defence-aware attack).
+DEFAULT_MOMENTUM = 0.5
 #: Default constant of the calibrated stopping rule (Algorithm 3 uses 4).
 DEFAULT_THRESHOLD_FACTOR = 1.5
 #: Default radius of the clipping of what enters a node's memory, in units of the round's median distance.
@@ -101,7 +105,8 @@ DEFAULT_CLIP_SCALE = 1.0
 #: local steps on a non-convex model an honest update need be neither monotone nor smooth from round
 #: to round.  Mixing is off too: on the 10-client quickstart test (10 rounds) the self-reference
 #: clipping cost 4 points and the mixing 1.5 (0.822 and 0.836 against > 0.85 without them).
-MODEL_UPDATE_OPTIONS: dict[str, Any] = {"evidence": False, "self_clip_scale": None, "jump_factor": None, "mixing": False}
+MODEL_UPDATE_OPTIONS: dict[str, Any] = {"evidence": False, "self_clip_scale": None, "jump_factor": None, "mixing": False,
+                                        "momentum": 0.0}
 #: Rows farther than this many median distances from the coordinate-wise median are dropped for the round.
 DEFAULT_GROSS_FACTOR = 8.0
 #: Rounds with at least this many entries (R * d), or more than 64 rows, run the filter with
@@ -165,7 +170,7 @@ class RobustDefence(Aggregator):
     eps_tilde:
         Assumed Byzantine fraction (at most 1/4, as Algorithm 3 requires).
     momentum:
-        ``beta`` of the per-node memory ``m_i <- beta m_i + (1 - beta) g_i``; 0 disables it.
+        ``beta`` of the per-node memory ``m_i <- beta m_i + (1 - beta) g_i`` (default 0.5); 0 disables it.
     threshold_factor:
         Constant ``c`` of the stopping rule ``sum_i c_i tau_i <= c R sigma0^2`` (Algorithm 3 line 5
         uses 4).
