@@ -97,6 +97,11 @@ DEFAULT_MOMENTUM = 0.5
 DEFAULT_THRESHOLD_FACTOR = 1.5
 #: Default radius of the clipping of what enters a node's memory, in units of the round's median distance.
 DEFAULT_INPUT_CLIP_SCALE = 1.0
+#: Default distance, in median distances to the last estimate, beyond which a reply is left out of the
+#: round rather than clipped into the worker momentum: -10x a gradient stays filtered in every round of
+#: 4-, 5-, 10- and 20-node federations (it is clipped in, in 3-30 % of rounds, without this rule); at 3
+#: the MLP's honest exclusion doubled (clean, alpha 0.3: 1.78 % against 0.95 %), at 4 it is unchanged.
+DEFAULT_FAR_FACTOR = 4.0
 #: Default clipping radius, as a multiple of the survivors' median distance to the filter's estimate.
 DEFAULT_CLIP_SCALE = 1.0
 #: Options of the default defence for replies that are model updates after local training, not
@@ -208,7 +213,13 @@ class RobustDefence(Aggregator):
         clipping: each is replaced by the mean of its ``n - f`` nearest survivors, which shrinks the
         heterogeneity a static attacker hides in; on by default.
     input_clip_scale:
-        Clipping of what enters the worker momentum (only with ``momentum > 0``).
+        Clipping of what enters the worker momentum (only with ``momentum > 0``), in units of the
+        round's median distance to the last estimate.
+    far_factor:
+        With the input clipping: a reply farther than ``far_factor`` median distances from the last
+        estimate is left out of the round (and of its node's memory) instead of being clipped into it,
+        the farthest first, within the ``floor(eps_tilde R)`` budget left by the evidence and the jumps;
+        reported with the gross outliers.  ``None``: every reply is clipped.
     gross_factor:
         Rows farther than ``gross_factor`` times the median distance from the coordinate-wise
         median are dropped for the round; ``None`` disables the screen.
@@ -254,6 +265,7 @@ class RobustDefence(Aggregator):
         evidence_gamma: float = 0.95,
         mixing: bool = True,
         input_clip_scale: float | None = DEFAULT_INPUT_CLIP_SCALE,
+        far_factor: float | None = DEFAULT_FAR_FACTOR,
         gross_factor: float | None = DEFAULT_GROSS_FACTOR,
         self_clip_scale: float | None = DEFAULT_SELF_CLIP_SCALE,
         jump_factor: float | None = DEFAULT_JUMP_FACTOR,
@@ -303,6 +315,9 @@ class RobustDefence(Aggregator):
         if input_clip_scale is not None and not (np.isfinite(input_clip_scale) and input_clip_scale > 0):
             raise ValueError(f"input_clip_scale must be a positive finite number or None, got {input_clip_scale!r}")
         self.input_clip_scale = None if input_clip_scale is None else float(input_clip_scale)
+        if far_factor is not None and not (np.isfinite(far_factor) and far_factor > 1.0):
+            raise ValueError(f"far_factor must be a finite number > 1 or None, got {far_factor!r}")
+        self.far_factor = None if far_factor is None else float(far_factor)
         if gross_factor is not None and not (np.isfinite(gross_factor) and gross_factor > 1.0):
             raise ValueError(f"gross_factor must be a finite number > 1 or None, got {gross_factor!r}")
         self.gross_factor = None if gross_factor is None else float(gross_factor)
@@ -545,6 +560,14 @@ class RobustDefence(Aggregator):
             diff0 = G - centre0
             dist0 = np.sqrt(row_sq_norms(diff0))
             med0 = float(np.median(dist0))
+            if med0 > 0 and self.far_factor is not None:
+                # an obvious outlier is left out of the round, not clipped into it (nor into its memory):
+                # the farthest first, within the budget that the jumps and the evidence have left
+                room = int(np.floor(self.eps_tilde * R)) - int(np.union1d(suspects, gross).size)
+                cand = np.setdiff1d(np.flatnonzero(dist0 > self.far_factor * med0), np.union1d(suspects, gross))
+                if room > 0 and cand.size:
+                    far = np.sort(cand[np.argsort(-dist0[cand], kind="stable")[:room]])
+                    gross = np.union1d(gross, far).astype(np.intp)
             if med0 > 0:
                 radius0 = self.input_clip_scale * med0
                 scale0 = np.minimum(1.0, radius0 / np.maximum(dist0, 1e-300))
