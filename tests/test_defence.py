@@ -456,9 +456,9 @@ def test_strategies_default_defences():
     from flwr_byzantine.strategies import RobustFedAvg, RobustSGD
 
     sgd, fedavg = RobustSGD().aggregator, RobustFedAvg().aggregator
-    assert isinstance(sgd, RobustDefence) and sgd.evidence is not None and sgd.momentum == 0.0
-    # model updates after local training are not gradients: no monotonicity evidence for them
-    assert isinstance(fedavg, RobustDefence) and fedavg.evidence is None
+    assert isinstance(sgd, RobustDefence) and sgd.evidence is not None and sgd.momentum == 0.5
+    # model updates after local training are not gradients: no monotonicity evidence (nor worker momentum) for them
+    assert isinstance(fedavg, RobustDefence) and fedavg.evidence is None and fedavg.momentum == 0.0
     assert fedavg.self_reference is None and not fedavg.mixing and sgd.self_reference is not None and sgd.mixing
 
 
@@ -508,3 +508,30 @@ def test_zero_budget_spends_nothing():
     assert "budget_spent" not in a.info
     assert np.linalg.norm(a.estimate - G.mean(axis=0)) > 1.0
 
+
+
+def _four_nodes_one_scaled_negative(**kw) -> list[tuple[bool, list[int]]]:
+    """Ten rounds of 3 honest noisy gradients and node 14 sending -10x their mean: (node 14 kept?, gross rows)."""
+    rng = np.random.default_rng(4)
+    d = 30
+    b, x = rng.normal(size=(4, d)), rng.normal(size=d)
+    rule = RobustDefence(eps_tilde=0.25, **kw)
+    out = []
+    for _ in range(10):
+        G = np.stack([(x - b[i]) + 0.5 * rng.normal(size=d) for i in range(4)])
+        G[3] = -10.0 * G[:3].mean(axis=0)
+        res = rule.aggregate(G, client_ids=[11, 12, 13, 14])
+        out.append((3 in res.kept.tolist(), res.info["gross"]))
+        x = x - 0.1 * np.asarray(res.estimate)
+    return out
+
+
+def test_far_replies_are_left_out_not_clipped_into_the_worker_momentum():
+    # the momentum's input clipping (radius: the median distance) would pull -10x a gradient into the cloud
+    # once the gross screen (8 median distances from the coordinate-wise median) no longer catches it; the
+    # far-reply rule leaves it out of every round, reported with the gross outliers
+    default = _four_nodes_one_scaled_negative()
+    assert all(not kept and gross == [3] for kept, gross in default)
+    assert any(kept for kept, _ in _four_nodes_one_scaled_negative(far_factor=None))
+    with pytest.raises(ValueError):
+        RobustDefence(far_factor=1.0)

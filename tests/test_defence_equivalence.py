@@ -1,8 +1,9 @@
 """The default defence's fast path (input dtype, vectorised row tables) against a float64 reference.
 
 ``reference_rounds`` is a plain float64 transcription of the defence as specified in
-:mod:`flwr_byzantine.aggregators.defence` (monotonicity evidence per node id, the Byzantine
-budget on exclusions, the calibrated RGE filter, centered clipping of the survivors), written
+:mod:`flwr_byzantine.aggregators.defence` (monotonicity evidence per node id with its population
+floor, the Byzantine budget on exclusions, the worker momentum with its input clipping and its
+far-reply rule, the calibrated RGE filter, centered clipping of the survivors), written
 with dicts and per-node loops.  The implementation must take the same decisions (kept rows,
 suspected rows) on random multi-round federations with churn, for float32 and float64 input,
 and return the same vector up to the input dtype's rounding.
@@ -17,11 +18,13 @@ from flwr_byzantine.aggregators import RGE, RobustDefence
 
 GAMMA, Z_EXCLUDE, MIN_ROUNDS, GAMMA_SHORT, Z_SHORT = 0.95, 0.0, 5, 0.8, 2.0
 SCORE_CLIP, RELATIVE = 3.0, 2.0  # winsorised scores; the relative level median(Z) - 2 MADn(Z) where lower
+Q_FLOOR = 0.1  # Z = S / sqrt(Q + 0.1 median Q) over the round's nodes with enough scores
+INPUT_CLIP, FAR = 1.0, 4.0  # the momentum's input clipping radius and far-reply distance, in median distances
 
 
 def reference_rounds(rounds, eps_tilde: float, threshold_factor: float = 1.5, clip_scale: float = 1.0,
-                     steps=None):
-    """Float64 reference of ``RobustDefence(momentum=0)`` over ``rounds = [(G, ids), ...]``.
+                     steps=None, momentum: float = 0.5):
+    """Float64 reference of ``RobustDefence(momentum=momentum)`` over ``rounds = [(G, ids), ...]``.
 
     ``steps[t]`` (optional) is the step reported with ``observe_step`` before round ``t``.
     Returns per round ``(kept, suspected, estimate)``.
@@ -32,6 +35,9 @@ def reference_rounds(rounds, eps_tilde: float, threshold_factor: float = 1.5, cl
     S2: dict[int, float] = {}
     Q2: dict[int, float] = {}
     n: dict[int, int] = {}
+    mem: dict[int, np.ndarray] = {}  # worker momentum per node
+    mem_seen: dict[int, int] = {}  # the round of its last update
+    floor, floor_short = 0.0, 0.0
     last_estimate = None
     rge = RGE(eps_tilde=eps_tilde, threshold_factor=threshold_factor)
     out = []
@@ -58,23 +64,50 @@ def reference_rounds(rounds, eps_tilde: float, threshold_factor: float = 1.5, cl
                         n[node] = n.get(node, 0) + 1
         last = {node: G[r].copy() for r, node in enumerate(ids)}
 
-        def z(node, S_, Q_):
-            return S_.get(node, 0.0) / np.sqrt(Q_[node]) if Q_.get(node, 0.0) > 0 else 0.0
-
         eligible = [node for node in ids if n.get(node, 0) >= MIN_ROUNDS]
+        if eligible:
+            floor = Q_FLOOR * float(np.median([Q[node] for node in eligible]))
+            floor_short = Q_FLOOR * float(np.median([Q2[node] for node in eligible]))
+
+        def z(node, S_, Q_, fl):
+            q = Q_.get(node, 0.0) + fl
+            return S_.get(node, 0.0) / np.sqrt(q) if q > 0 else 0.0
+
         level = -Z_EXCLUDE
         if len(eligible) >= 5:
-            zs = np.array([z(node, S, Q) for node in eligible])
+            zs = np.array([z(node, S, Q, floor) for node in eligible])
             med = float(np.median(zs))
             level = min(level, med - RELATIVE * 1.4826 * float(np.median(np.abs(zs - med))))
         suspects = [r for r, node in enumerate(ids) if n.get(node, 0) >= MIN_ROUNDS
-                    and (z(node, S, Q) < level or z(node, S2, Q2) < -Z_SHORT)]
+                    and (z(node, S, Q, floor) < level or z(node, S2, Q2, floor_short) < -Z_SHORT)]
         budget = int(np.floor(eps_tilde * G.shape[0]))
         if len(suspects) > budget:
-            suspects = sorted(sorted(suspects, key=lambda r: z(ids[r], S, Q))[:budget])
-        active = np.array([r for r in range(G.shape[0]) if r not in suspects])
-        Y = G[active]
-        if budget > 0 and len(suspects) >= budget:  # the budget is spent before the filter: the plain mean
+            suspects = sorted(sorted(suspects, key=lambda r: z(ids[r], S, Q, floor))[:budget])
+        far: list[int] = []
+        M = G
+        if momentum > 0:
+            # what enters the memory is clipped around the last estimate (else the coordinate-wise median);
+            # a reply beyond FAR median distances is left out, the farthest first, within the budget left
+            centre0 = last_estimate if last_estimate is not None else np.median(G, axis=0)
+            dist0 = np.linalg.norm(G - centre0, axis=1)
+            med0 = float(np.median(dist0))
+            if med0 > 0:
+                cand = [r for r in range(G.shape[0]) if dist0[r] > FAR * med0 and r not in suspects]
+                far = sorted(sorted(cand, key=lambda r: -dist0[r])[: max(budget - len(suspects), 0)])
+                clipped = centre0 + np.minimum(1.0, INPUT_CLIP * med0 / np.maximum(dist0, 1e-300))[:, None] * (G - centre0)
+            else:
+                clipped = G
+            M = np.zeros_like(G)
+            for r, node in enumerate(ids):
+                if r in far:
+                    continue
+                cont = node in mem and mem_seen[node] == t - 1
+                mem[node] = momentum * mem[node] + (1 - momentum) * clipped[r] if cont else clipped[r].copy()
+                mem_seen[node] = t
+                M[r] = mem[node]
+        active = np.array([r for r in range(G.shape[0]) if r not in suspects and r not in far])
+        Y = M[active]
+        if budget > 0 and len(suspects) + len(far) >= budget:  # the budget is spent before the filter: the plain mean
             kept, centre, surv = active, Y.mean(axis=0), Y
         else:
             res = rge.aggregate(Y)
@@ -127,17 +160,19 @@ def _federation(seed: int, R: int, d: int, T: int, dtype, churn: bool):
     return rounds, steps
 
 
+@pytest.mark.parametrize("momentum", [0.5, 0.0])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("seed", range(6))
-def test_defence_takes_the_reference_decisions(seed, dtype):
+def test_defence_takes_the_reference_decisions(seed, dtype, momentum):
     R, d = [(12, 9), (20, 40), (16, 150), (25, 64), (10, 300), (30, 20)][seed]
     churn = seed % 2 == 1
     rounds, steps = _federation(seed, R, d, 18, dtype, churn)
     use_steps = seed % 3 == 0
-    ref = reference_rounds(rounds, 0.25, steps=[None] + steps[:-1] if use_steps else None)
-    # the transcription covers evidence, budget, filter and clipping: the later components off
-    rule = RobustDefence(eps_tilde=0.25, self_clip_scale=None, jump_factor=None, gross_factor=None, mixing=False)
-    suspected_any = 0
+    ref = reference_rounds(rounds, 0.25, steps=[None] + steps[:-1] if use_steps else None, momentum=momentum)
+    # the transcription covers evidence, budget, memory, filter and clipping: the other components off
+    kw = {} if momentum == 0.5 else {"momentum": momentum}  # 0.5: the default
+    rule = RobustDefence(eps_tilde=0.25, self_clip_scale=None, jump_factor=None, gross_factor=None, mixing=False, **kw)
+    suspected_any = far_any = 0
     for t, ((G, ids), (kept, suspects, estimate)) in enumerate(zip(rounds, ref)):
         if use_steps and t > 0:
             rule.observe_step(steps[t - 1])
@@ -148,7 +183,9 @@ def test_defence_takes_the_reference_decisions(seed, dtype):
         tol = (1e-5 if dtype == np.float32 else 1e-10) * (np.linalg.norm(estimate) + np.abs(G).max())
         assert np.linalg.norm(res.estimate - estimate) <= tol, f"round {t}"
         suspected_any += bool(suspects)
+        far_any += bool(res.info["gross"])  # the gross screen is off: these are the far replies
     assert suspected_any >= 3  # the evidence did exclude someone: the comparison covered that path
+    assert (far_any >= 1) == (momentum > 0)  # and, with the memory, the far-reply rule
 
 
 def test_defence_with_momentum_takes_the_same_decisions_in_float32_and_float64():

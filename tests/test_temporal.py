@@ -225,16 +225,20 @@ def test_defence_state_carries_the_references():
         RobustDefence().load_state_dict(state, {**arrays, "self_reference.refs": np.zeros((8, 7))}, dim=6)
 
 
-def test_a_node_first_seen_with_a_filtered_reply_starts_fresh_next_round():
-    """Round 1: two nodes send -4x (filtered). Round 2 they are honest: neither jumps nor is left out."""
+@pytest.mark.parametrize("momentum", [0.0, None])
+def test_a_node_first_seen_with_a_filtered_reply_starts_fresh_next_round(momentum):
+    """Round 1: two nodes send -4x (filtered; with the default worker momentum -10x, left out as far
+    replies: its input clipping would pull -4x in). Round 2 they are honest: neither jumps nor is left out."""
     rng = np.random.default_rng(8)
     ids = list(range(10))
     stream = list(_honest_stream(rng, R=10, d=20, rounds=3, spread=1.0, noise=0.3))
-    defence = RobustDefence(eps_tilde=0.2, evidence=False)
+    defence = RobustDefence(eps_tilde=0.2, evidence=False, **({} if momentum is None else {"momentum": momentum}))
     G = stream[0].copy()
-    G[[2, 4]] *= -4.0  # far, but not a gross outlier: the filter drops them
+    G[[2, 4]] *= -4.0 if momentum == 0.0 else -10.0  # far, but not a gross outlier
     res = defence.aggregate(G, client_ids=ids)
-    assert not {2, 4} & set(res.kept.tolist()) and res.info["gross"] == []
+    assert not {2, 4} & set(res.kept.tolist())
+    # momentum 0: the filter drops them; the default: the far-reply rule, reported with the gross outliers
+    assert res.info["gross"] == ([] if momentum == 0.0 else [2, 4])
     assert 2 not in defence.self_reference.refs.index and 4 not in defence.self_reference.refs.index
     for G in stream[1:]:
         res = defence.aggregate(G, client_ids=ids)
