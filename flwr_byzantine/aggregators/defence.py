@@ -327,10 +327,11 @@ class RobustDefence(Aggregator):
         self._pending_step: np.ndarray | None = None
         self._last_estimate: np.ndarray | None = None
         self._scratch: np.ndarray | None = None  # buffer of the self-clipped rows (no state: reused every round)
+        self._memory_out: np.ndarray | None = None  # buffer of the rows' memories (no state: reused every round)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_scratch"] = None  # a buffer, not state: copies and pickles go without it
+        state["_scratch"] = state["_memory_out"] = None  # buffers, not state: copies and pickles go without them
         return state
 
     def observe_step(self, delta: ArrayLike) -> None:
@@ -551,14 +552,23 @@ class RobustDefence(Aggregator):
                                       np.asarray(by_z[: budget - len(first)], dtype=np.intp)).astype(np.intp)
         use_memory = ids is not None and self.momentum > 0
         input_clipped = 0
+        centre0 = factors0 = None
         if use_memory and self.input_clip_scale is not None and R > 2:
             # Bounded contribution per round: what enters a node's memory is clipped around a robust
             # centre (the last estimate, else the coordinate-wise median), so a mobile adversary cannot
-            # plant a huge vector in the memories of the nodes it visits.
-            centre0 = (self._last_estimate if self._last_estimate is not None and self._last_estimate.shape[0] == d
-                       else column_median(G)).astype(G.dtype, copy=False)
-            diff0 = G - centre0
-            dist0 = np.sqrt(row_sq_norms(diff0))
+            # plant a huge vector in the memories of the nodes it visits.  Large rounds: the distances in one
+            # compiled pass (float64 sums); small ones keep numpy's (the robustness grid's rows, bit for bit).
+            centre0 = np.ascontiguousarray(
+                self._last_estimate if self._last_estimate is not None and self._last_estimate.shape[0] == d
+                else column_median(G), dtype=G.dtype)
+            if fast:
+                from .kernels import centre_sq_distances
+
+                dist0 = np.empty(R)
+                centre_sq_distances(G, centre0, dist0)
+                dist0 = np.sqrt(dist0)
+            else:
+                dist0 = np.sqrt(row_sq_norms_to(G, centre0))
             med0 = float(np.median(dist0))
             if med0 > 0 and self.far_factor is not None:
                 # an obvious outlier is left out of the round, not clipped into it (nor into its memory):
@@ -572,14 +582,19 @@ class RobustDefence(Aggregator):
                 radius0 = self.input_clip_scale * med0
                 scale0 = np.minimum(1.0, radius0 / np.maximum(dist0, 1e-300))
                 input_clipped = int(np.sum(scale0 < 1.0))
-                diff0 *= scale0.astype(G.dtype)[:, None]
-                G = np.add(diff0, centre0, out=diff0)
-        if use_memory and gross.size:
-            keep_rows = np.setdiff1d(np.arange(R), gross)
-            M = np.zeros_like(G)
-            M[keep_rows] = self.memory.update(G[keep_rows], [ids[r] for r in keep_rows])
+                factors0 = scale0.astype(G.dtype)
+        if use_memory:
+            # the clip and the memories' blend in one pass, into a buffer reused every round; the rows left
+            # out of the round enter no memory and are zero in M (the sketched filter reads every row of M)
+            keep_rows = np.setdiff1d(np.arange(R), gross) if gross.size else np.arange(R)
+            M = self._memory_out = self.memory.fold_rows(
+                G, keep_rows, [ids[r] for r in keep_rows], out=self._memory_out,
+                centre=centre0 if factors0 is not None else None,
+                factors=None if factors0 is None else factors0[keep_rows])
+            if gross.size:
+                M[gross] = 0
         else:
-            M = self.memory.update(G, ids) if use_memory else G
+            M = G
         dups = np.zeros(0, dtype=np.intp)
         if self.duplicate_tol is not None and R > 2:
             # colluding copies of one message get one vote (step 0 of the docstring); not part of the budget

@@ -13,7 +13,10 @@ read each row segment once and do all the arithmetic of a pass on it:
 * :func:`clip_rows`: ``V[r] = T[s] + drift + (G[r] - T[s] - drift) f_r`` and optionally ``T[s] = V[r]``
   (the elementwise arithmetic of the numpy formulation, bit for bit);
 * :func:`count_sketch`: both bucket maps of :func:`~.sketch.sketch_rows` and the rows' squared norms
-  (the input check's energy) from one read of each row.
+  (the input check's energy) from one read of each row;
+* :func:`centre_sq_distances` and :func:`clip_fold_rows`: the worker momentum's input clipping around the
+  last estimate (the rows' distances, then the clip and the blend into the memory in one pass,
+  :meth:`~.memory.ClientMomentum.fold_rows`).
 
 Reductions (squared norms) accumulate the rows' values, widened to float64, with reassociation allowed
 (vector lanes): the only fast-math flag set, and only on those sums (:func:`_sum_sq_deviation`); the
@@ -304,3 +307,66 @@ def diff_stats_store(G, rows, T, prev, u, sq, dots):
             s, p = _diff_stats_store_segment(G[rows[i], c0:c1], T[prev[i], c0:c1], ut)
             sq[i] += s
             dots[i] += p
+
+
+@numba.njit(cache=True, fastmath={"reassoc"})
+def _sum_sq_diff(g, c, n):
+    """``sum_i (g[i] - c[i])**2`` in float64: each difference one subtraction in the rows' dtype, only the
+    float64 sum reassociated (vector lanes)."""
+    acc = 0.0
+    for i in range(n):
+        x = np.float64(g[i] - c[i])
+        acc += x * x
+    return acc
+
+
+@numba.njit(cache=True)
+def centre_sq_distances(G, centre, sq):
+    """``sq[r] = ||G[r] - centre||^2`` (float64) for every row, one read of the rows in column tiles of
+    :data:`KERNEL_TILE` (the centre's tile stays in cache while every row's tile streams past)."""
+    R, d = G.shape
+    for r in range(R):
+        sq[r] = 0.0
+    for c0 in range(0, d, 4096):
+        c1 = min(d, c0 + 4096)
+        ct = centre[c0:c1]
+        for r in range(R):
+            sq[r] += _sum_sq_diff(G[r, c0:c1], ct, c1 - c0)
+
+
+@numba.njit(cache=True)
+def clip_fold_rows(M, G, rows, centre, factors, clip, T, slots, cont, b_old, b_new):
+    """Worker momentum of clipped rows, one read of each row and of its memory, one write of each.
+
+    For every ``i`` with ``r = rows[i]``, ``s = slots[i]``: ``x = (G[r] - centre) * factors[i] + centre``
+    (``clip``; else ``x = G[r]``) in ``G``'s dtype, then ``T[s] = b_old * T[s] + b_new * x`` where ``cont[i]``
+    (else ``T[s] = x``) and ``M[r] = T[s]``.  ``b_old`` has ``T``'s dtype, ``b_new`` and ``factors`` ``G``'s:
+    numpy's order and dtypes of ``beta * T[s] + (1 - beta) * x`` with ``x = diff * f + centre``, bit for bit.
+    ``slots`` must not repeat.
+    """
+    d = G.shape[1]
+    for i in range(rows.size):
+        g = G[rows[i]]
+        t = T[slots[i]]
+        m = M[rows[i]]
+        f = factors[i]
+        if clip and cont[i]:
+            for c in range(d):
+                y = b_old * t[c] + b_new * ((g[c] - centre[c]) * f + centre[c])
+                t[c] = y
+                m[c] = y
+        elif clip:
+            for c in range(d):
+                x = (g[c] - centre[c]) * f + centre[c]
+                t[c] = x
+                m[c] = x
+        elif cont[i]:
+            for c in range(d):
+                y = b_old * t[c] + b_new * g[c]
+                t[c] = y
+                m[c] = y
+        else:
+            for c in range(d):
+                x = g[c]
+                t[c] = x
+                m[c] = x

@@ -9,7 +9,7 @@ sends the same gradient as without it.
 
 A node seen for the first time, or back after more than ``max_idle_rounds`` calls
 without a reply, starts from ``m_i = g_i``.  A change of the vectors' dimension
-forgets everything.  Calls are counted by :meth:`ClientMomentum.update`.
+forgets everything.  Calls are counted by :meth:`ClientMomentum.fold_rows` (and :meth:`~ClientMomentum.update`).
 
 The tables keep the rounds' floating dtype (float32 rounds: float32 tables, no float64 copy)
 and hold the vectors as rows of one matrix (vectorised gathers, a departed node's row reused);
@@ -145,25 +145,49 @@ class ClientMomentum:
         The memories keep ``G``'s floating dtype (float32 input: float32 memories).
         """
         G = np.asarray(G)
+        if G.ndim != 2:
+            raise ValueError("G must be (R, d) with one id per row")
+        return self.fold_rows(G, np.arange(G.shape[0]), ids)
+
+    def fold_rows(self, G: np.ndarray, rows: np.ndarray, ids: Sequence[int], out: np.ndarray | None = None,
+                  centre: np.ndarray | None = None, factors: np.ndarray | None = None) -> np.ndarray:
+        """Fold ``x_k = centre + (G[rows[k]] - centre) * factors[k]`` (or ``G[rows[k]]`` without ``centre``) into
+        node ``ids[k]``'s memory, ``m <- beta m + (1 - beta) x_k`` (a new or returning node: ``m <- x_k``), and
+        write the memory into ``out[rows[k]]``.
+
+        One compiled pass (:func:`~.kernels.clip_fold_rows`): each row and its memory read once, the memory
+        and ``out``'s row written once, no temporaries; the arithmetic of the numpy formulation
+        (``diff * f + centre`` in ``G``'s dtype, then ``beta * m + (1 - beta) * x``), bit for bit.  ``out``
+        (``(R, d)``, the memories' dtype: that of ``G`` or wider) is reused when it fits, else a new one is
+        made; its other rows are left as they are.  Returns ``out``.
+        """
+        from .kernels import clip_fold_rows
+
+        G = np.asarray(G)
         if not np.issubdtype(G.dtype, np.floating):
             G = G.astype(np.float64)
         ids = [int(i) for i in ids]
-        if G.ndim != 2 or len(ids) != G.shape[0]:
-            raise ValueError("G must be (R, d) with one id per row")
+        rows = np.ascontiguousarray(rows, dtype=np.intp)
+        if G.ndim != 2 or rows.ndim != 1 or len(ids) != rows.size:
+            raise ValueError("G must be (R, d) with one id per folded row")
         if len(set(ids)) != len(ids):
             raise ValueError("node ids must be distinct within a round")
+        if (centre is None) != (factors is None):
+            raise ValueError("centre and factors go together")
         if self._m.dim is not None and self._m.dim != G.shape[1]:
             self.reset()
         self.calls += 1
-        cont = np.array([r for r, node in enumerate(ids) if node in self._m.index
-                         and self.calls - self._seen.get(node, -10**9) <= self.max_idle_rounds], dtype=np.intp)
+        cont = np.fromiter((node in self._m.index and self.calls - self._seen.get(node, -10**9) <= self.max_idle_rounds
+                            for node in ids), dtype=bool, count=len(ids))
         slots = self._m.assign(ids, G.shape[1], G.dtype)
         table = self._m.rows
-        out = G.astype(table.dtype, copy=True)
-        if cont.size:
-            ci = as_index(cont)
-            out[ci] = self.beta * table[slots[cont]] + (1.0 - self.beta) * G[ci]
-        table[as_index(slots)] = out
+        if out is None or out.shape != G.shape or out.dtype != table.dtype:
+            out = np.empty(G.shape, dtype=table.dtype)
+        clip = centre is not None
+        centre = np.ascontiguousarray(centre if clip else np.zeros(1), dtype=G.dtype)
+        factors = np.ascontiguousarray(factors if clip else np.ones(rows.size), dtype=G.dtype)
+        clip_fold_rows(out, G, rows, centre, factors, clip, table, slots, cont,
+                       table.dtype.type(self.beta), G.dtype.type(1.0 - self.beta))
         for node in ids:
             self._seen[node] = self.calls
         return out
