@@ -13,7 +13,7 @@ filter and adds what a single round lacks:
    ``<g_i(t) - g_i(t-1), x_t - x_{t-1}> >= 0``; a node whose replies violate this round after
    round (sign flip, IPM, anything that raises its own loss) is excluded once its evidence
    ``Z_i`` falls below the round's level ``min(-z_exclude, median(Z) - evidence_relative MADn(Z))``
-   (``z_exclude = 0``: not positive, where the honest majority's own evidence is), at most
+   (``z_exclude = 1.5``: below -1.5, where the honest majority's own evidence is higher), at most
    ``floor(eps_tilde R)`` nodes, the most suspect first, re-decided every round.  Replies the round finds anomalous (gross outliers,
    jumps) are not scored, nor is the node's next reply against them, and the scores are
    winsorised (``score_clip``), so a mobile adversary cannot plant evidence on honest nodes.  Node ids

@@ -51,7 +51,7 @@ class MemoryAware(UpdateAttack):
     needs_model_history: ClassVar[bool] = True
 
     inner: str = "sign-flip"
-    z_exclude: float = 0.0  # the default defence's level (DEFAULT_Z_EXCLUDE; not imported: clients never load the aggregators)
+    z_exclude: float = 1.5  # the default defence's level (DEFAULT_Z_EXCLUDE; not imported: clients never load the aggregators)
     gamma: float = 0.95
     margin: float = 0.25
     gamma_short: float = 0.8
