@@ -93,7 +93,8 @@ def test_relative_level_follows_a_low_spread_population_down_and_is_never_strict
     assert ev._level(z) == pytest.approx(med - 2.0 * 1.4826 * np.median(np.abs(z - med)))
     assert ev._level(z) < -0.8  # no honest node of this population is below it
     assert ev._level(z[:4]) == 0.0  # fewer than 5 nodes with evidence: the absolute level
-    assert MonotonicityEvidence(relative=None)._level(z) == 0.0
+    assert MonotonicityEvidence(z_exclude=0.0, relative=None)._level(z) == 0.0
+    assert MonotonicityEvidence(relative=None)._level(z) == -1.5  # the default level
     with pytest.raises(ValueError):
         MonotonicityEvidence(relative=0.0)
 
@@ -382,7 +383,7 @@ def test_a_plain_sign_flipper_is_over_the_default_exclusion_level():
     d = 6
     A = np.diag(rng.uniform(1.0, 2.0, size=d))
     ev = MonotonicityEvidence()
-    assert ev.z_exclude == 0.0
+    assert ev.z_exclude == 1.5
     x, prev_step = rng.normal(size=d), None
     for _ in range(1, 30):
         honest = np.stack([A @ x + 0.05 * rng.normal(size=d) for _ in range(8)])
@@ -394,7 +395,7 @@ def test_a_plain_sign_flipper_is_over_the_default_exclusion_level():
 
 def test_memory_aware_attack_aims_at_the_rules_levels():
     atk = MemoryAware(seed=0)
-    assert atk.z_exclude == RobustDefence().evidence.z_exclude == 0.0  # the default defence's level
+    assert atk.z_exclude == RobustDefence().evidence.z_exclude == 1.5  # the default defence's level
     ev = MonotonicityEvidence(gamma=0.9, z_exclude=1.5, gamma_short=0.7, z_short=2.5)
     ev.floor = (0.3, 0.2)
     atk.aim_at(ev)

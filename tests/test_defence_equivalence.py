@@ -16,7 +16,7 @@ import pytest
 
 from flwr_byzantine.aggregators import RGE, RobustDefence
 
-GAMMA, Z_EXCLUDE, MIN_ROUNDS, GAMMA_SHORT, Z_SHORT = 0.95, 0.0, 5, 0.8, 2.0
+GAMMA, Z_EXCLUDE, MIN_ROUNDS, GAMMA_SHORT, Z_SHORT = 0.95, 1.5, 5, 0.8, 2.0
 SCORE_CLIP, RELATIVE = 3.0, 2.0  # winsorised scores; the relative level median(Z) - 2 MADn(Z) where lower
 Q_FLOOR = 0.1  # Z = S / sqrt(Q + 0.1 median Q) over the round's nodes with enough scores
 INPUT_CLIP, FAR = 1.0, 4.0  # the momentum's input clipping radius and far-reply distance, in median distances
