@@ -84,7 +84,7 @@ OMNI_ATTACKS = ("omni:alie", "omni:ipm", "omni:sign-flip", "omni:defence-aware",
 ATTACKS = CLIENT_ATTACKS + OMNI_ATTACKS
 PEERS = ("cclip", "nnm:cclip", "multi-krum", "trimmed-mean", "median", "geomed")
 MOMENTUM_PEERS = ("wm:cclip", "wm:nnm:cclip", "wm:multi-krum", "wm:trimmed-mean")
-ABLATIONS = ("rge/no-mixing", "rge/no-evidence", "rge/evidence-level-1.5", "rge/no-relative-level",
+ABLATIONS = ("rge/no-mixing", "rge/no-evidence", "rge/evidence-level-0", "rge/no-relative-level",
              "rge/no-skip-anomalies", "rge/no-self-ref",
              "rge/no-jump", "rge/no-burn-in", "rge/no-gross", "rge/no-clip", "rge/threshold-4", "rge/no-momentum",
              "rge/momentum",
