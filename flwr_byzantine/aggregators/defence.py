@@ -281,6 +281,8 @@ class RobustDefence(Aggregator):
         duplicate_tol: float | None = DEFAULT_DUPLICATE_TOL,
     ) -> None:
         self.fast_passes = bool(fast_passes)
+        #: Fast rounds fuse passes over the rows (issue 12; the same results bit for bit, one read fewer each).
+        self.fuse_passes = True
         self.screen_sketch_dim, self.drift_rows = SCREEN_SKETCH_DIM, DRIFT_ROWS
         self._pass_rng = np.random.default_rng(None if seed is None else [int(seed), 12])
         if duplicate_tol is not None and not (np.isfinite(duplicate_tol) and 0 < duplicate_tol < 1):
@@ -458,6 +460,14 @@ class RobustDefence(Aggregator):
         """Whether a round of ``R x d`` entries runs the fast passes (``fast_passes``, at least ``fast_above`` entries)."""
         return bool(self.fast_passes and self.fast_above is not None and R * d >= self.fast_above)
 
+    def _fused_centre(self, R: int, d: int, dtype: Any) -> np.ndarray | None:
+        """The worker momentum's input-clipping centre when a fast round's self-reference pass can take the rows'
+        distances to it while it writes them (``fuse_passes``; the centre is the last estimate), else ``None``."""
+        if not (self.fuse_passes and self._fast_round(R, d) and self.momentum > 0 and self.input_clip_scale is not None
+                and R > 2 and self._last_estimate is not None and self._last_estimate.shape[0] == d):
+            return None
+        return np.ascontiguousarray(self._last_estimate, dtype=dtype)
+
     def _screen_sketched(self, updates: ArrayLike) -> bool:
         """Whether the gross screen of ``updates`` runs on a sketch of numpy float32/float64 rows (one compiled pass
         that also gives the rows' squared norms, which :meth:`_run` then uses as the input check)."""
@@ -518,7 +528,8 @@ class RobustDefence(Aggregator):
                 self._scratch = np.empty_like(raw)  # the clipped rows, rewritten every round (no fresh pages)
             drift_rows = (max(self.drift_rows, R // DRIFT_SHARE) | 1) if fast else None
             G, self_info = self.self_reference.apply(raw, ids, skip=gross, out=self._scratch, drift_rows=drift_rows,
-                                                     rng=self._pass_rng)
+                                                     rng=self._pass_rng, centre=self._fused_centre(R, d, raw.dtype))
+        centre_sq = self_info.pop("centre_sq", None)
         suspects = np.zeros(0, dtype=np.intp)
         if ids is not None and self.evidence is not None:
             step = self._pending_step if self._pending_step is not None else (
@@ -561,11 +572,13 @@ class RobustDefence(Aggregator):
             centre0 = np.ascontiguousarray(
                 self._last_estimate if self._last_estimate is not None and self._last_estimate.shape[0] == d
                 else column_median(G), dtype=G.dtype)
-            if fast:
+            if centre_sq is not None:  # taken by the self-reference pass while it wrote the rows
+                dist0 = np.sqrt(centre_sq)
+            elif fast:
                 from .kernels import centre_sq_distances
 
                 dist0 = np.empty(R)
-                centre_sq_distances(G, centre0, dist0)
+                centre_sq_distances(G, np.arange(R), centre0, dist0)
                 dist0 = np.sqrt(dist0)
             else:
                 dist0 = np.sqrt(row_sq_norms_to(G, centre0))

@@ -185,30 +185,45 @@ def drift_and_deviations(G, rows, T, slots, sample, lo, hi, npad, drift, sq, blo
 
 
 @numba.njit(cache=True)
-def clip_rows(V, G, rows, T, slots, drift, factors, store):
+def _clip_segment(v, g, t, dr, f, store):
+    """``v = (t + dr) + ((g - t) - dr) * f`` elementwise (IEEE order), and ``t = v`` when ``store``."""
+    if store:
+        for c in range(g.size):
+            ref = t[c]
+            y = (ref + dr[c]) + ((g[c] - ref) - dr[c]) * f
+            v[c] = y
+            t[c] = y
+    else:
+        for c in range(g.size):
+            ref = t[c]
+            v[c] = (ref + dr[c]) + ((g[c] - ref) - dr[c]) * f
+
+
+@numba.njit(cache=True)
+def clip_rows(V, G, rows, T, slots, drift, factors, store, centre, csq):
     """``V[rows[i]] = T[s] + drift + ((G[rows[i]] - T[s]) - drift) * factors[i]`` with ``s = slots[i]``;
     ``store``: also ``T[s] = V[rows[i]]`` (each row's reference read before it is overwritten).
+    ``centre`` (``V``'s dtype, length ``d``, or empty to skip): also ``csq[i] = ||V[rows[i]] - centre||^2``
+    (float64) from the written values, tile by tile of :data:`KERNEL_TILE` columns while they are in L1 (the
+    sums of :func:`centre_sq_distances` on ``V``, bit for bit: one read of the rows fewer).
 
     Elementwise in the dtype of ``V``, in numpy's order of operations (bit for bit).
     """
     d = G.shape[1]
+    dist = centre.size > 0
     for i in range(rows.size):
         g = G[rows[i]]
         t = T[slots[i]]
         v = V[rows[i]]
         f = factors[i]
-        if store:
-            for c in range(d):
-                ref = t[c]
-                dr = drift[c]
-                y = (ref + dr) + ((g[c] - ref) - dr) * f
-                v[c] = y
-                t[c] = y
-        else:
-            for c in range(d):
-                ref = t[c]
-                dr = drift[c]
-                v[c] = (ref + dr) + ((g[c] - ref) - dr) * f
+        acc = 0.0
+        for c0 in range(0, d, 4096):
+            c1 = min(d, c0 + 4096)
+            _clip_segment(v[c0:c1], g[c0:c1], t[c0:c1], drift[c0:c1], f, store)
+            if dist:
+                acc += _sum_sq_diff(v[c0:c1], centre[c0:c1], c1 - c0)
+        if dist:
+            csq[i] = acc
 
 
 @numba.njit(cache=True, fastmath={"reassoc"})
@@ -326,12 +341,12 @@ def _sum_sq_diff(g, c, n):
 
 
 @numba.njit(cache=True)
-def centre_sq_distances(G, centre, sq):
-    """``sq[r] = ||G[r] - centre||^2`` (float64) for every row, one read of the rows, row after row, summed tile
-    by tile of :data:`KERNEL_TILE` columns (the centre stays in the last-level cache)."""
-    R, d = G.shape
-    for r in range(R):
-        g = G[r]
+def centre_sq_distances(G, rows, centre, sq):
+    """``sq[i] = ||G[rows[i]] - centre||^2`` (float64) for every ``i``, one read of those rows, row after row, summed
+    tile by tile of :data:`KERNEL_TILE` columns (the centre stays in the last-level cache)."""
+    d = G.shape[1]
+    for r in range(rows.size):
+        g = G[rows[r]]
         acc = 0.0
         for c0 in range(0, d, 4096):
             c1 = min(d, c0 + 4096)

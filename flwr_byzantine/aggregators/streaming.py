@@ -141,21 +141,28 @@ def reference_deviation_stats(G: np.ndarray, rows: np.ndarray, table: np.ndarray
 
 
 def clip_to_references(V: np.ndarray, G: np.ndarray, rows: np.ndarray, table: np.ndarray, slots: np.ndarray,
-                       drift: np.ndarray, factors: np.ndarray, store: bool = False) -> None:
+                       drift: np.ndarray, factors: np.ndarray, store: bool = False,
+                       centre: np.ndarray | None = None) -> np.ndarray | None:
     """``V[rows] = ref + drift + (G[rows] - ref - drift) * factors`` with ``ref = table[slots]``, one compiled pass.
 
     The arithmetic of :meth:`~.temporal.SelfReference.apply`, bit for bit (elementwise, in the dtype
     ``result_type(G, table, drift)``; :func:`~.kernels.clip_rows`), without temporaries.  ``store``: the
     clipped rows also replace their references (``table[slots] = V[rows]``, each row written once its
     reference is read; ``table`` must have the clipped rows' dtype), in the same pass instead of a second copy.
+    ``centre`` (a vector of ``V``'s dtype): the same pass also returns ``||V[rows[k]] - centre||^2`` for every
+    ``k`` (float64; :func:`~.kernels.centre_sq_distances`' sums, bit for bit); else returns ``None``.
     """
     from .kernels import clip_rows
 
     dtype = np.result_type(G.dtype, table.dtype, drift.dtype)
     if store and table.dtype != V.dtype:
         raise ValueError("the references' table must have the clipped rows' dtype to store them")
+    csq = np.empty(np.asarray(rows).size if centre is not None else 0)
+    c = np.empty(0, dtype=V.dtype) if centre is None else np.ascontiguousarray(centre, dtype=V.dtype)
     clip_rows(V, G, np.ascontiguousarray(rows, dtype=np.intp), table, np.ascontiguousarray(slots, dtype=np.intp),
-              np.asarray(drift).astype(dtype, copy=False), np.asarray(factors).astype(dtype, copy=False), bool(store))
+              np.asarray(drift).astype(dtype, copy=False), np.asarray(factors).astype(dtype, copy=False), bool(store),
+              c, csq)
+    return csq if centre is not None else None
 
 
 def host_array(x: ArrayLike) -> np.ndarray:

@@ -88,7 +88,8 @@ class SelfReference:
 
     def apply(self, G: np.ndarray, ids: Sequence[int], skip: Sequence[int] = (),
               out: np.ndarray | None = None, drift_rows: int | None = None,
-              rng: np.random.Generator | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+              rng: np.random.Generator | None = None, centre: np.ndarray | None = None
+              ) -> tuple[np.ndarray, dict[str, Any]]:
         """Clip the rows of ``G`` (node ``ids[r]`` for row ``r``) against their references.
 
         Rows in ``skip`` (e.g. gross outliers dropped this round) are returned unchanged, do not
@@ -98,6 +99,9 @@ class SelfReference:
         ``drift_rows`` (with ``rng``, the caller's private generator): when more nodes than that have a
         reference, the drift is the coordinate-wise median of ``drift_rows`` of them drawn at random
         (its cost falls with the sample; the radius and the jumps still see every node); ``None``: all.
+        ``centre`` (a vector of ``G``'s dtype): ``info["centre_sq"]`` holds every returned row's squared distance
+        to it, ``||V[r] - centre||^2`` (float64, :func:`~.kernels.centre_sq_distances`' sums bit for bit), taken
+        while the clipping writes the rows (one read of ``V`` fewer for a caller that needs them).
         """
         G = np.asarray(G)
         ids = [int(i) for i in ids]
@@ -107,6 +111,7 @@ class SelfReference:
         rows = [r for r, node in enumerate(ids) if r not in skip_set and node in self.refs.index]
         info: dict[str, Any] = {"self_clipped": 0, "self_radius": float("nan"), "self_rows": len(rows), "jumped": []}
         V = np.empty_like(G) if out is None else out
+        centre_sq = None if centre is None else np.empty(len(ids))
         copied = False  # the rows `rows` are written by the clipping; the others are copied from G
         stored = False  # the clipping also wrote the rows `rows` into their references
         jump_fix: tuple[list[int], np.ndarray] | None = None  # references that follow only the drift
@@ -138,12 +143,23 @@ class SelfReference:
                                         (self.refs.rows[slots[jump]] + drift)[mature].astype(V.dtype, copy=False))
                         info["jumped"] = [int(r) for r in jr]
                         info["jump_ratio"] = [float(x) for x in dist[jump] / max(float(np.median(dist)), 1e-300)]
-                clip_to_references(V, G, np.asarray(rows), self.refs.rows, slots, drift, factors,  # ref + drift + dev * f
-                                   store=stored)
+                csq = clip_to_references(V, G, np.asarray(rows), self.refs.rows, slots, drift, factors,  # ref + drift + dev * f
+                                         store=stored, centre=centre)
+                if centre_sq is not None:
+                    centre_sq[rows] = csq
                 copied = True
                 info.update(self_clipped=int(np.sum(factors < 1.0)), self_radius=radius)
-        for r in np.setdiff1d(np.arange(len(ids)), rows if copied else []):  # row by row: no gathered temporary
+        others = np.setdiff1d(np.arange(len(ids)), rows if copied else [])
+        for r in others:  # row by row: no gathered temporary
             V[r] = G[r]
+        if centre_sq is not None:
+            if others.size:
+                from .kernels import centre_sq_distances
+
+                sq = np.empty(others.size)
+                centre_sq_distances(V, others.astype(np.intp), np.ascontiguousarray(centre, dtype=V.dtype), sq)
+                centre_sq[others] = sq
+            info["centre_sq"] = centre_sq
         info["new_rows"] = [r for r, node in enumerate(ids) if r not in skip_set and node not in self.refs.index]
         seen = [r for r in range(len(ids)) if r not in skip_set]
         present = {ids[r] for r in seen}

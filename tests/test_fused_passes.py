@@ -1,0 +1,93 @@
+"""Fused passes of the default defence's fast rounds (issue 12).
+
+Large rounds fuse several passes over the rows into one compiled pass each (the input clipping's
+distances inside the self-reference clipping, ...).  Each fused kernel is checked against the plain
+numpy formulation, and a fast round of :class:`~flwr_byzantine.aggregators.RobustDefence` with the
+fusions must give the unfused passes' results bit for bit: estimates, decisions and memories.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flwr_byzantine.aggregators import kernels
+from flwr_byzantine.aggregators.defence import RobustDefence
+from flwr_byzantine.aggregators.streaming import clip_to_references
+
+DTYPES = [np.float32, np.float64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d", [(1, 1), (4, 7), (9, kernels.KERNEL_TILE + 11), (30, 2 * kernels.KERNEL_TILE)])
+def test_clip_rows_distances_are_the_written_rows_distances(dtype, n, d):
+    rng = np.random.default_rng(n * 7 + d)
+    G = rng.standard_normal((n + 2, d)).astype(dtype)
+    T = rng.standard_normal((n + 3, d)).astype(dtype)
+    rows = np.sort(rng.choice(n + 2, n, replace=False))
+    slots = rng.permutation(n + 3)[:n]
+    drift = rng.standard_normal(d).astype(dtype)
+    factors = np.minimum(1.0, rng.uniform(0.1, 2.0, n))
+    centre = (rng.standard_normal(d) + 2.0).astype(dtype)
+    V, T1 = np.zeros_like(G), T.copy()
+    csq = clip_to_references(V, G, rows, T1, slots, drift, factors, store=True, centre=centre)
+    V2, T2 = np.zeros_like(G), T.copy()
+    assert clip_to_references(V2, G, rows, T2, slots, drift, factors, store=True) is None
+    assert np.array_equal(V, V2) and np.array_equal(T1, T2)  # the rows and references as without the distances
+    want = np.empty(n)
+    kernels.centre_sq_distances(V, rows, centre, want)
+    assert np.array_equal(csq, want)  # the separate pass's sums, bit for bit
+    plain = np.sum(np.square((V[rows] - centre).astype(np.float64)), axis=1)
+    np.testing.assert_allclose(csq, plain, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_centre_distances_of_a_subset_of_rows(dtype):
+    rng = np.random.default_rng(3)
+    G = rng.standard_normal((9, 5000)).astype(dtype)
+    centre = rng.standard_normal(5000).astype(dtype)
+    rows = np.array([7, 2, 5], dtype=np.intp)
+    sq = np.empty(3)
+    kernels.centre_sq_distances(G, rows, centre, sq)
+    np.testing.assert_allclose(sq, np.sum(np.square((G[rows] - centre).astype(np.float64)), axis=1), rtol=1e-12)
+
+
+def _attacked_rounds(n_rounds: int, R: int, d: int, seed: int = 0):
+    """float32 rounds with far rows, a jump, a new node and an idle one; ``(G, ids)`` per round."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(R, d)).astype(np.float32)
+    out = []
+    for t in range(n_rounds):
+        G = centres * np.float32(0.5) + np.float32(0.05 * t) + rng.normal(size=(R, d)).astype(np.float32) * 0.3
+        G[:2] += np.float32(40.0)  # gross
+        if t in (2, 3, 6):
+            G[2:4] = -G[2:4] * np.float32(6.0)  # far from the last estimate: left out of the round
+        if t == 5:
+            G[6] += np.float32(2.5)  # a jump
+        ids = list(range(R))
+        if t == 4:
+            ids[-1] = 10_000 + t  # a new node in place of the last one (which is idle for a round)
+        out.append((G, ids))
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_rounds_fused_are_the_unfused_passes_bit_for_bit(dtype):
+    R, d = 24, 5000  # sketched screen and filter (d > 4096)
+    fused = RobustDefence(eps_tilde=0.2, seed=0, fast_above=R * d)
+    plain = RobustDefence(eps_tilde=0.2, seed=0, fast_above=R * d)
+    plain.fuse_passes = False
+    assert fused._fast_round(R, d)
+    for G, ids in _attacked_rounds(9, R, d):
+        G = G.astype(dtype)
+        a = fused.aggregate(G, client_ids=ids)
+        b = plain.aggregate(G, client_ids=ids)
+        assert np.array_equal(a.estimate, b.estimate)
+        assert a.kept.tolist() == b.kept.tolist() and np.array_equal(a.weights, b.weights)
+        for key in ("gross", "suspected", "duplicates", "input_clipped", "jumped", "self_clipped", "clipped"):
+            assert a.info.get(key) == b.info.get(key), key
+    sa, arr_a = fused.state_dict()
+    sb, arr_b = plain.state_dict()
+    assert sa == sb and sorted(arr_a) == sorted(arr_b)
+    for key in arr_a:
+        assert np.array_equal(arr_a[key], arr_b[key]), key
