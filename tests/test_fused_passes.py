@@ -91,3 +91,41 @@ def test_fast_rounds_fused_are_the_unfused_passes_bit_for_bit(dtype):
     assert sa == sb and sorted(arr_a) == sorted(arr_b)
     for key in arr_a:
         assert np.array_equal(arr_a[key], arr_b[key]), key
+
+
+@pytest.mark.parametrize("dtype,table_dtype", [(np.float32, np.float32), (np.float64, np.float64),
+                                               (np.float32, np.float64)])
+@pytest.mark.parametrize("R,d", [(6, 9), (12, kernels.KERNEL_TILE + 21)])
+def test_evidence_pass_inside_the_deviation_pass(dtype, table_dtype, R, d):
+    """The evidence's statistics and store from the self-reference's read of the rows: its own pass's results bit
+    for bit (rows scored, stored fresh, and rows without a reference among them), and the plain numpy values."""
+    from flwr_byzantine.aggregators.memory import MonotonicityEvidence
+    from flwr_byzantine.aggregators.streaming import reference_deviation_stats
+
+    rng = np.random.default_rng(R + d)
+    ids = list(range(R))
+    a, b = MonotonicityEvidence(), MonotonicityEvidence()
+    first = rng.standard_normal((R - 2, d)).astype(table_dtype)
+    for ev in (a, b):
+        ev.observe(first, ids[2:], None)  # nodes 0 and 1 are new this round: stored, not scored
+    G = rng.standard_normal((R, d)).astype(dtype)
+    step = rng.standard_normal(d)
+    pa, pb = a.prepare(G, ids, step), b.prepare(G, ids, step)
+    want_sq = np.sum(np.square((G[pa.rows] - pa.table[pa.prev]).astype(np.float64)), axis=1)
+    want_dots = ((G[pa.rows] - pa.table[pa.prev]).astype(np.float64)) @ pa.u.astype(np.float64)
+    T = rng.standard_normal((R + 1, d)).astype(dtype)
+    rows = np.array([0, 2, 3, 5], dtype=np.intp)  # the self-reference's rows: not the evidence's
+    slots = np.array([4, 1, 0, 6], dtype=np.intp)
+    drift, sq = reference_deviation_stats(G, rows, T, slots, evidence=pa)
+    drift0, sq0 = reference_deviation_stats(G, rows, T, slots)
+    assert np.array_equal(drift, drift0) and np.array_equal(sq, sq0)
+    pb.run(G)
+    assert np.array_equal(pa.sq, pb.sq) and np.array_equal(pa.dots, pb.dots)
+    assert np.array_equal(pa.table, pb.table)  # every row stored
+    np.testing.assert_allclose(pa.sq, want_sq, rtol=1e-10)
+    np.testing.assert_allclose(pa.dots, want_dots, rtol=1e-5, atol=1e-5 * float(np.sqrt(want_sq.max())))
+    with pytest.raises(ValueError):  # a pass runs once
+        reference_deviation_stats(G, rows, T, slots, evidence=pa)
+    a.finish(pa, G, skip=[3])
+    b.finish(pb, G, skip=[3])
+    assert a.state_dict()["S"] == b.state_dict()["S"] and a.state_dict()["last_ids"] == b.state_dict()["last_ids"]
