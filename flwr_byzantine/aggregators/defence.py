@@ -523,28 +523,21 @@ class RobustDefence(Aggregator):
                 gross = np.flatnonzero(dist_med > self.gross_factor * med_d)
         raw = G
         self_info: dict[str, Any] = {}
-        evidence_pass = None
-        if ids is not None and self.evidence is not None:
-            # the evidence's step: the one reported, else the last estimate's opposite; its pass over the rows is
-            # run inside the self-reference's deviation pass in fast rounds (the same read of the rows)
-            step = self._pending_step if self._pending_step is not None else (
-                None if self._last_estimate is None else -self._last_estimate)
-            if step is not None and step.shape[0] != d:
-                step = None
-            evidence_pass = self.evidence.prepare(raw, ids, step)
-        fuse_evidence = evidence_pass is not None and self.fuse_passes and fast
         if ids is not None and self.self_reference is not None:
             if self._scratch is None or self._scratch.shape != raw.shape or self._scratch.dtype != raw.dtype:
                 self._scratch = np.empty_like(raw)  # the clipped rows, rewritten every round (no fresh pages)
             drift_rows = (max(self.drift_rows, R // DRIFT_SHARE) | 1) if fast else None
             G, self_info = self.self_reference.apply(raw, ids, skip=gross, out=self._scratch, drift_rows=drift_rows,
-                                                     rng=self._pass_rng, centre=self._fused_centre(R, d, raw.dtype),
-                                                     evidence=evidence_pass if fuse_evidence else None)
+                                                     rng=self._pass_rng, centre=self._fused_centre(R, d, raw.dtype))
         centre_sq = self_info.pop("centre_sq", None)
         suspects = np.zeros(0, dtype=np.intp)
-        if evidence_pass is not None:
+        if ids is not None and self.evidence is not None:
+            step = self._pending_step if self._pending_step is not None else (
+                None if self._last_estimate is None else -self._last_estimate)
+            if step is not None and step.shape[0] != d:
+                step = None
             anomalous = np.union1d(gross, self_info.get("jumped", [])).astype(np.intp) if self.skip_anomalies else ()
-            self.evidence.finish(evidence_pass, raw, skip=anomalous)  # runs the pass unless it ran above
+            self.evidence.observe(raw, ids, step, skip=anomalous)
             suspects = np.flatnonzero(self.evidence.suspected_rows(ids))
             # memory never excludes more nodes than the assumed Byzantine budget: the most suspect first
             budget = int(np.floor(self.eps_tilde * R))

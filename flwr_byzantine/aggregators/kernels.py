@@ -143,8 +143,7 @@ def _median_block(B, w, lo, hi, m, out, c_out):
 
 
 @numba.njit(cache=True)
-def drift_and_deviations(G, rows, T, slots, sample, lo, hi, npad, drift, sq, block_values, E, eslots, escore, u,
-                         esq, edots):
+def drift_and_deviations(G, rows, T, slots, sample, lo, hi, npad, drift, sq, block_values):
     """``drift = median_k (G[rows[sample[k]]] - T[slots[sample[k]]])`` per coordinate, and
     ``sq[i] = ||G[rows[i]] - T[slots[i]] - drift||^2`` (float64) for every ``i``.
 
@@ -155,11 +154,6 @@ def drift_and_deviations(G, rows, T, slots, sample, lo, hi, npad, drift, sq, blo
     per row: column tiles of all rows, each row a separate short run, measured 1.7x slower), summed tile by
     tile of :data:`KERNEL_TILE` columns (the drift stays in the last-level cache).
     The differences are ``(G - T) - drift`` in the rows' dtype, as numpy computes them.
-
-    ``E`` (``(0, 0)`` to skip): the evidence's pass (:func:`diff_stats_store`) in the same read of the rows.
-    Every row ``r`` of ``G`` is stored, ``E[eslots[r]] = G[r]``; where ``escore[r] = k >= 0``, first
-    ``esq[k] = ||G[r] - E[eslots[r]]||^2`` and ``edots[k] = (G[r] - E[eslots[r]]) . u`` (:func:`diff_stats_store`'s
-    sums, bit for bit).  ``eslots`` must not repeat.
     """
     n = rows.size
     d = G.shape[1]
@@ -180,44 +174,14 @@ def drift_and_deviations(G, rows, T, slots, sample, lo, hi, npad, drift, sq, blo
             for c in range(w):
                 Bk[c] = np.inf
         _median_block(B, w, lo, hi, m, drift, b0)
-    if E.shape[0] == 0:
-        for i in range(n):
-            g = G[rows[i]]
-            t = T[slots[i]]
-            acc = 0.0
-            for c0 in range(0, d, 4096):
-                c1 = min(d, c0 + 4096)
-                acc += _sum_sq_deviation(g[c0:c1], t[c0:c1], drift[c0:c1], c1 - c0)
-            sq[i] = acc
-        return
-    R = G.shape[0]
-    pos = np.full(R, -1, dtype=np.intp)
     for i in range(n):
-        pos[rows[i]] = i
-    for r in range(R):
-        g = G[r]
-        i = pos[r]
-        e = E[eslots[r]]
-        k = escore[r]
+        g = G[rows[i]]
+        t = T[slots[i]]
         acc = 0.0
-        a = 0.0
-        b = 0.0
         for c0 in range(0, d, 4096):
             c1 = min(d, c0 + 4096)
-            if i >= 0:
-                acc += _sum_sq_deviation(g[c0:c1], T[slots[i], c0:c1], drift[c0:c1], c1 - c0)
-            if k >= 0:
-                s, p = _diff_stats_store_segment(g[c0:c1], e[c0:c1], u[c0:c1])
-                a += s
-                b += p
-            else:
-                for c in range(c0, c1):
-                    e[c] = g[c]
-        if i >= 0:
-            sq[i] = acc
-        if k >= 0:
-            esq[k] = a
-            edots[k] = b
+            acc += _sum_sq_deviation(g[c0:c1], t[c0:c1], drift[c0:c1], c1 - c0)
+        sq[i] = acc
 
 
 @numba.njit(cache=True)

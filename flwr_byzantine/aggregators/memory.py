@@ -230,31 +230,6 @@ class ClientMomentum:
         self._seen = dict(zip(ids, seen))
 
 
-class EvidencePass:
-    """One round's pass of :class:`MonotonicityEvidence` over the rows, between :meth:`~MonotonicityEvidence.prepare`
-    and :meth:`~MonotonicityEvidence.finish`.
-
-    Row ``rows[k]`` of the round is scored against the remembered row ``table[prev[k]]`` along the unit step
-    ``u``: ``sq[k] = ||G[rows[k]] - table[prev[k]]||^2`` and ``dots[k] = (G[rows[k]] - table[prev[k]]) . u``
-    (float64); every row ``r`` is then remembered, ``table[slots[r]] = G[r]``.  :meth:`run` does it in its own
-    pass (:func:`~.streaming.diff_stats_and_store`); a caller that reads the rows anyway may do it in its pass
-    instead (:func:`~.streaming.reference_deviation_stats`' ``evidence``) and fill ``sq`` and ``dots``.
-    """
-
-    def __init__(self, ids: list[int], rows: np.ndarray, prev: np.ndarray, slots: np.ndarray, table: np.ndarray,
-                 u: np.ndarray | None) -> None:
-        self.ids, self.rows, self.prev, self.slots, self.table, self.u = ids, rows, prev, slots, table, u
-        self.sq: np.ndarray | None = None  # filled by the pass
-        self.dots: np.ndarray | None = None
-
-    def run(self, G: np.ndarray) -> None:
-        """The pass on its own: the statistics, then the store of ``G``."""
-        G = np.asarray(G)
-        if not np.issubdtype(G.dtype, np.floating):
-            G = G.astype(np.float64)
-        self.sq, self.dots = diff_stats_and_store(G, self.table, self.rows, self.prev, self.slots, self.u)
-
-
 #: Default exclusion level of :class:`MonotonicityEvidence`: a node is suspected when ``Z_i < -z_exclude``,
 #: i.e. when its evidence is clearly negative.  Honest clients of a convex loss sit at Z ~ 1.5-3.5 (logistic
 #: regression, 20 clients, alpha 0.3), a sign flipper below -1.7.  With the population floor
@@ -441,16 +416,10 @@ class MonotonicityEvidence:
         winsorised at ``score_clip`` times the round's median ``|score|``.  One blocked pass over
         ``G`` and the remembered rows in ``G``'s dtype (:func:`~.streaming.diff_stats_and_store`):
         the differences' norms and projections (accumulated in float64), and the store of ``G``.
-        The two halves :meth:`prepare` and :meth:`finish`, with the pass in between (a caller may fuse
-        the pass into one of its own, :class:`EvidencePass`).
         """
-        self.finish(self.prepare(G, ids, delta), G, skip)
-
-    def prepare(self, G: np.ndarray, ids: Sequence[int], delta: np.ndarray | None) -> "EvidencePass":
-        """The first half of :meth:`observe`: which rows are scored against which remembered rows, the table rows
-        that will hold this round's rows (absent nodes forgotten, new ones given rows) and the unit step; the
-        pass over the rows is still to run (:meth:`finish` runs it unless a caller did, :meth:`EvidencePass.run`)."""
         G = np.asarray(G)
+        if not np.issubdtype(G.dtype, np.floating):
+            G = G.astype(np.float64)
         ids = [int(i) for i in ids]
         if self._last.dim is not None and self._last.dim != G.shape[1]:
             self.reset()
@@ -462,18 +431,10 @@ class MonotonicityEvidence:
         seen = set(ids)
         # absent this round: its last vector is no longer comparable
         self._last.drop([node for node in self._last.index if node not in seen])
-        dtype = G.dtype if np.issubdtype(G.dtype, np.floating) else np.dtype(np.float64)
-        slots = self._last.assign(ids, G.shape[1], dtype)
+        slots = self._last.assign(ids, G.shape[1], G.dtype)
         table = self._last.rows
         u = (np.asarray(delta) / step_norm).astype(table.dtype, copy=False) if rows.size else None
-        return EvidencePass(ids, rows, prev, slots, table, u)
-
-    def finish(self, ev: "EvidencePass", G: np.ndarray, skip: Sequence[int] = ()) -> None:
-        """The second half of :meth:`observe`: runs the pass unless it ran already, forgets the rows of ``skip``
-        and scores the others."""
-        if ev.sq is None:
-            ev.run(G)
-        ids, rows, sq, dots = ev.ids, ev.rows, ev.sq, ev.dots
+        sq, dots = diff_stats_and_store(G, table, rows, prev, slots, u)
         skip_set = {int(r) for r in skip}
         if skip_set:  # an anomalous reply is not remembered, whether or not this round scores
             self._last.drop([ids[r] for r in skip_set])

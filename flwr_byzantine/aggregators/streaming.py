@@ -10,8 +10,6 @@ Row subsets are gathered tile by tile (a contiguous run of rows is a view).
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from .._backend import ArrayLike, is_torch
@@ -116,8 +114,7 @@ def row_sq_norms_to(A: np.ndarray, centre: np.ndarray) -> np.ndarray:
 
 
 def reference_deviation_stats(G: np.ndarray, rows: np.ndarray, table: np.ndarray, slots: np.ndarray,
-                              median_of: np.ndarray | None = None, evidence: Any = None
-                              ) -> tuple[np.ndarray, np.ndarray]:
+                              median_of: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``drift = np.median(G[rows] - table[slots], axis=0)`` and every row's ``||G[r] - table[s] - drift||^2``.
 
     What :meth:`~.temporal.SelfReference.apply` computes, in one compiled pass over the rows
@@ -126,9 +123,7 @@ def reference_deviation_stats(G: np.ndarray, rows: np.ndarray, table: np.ndarray
     drift`` in the rows' dtype as numpy forms them, their squares summed in float64 (numpy's float32
     ``einsum`` rounds more; the sums agree to float32 rounding).  ``median_of`` (ascending positions in
     ``rows``): the drift is the median of those rows' differences only (a subsample, issue 12), the
-    squared norms are every row's.  ``evidence`` (a :class:`~.memory.EvidencePass` of this round's ``G``
-    whose pass has not run): its pass is done in the same read of the rows (its ``sq`` and ``dots`` filled,
-    the rows stored; :func:`diff_stats_and_store`'s results bit for bit).  Returns ``(drift, sq)`` (``sq`` float64).
+    squared norms are every row's.  Returns ``(drift, sq)`` (``sq`` float64).
     """
     from .kernels import SELECT_BLOCK_VALUES, drift_and_deviations, selection_network
 
@@ -141,24 +136,7 @@ def reference_deviation_stats(G: np.ndarray, rows: np.ndarray, table: np.ndarray
     drift = np.empty(d, dtype=np.result_type(G.dtype, table.dtype))
     sq = np.empty(n)
     lo, hi, npad = selection_network(int(sample.size))
-    if evidence is None:
-        E, eslots, escore, u = np.empty((0, 0), dtype=G.dtype), np.empty(0, dtype=np.intp), np.empty(0, dtype=np.intp), \
-            np.empty(0, dtype=G.dtype)
-        esq = edots = np.empty(0)
-    else:
-        if evidence.sq is not None or evidence.table.shape[1] != d or len(evidence.slots) != G.shape[0]:
-            raise ValueError("an evidence pass of this round's rows, not yet run")
-        E, eslots = evidence.table, np.ascontiguousarray(evidence.slots, dtype=np.intp)
-        escore = np.full(G.shape[0], -1, dtype=np.intp)
-        escore[evidence.rows] = np.arange(evidence.rows.size)
-        if evidence.rows.size:
-            assert np.array_equal(eslots[evidence.rows], evidence.prev)  # a continuing node keeps its row of the table
-        u = np.ascontiguousarray(evidence.u) if evidence.u is not None else np.empty(0, dtype=E.dtype)
-        esq, edots = np.zeros(evidence.rows.size), np.zeros(evidence.rows.size)
-    drift_and_deviations(G, rows, table, slots, sample, lo, hi, npad, drift, sq, SELECT_BLOCK_VALUES, E, eslots,
-                         escore, u, esq, edots)
-    if evidence is not None:
-        evidence.sq, evidence.dots = esq, edots
+    drift_and_deviations(G, rows, table, slots, sample, lo, hi, npad, drift, sq, SELECT_BLOCK_VALUES)
     return drift, sq
 
 

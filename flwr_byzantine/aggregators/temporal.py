@@ -88,8 +88,8 @@ class SelfReference:
 
     def apply(self, G: np.ndarray, ids: Sequence[int], skip: Sequence[int] = (),
               out: np.ndarray | None = None, drift_rows: int | None = None,
-              rng: np.random.Generator | None = None, centre: np.ndarray | None = None,
-              evidence: Any = None) -> tuple[np.ndarray, dict[str, Any]]:
+              rng: np.random.Generator | None = None, centre: np.ndarray | None = None
+              ) -> tuple[np.ndarray, dict[str, Any]]:
         """Clip the rows of ``G`` (node ``ids[r]`` for row ``r``) against their references.
 
         Rows in ``skip`` (e.g. gross outliers dropped this round) are returned unchanged, do not
@@ -102,9 +102,6 @@ class SelfReference:
         ``centre`` (a vector of ``G``'s dtype): ``info["centre_sq"]`` holds every returned row's squared distance
         to it, ``||V[r] - centre||^2`` (float64, :func:`~.kernels.centre_sq_distances`' sums bit for bit), taken
         while the clipping writes the rows (one read of ``V`` fewer for a caller that needs them).
-        ``evidence`` (a :class:`~.memory.EvidencePass` of ``G`` not yet run): its pass is done in the read of the
-        rows that measures the deviations, when that read happens (``evidence.sq`` is then filled; else it is
-        left for the caller to run).
         """
         G = np.asarray(G)
         ids = [int(i) for i in ids]
@@ -123,11 +120,10 @@ class SelfReference:
             slots = self.refs.slots([ids[r] for r in rows])
             if drift_rows is not None and len(rows) > drift_rows:
                 sample = np.sort((rng or np.random.default_rng()).choice(len(rows), size=drift_rows, replace=False))
-                drift, dev_sq = reference_deviation_stats(G, np.asarray(rows), self.refs.rows, slots, sample,
-                                                          evidence=evidence)
+                drift, dev_sq = reference_deviation_stats(G, np.asarray(rows), self.refs.rows, slots, sample)
                 info["drift_rows"] = int(drift_rows)
             else:
-                drift, dev_sq = reference_deviation_stats(G, np.asarray(rows), self.refs.rows, slots, evidence=evidence)
+                drift, dev_sq = reference_deviation_stats(G, np.asarray(rows), self.refs.rows, slots)
             dist = np.sqrt(dev_sq)
             radius = self.scale * float(np.median(dist))
             if radius > 0 and np.isfinite(radius):
