@@ -84,10 +84,10 @@ OMNI_ATTACKS = ("omni:alie", "omni:ipm", "omni:sign-flip", "omni:defence-aware",
 ATTACKS = CLIENT_ATTACKS + OMNI_ATTACKS
 PEERS = ("cclip", "nnm:cclip", "multi-krum", "trimmed-mean", "median", "geomed")
 MOMENTUM_PEERS = ("wm:cclip", "wm:nnm:cclip", "wm:multi-krum", "wm:trimmed-mean")
-ABLATIONS = ("rge/no-mixing", "rge/no-evidence", "rge/evidence-level-0", "rge/no-relative-level",
+ABLATIONS = ("rge/mixing", "rge/evidence-floor-0.1", "rge/no-evidence", "rge/evidence-level-0", "rge/no-relative-level",
              "rge/no-skip-anomalies", "rge/no-self-ref",
              "rge/no-jump", "rge/no-burn-in", "rge/no-gross", "rge/no-clip", "rge/threshold-4", "rge/no-momentum",
-             "rge/momentum",
+             "rge/momentum", "rge/momentum-0.5",
              "rge/no-spend-budget", "rge/no-duplicates")
 RULES = ("rge", "rge-paper", *PEERS, *MOMENTUM_PEERS, "mean")
 REFERENCES = ("oracle", "clean-fedavg")
@@ -136,12 +136,16 @@ def build_rule(name: str, num_nodes: int, f: int, mode: str = "gradient"):
     if name == "rge" or name.startswith("rge/"):
         kw: dict[str, Any] = {}
         variant = name.partition("/")[2]
-        if variant == "momentum":  # per-node worker momentum 0.9 (with its input clipping) instead of 0.5
+        if variant == "momentum":  # per-node worker momentum 0.9 (with its input clipping) instead of the default
             kw = dict(momentum=0.9)
         elif variant == "no-momentum":  # no per-node worker momentum (the filter sees the raw replies)
             kw = dict(momentum=0.0)
-        elif variant == "no-mixing":  # no nearest-neighbour mixing (NNM) before the filter
+        elif variant == "no-mixing":  # no nearest-neighbour mixing (NNM) of the survivors
             kw = dict(mixing=False)
+        elif variant == "mixing":  # nearest-neighbour mixing (NNM) of the survivors before the clipping
+            kw = dict(mixing=True)
+        elif variant.startswith("evidence-floor-"):  # the evidence's population floor, e.g. rge/evidence-floor-0.1
+            kw = dict(evidence_floor=float(variant.rpartition("-")[2]))
         elif variant == "no-evidence":
             kw = dict(evidence=False)
         elif variant == "evidence":  # local mode: keep the gradient-monotonicity evidence (off by default there)

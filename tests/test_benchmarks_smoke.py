@@ -99,8 +99,10 @@ def test_robustness_rule_builder_names():
     # worker momentum variants: the ablation's 0.9, any other beta by name
     assert robustness.build_rule("rge/momentum", 20, 4)[0].momentum == 0.9
     assert robustness.build_rule("rge/momentum-0.5", 20, 4)[0].momentum == 0.5
-    assert robustness.build_rule("rge", 20, 4)[0].momentum == 0.5  # the default
+    assert robustness.build_rule("rge", 20, 4)[0].momentum == 0.7  # the default
     assert robustness.build_rule("rge/no-momentum", 20, 4)[0].momentum == 0.0
+    assert robustness.build_rule("rge/mixing", 20, 4)[0].mixing and not robustness.build_rule("rge", 20, 4)[0].mixing
+    assert robustness.build_rule("rge/evidence-floor-0.1", 20, 4)[0].evidence.q_floor == 0.1
 
 
 def test_mean_estimation_tiny(tmp_path):

@@ -457,10 +457,10 @@ def test_strategies_default_defences():
     from flwr_byzantine.strategies import RobustFedAvg, RobustSGD
 
     sgd, fedavg = RobustSGD().aggregator, RobustFedAvg().aggregator
-    assert isinstance(sgd, RobustDefence) and sgd.evidence is not None and sgd.momentum == 0.5
+    assert isinstance(sgd, RobustDefence) and sgd.evidence is not None and sgd.momentum == 0.7
     # model updates after local training are not gradients: no monotonicity evidence (nor worker momentum) for them
     assert isinstance(fedavg, RobustDefence) and fedavg.evidence is None and fedavg.momentum == 0.0
-    assert fedavg.self_reference is None and not fedavg.mixing and sgd.self_reference is not None and sgd.mixing
+    assert fedavg.self_reference is None and not fedavg.mixing and sgd.self_reference is not None and not sgd.mixing
 
 
 def test_spent_budget_leaves_the_survivors_unmixed_and_unclipped():
