@@ -147,7 +147,8 @@ def test_defence_bounds_a_mobile_adversary_by_the_noise_level_not_the_heterogene
     push_noise = rng.normal(size=(f, d))
     pushes = {}
     for self_clip in (1.0, None):
-        defence = RobustDefence(eps_tilde=0.2, self_clip_scale=self_clip, jump_factor=None, evidence=False)
+        # the worker momentum off: it damps a one-round push by itself (1 - beta), this isolates the self-reference
+        defence = RobustDefence(eps_tilde=0.2, self_clip_scale=self_clip, jump_factor=None, evidence=False, momentum=0.0)
         for t, G in enumerate(stream):
             if t == len(stream) - 1:
                 G = G.copy()
