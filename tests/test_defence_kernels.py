@@ -1,8 +1,8 @@
 """The default defence's fast kernels (issue 12) take the decisions of the plain formulations.
 
 :class:`~flwr_byzantine.aggregators.RobustDefence` computes a few things faster than it first
-did: the coordinate-wise medians (the gross screen's centre, the self-reference drift) by a SIMD
-sort of transposed blocks (:func:`~flwr_byzantine.aggregators.streaming.column_median`), the
+did: the coordinate-wise medians (the gross screen's centre, the self-reference drift) by a selection
+network over blocks of the rows (:func:`~flwr_byzantine.aggregators.streaming.column_median`), the
 gross screen's distances without an ``(R, d)`` temporary, the Gram matrices of row subsets without
 copying the rows, and the nearest-neighbour mixing plus clipping as one combination of the rows
 (:func:`~flwr_byzantine.aggregators.defence.mix_and_clip`: distances from the Gram matrix, no

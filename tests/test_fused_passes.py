@@ -91,3 +91,21 @@ def test_fast_rounds_fused_are_the_unfused_passes_bit_for_bit(dtype):
     assert sa == sb and sorted(arr_a) == sorted(arr_b)
     for key in arr_a:
         assert np.array_equal(arr_a[key], arr_b[key]), key
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("R,d", [(1, 5), (2, 3), (3, 1000), (20, 650), (64, 70), (101, 5000), (1000, 300)])
+def test_column_median_is_numpys_bit_for_bit(dtype, R, d):
+    rng = np.random.default_rng(R + d)
+    A = rng.standard_normal((R, d)).astype(dtype)
+    A[:, 0] = 1.5  # ties
+    if R > 2 and d > 2:
+        A[0, 1] = np.inf
+        A[1, 2] = -np.inf
+    from flwr_byzantine.aggregators.streaming import column_median
+
+    assert np.array_equal(column_median(A), np.median(A, axis=0))
+    if d > 3:
+        A[R // 2, 3] = np.nan
+        got, want = column_median(A), np.median(A, axis=0)
+        assert np.isnan(got[3]) and np.array_equal(got, want, equal_nan=True)

@@ -143,6 +143,29 @@ def _median_block(B, w, lo, hi, m, out, c_out):
 
 
 @numba.njit(cache=True)
+def column_medians(A, lo, hi, npad, out, block_values):
+    """``out = np.median(A, axis=0)``: the selection network (``lo``, ``hi`` of :func:`selection_network` for
+    ``A.shape[0]`` values, ``npad`` wires) on blocks of ``block_values // npad`` columns of every row (each row's
+    block one contiguous copy), :func:`_median_block`'s values (exactly ``np.median``'s, NaN columns NaN)."""
+    m, d = A.shape
+    wm = max(8, block_values // npad)
+    B = np.empty((npad, wm), dtype=out.dtype)
+    for b0 in range(0, d, wm):
+        b1 = min(d, b0 + wm)
+        w = b1 - b0
+        for k in range(m):
+            a = A[k, b0:b1]
+            Bk = B[k]
+            for c in range(w):
+                Bk[c] = a[c]
+        for k in range(m, npad):
+            Bk = B[k]
+            for c in range(w):
+                Bk[c] = np.inf
+        _median_block(B, w, lo, hi, m, out, b0)
+
+
+@numba.njit(cache=True)
 def drift_and_deviations(G, rows, T, slots, sample, lo, hi, npad, drift, sq, block_values):
     """``drift = median_k (G[rows[sample[k]]] - T[slots[sample[k]]])`` per coordinate, and
     ``sq[i] = ||G[rows[i]] - T[slots[i]] - drift||^2`` (float64) for every ``i``.

@@ -59,41 +59,30 @@ def row_sq_norms(A: np.ndarray) -> np.ndarray:
     return np.asarray(out, dtype=np.float64)
 
 
-#: Values (rows x columns) of one transposed block of :func:`column_median`.
-MEDIAN_BLOCK_VALUES = 1 << 17
-
-
 def column_median(A: np.ndarray) -> np.ndarray:
-    """``np.median(A, axis=0)`` of a finite 2-D array, bit for bit, several times faster.
+    """``np.median(A, axis=0)`` of a 2-D float array, bit for bit, many times faster.
 
     ``np.median`` partially sorts each column with a scalar introselect (strided along the slow
-    axis); here contiguous transposed blocks of about :data:`MEDIAN_BLOCK_VALUES` values are
-    fully sorted along their rows (numpy's SIMD sort) and the middle value, or the mean of the
-    two middle values in the input dtype as ``np.median`` computes it, is read off.  Columns with
-    NaN would differ from ``np.median`` (callers pass screened rows).
+    axis); here one compiled pass (:func:`~.kernels.column_medians`) copies blocks of every row into a
+    padded buffer and a selection network, evaluated across a block's columns at once, leaves the middle
+    value (or the two middle ones, added in the dtype and halved, as ``np.median`` does) of each column:
+    ``O(R log^2 R)`` compare-exchanges per column, branch-free and vectorised (R = 1000 rows of 4097
+    columns: 31 ms sorted, a few ms here).  A column with a NaN gives NaN, as in ``np.median``.
     """
+    from .kernels import SELECT_BLOCK_VALUES, column_medians, selection_network
+
     A = np.asarray(A)
     R, d = A.shape
     if R == 0:
         raise ValueError("column_median of an empty set of rows")
+    if A.dtype not in (np.float32, np.float64):
+        A = A.astype(np.float64)
     out = np.empty(d, dtype=A.dtype)
     if R == 1:
         out[:] = A[0]
         return out
-    k = (R - 1) // 2
-    w = max(1, min(d, MEDIAN_BLOCK_VALUES // R))
-    buf = np.empty((w, R), dtype=A.dtype)
-    for c0 in range(0, d, w):
-        c1 = min(d, c0 + w)
-        T = buf[: c1 - c0]
-        np.copyto(T, A[:, c0:c1].T)
-        T.sort(axis=1)
-        if R % 2:
-            out[c0:c1] = T[:, k]
-        else:
-            np.add(T[:, k], T[:, k + 1], out=out[c0:c1])
-    if R % 2 == 0:
-        out /= 2
+    lo, hi, npad = selection_network(R)
+    column_medians(A, lo, hi, npad, out, SELECT_BLOCK_VALUES)
     return out
 
 
