@@ -109,3 +109,53 @@ def test_column_median_is_numpys_bit_for_bit(dtype, R, d):
         A[R // 2, 3] = np.nan
         got, want = column_median(A), np.median(A, axis=0)
         assert np.isnan(got[3]) and np.array_equal(got, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fold_returns_the_memory_table_rows_when_they_are_a_run(dtype):
+    from flwr_byzantine.aggregators.memory import ClientMomentum
+
+    rng = np.random.default_rng(2)
+    a, b = ClientMomentum(beta=0.5), ClientMomentum(beta=0.5)
+    ids = [5, 6, 7, 8]
+    for t in range(3):
+        G = rng.standard_normal((4, 300)).astype(dtype)
+        centre = rng.standard_normal(300).astype(dtype)
+        factors = rng.uniform(0.3, 1.0, 4).astype(dtype)
+        Ma = a.fold_rows(G, np.arange(4), ids, centre=centre, factors=factors, table_view=True)
+        Mb = b.fold_rows(G, np.arange(4), ids, centre=centre, factors=factors)
+        assert not Ma.flags.writeable and Mb.flags.writeable  # a view of a's table: read-only
+        assert np.array_equal(Ma, Mb)
+    for node in ids:
+        assert np.array_equal(a.momentum_of(node), b.momentum_of(node))
+    # rows in another order than their memories, or not every row folded: the buffer, as without table_view
+    G = rng.standard_normal((4, 300)).astype(dtype)
+    M1 = a.fold_rows(G, np.arange(4), [8, 7, 6, 5], table_view=True)
+    M2 = b.fold_rows(G, np.arange(4), [8, 7, 6, 5])
+    assert M1.flags.writeable and np.array_equal(M1, M2)
+    out = np.full((4, 300), 7.0, dtype=dtype)
+    M1 = a.fold_rows(G, np.array([0, 2]), [8, 6], out=out, table_view=True)
+    assert M1 is out and np.all(out[[1, 3]] == 7.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_rounds_with_every_row_folded_use_the_memory_table_bit_for_bit(dtype):
+    """No gross rows: every row's memory is folded, the filter reads the memory table's rows in place."""
+    R, d = 24, 5000
+    rng = np.random.default_rng(7)
+    fused = RobustDefence(eps_tilde=0.2, seed=1, fast_above=R * d)
+    plain = RobustDefence(eps_tilde=0.2, seed=1, fast_above=R * d)
+    plain.fuse_passes = False
+    centres = rng.normal(size=(R, d)).astype(np.float32)
+    views = 0
+    for t in range(8):
+        G = (centres * np.float32(0.5) + rng.normal(size=(R, d)).astype(np.float32) * 0.3).astype(dtype)
+        G[:3] -= dtype(0.8)  # a shifted group: not gross
+        a = fused.aggregate(G, client_ids=list(range(R)))
+        b = plain.aggregate(G, client_ids=list(range(R)))
+        assert a.info["gross"] == [] and np.array_equal(a.estimate, b.estimate)
+        assert a.kept.tolist() == b.kept.tolist() and np.array_equal(a.weights, b.weights)
+        views += fused._memory_out is None
+    assert views == 8  # the buffer was never needed
+    arr_a, arr_b = fused.state_dict()[1], plain.state_dict()[1]
+    assert all(np.array_equal(arr_a[k], arr_b[k]) for k in arr_a)

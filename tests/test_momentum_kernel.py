@@ -114,7 +114,7 @@ def test_large_rounds_fused_momentum_takes_the_numpy_decisions(monkeypatch):
     plain.fuse_passes = False  # the distances from their own pass (patched below)
     ref = PlainMomentum(plain.memory.beta, plain.memory.max_idle_rounds)
 
-    def plain_fold(G, rows, ids, out=None, centre=None, factors=None):
+    def plain_fold(G, rows, ids, out=None, centre=None, factors=None, table_view=False):
         M = np.zeros(G.shape, dtype=G.dtype)
         M[rows] = ref.fold(G, rows, ids, centre, factors)
         return M

@@ -605,10 +605,13 @@ class RobustDefence(Aggregator):
             # the clip and the memories' blend in one pass, into a buffer reused every round; the rows left
             # out of the round enter no memory and are zero in M (the sketched filter reads every row of M)
             keep_rows = np.setdiff1d(np.arange(R), gross) if gross.size else np.arange(R)
-            M = self._memory_out = self.memory.fold_rows(
+            M = self.memory.fold_rows(
                 G, keep_rows, [ids[r] for r in keep_rows], out=self._memory_out,
                 centre=centre0 if factors0 is not None else None,
-                factors=None if factors0 is None else factors0[keep_rows])
+                factors=None if factors0 is None else factors0[keep_rows],
+                table_view=fast and self.fuse_passes)  # fast rounds: the table's rows themselves when they are a run
+            if M.flags.writeable:  # the buffer (not a read-only view of the memory table): kept for the next round
+                self._memory_out = M
             if gross.size:
                 M[gross] = 0
         else:

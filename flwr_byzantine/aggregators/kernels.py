@@ -377,17 +377,32 @@ def centre_sq_distances(G, rows, centre, sq):
         sq[r] = acc
 
 
+@numba.njit(cache=True, inline="always")
+def _clipped(g, c, f):
+    """The input clipping of one coordinate, ``(g - c) * f + c``, in ``G``'s dtype (numpy's order)."""
+    return (g - c) * f + c
+
+
+@numba.njit(cache=True, inline="always")
+def _blended(t, x, b_old, b_new):
+    """The momentum's blend of one coordinate, ``b_old * t + b_new * x`` (numpy's order and dtypes)."""
+    return b_old * t + b_new * x
+
+
 @numba.njit(cache=True)
 def clip_fold_rows(M, G, rows, centre, factors, clip, T, slots, cont, b_old, b_new):
     """Worker momentum of clipped rows, one read of each row and of its memory, one write of each.
 
     For every ``i`` with ``r = rows[i]``, ``s = slots[i]``: ``x = (G[r] - centre) * factors[i] + centre``
     (``clip``; else ``x = G[r]``) in ``G``'s dtype, then ``T[s] = b_old * T[s] + b_new * x`` where ``cont[i]``
-    (else ``T[s] = x``) and ``M[r] = T[s]``.  ``b_old`` has ``T``'s dtype, ``b_new`` and ``factors`` ``G``'s:
-    numpy's order and dtypes of ``beta * T[s] + (1 - beta) * x`` with ``x = diff * f + centre``, bit for bit.
-    ``slots`` must not repeat.
+    (else ``T[s] = x``) and ``M[r] = T[s]`` (``M`` with no rows, ``(0, 0)``: only the table is written).
+    ``b_old`` has ``T``'s dtype, ``b_new`` and ``factors`` ``G``'s: numpy's order and dtypes of
+    ``beta * T[s] + (1 - beta) * x`` with ``x = diff * f + centre``, bit for bit.  ``slots`` must not repeat.
     """
     d = G.shape[1]
+    if M.shape[0] == 0:
+        _fold_table_only(G, rows, centre, factors, clip, T, slots, cont, b_old, b_new)
+        return
     for i in range(rows.size):
         g = G[rows[i]]
         t = T[slots[i]]
@@ -395,17 +410,17 @@ def clip_fold_rows(M, G, rows, centre, factors, clip, T, slots, cont, b_old, b_n
         f = factors[i]
         if clip and cont[i]:
             for c in range(d):
-                y = b_old * t[c] + b_new * ((g[c] - centre[c]) * f + centre[c])
+                y = _blended(t[c], _clipped(g[c], centre[c], f), b_old, b_new)
                 t[c] = y
                 m[c] = y
         elif clip:
             for c in range(d):
-                x = (g[c] - centre[c]) * f + centre[c]
+                x = _clipped(g[c], centre[c], f)
                 t[c] = x
                 m[c] = x
         elif cont[i]:
             for c in range(d):
-                y = b_old * t[c] + b_new * g[c]
+                y = _blended(t[c], g[c], b_old, b_new)
                 t[c] = y
                 m[c] = y
         else:
@@ -413,3 +428,26 @@ def clip_fold_rows(M, G, rows, centre, factors, clip, T, slots, cont, b_old, b_n
                 x = g[c]
                 t[c] = x
                 m[c] = x
+
+
+@numba.njit(cache=True)
+def _fold_table_only(G, rows, centre, factors, clip, T, slots, cont, b_old, b_new):
+    """:func:`clip_fold_rows` without the copy into ``M`` (a second output aliasing the table would keep the loops
+    from vectorising): the same per-coordinate arithmetic (:func:`_clipped`, :func:`_blended`)."""
+    d = G.shape[1]
+    for i in range(rows.size):
+        g = G[rows[i]]
+        t = T[slots[i]]
+        f = factors[i]
+        if clip and cont[i]:
+            for c in range(d):
+                t[c] = _blended(t[c], _clipped(g[c], centre[c], f), b_old, b_new)
+        elif clip:
+            for c in range(d):
+                t[c] = _clipped(g[c], centre[c], f)
+        elif cont[i]:
+            for c in range(d):
+                t[c] = _blended(t[c], g[c], b_old, b_new)
+        else:
+            for c in range(d):
+                t[c] = g[c]

@@ -150,7 +150,8 @@ class ClientMomentum:
         return self.fold_rows(G, np.arange(G.shape[0]), ids)
 
     def fold_rows(self, G: np.ndarray, rows: np.ndarray, ids: Sequence[int], out: np.ndarray | None = None,
-                  centre: np.ndarray | None = None, factors: np.ndarray | None = None) -> np.ndarray:
+                  centre: np.ndarray | None = None, factors: np.ndarray | None = None,
+                  table_view: bool = False) -> np.ndarray:
         """Fold ``x_k = centre + (G[rows[k]] - centre) * factors[k]`` (or ``G[rows[k]]`` without ``centre``) into
         node ``ids[k]``'s memory, ``m <- beta m + (1 - beta) x_k`` (a new or returning node: ``m <- x_k``), and
         write the memory into ``out[rows[k]]``.
@@ -160,6 +161,11 @@ class ClientMomentum:
         (``diff * f + centre`` in ``G``'s dtype, then ``beta * m + (1 - beta) * x``), bit for bit.  ``out``
         (``(R, d)``, the memories' dtype: that of ``G`` or wider) is reused when it fits, else a new one is
         made; its other rows are left as they are.  Returns ``out``.
+
+        ``table_view``: when every row of ``G`` is folded in order (``rows`` is ``0..R-1``) and their memories are
+        one ascending run of rows of the memories' table (nodes that reply every round keep their rows), ``out`` is
+        not written: returned instead is a read-only view of those table rows, the same values (one write of the
+        rows fewer), valid until the memories next change.
         """
         from .kernels import clip_fold_rows
 
@@ -181,8 +187,15 @@ class ClientMomentum:
                             for node in ids), dtype=bool, count=len(ids))
         slots = self._m.assign(ids, G.shape[1], G.dtype)
         table = self._m.rows
-        if out is None or out.shape != G.shape or out.dtype != table.dtype:
-            out = np.empty(G.shape, dtype=table.dtype)
+        run = as_index(slots) if table_view and rows.size == G.shape[0] and np.array_equal(rows, np.arange(rows.size)) \
+            else None
+        if isinstance(run, slice):  # the memories are rows run of the table, in the rows' order: no copy into out
+            view = table[run]
+            out = np.empty((0, 0), dtype=table.dtype)
+        else:
+            view = None
+            if out is None or out.shape != G.shape or out.dtype != table.dtype:
+                out = np.empty(G.shape, dtype=table.dtype)
         clip = centre is not None
         centre = np.ascontiguousarray(centre if clip else np.zeros(1), dtype=G.dtype)
         factors = np.ascontiguousarray(factors if clip else np.ones(rows.size), dtype=G.dtype)
@@ -190,6 +203,9 @@ class ClientMomentum:
                        table.dtype.type(self.beta), G.dtype.type(1.0 - self.beta))
         for node in ids:
             self._seen[node] = self.calls
+        if view is not None:
+            view.flags.writeable = False
+            return view
         return out
 
     def state_dict(self) -> dict[str, Any]:
