@@ -3,20 +3,26 @@
 In numpy every in-cache operation on a tile of the rows costs about as much as streaming the tile
 from memory, so a pass that subtracts, squares and sums is several passes' worth of time.  The loops
 here (numba, ``cache=True``, one thread: the decode is measured against a one-thread ``np.mean``)
-read each row segment once and do all the arithmetic of a pass on it:
+read each row once, row after row (one long contiguous run per row: on this machine several rows'
+runs interleaved in one loop -- column tiles across the rows, or two passes fused into one loop over
+three or more arrays -- measured slower than the same bytes read row by row, issue 12's fifth round),
+and do all the arithmetic of a pass on it:
 
 * :func:`drift_and_deviations`: the self-reference drift (the coordinate-wise median of the changes
   ``G[r] - T[s]`` of some rows, Section "self-reference" of :mod:`.temporal`) by a *selection
   network* evaluated across a block of columns at once (compare-exchanges of whole rows of a
   transposed block: branch-free, vectorised; exact, the same value as ``np.median``), and every row's
-  squared distance ``||G[r] - T[s] - drift||^2`` from the same read of the rows;
+  squared distance ``||G[r] - T[s] - drift||^2`` in a second, row-wise read;
+* :func:`column_medians`: the same network on blocks of a matrix's rows (``np.median(A, axis=0)``);
 * :func:`clip_rows`: ``V[r] = T[s] + drift + (G[r] - T[s] - drift) f_r`` and optionally ``T[s] = V[r]``
-  (the elementwise arithmetic of the numpy formulation, bit for bit);
+  (the elementwise arithmetic of the numpy formulation, bit for bit), and optionally the written rows'
+  squared distances to a centre (the worker momentum's input clipping, fast rounds);
 * :func:`count_sketch`: both bucket maps of :func:`~.sketch.sketch_rows` and the rows' squared norms
   (the input check's energy) from one read of each row;
 * :func:`centre_sq_distances` and :func:`clip_fold_rows`: the worker momentum's input clipping around the
   last estimate (the rows' distances, then the clip and the blend into the memory in one pass,
-  :meth:`~.memory.ClientMomentum.fold_rows`).
+  :meth:`~.memory.ClientMomentum.fold_rows`; the copy of the memories into a buffer is skipped when the
+  caller reads the table's rows in place).
 
 Reductions (squared norms) accumulate the rows' values, widened to float64, with reassociation allowed
 (vector lanes): the only fast-math flag set, and only on those sums (:func:`_sum_sq_deviation`); the
