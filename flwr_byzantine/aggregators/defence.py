@@ -48,8 +48,8 @@ filter and adds what a single round lacks:
 6. **Mixing** (``mixing=True``, off by default): the filter's survivors are replaced by nearest-neighbour
    mixtures (Allouah et al. 2023, NNM) before the clipping, shrinking the heterogeneity in which a
    static attacker that knows the rule, its state and the node ids hides its shift.  With the worker
-   momentum and the evidence it cost more than it bought on issue 10's grid (IPM, the client
-   defence-aware attack): it pulls the honest minority clients toward the majority.
+   momentum and the evidence it cost more than it bought on issue 10's grid (IPM -1.6, the sleeper -2.0
+   at logreg alpha 0.3): it pulls the honest minority clients toward the majority.
 7. **A spent budget** (``spend_budget=True``): the rule assumes at most ``floor(eps_tilde R)``
    Byzantine replies.  When the gross screen, the jumps and the evidence have already left out that
    many, the filter is skipped and the rest are averaged plainly; when the filter's removals complete
@@ -92,8 +92,8 @@ from .temporal import DEFAULT_BURN_IN, DEFAULT_JUMP_FACTOR, DEFAULT_SELF_CLIP_SC
 #: Format tag of :meth:`RobustDefence.state_dict`.
 STATE_FORMAT = "flwr-byzantine/robust-defence-v1"
 #: Default momentum of the per-node memory (issue 10's grid, seeds 0-3, with the population floor 0.01 and
-#: no mixing: 0.7 against 0.5 raises the memory-aware attacker by 1.2 points at logreg alpha 0.3 and the worst
-#: case at MLP alpha 1.0 by 0.6; 0.9 cost the rotating omniscient defence-aware attack 0.7 points on the MLP,
+#: no mixing: 0.7 against 0.5 raises the memory-aware attacker by 1.2 points at logreg alpha 0.3 (0.5 was not
+#: run on the MLP there); 0.9 cost the rotating omniscient defence-aware attack 0.7 points at MLP alpha 1.0,
 #: whose corrupt set restarts the momentum of the nodes it leaves.  0.5 against 0 lowered the honest
 #: exclusion below 1 % of client-rounds and held client-side min-max on the MLP, 95.6 against 92.3).
 DEFAULT_MOMENTUM = 0.7
@@ -216,7 +216,8 @@ class RobustDefence(Aggregator):
         Nearest-neighbour mixing (Allouah et al. 2023, NNM) of the filter's survivors before the
         clipping: each is replaced by the mean of its ``n - f`` nearest survivors, which shrinks the
         heterogeneity a static attacker hides in; off by default (issue 10's grid: with the worker
-        momentum it shrinks the honest minority clients more than the attackers' room, IPM -2 points).
+        momentum it shrinks the honest minority clients more than the attackers' room; IPM -1.6 and the
+        sleeper -2.0 points with it at logreg alpha 0.3).
     input_clip_scale:
         Clipping of what enters the worker momentum (only with ``momentum > 0``), in units of the
         round's median distance to the last estimate.
