@@ -115,11 +115,16 @@ def selection_network(m: int) -> tuple[np.ndarray, np.ndarray, int]:
 
 @numba.njit(cache=True)
 def _median_block(B, w, lo, hi, m, out, c_out):
-    """Median of each of the ``w`` columns of ``B[:m]`` (rows ``m..`` are ``+inf`` padding) into ``out[c_out:]``.
+    """Median of each of the ``w`` columns of ``B[:m]`` into ``out[c_out:]``; the rows ``m..`` of ``B`` (the
+    network's padding wires) are set to ``+inf`` here first.
 
     ``np.median``'s value: the middle one, or the two middle ones added in the dtype and halved; a
     column with a NaN gives NaN.
     """
+    for k in range(m, B.shape[0]):
+        Bk = B[k]
+        for c in range(w):
+            Bk[c] = np.inf
     for t in range(lo.size):
         a_row = B[lo[t]]
         b_row = B[hi[t]]
@@ -164,10 +169,6 @@ def column_medians(A, lo, hi, npad, out, block_values):
             Bk = B[k]
             for c in range(w):
                 Bk[c] = a[c]
-        for k in range(m, npad):
-            Bk = B[k]
-            for c in range(w):
-                Bk[c] = np.inf
         _median_block(B, w, lo, hi, m, out, b0)
 
 
@@ -198,10 +199,6 @@ def drift_and_deviations(G, rows, T, slots, sample, lo, hi, npad, drift, sq, blo
             Bk = B[k]
             for c in range(w):
                 Bk[c] = g[c] - t[c]
-        for k in range(m, npad):
-            Bk = B[k]
-            for c in range(w):
-                Bk[c] = np.inf
         _median_block(B, w, lo, hi, m, drift, b0)
     for i in range(n):
         g = G[rows[i]]
