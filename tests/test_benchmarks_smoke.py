@@ -103,6 +103,9 @@ def test_robustness_rule_builder_names():
     assert robustness.build_rule("rge/no-momentum", 20, 4)[0].momentum == 0.0
     assert robustness.build_rule("rge/mixing", 20, 4)[0].mixing and not robustness.build_rule("rge", 20, 4)[0].mixing
     assert robustness.build_rule("rge/evidence-floor-0.1", 20, 4)[0].evidence.q_floor == 0.1
+    assert robustness.build_rule("rge", 20, 4)[0].evidence.q_floor == 0.003  # the default
+    assert robustness.build_rule("rge/fold-dropped", 20, 4)[0].fold_dropped
+    assert not robustness.build_rule("rge", 20, 4)[0].fold_dropped
 
 
 def test_mean_estimation_tiny(tmp_path):

@@ -18,7 +18,7 @@ from flwr_byzantine.aggregators import RGE, RobustDefence
 
 GAMMA, Z_EXCLUDE, MIN_ROUNDS, GAMMA_SHORT, Z_SHORT = 0.95, 1.5, 5, 0.8, 2.0
 SCORE_CLIP, RELATIVE = 3.0, 2.0  # winsorised scores; the relative level median(Z) - 2 MADn(Z) where lower
-Q_FLOOR = 0.01  # Z = S / sqrt(Q + 0.01 median Q) over the round's nodes with enough scores
+Q_FLOOR = 0.003  # Z = S / sqrt(Q + 0.003 median Q) over the round's nodes with enough scores
 INPUT_CLIP, FAR = 1.0, 4.0  # the momentum's input clipping radius and far-reply distance, in median distances
 
 
@@ -99,7 +99,9 @@ def reference_rounds(rounds, eps_tilde: float, threshold_factor: float = 1.5, cl
                 clipped = G
             M = np.zeros_like(G)
             for r, node in enumerate(ids):
-                if r in far:
+                if r in far:  # left out of the round: enters no memory, which is held as it was
+                    if node in mem:
+                        mem_seen[node] = t
                     continue
                 cont = node in mem and mem_seen[node] == t - 1
                 mem[node] = momentum * mem[node] + (1 - momentum) * clipped[r] if cont else clipped[r].copy()
