@@ -105,6 +105,7 @@ def test_robustness_rule_builder_names():
     assert robustness.build_rule("rge/evidence-floor-0.1", 20, 4)[0].evidence.q_floor == 0.1
     assert robustness.build_rule("rge", 20, 4)[0].evidence.q_floor == 0.003  # the default
     assert robustness.build_rule("rge/fold-dropped", 20, 4)[0].fold_dropped
+    assert robustness.build_rule("rge", 20, 4)[0].step_trim and not robustness.build_rule("rge/no-step-trim", 20, 4)[0].step_trim
     assert not robustness.build_rule("rge", 20, 4)[0].fold_dropped
 
 

@@ -3,7 +3,8 @@
 ``reference_rounds`` is a plain float64 transcription of the defence as specified in
 :mod:`flwr_byzantine.aggregators.defence` (monotonicity evidence per node id with its population
 floor, the Byzantine budget on exclusions, the worker momentum with its input clipping and its
-far-reply rule, the calibrated RGE filter, centered clipping of the survivors), written
+far-reply rule, the calibrated RGE filter, centered clipping of the survivors with the trimmed component
+along the filter's estimate), written
 with dicts and per-node loops.  The implementation must take the same decisions (kept rows,
 suspected rows) on random multi-round federations with churn, for float32 and float64 input,
 and return the same vector up to the input dtype's rounding.
@@ -125,6 +126,13 @@ def reference_rounds(rounds, eps_tilde: float, threshold_factor: float = 1.5, cl
             if radius > 0:
                 f = np.minimum(1.0, radius / np.maximum(dist, 1e-300))
                 estimate = centre + (f[:, None] * (surv - centre)).mean(axis=0)
+                # along the centre's direction: the trimmed mean of the survivors' components, trimming the budget
+                # the round has not spent from each side
+                trim, cn = max(budget - (G.shape[0] - kept.size), 0), float(np.linalg.norm(centre))
+                if trim > 0 and kept.size > 2 * trim and cn > 0:
+                    u = centre / cn
+                    p = np.sort((surv - centre) @ u)
+                    estimate = estimate + (float(np.mean(p[trim:kept.size - trim])) - (estimate - centre) @ u) * u
         last_estimate = estimate
         out.append((kept, suspects, estimate))
     return out

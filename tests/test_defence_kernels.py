@@ -278,3 +278,34 @@ def test_mix_and_clip_matches_the_explicit_mixture(clip_scale):
     if clip_scale is not None:
         assert radius == pytest.approx(radius0, rel=1e-5)
         assert (factors < 1.0).any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_clip_survivors_trims_the_component_along_the_centre(dtype):
+    """``trim``: only the component along ``u = centre / |centre|`` changes, to the trimmed mean of the rows'."""
+    rng = np.random.default_rng(3)
+    d, honest, byz = 200, 16, 4
+    mean = np.zeros(d)
+    mean[0] = 1.0
+    H = mean + 3.0 * rng.standard_normal((honest, d))  # heterogeneity far larger than the mean
+    Y = np.vstack([H, np.tile(mean * -6.0, (byz, 1)) + 0.01 * rng.standard_normal((byz, d))]).astype(dtype)
+    rows = np.arange(honest + byz)
+    centre = Y.astype(np.float64).mean(axis=0).astype(dtype)
+    plain, f0, r0 = clip_survivors(Y, rows, centre, 1.0)
+    trimmed, f1, r1 = clip_survivors(Y, rows, centre, 1.0, trim=byz)
+    np.testing.assert_array_equal(f0, f1)
+    assert r0 == r1
+    c64 = centre.astype(np.float64)
+    u = c64 / np.linalg.norm(c64)
+    diff = trimmed.astype(np.float64) - plain.astype(np.float64)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(diff - (diff @ u) * u, 0.0, atol=tol)  # nothing changes across u
+    p = np.sort((Y.astype(np.float64) - c64) @ u)
+    want = float(np.linalg.norm(c64)) + float(np.mean(p[byz:-byz]))
+    assert abs(float(trimmed.astype(np.float64) @ u) - want) < 10 * tol
+    # the four rows that drag along the step (-6 times the mean) move the clipped estimate along u; the trim does not
+    h = H.mean(axis=0)
+    assert abs(float(trimmed.astype(np.float64) @ u) - h @ u) < abs(float(plain.astype(np.float64) @ u) - h @ u)
+    # trim 0, or too few rows for the trim: the clipping alone
+    np.testing.assert_array_equal(clip_survivors(Y, rows[:8], centre, 1.0, trim=4)[0],
+                                  clip_survivors(Y, rows[:8], centre, 1.0)[0])

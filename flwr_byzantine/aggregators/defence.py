@@ -30,7 +30,13 @@ filter and adds what a single round lacks:
 3. **Bounded per-round bias**: the survivors are combined by centered clipping
    around the filter's estimate, with radius ``clip_scale`` times the median
    distance of the survivors to it, so whatever survives the filter can move the
-   estimate by at most ``(f / R) * clip_scale * median distance``.
+   estimate by at most ``(f / R) * clip_scale * median distance``.  Along the direction of the filter's
+   estimate ``u`` (``step_trim``) the estimate's component is then the trimmed mean of the survivors'
+   components, trimming from each side the budget the round has not spent: there the survivors can move
+   it only within the honest spread *along u*.  The radius is set by the heterogeneity in every
+   direction (at alpha 0.3 several times the honest mean's norm), and an attacker that drags the step
+   (IPM, the memory-aware attacker paying its evidence along the last step) moves the estimate along
+   ``u``, where that spread is far smaller.
 4. **Self-reference clipping** (:class:`~.temporal.SelfReference`, with node ids): a node's
    reply may move from its own previous (clipped) reply only by the common drift plus
    ``self_clip_scale`` times the round's median change: the clients' noise level, not their
@@ -257,6 +263,10 @@ class RobustDefence(Aggregator):
     duplicate_tol:
         Rows closer than this fraction of the round's median pairwise distance are duplicates: one
         row of each group is kept (step 8, :func:`~.duplicates.duplicate_rows`); ``None`` disables it.
+    step_trim:
+        With the clipping (step 3): the estimate's component along the filter's estimate is the trimmed mean of
+        the survivors' components, trimming from each side the Byzantine budget the round has not yet spent
+        (:func:`~.streaming.clip_survivors`' ``trim``); ``False``: the clipped estimate as it is.
     fold_dropped:
         ``False`` (default): a reply left out of the round as a jump or as a copy of another row, like a
         gross outlier, enters no memory, and its node's memory is held as it was
@@ -299,8 +309,10 @@ class RobustDefence(Aggregator):
         fast_passes: bool = True,
         duplicate_tol: float | None = DEFAULT_DUPLICATE_TOL,
         fold_dropped: bool = False,
+        step_trim: bool = True,
     ) -> None:
         self.fold_dropped = bool(fold_dropped)
+        self.step_trim = bool(step_trim)
         self.fast_passes = bool(fast_passes)
         #: Fast rounds fuse passes over the rows (issue 12; the same results bit for bit, one read fewer each).
         self.fuse_passes = True
@@ -681,6 +693,7 @@ class RobustDefence(Aggregator):
             # reference yet: it starts fresh next round instead of being judged against that reply
             kept_set = set(kept.tolist())
             self.self_reference.forget([ids[r] for r in new_rows if r not in kept_set])
+        step_trim = 0
         if self.spend_budget and budget > 0 and R - dups.size - kept.size >= budget:
             # the budget is spent (before the filter, or by it): the survivors are taken as honest, and
             # mixing or clipping them would only pull the estimate away from their minority clients
@@ -693,7 +706,10 @@ class RobustDefence(Aggregator):
             f = min(int(np.floor(self.eps_tilde * kept.size)), (kept.size - 1) // 2)
             estimate, factors, radius = mix_and_clip(M, kept, f, self.clip_scale)
         elif self.clip_scale is not None and kept.size > 1:
-            estimate, factors, radius = clip_survivors(M, kept, centre, self.clip_scale)
+            # the Byzantine rows the round may still hold: the budget less what the round left out (copies apart)
+            trim = max(budget - (R - dups.size - kept.size), 0) if self.step_trim else 0
+            estimate, factors, radius = clip_survivors(M, kept, centre, self.clip_scale, trim=trim)
+            step_trim = trim if kept.size > 2 * trim else 0
         else:
             estimate, factors, radius = centre, np.ones(kept.size), float("nan")
         self._last_estimate = np.array(estimate, copy=True)
@@ -710,7 +726,7 @@ class RobustDefence(Aggregator):
         info.update({
             "gross": [int(r) for r in gross], "duplicates": [int(r) for r in dups], "input_clipped": input_clipped, "memory": bool(use_memory), **self_info,
             "suspected": [int(i) for i in suspects], "clip_radius": float(radius),
-            "clipped": int(np.sum(factors < 1.0)), "defence_seconds": time.perf_counter() - t0,
+            "clipped": int(np.sum(factors < 1.0)), "step_trim": int(step_trim), "defence_seconds": time.perf_counter() - t0,
         })
         return AggregationResult(estimate=out, kept=kept, weights=weights, iterations=res.iterations,
                                  statistic=res.statistic, info=info)

@@ -201,16 +201,27 @@ def diff_stats_and_store(G: np.ndarray, table: np.ndarray, rows: np.ndarray, pre
 
 def distances_to(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray) -> np.ndarray:
     """``||Y[rows[k]] - centre||`` for every ``k`` (float64), one tiled pass over those rows."""
+    return distances_and_projections(Y, rows, centre, None)[0]
+
+
+def distances_and_projections(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, direction: np.ndarray | None
+                              ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``||Y[rows[k]] - centre||`` and (with ``direction``) ``<Y[rows[k]] - centre, direction>`` for every ``k``
+    (float64), from one tiled pass over those rows: each tile's differences are read once, in cache, for both."""
     d = Y.shape[1]
     sq = np.zeros(rows.size)
+    proj = None if direction is None else np.zeros(rows.size)
     dtype = np.result_type(Y.dtype, centre.dtype)
+    u = None if direction is None else np.asarray(direction, dtype=dtype)
     buf = tile_buffer(rows.size, d, dtype)
     ri = as_index(rows)
     for r0, r1, c0, c1 in tiles(rows.size, d, dtype.itemsize):
         D = buf[: r1 - r0, : c1 - c0]
         np.subtract(Y[sub_index(ri, r0, r1), c0:c1], centre[c0:c1], out=D)
         sq[r0:r1] += row_sq_norms(D)
-    return np.sqrt(sq)
+        if proj is not None:
+            proj[r0:r1] += D @ u[c0:c1]
+    return np.sqrt(sq), proj
 
 
 def weighted_deviation(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -228,7 +239,7 @@ def weighted_deviation(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, weig
     return out
 
 
-def clip_survivors(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, clip_scale: float
+def clip_survivors(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, clip_scale: float, trim: int = 0
                    ) -> tuple[np.ndarray, np.ndarray, float]:
     """One step of centered clipping (Karimireddy, He, Jaggi 2021, Section 4) of ``Y[rows]`` around ``centre``.
 
@@ -238,17 +249,31 @@ def clip_survivors(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, clip_sca
     read a second time: ``v = centre - (1/n) sum_{clipped} (1 - factor_k) (y_k - centre)``.
     Returns ``(v, factors, r)``; ``v`` is ``centre`` itself when nothing is clipped (r = 0 or
     every row within it).
+
+    ``trim > 0`` (with ``n > 2 trim``): the component of ``v`` along the centre's direction
+    ``u = centre / ||centre||`` is then replaced by the trimmed mean of the rows' components along ``u``
+    (``trim`` removed from each side; the projections come from the distances' pass):
+    ``v <- v + (|centre| + trimmed_mean_k <y_k - centre, u> - <v, u>) u``.  Along the step it bounds
+    what ``trim`` rows can do by the honest spread *along that direction*, not by the radius, which at
+    high heterogeneity is several times the centre's norm.
     """
     n = rows.size
-    dist = distances_to(Y, rows, centre)
+    c64 = np.asarray(centre, dtype=np.float64)
+    cn = float(np.linalg.norm(c64)) if trim > 0 and n > 2 * trim else 0.0
+    u = c64 / cn if cn > 0 and np.isfinite(cn) else None
+    dist, proj = distances_and_projections(Y, rows, centre, u)
     radius = clip_scale * float(np.median(dist))
     if not radius > 0:
         return centre, np.ones(n), radius
     with np.errstate(divide="ignore", invalid="ignore"):
         factors = np.where(dist > radius, radius / np.maximum(dist, 1e-300), 1.0)
     clipped = np.flatnonzero(factors < 1.0)
-    if clipped.size == 0:
-        return centre, factors, radius
-    corr = weighted_deviation(Y, rows[clipped], centre, (factors[clipped] - 1.0) / n)
-    return centre + corr, factors, radius
+    v = centre if clipped.size == 0 else centre + weighted_deviation(Y, rows[clipped], centre,
+                                                                     (factors[clipped] - 1.0) / n)
+    if u is not None:
+        p = np.sort(proj)
+        along = float(np.mean(p[trim:n - trim]))  # the trimmed mean of <y_k - centre, u>
+        shift = along - float((np.asarray(v, dtype=np.float64) - c64) @ u)
+        v = (np.asarray(v, dtype=np.float64) + shift * u).astype(np.result_type(Y.dtype, centre.dtype), copy=False)
+    return v, factors, radius
 
