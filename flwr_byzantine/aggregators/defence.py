@@ -271,9 +271,10 @@ class RobustDefence(Aggregator):
         ``False`` (default): a reply left out of the round as a jump or as a copy of another row, like a
         gross outlier, enters no memory, and its node's memory is held as it was
         (:meth:`~.memory.ClientMomentum.hold`: the node's next reply is blended in, not restarted from).
-        ``True``: jumps and copies are clipped into their nodes' memories like every kept reply (the
-        ninth landing's rule), so a mobile adversary leaves ``(1 - momentum)`` of each corrupted reply in
-        the memory of a node it has left, for the rounds after.
+        ``True`` (the ninth landing's rule): jumps and copies are clipped into their nodes' memories like every
+        kept reply, so a mobile adversary leaves ``(1 - momentum)`` of each corrupted reply in the memory of a
+        node it has left, for the rounds after; a gross or far outlier's node restarts its memory at its next
+        reply.
     seed:
         Seed of the sketch's generator (``None``: fresh OS entropy; the filter for 500 rows or more
         uses ``seed + 1``, the fast passes ``[seed, 12]``, the duplicates' sketch ``[seed, 13]``).
