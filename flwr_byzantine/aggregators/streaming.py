@@ -258,9 +258,11 @@ def clip_survivors(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, clip_sca
     high heterogeneity is several times the centre's norm.
     """
     n = rows.size
-    c64 = np.asarray(centre, dtype=np.float64)
-    cn = float(np.linalg.norm(c64)) if trim > 0 and n > 2 * trim else 0.0
-    u = c64 / cn if cn > 0 and np.isfinite(cn) else None
+    u = None  # the centre's direction, only when the trim applies (no float64 copy of the centre otherwise)
+    if trim > 0 and n > 2 * trim:
+        c64 = np.asarray(centre, dtype=np.float64)
+        cn = float(np.linalg.norm(c64))
+        u = c64 / cn if cn > 0 and np.isfinite(cn) else None
     dist, proj = distances_and_projections(Y, rows, centre, u)
     radius = clip_scale * float(np.median(dist))
     if not radius > 0:
@@ -273,7 +275,7 @@ def clip_survivors(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, clip_sca
     if u is not None:
         p = np.sort(proj)
         along = float(np.mean(p[trim:n - trim]))  # the trimmed mean of <y_k - centre, u>
-        shift = along - float((np.asarray(v, dtype=np.float64) - c64) @ u)
-        v = (np.asarray(v, dtype=np.float64) + shift * u).astype(np.result_type(Y.dtype, centre.dtype), copy=False)
+        v64 = np.asarray(v, dtype=np.float64)
+        v = (v64 + (along - float((v64 - c64) @ u)) * u).astype(np.result_type(Y.dtype, centre.dtype), copy=False)
     return v, factors, radius
 
