@@ -275,3 +275,26 @@ def test_sketched_survivor_mean_downdate_or_exact(shift):
     np.testing.assert_allclose(res.estimate, exact, rtol=0, atol=1e-5 * (1 + np.abs(exact).max()))
     if shift > 100:
         np.testing.assert_array_equal(res.estimate, RGE(eps_tilde=0.2).aggregate(G).estimate)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("R", [2, 3, 8, 20, 33, 64])
+def test_window_network_is_the_partition_window(dtype, R, monkeypatch):
+    """Few rows: the compiled sorting network gives the partition path's window means (to rounding: the sums run in
+    another order) and exactly its usage counts, ties included; more rows keep the partition path."""
+    import flwr_byzantine.aggregators.coordinate as coord
+
+    rng = np.random.default_rng(R)
+    G = rng.standard_normal((R, 1500)).astype(dtype)
+    G[:, :300] = np.round(G[:, :300])  # ties at the window's edges
+    G[:, 300:320] = 0.5  # whole columns equal
+    for b in sorted({0, 1, (R - 1) // 2, R // 4} - {b for b in range(R) if 2 * b >= R}):
+        fast = coord.trimmed_window(G, b)
+        monkeypatch.setattr(coord, "WINDOW_NETWORK_MAX_ROWS", 0)
+        slow = coord.trimmed_window(G, b)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(fast[1], slow[1])
+        tol = 1e-5 if dtype == np.float32 else 1e-13  # sums of up to 64 values of order 1, in another order
+        np.testing.assert_allclose(fast[0], slow[0], rtol=0, atol=tol)
+        srt = np.sort(G, axis=0)
+        np.testing.assert_allclose(fast[0], srt[b : R - b].mean(axis=0), rtol=0, atol=tol)

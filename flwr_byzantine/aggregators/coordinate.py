@@ -34,6 +34,10 @@ from .base import AggregationResult, Aggregator
 
 from .._backend import torch  # the torch module, imported on first use (lean ClientApp processes)
 
+#: Rows up to which the numpy windows go through the compiled network (:func:`~.kernels.window_sums`).
+WINDOW_NETWORK_MAX_ROWS = 64
+#: Values of one transposed block of that network (kept in L2 with the row numbers beside them).
+WINDOW_BLOCK_VALUES = 1 << 14
 #: Maximum number of values (rows x columns) sorted at once by the coordinate rules.
 COORD_BUDGET = 1 << 22
 
@@ -128,6 +132,14 @@ def trimmed_window(updates: ArrayLike, b: int) -> tuple[ArrayLike, np.ndarray]:
     out = empty_vector(updates)
     counts = np.zeros(R, dtype=np.int64)
     torch_in = is_torch(updates)
+    if not torch_in and b > 0 and R <= WINDOW_NETWORK_MAX_ROWS and updates.dtype in (np.float32, np.float64):
+        # few rows: a compiled sorting network of (value, row) pairs across blocks of columns (issue 12: np.partition
+        # of (chunk, R) blocks is a scalar introselect per coordinate)
+        from .kernels import window_network, window_sums  # noqa: PLC0415
+
+        lo, hi, npad = window_network(R, b)
+        window_sums(np.ascontiguousarray(updates), b, lo, hi, npad, out, counts, max(16, WINDOW_BLOCK_VALUES // npad))
+        return out, counts
     for sl in column_chunks(R, d):
         block = updates[:, sl]
         if b == 0:  # plain mean; no sort needed, every row is used in every coordinate
