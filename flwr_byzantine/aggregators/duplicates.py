@@ -73,10 +73,14 @@ def duplicate_rows(G: np.ndarray, rows: np.ndarray, tol: float = DEFAULT_DUPLICA
     if n < 3:
         return np.zeros(0, dtype=np.intp)
     D = pairwise_distances(G, rows, rng)
-    med = float(np.median(D[~np.eye(n, dtype=bool)]))
+    # the median of the distances between distinct rows: D is symmetric, so the off-diagonal values are the upper
+    # triangle's twice over, whose median is the upper triangle's (the same middle value(s)): half the selection
+    med = float(np.median(D[np.triu_indices(n, 1)]))
     if not (med > 0 and np.isfinite(med)):
         return np.zeros(0, dtype=np.intp)
     close = D <= tol * med
+    if np.count_nonzero(close) == n:  # every row close only to itself (the diagonal): no duplicates
+        return np.zeros(0, dtype=np.intp)
     taken = np.zeros(n, dtype=bool)
     out: list[int] = []
     for i in range(n):
