@@ -84,7 +84,7 @@ OMNI_ATTACKS = ("omni:alie", "omni:ipm", "omni:sign-flip", "omni:defence-aware",
 ATTACKS = CLIENT_ATTACKS + OMNI_ATTACKS
 PEERS = ("cclip", "nnm:cclip", "multi-krum", "trimmed-mean", "median", "geomed")
 MOMENTUM_PEERS = ("wm:cclip", "wm:nnm:cclip", "wm:multi-krum", "wm:trimmed-mean")
-ABLATIONS = ("rge/no-step-trim", "rge/fold-dropped", "rge/mixing", "rge/evidence-floor-0.01", "rge/evidence-floor-0.1", "rge/no-evidence", "rge/evidence-level-0", "rge/no-relative-level",
+ABLATIONS = ("rge/evidence-last-replies", "rge/no-step-trim", "rge/fold-dropped", "rge/mixing", "rge/evidence-floor-0.01", "rge/evidence-floor-0.1", "rge/no-evidence", "rge/evidence-level-0", "rge/no-relative-level",
              "rge/no-skip-anomalies", "rge/no-self-ref",
              "rge/no-jump", "rge/no-burn-in", "rge/no-gross", "rge/no-clip", "rge/threshold-4", "rge/no-momentum",
              "rge/momentum", "rge/momentum-0.5",
@@ -178,6 +178,8 @@ def build_rule(name: str, num_nodes: int, f: int, mode: str = "gradient"):
             kw = dict(fold_dropped=True)
         elif variant == "no-duplicates":  # copies of one message each get a vote (what colluders adding noise get)
             kw = dict(duplicate_tol=None)
+        elif variant == "evidence-last-replies":  # the evidence on the change from the raw last reply (a stored table)
+            kw = dict(evidence_from_reference=False)
         elif variant:
             raise ValueError(f"unknown ablation {name!r}")
         if mode == "local":

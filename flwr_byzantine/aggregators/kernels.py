@@ -172,8 +172,25 @@ def column_medians(A, lo, hi, npad, out, block_values):
         _median_block(B, w, lo, hi, m, out, b0)
 
 
+@numba.njit(cache=True, fastmath={"reassoc"})
+def _sum_sq_deviation_and_change(g, t, dr, u, n):
+    """``(sum_c e_c^2, sum_c x_c^2, sum_c x_c u_c)`` with ``x = g - t`` and ``e = x - dr`` (the rows' dtype, IEEE
+    order, as :func:`_deviation`), summed in float64; only the sums reassociated."""
+    acc = 0.0
+    acc_x = 0.0
+    acc_u = 0.0
+    for c in range(n):
+        x = g[c] - t[c]
+        e = np.float64(x - dr[c])
+        x64 = np.float64(x)
+        acc += e * e
+        acc_x += x64 * x64
+        acc_u += x64 * np.float64(u[c])
+    return acc, acc_x, acc_u
+
+
 @numba.njit(cache=True)
-def drift_and_deviations(G, rows, T, slots, sample, lo, hi, npad, drift, sq, block_values):
+def drift_and_deviations(G, rows, T, slots, sample, lo, hi, npad, drift, sq, block_values, u, change_sq, change_dots):
     """``drift = median_k (G[rows[sample[k]]] - T[slots[sample[k]]])`` per coordinate, and
     ``sq[i] = ||G[rows[i]] - T[slots[i]] - drift||^2`` (float64) for every ``i``.
 
@@ -183,7 +200,10 @@ def drift_and_deviations(G, rows, T, slots, sample, lo, hi, npad, drift, sq, blo
     ``block_values // npad`` columns).  Then every row's deviations, row after row (one contiguous run
     per row: column tiles of all rows, each row a separate short run, measured 1.7x slower), summed tile by
     tile of :data:`KERNEL_TILE` columns (the drift stays in the last-level cache).
-    The differences are ``(G - T) - drift`` in the rows' dtype, as numpy computes them.
+    The differences are ``(G - T) - drift`` in the rows' dtype, as numpy computes them.  ``u`` (a unit vector of the
+    rows' dtype, or empty to skip): also every row's change from its reference, ``change_sq[i] = ||G[rows[i]] -
+    T[slots[i]]||^2`` and ``change_dots[i] = <G[rows[i]] - T[slots[i]], u>`` (float64), from the same read (the
+    default defence's monotonicity evidence on large rounds).
     """
     n = rows.size
     d = G.shape[1]
@@ -200,14 +220,26 @@ def drift_and_deviations(G, rows, T, slots, sample, lo, hi, npad, drift, sq, blo
             for c in range(w):
                 Bk[c] = g[c] - t[c]
         _median_block(B, w, lo, hi, m, drift, b0)
+    changes = u.size > 0
     for i in range(n):
         g = G[rows[i]]
         t = T[slots[i]]
         acc = 0.0
+        acc_x = 0.0
+        acc_u = 0.0
         for c0 in range(0, d, 4096):
             c1 = min(d, c0 + 4096)
-            acc += _sum_sq_deviation(g[c0:c1], t[c0:c1], drift[c0:c1], c1 - c0)
+            if changes:
+                a, b, p = _sum_sq_deviation_and_change(g[c0:c1], t[c0:c1], drift[c0:c1], u[c0:c1], c1 - c0)
+                acc += a
+                acc_x += b
+                acc_u += p
+            else:
+                acc += _sum_sq_deviation(g[c0:c1], t[c0:c1], drift[c0:c1], c1 - c0)
         sq[i] = acc
+        if changes:
+            change_sq[i] = acc_x
+            change_dots[i] = acc_u
 
 
 @numba.njit(cache=True)

@@ -347,6 +347,7 @@ class MonotonicityEvidence:
         self._pos: dict[int, int] = {}  # node id -> row of the statistics
         self._stats = np.zeros((0, 4))  # per node: S, Q, S_short, Q_short
         self._count = np.zeros(0, dtype=np.int64)  # per node: number of scores
+        self._unscored: set[int] = set()  # nodes whose next reply is not scored (observe_changes: last one anomalous)
 
     def _rows_of(self, ids: Sequence[int], create: bool = False) -> np.ndarray:
         """Rows of ``ids`` in the statistics (-1 for a node without any; ``create`` adds them)."""
@@ -470,6 +471,33 @@ class MonotonicityEvidence:
         skip_set = {int(r) for r in skip}
         if skip_set:  # an anomalous reply is not remembered, whether or not this round scores
             self._last.drop([ids[r] for r in skip_set])
+        self._unscored = set()
+        self._score(ids, rows, sq, dots, skip_set)
+
+    def observe_changes(self, ids: Sequence[int], rows: Sequence[int], sq: np.ndarray, dots: np.ndarray,
+                        skip: Sequence[int] = ()) -> None:
+        """Score this round from changes the caller has taken: ``sq[k] = ||g_i(t) - r_i||^2`` and ``dots[k] = <g_i(t) -
+        r_i, delta / |delta|>`` for row ``rows[k]`` (node ``ids[rows[k]]``), ``r_i`` the node's previous reply as the
+        caller remembers it (large rounds of the default defence: the self-reference's reference, the last reply
+        after its clipping, :meth:`~.temporal.SelfReference.apply`'s ``change_along``), so that no table of last
+        replies is kept: it is emptied here.
+
+        The scores are :meth:`observe`'s; rows in ``skip`` are not scored, nor are their nodes' next replies (their
+        references hold an anomaly: a jump, or a gross reply's, which the self-reference forgets anyway).
+        """
+        ids = [int(i) for i in ids]
+        if len(self._last):
+            self._last.clear()
+        skip_set = {int(r) for r in skip}
+        unscored, self._unscored = self._unscored, {ids[r] for r in skip_set}
+        keep = [k for k, r in enumerate(rows) if ids[int(r)] not in unscored]
+        rows_arr = np.asarray([int(rows[k]) for k in keep], dtype=np.intp)
+        self._score(ids, rows_arr, np.asarray(sq, dtype=np.float64)[keep], np.asarray(dots, dtype=np.float64)[keep],
+                    skip_set)
+
+    def _score(self, ids: list[int], rows: np.ndarray, sq: np.ndarray, dots: np.ndarray, skip_set: set[int]) -> None:
+        """Fold the scores ``s = dots / median(sqrt(sq))`` (winsorised) of ``rows`` not in ``skip_set`` into the
+        nodes' statistics."""
         if not rows.size:
             return
         scale = float(np.median(np.sqrt(sq)))
@@ -506,6 +534,7 @@ class MonotonicityEvidence:
             "ids": ids, "S": st[:, 0].tolist(), "Q": st[:, 1].tolist(),
             "S_short": st[:, 2].tolist(), "Q_short": st[:, 3].tolist(),
             "n": [int(c) for c in self._count[k]] if ids else [], "last_ids": last_ids,
+            "unscored": sorted(int(i) for i in self._unscored),
             "last": self._last.get(last_ids).copy() if last_ids else np.zeros((0, d)),
         }
 
@@ -522,6 +551,7 @@ class MonotonicityEvidence:
             last = _floating(state["last"])
             level = float(state.get("level", -self.z_exclude))  # absent in checkpoints before the relative level
             floor = tuple(float(v) for v in state.get("floor", (0.0, 0.0)))  # absent before the population floor
+            unscored = {int(i) for i in state.get("unscored", [])}  # absent before observe_changes
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed evidence state: {exc}") from exc
         if not np.isfinite(level):
@@ -541,3 +571,4 @@ class MonotonicityEvidence:
             self._last.put(last_ids, last)
         self.level = level
         self.floor = (floor[0], floor[1])
+        self._unscored = unscored

@@ -103,7 +103,8 @@ def row_sq_norms_to(A: np.ndarray, centre: np.ndarray) -> np.ndarray:
 
 
 def reference_deviation_stats(G: np.ndarray, rows: np.ndarray, table: np.ndarray, slots: np.ndarray,
-                              median_of: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                              median_of: np.ndarray | None = None, direction: np.ndarray | None = None
+                              ) -> tuple[np.ndarray, ...]:
     """``drift = np.median(G[rows] - table[slots], axis=0)`` and every row's ``||G[r] - table[s] - drift||^2``.
 
     What :meth:`~.temporal.SelfReference.apply` computes, in one compiled pass over the rows
@@ -112,7 +113,9 @@ def reference_deviation_stats(G: np.ndarray, rows: np.ndarray, table: np.ndarray
     drift`` in the rows' dtype as numpy forms them, their squares summed in float64 (numpy's float32
     ``einsum`` rounds more; the sums agree to float32 rounding).  ``median_of`` (ascending positions in
     ``rows``): the drift is the median of those rows' differences only (a subsample, issue 12), the
-    squared norms are every row's.  Returns ``(drift, sq)`` (``sq`` float64).
+    squared norms are every row's.  Returns ``(drift, sq)`` (``sq`` float64); with ``direction`` (a unit vector) also
+    every row's change from its reference, ``||G[r] - table[s]||^2`` and ``<G[r] - table[s], direction>`` (float64),
+    from the same read: ``(drift, sq, change_sq, change_dots)``.
     """
     from .kernels import SELECT_BLOCK_VALUES, drift_and_deviations, selection_network
 
@@ -125,8 +128,12 @@ def reference_deviation_stats(G: np.ndarray, rows: np.ndarray, table: np.ndarray
     drift = np.empty(d, dtype=np.result_type(G.dtype, table.dtype))
     sq = np.empty(n)
     lo, hi, npad = selection_network(int(sample.size))
-    drift_and_deviations(G, rows, table, slots, sample, lo, hi, npad, drift, sq, SELECT_BLOCK_VALUES)
-    return drift, sq
+    if direction is None:
+        u, csq, cdots = np.empty(0, dtype=drift.dtype), np.empty(0), np.empty(0)
+    else:
+        u, csq, cdots = np.ascontiguousarray(direction, dtype=drift.dtype), np.empty(n), np.empty(n)
+    drift_and_deviations(G, rows, table, slots, sample, lo, hi, npad, drift, sq, SELECT_BLOCK_VALUES, u, csq, cdots)
+    return (drift, sq) if direction is None else (drift, sq, csq, cdots)
 
 
 def clip_to_references(V: np.ndarray, G: np.ndarray, rows: np.ndarray, table: np.ndarray, slots: np.ndarray,

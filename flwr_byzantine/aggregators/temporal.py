@@ -88,8 +88,8 @@ class SelfReference:
 
     def apply(self, G: np.ndarray, ids: Sequence[int], skip: Sequence[int] = (),
               out: np.ndarray | None = None, drift_rows: int | None = None,
-              rng: np.random.Generator | None = None, centre: np.ndarray | None = None
-              ) -> tuple[np.ndarray, dict[str, Any]]:
+              rng: np.random.Generator | None = None, centre: np.ndarray | None = None,
+              change_along: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         """Clip the rows of ``G`` (node ``ids[r]`` for row ``r``) against their references.
 
         Rows in ``skip`` (e.g. gross outliers dropped this round) are returned unchanged, do not
@@ -102,6 +102,10 @@ class SelfReference:
         ``centre`` (a vector of ``G``'s dtype): ``info["centre_sq"]`` holds every returned row's squared distance
         to it, ``||V[r] - centre||^2`` (float64, :func:`~.kernels.centre_sq_distances`' sums bit for bit), taken
         while the clipping writes the rows (one read of ``V`` fewer for a caller that needs them).
+        ``change_along`` (a unit vector): the pass that takes the deviations also takes every clipped row's change from
+        its reference, ``info["change_rows"]`` (row indices), ``info["change_sq"]`` (``||G[r] - r_i||^2``) and
+        ``info["change_dots"]`` (``<G[r] - r_i, change_along>``), float64, before any reference changes (the default
+        defence's monotonicity evidence on large rounds, :meth:`~.memory.MonotonicityEvidence.observe_changes`).
         """
         G = np.asarray(G)
         ids = [int(i) for i in ids]
@@ -118,12 +122,14 @@ class SelfReference:
         if len(rows) >= self.min_rows:
             # streamed in blocks (:mod:`.streaming`): ref = the references, dev = G[rows] - ref - drift
             slots = self.refs.slots([ids[r] for r in rows])
+            sample = None
             if drift_rows is not None and len(rows) > drift_rows:
                 sample = np.sort((rng or np.random.default_rng()).choice(len(rows), size=drift_rows, replace=False))
-                drift, dev_sq = reference_deviation_stats(G, np.asarray(rows), self.refs.rows, slots, sample)
                 info["drift_rows"] = int(drift_rows)
-            else:
-                drift, dev_sq = reference_deviation_stats(G, np.asarray(rows), self.refs.rows, slots)
+            stats = reference_deviation_stats(G, np.asarray(rows), self.refs.rows, slots, sample, change_along)
+            drift, dev_sq = stats[0], stats[1]
+            if change_along is not None:
+                info.update(change_rows=list(rows), change_sq=stats[2], change_dots=stats[3])
             dist = np.sqrt(dev_sq)
             radius = self.scale * float(np.median(dist))
             if radius > 0 and np.isfinite(radius):
