@@ -107,3 +107,16 @@ def test_small_rounds_score_on_the_references_too():
     res, first = _quadratic_federation(rule, R=R, d=d)
     assert res.info["suspected"] == [0] and first is not None
     assert rule.state_dict()[1]["evidence.last"].shape[0] == 0
+
+
+def test_first_round_stores_no_last_replies_and_a_new_length_forgets_the_evidence():
+    rule = RobustDefence(eps_tilde=0.2, seed=0)
+    rng = np.random.default_rng(4)
+    rule.aggregate(rng.normal(size=(10, 30)), client_ids=list(range(10)))  # no step yet: nothing scored
+    assert rule.state_dict()[1]["evidence.last"].shape[0] == 0
+    ev = MonotonicityEvidence()
+    for _ in range(6):
+        ev.observe_changes([1, 2, 3], [0, 1, 2], np.ones(3), -np.ones(3), dim=30)
+    assert ev.z(1) < 0
+    ev.observe_changes([1, 2, 3], [], np.zeros(0), np.zeros(0), dim=31)  # another model: a fresh start
+    assert ev.z(1) == 0.0

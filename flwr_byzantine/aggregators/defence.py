@@ -336,7 +336,6 @@ class RobustDefence(Aggregator):
         self.fast_passes = bool(fast_passes)
         #: Fast rounds fuse passes over the rows (issue 12; the same results bit for bit, one read fewer each).
         self.fuse_passes = True
-
         self.screen_sketch_dim, self.drift_rows = SCREEN_SKETCH_DIM, DRIFT_ROWS
         self._pass_rng = np.random.default_rng(None if seed is None else [int(seed), 12])
         if duplicate_tol is not None and not (np.isfinite(duplicate_tol) and 0 < duplicate_tol < 1):
@@ -585,9 +584,10 @@ class RobustDefence(Aggregator):
                 step = None
         # the evidence scores each reply's change from its self-reference (its last reply as clipped), taken by the
         # self-reference's pass, and keeps no table of last replies (one pass over the rows and one table fewer)
-        refs_evidence = step is not None and self.self_reference is not None and self.evidence_from_reference
+        refs_evidence = (ids is not None and self.evidence is not None and self.self_reference is not None
+                         and self.evidence_from_reference)
         along = None
-        if refs_evidence:
+        if refs_evidence and step is not None:
             norm = float(np.linalg.norm(step))
             along = np.asarray(step, dtype=np.float64) / norm if norm > 0 and np.isfinite(norm) else None
         if ids is not None and self.self_reference is not None:
@@ -603,8 +603,8 @@ class RobustDefence(Aggregator):
                    self_info.pop("change_dots", np.zeros(0)))
         if ids is not None and self.evidence is not None:
             anomalous = np.union1d(gross, self_info.get("jumped", [])).astype(np.intp) if self.skip_anomalies else ()
-            if refs_evidence:
-                self.evidence.observe_changes(ids, *changes, skip=anomalous)
+            if refs_evidence:  # no step (the first round) or a zero one: nothing scored, as observe does
+                self.evidence.observe_changes(ids, *changes, skip=anomalous, dim=d)
             else:
                 self.evidence.observe(raw, ids, step, skip=anomalous)
             suspects = np.flatnonzero(self.evidence.suspected_rows(ids))

@@ -348,6 +348,7 @@ class MonotonicityEvidence:
         self._stats = np.zeros((0, 4))  # per node: S, Q, S_short, Q_short
         self._count = np.zeros(0, dtype=np.int64)  # per node: number of scores
         self._unscored: set[int] = set()  # nodes whose next reply is not scored (observe_changes: last one anomalous)
+        self._dim: int | None = None  # the replies' length seen by observe_changes
 
     def _rows_of(self, ids: Sequence[int], create: bool = False) -> np.ndarray:
         """Rows of ``ids`` in the statistics (-1 for a node without any; ``create`` adds them)."""
@@ -475,7 +476,7 @@ class MonotonicityEvidence:
         self._score(ids, rows, sq, dots, skip_set)
 
     def observe_changes(self, ids: Sequence[int], rows: Sequence[int], sq: np.ndarray, dots: np.ndarray,
-                        skip: Sequence[int] = ()) -> None:
+                        skip: Sequence[int] = (), dim: int | None = None) -> None:
         """Score this round from changes the caller has taken: ``sq[k] = ||g_i(t) - r_i||^2`` and ``dots[k] = <g_i(t) -
         r_i, delta / |delta|>`` for row ``rows[k]`` (node ``ids[rows[k]]``), ``r_i`` the node's previous reply as the
         caller remembers it (large rounds of the default defence: the self-reference's reference, the last reply
@@ -483,8 +484,13 @@ class MonotonicityEvidence:
         replies is kept: it is emptied here.
 
         The scores are :meth:`observe`'s; rows in ``skip`` are not scored, nor are their nodes' next replies (their
-        references hold an anomaly: a jump, or a gross reply's, which the self-reference forgets anyway).
+        references hold an anomaly: a jump, or a gross reply's, which the self-reference forgets anyway).  ``dim``
+        (the replies' length): a change of it forgets everything, as in :meth:`observe`.
         """
+        if dim is not None:
+            if self._dim is not None and self._dim != int(dim):
+                self.reset()
+            self._dim = int(dim)
         ids = [int(i) for i in ids]
         if len(self._last):
             self._last.clear()
