@@ -90,6 +90,13 @@ def selection_network(m: int) -> tuple[np.ndarray, np.ndarray, int]:
     """
     if m < 1:
         raise ValueError("selection of an empty set")
+    return _pruned_network(m, ((m - 1) // 2, m // 2))
+
+
+def _pruned_network(m: int, outputs: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Batcher's sorting network on the next power of two ``N >= m`` of wires, the ``N - m`` padding wires greater than
+    every value: comparators whose upper wire surely holds padding are dropped (forward), then every comparator that
+    cannot reach a position of ``outputs`` (backward).  Returns ``(lo, hi, N)``."""
     N = 1
     while N < m:
         N *= 2
@@ -101,7 +108,7 @@ def selection_network(m: int) -> tuple[np.ndarray, np.ndarray, int]:
         if inf[i]:  # the value moves down, +inf up
             inf[i], inf[j] = False, True
         fwd.append((i, j))
-    need = {(m - 1) // 2, m // 2}
+    need = set(outputs)
     keep = []
     for i, j in reversed(fwd):
         if i in need or j in need:
@@ -163,13 +170,18 @@ def column_medians(A, lo, hi, npad, out, block_values):
     B = np.empty((npad, wm), dtype=out.dtype)
     for b0 in range(0, d, wm):
         b1 = min(d, b0 + wm)
-        w = b1 - b0
-        for k in range(m):
-            a = A[k, b0:b1]
-            Bk = B[k]
-            for c in range(w):
-                Bk[c] = a[c]
-        _median_block(B, w, lo, hi, m, out, b0)
+        _load_block(A, b0, b1, B)
+        _median_block(B, b1 - b0, lo, hi, m, out, b0)
+
+
+@numba.njit(cache=True)
+def _load_block(A, c0, c1, B):
+    """``B[k, :c1 - c0] = A[k, c0:c1]`` for every row ``k`` of ``A`` (each row's block one contiguous copy)."""
+    for k in range(A.shape[0]):
+        a = A[k, c0:c1]
+        Bk = B[k]
+        for c in range(c1 - c0):
+            Bk[c] = a[c]
 
 
 @numba.njit(cache=True, fastmath={"reassoc"})
@@ -499,27 +511,9 @@ def window_network(m: int, b: int) -> tuple[np.ndarray, np.ndarray, int]:
     greater than every value, comparators that move nothing dropped forward, those that cannot reach a window
     position dropped backward) with the whole window as its outputs.  Returns ``(lo, hi, N)``.
     """
-    if not 0 <= b and 2 * b < m:
+    if not (0 <= b and 2 * b < m):
         raise ValueError(f"no window of {m} values without {b} at each end")
-    N = 1
-    while N < m:
-        N *= 2
-    pad = [w >= m for w in range(N)]
-    fwd = []
-    for i, j in _batcher_pairs(N):
-        if pad[j]:
-            continue
-        if pad[i]:
-            pad[i], pad[j] = False, True
-        fwd.append((i, j))
-    need = set(range(b, m - b))
-    keep = []
-    for i, j in reversed(fwd):
-        if i in need or j in need:
-            keep.append((i, j))
-            need.update((i, j))
-    keep.reverse()
-    return (np.array([p[0] for p in keep], dtype=np.intp), np.array([p[1] for p in keep], dtype=np.intp), N)
+    return _pruned_network(m, tuple(range(b, m - b)))
 
 
 @numba.njit(cache=True)
@@ -541,12 +535,10 @@ def window_sums(G, b, lo, hi, npad, out, counts, block_cols):
     for c0 in range(0, d, block_cols):
         c1 = min(d, c0 + block_cols)
         w = c1 - c0
+        _load_block(G, c0, c1, B)
         for r in range(m):
-            g = G[r, c0:c1]
-            Br = B[r]
             Ir = I[r]
             for c in range(w):
-                Br[c] = g[c]
                 Ir[c] = r
         for r in range(m, npad):
             Br = B[r]
