@@ -298,3 +298,11 @@ def test_window_network_is_the_partition_window(dtype, R, monkeypatch):
         np.testing.assert_allclose(fast[0], slow[0], rtol=0, atol=tol)
         srt = np.sort(G, axis=0)
         np.testing.assert_allclose(fast[0], srt[b : R - b].mean(axis=0), rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("m,b", [(5, -1), (5, 3), (4, 2), (1, 1)])
+def test_window_network_refuses_an_empty_window(m, b):
+    from flwr_byzantine.aggregators.kernels import window_network
+
+    with pytest.raises(ValueError):
+        window_network(m, b)
