@@ -33,6 +33,7 @@ the in-process Flower path.
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -464,11 +465,13 @@ def screen_magnitudes(G: np.ndarray) -> np.ndarray:
 
 
 def aggregate(aggregator: Any, G: np.ndarray, ids: list[int]):
-    """``aggregator.aggregate(G, client_ids=ids)`` for rules that take node ids, else ``aggregate(G)``."""
-    try:
+    """``aggregator.aggregate(G, client_ids=ids)`` for rules whose ``aggregate`` takes node ids, else ``aggregate(G)``.
+
+    Decided from the signature, not by catching a ``TypeError``: a ``TypeError`` raised inside a rule that takes ids
+    must surface, not rerun the round without ids (statelessly)."""
+    if "client_ids" in inspect.signature(aggregator.aggregate).parameters:
         return aggregator.aggregate(G, client_ids=ids)
-    except TypeError:
-        return aggregator.aggregate(G)
+    return aggregator.aggregate(G)
 
 
 def _attacker_copy(aggregator: Any) -> Any:

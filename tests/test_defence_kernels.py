@@ -42,21 +42,31 @@ def plain_mix_and_clip(M, kept, f, clip_scale):
     return clip_survivors(Y, np.arange(kept.size), centre, clip_scale)
 
 
-def plain_reference_deviation_stats(G, rows, table, slots):
-    """The self-reference's drift and squared deviations as first written (``(n, d)`` temporaries)."""
+def plain_reference_deviation_stats(G, rows, table, slots, median_of=None, direction=None):
+    """The self-reference's drift and squared deviations as first written (``(n, d)`` temporaries), and the changes
+    from the references along ``direction`` (the evidence's statistics) in numpy."""
     ref = table[slots]
     dev = G[rows] - ref
-    drift = np.median(dev, axis=0)
+    change = dev.copy() if direction is not None else None
+    drift = np.median(dev if median_of is None else dev[median_of], axis=0)
     dev -= drift
-    return drift, np.einsum("ij,ij->i", dev, dev).astype(np.float64)
+    sq = np.einsum("ij,ij->i", dev, dev).astype(np.float64)
+    if direction is None:
+        return drift, sq
+    X = change.astype(np.float64)
+    return drift, sq, np.einsum("ij,ij->i", X, X), X @ np.asarray(direction, dtype=change.dtype).astype(np.float64)
 
 
-def plain_clip_to_references(V, G, rows, table, slots, drift, factors, store=False):
+def plain_clip_to_references(V, G, rows, table, slots, drift, factors, store=False, centre=None):
     ref = table[slots]
     dev = G[rows] - ref - drift
     V[rows] = ref + drift + dev * factors[:, None].astype(dev.dtype, copy=False)
     if store:  # what SelfReference.apply's store of every seen row did for these rows
         table[slots] = V[rows]
+    if centre is None:
+        return None
+    D = (V[rows] - np.asarray(centre, dtype=V.dtype)).astype(np.float64)
+    return np.einsum("ij,ij->i", D, D)
 
 
 def plain_aggregate_rows(self, updates, rows, *, sigma0=None, estimate=True):
@@ -123,6 +133,9 @@ class ReplayCheck:
         return copy.deepcopy(self.fast, memo)
 
     def aggregate(self, G, client_ids=None):
+        # the replay is of the node-id path (memory, evidence, self-reference): a round without ids would compare
+        # two stateless rules (fastsim passes the ids to every rule whose aggregate takes them)
+        assert client_ids is not None
         if self.dtype is not None:
             G = np.asarray(G, dtype=self.dtype)
         a = self.fast.aggregate(G, client_ids=client_ids)

@@ -479,9 +479,9 @@ class MonotonicityEvidence:
                         skip: Sequence[int] = (), dim: int | None = None) -> None:
         """Score this round from changes the caller has taken: ``sq[k] = ||g_i(t) - r_i||^2`` and ``dots[k] = <g_i(t) -
         r_i, delta / |delta|>`` for row ``rows[k]`` (node ``ids[rows[k]]``), ``r_i`` the node's previous reply as the
-        caller remembers it (large rounds of the default defence: the self-reference's reference, the last reply
-        after its clipping, :meth:`~.temporal.SelfReference.apply`'s ``change_along``), so that no table of last
-        replies is kept: it is emptied here.
+        caller remembers it (the default defence: the self-reference's reference, the last reply after its
+        clipping, :meth:`~.temporal.SelfReference.apply`'s ``change_along``), so that no table of last replies is
+        kept: it is emptied here.
 
         The scores are :meth:`observe`'s; rows in ``skip`` are not scored, nor are their nodes' next replies (their
         references hold an anomaly: a jump, or a gross reply's, which the self-reference forgets anyway).  ``dim``

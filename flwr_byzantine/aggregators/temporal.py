@@ -102,10 +102,10 @@ class SelfReference:
         ``centre`` (a vector of ``G``'s dtype): ``info["centre_sq"]`` holds every returned row's squared distance
         to it, ``||V[r] - centre||^2`` (float64, :func:`~.kernels.centre_sq_distances`' sums bit for bit), taken
         while the clipping writes the rows (one read of ``V`` fewer for a caller that needs them).
-        ``change_along`` (a unit vector): the pass that takes the deviations also takes every clipped row's change from
+        ``change_along`` (a unit vector): the pass that takes the deviations also takes every such row's change from
         its reference, ``info["change_rows"]`` (row indices), ``info["change_sq"]`` (``||G[r] - r_i||^2``) and
         ``info["change_dots"]`` (``<G[r] - r_i, change_along>``), float64, before any reference changes (the default
-        defence's monotonicity evidence on large rounds, :meth:`~.memory.MonotonicityEvidence.observe_changes`).
+        defence's monotonicity evidence, :meth:`~.memory.MonotonicityEvidence.observe_changes`).
         """
         G = np.asarray(G)
         ids = [int(i) for i in ids]
