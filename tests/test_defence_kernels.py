@@ -60,12 +60,14 @@ def plain_reference_deviation_stats(G, rows, table, slots, median_of=None, direc
 def plain_clip_to_references(V, G, rows, table, slots, drift, factors, store=False, centre=None):
     ref = table[slots]
     dev = G[rows] - ref - drift
-    V[rows] = ref + drift + dev * factors[:, None].astype(dev.dtype, copy=False)
-    if store:  # what SelfReference.apply's store of every seen row did for these rows
-        table[slots] = V[rows]
+    clipped = ref + drift + dev * factors[:, None].astype(dev.dtype, copy=False)
+    if V is not None:
+        V[rows] = clipped
+    if store or V is None:  # what SelfReference.apply's store of every seen row did for these rows
+        table[slots] = clipped
     if centre is None:
         return None
-    D = (V[rows] - np.asarray(centre, dtype=V.dtype)).astype(np.float64)
+    D = (clipped - np.asarray(centre, dtype=clipped.dtype)).astype(np.float64)
     return np.einsum("ij,ij->i", D, D)
 
 

@@ -159,3 +159,117 @@ def test_fast_rounds_with_every_row_folded_use_the_memory_table_bit_for_bit(dtyp
     assert views == 8  # the buffer was never needed
     arr_a, arr_b = fused.state_dict()[1], plain.state_dict()[1]
     assert all(np.array_equal(arr_a[k], arr_b[k]) for k in arr_a)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clip_rows_into_the_references_only_writes_what_the_buffer_would_hold(dtype):
+    """``V=None``: the clipped rows go only into the references' table, the same values and distances."""
+    rng = np.random.default_rng(11)
+    n, d = 6, kernels.KERNEL_TILE + 5
+    G = rng.standard_normal((n + 1, d)).astype(dtype)
+    T = rng.standard_normal((n + 2, d)).astype(dtype)
+    rows, slots = np.arange(1, n + 1), rng.permutation(n + 2)[:n]
+    drift = rng.standard_normal(d).astype(dtype)
+    factors = np.minimum(1.0, rng.uniform(0.1, 2.0, n))
+    centre = rng.standard_normal(d).astype(dtype)
+    V, T1, T2 = np.zeros_like(G), T.copy(), T.copy()
+    csq1 = clip_to_references(V, G, rows, T1, slots, drift, factors, store=True, centre=centre)
+    csq2 = clip_to_references(None, G, rows, T2, slots, drift, factors, store=True, centre=centre)
+    assert np.array_equal(T1, T2) and np.array_equal(T2[slots], V[rows]) and np.array_equal(csq1, csq2)
+    assert clip_to_references(None, G, rows, T.copy(), slots, drift, factors, store=True) is None
+    with pytest.raises(ValueError):
+        clip_to_references(None, G, rows, T.copy(), slots, drift, factors)  # nowhere to write the rows
+    with pytest.raises(ValueError):  # a table narrower than the rows' arithmetic: not the rows' values
+        clip_to_references(None, G.astype(np.float64), rows, T.astype(np.float32), slots,
+                           drift.astype(np.float64), factors, store=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fold_reads_its_rows_from_a_source_table(dtype):
+    from flwr_byzantine.aggregators.memory import ClientMomentum
+
+    rng = np.random.default_rng(4)
+    a, b = ClientMomentum(beta=0.6), ClientMomentum(beta=0.6)
+    ids = [3, 9, 4, 1]
+    for t in range(3):
+        S = rng.standard_normal((7, 500)).astype(dtype)  # the rows live in another table, in another order
+        src = rng.permutation(7)[:3]
+        rows = np.array([0, 2, 3])
+        G = np.zeros((4, 500), dtype=dtype)
+        G[rows] = S[src]
+        centre = rng.standard_normal(500).astype(dtype)
+        factors = rng.uniform(0.3, 1.0, 3).astype(dtype)
+        kw = dict(centre=centre, factors=factors) if t else {}
+        Ma = a.fold_rows(np.empty((4, 500), dtype=dtype), rows, [ids[r] for r in rows], source=(S, src), **kw)
+        Mb = b.fold_rows(G, rows, [ids[r] for r in rows], **kw)
+        assert np.array_equal(Ma[rows], Mb[rows])
+    for node in (3, 4, 1):
+        assert np.array_equal(a.momentum_of(node), b.momentum_of(node))
+    with pytest.raises(ValueError):
+        a.fold_rows(G, rows, [3, 4, 1], source=(S, np.array([0, 1, 7])))  # no row 7 in the source
+    with pytest.raises(ValueError):
+        a.fold_rows(G, rows, [3, 4, 1], source=(S.astype(np.float16), src))  # another dtype
+
+
+def test_self_reference_into_table_leaves_the_clipped_rows_in_its_table_until_settled():
+    """``into_table``: no rows written out; the table holds what ``V`` would hold (a mature jump's clipped row
+    included) until :meth:`settle`, after which it is the table of the plain call; a checkpoint settles first."""
+    from flwr_byzantine.aggregators.temporal import SelfReference
+
+    rng = np.random.default_rng(8)
+    R, d = 20, 300
+    a, b = SelfReference(burn_in=0), SelfReference(burn_in=0)
+    centres = rng.normal(size=(R, d)).astype(np.float32) * 3
+    ids = list(range(R))
+    for t in range(5):
+        G = centres + rng.normal(size=(R, d)).astype(np.float32) * np.float32(0.3) + np.float32(0.1 * t)
+        skip = [5] if t == 2 else []
+        if t == 3:
+            G[[2, 7]] *= -1.0  # two mature jumps
+        Vb, ib = b.apply(G, ids, skip=skip)
+        Va, ia = a.apply(G, ids, skip=skip, into_table=True)
+        assert Va is None and ia["jumped"] == ib["jumped"] and ia["self_clipped"] == ib["self_clipped"]
+        seen = [r for r in range(R) if r not in skip]
+        assert np.array_equal(a.refs.rows[a.refs.slots([ids[r] for r in seen])], Vb[seen])
+        if t == 3:
+            assert sorted(ia["jumped"]) == [2, 7] and a._pending is not None
+            assert not np.array_equal(a.refs.get([2]), b.refs.get([2]))  # the clipped row, not the drift's follower
+        a.settle()
+        assert a._pending is None
+        assert sorted(a.refs.index) == sorted(b.refs.index)
+        assert all(np.array_equal(a.refs.get([n]), b.refs.get([n])) for n in a.refs.index)
+    # a pending fix is settled by the checkpoint, and a forgotten node stays forgotten
+    G = -(centres + np.float32(0.5))
+    a.apply(G, ids, into_table=True)
+    b.apply(G, ids)
+    a.forget([0])
+    b.forget([0])
+    assert a.state_dict()["ids"] == b.state_dict()["ids"]
+    assert np.array_equal(a.state_dict()["refs"], b.state_dict()["refs"])
+    # a table wider than the rows: the rows are written out as without into_table
+    c = SelfReference()
+    c.apply(centres.astype(np.float64), ids)
+    V, _ = c.apply(centres, ids, into_table=True)
+    assert V is not None and V.dtype == np.float32
+
+
+def test_fused_fast_rounds_read_the_clipped_rows_from_the_references_table(monkeypatch):
+    """Rounds with a last estimate take the clipped rows from the self-reference's table (no buffer written),
+    and give the unfused passes' results bit for bit (:func:`test_fast_rounds_fused_are_the_unfused_passes_bit_for_bit`)."""
+    from flwr_byzantine.aggregators.temporal import SelfReference
+
+    calls: list[bool] = []
+    apply = SelfReference.apply
+
+    def spy(self, *a, **k):
+        out = apply(self, *a, **k)
+        calls.append(out[0] is None)
+        return out
+
+    monkeypatch.setattr(SelfReference, "apply", spy)
+    R, d = 24, 5000
+    fused = RobustDefence(eps_tilde=0.2, seed=0, fast_above=R * d)
+    for G, ids in _attacked_rounds(6, R, d):
+        fused.aggregate(G, client_ids=ids)
+        assert fused.self_reference._pending is None  # settled within the round
+    assert calls == [False] + [True] * 5  # the first round has no last estimate to clip the memories around

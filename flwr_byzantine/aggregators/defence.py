@@ -590,13 +590,21 @@ class RobustDefence(Aggregator):
         if refs_evidence and step is not None:
             norm = float(np.linalg.norm(step))
             along = np.asarray(step, dtype=np.float64) / norm if norm > 0 and np.isfinite(norm) else None
+        # fused fast rounds: the clipped rows stay in the self-reference's table, whence the memories' fold reads them
+        # (no buffer of clipped rows written and read again); `in_table` when the self-reference did so
+        in_table = False
         if ids is not None and self.self_reference is not None:
-            if self._scratch is None or self._scratch.shape != raw.shape or self._scratch.dtype != raw.dtype:
+            fused_centre = self._fused_centre(R, d, raw.dtype)
+            into_table = fused_centre is not None  # also the momentum's input clipping, on the distances taken there
+            if not into_table and (self._scratch is None or self._scratch.shape != raw.shape
+                                   or self._scratch.dtype != raw.dtype):
                 self._scratch = np.empty_like(raw)  # the clipped rows, rewritten every round (no fresh pages)
             drift_rows = (max(self.drift_rows, min(R // DRIFT_SHARE, DRIFT_MAX_ROWS)) | 1) if fast else None
-            G, self_info = self.self_reference.apply(raw, ids, skip=gross, out=self._scratch, drift_rows=drift_rows,
-                                                     rng=self._pass_rng, centre=self._fused_centre(R, d, raw.dtype),
-                                                     change_along=along)
+            V, self_info = self.self_reference.apply(raw, ids, skip=gross, out=None if into_table else self._scratch,
+                                                     drift_rows=drift_rows, rng=self._pass_rng, centre=fused_centre,
+                                                     change_along=along, into_table=into_table)
+            in_table = V is None
+            G = raw if in_table else V
         centre_sq = self_info.pop("centre_sq", None)
         suspects = np.zeros(0, dtype=np.intp)
         changes = (self_info.pop("change_rows", []), self_info.pop("change_sq", np.zeros(0)),
@@ -681,11 +689,16 @@ class RobustDefence(Aggregator):
             # held, so a mobile adversary leaves nothing behind in the memory of a node it leaves (step 9)
             unfolded = gross if self.fold_dropped else np.union1d(np.union1d(gross, jumped_out), dups).astype(np.intp)
             keep_rows = np.setdiff1d(np.arange(R), unfolded) if unfolded.size else np.arange(R)
+            keep_ids = [ids[r] for r in keep_rows]
+            refs = self.self_reference.refs if in_table else None
             M = self.memory.fold_rows(
-                G, keep_rows, [ids[r] for r in keep_rows], out=self._memory_out,
+                G, keep_rows, keep_ids, out=self._memory_out,
                 centre=centre0 if factors0 is not None else None,
                 factors=None if factors0 is None else factors0[keep_rows],
-                table_view=fast and self.fuse_passes)  # fast rounds: the table's rows themselves when they are a run
+                table_view=fast and self.fuse_passes,  # fast rounds: the table's rows themselves when they are a run
+                source=None if refs is None else (refs.rows, refs.slots(keep_ids)))  # the clipped rows, in place
+            if in_table:
+                self.self_reference.settle()  # read: the jumped nodes' references now follow the drift only
             if M.flags.writeable:  # the buffer (not a read-only view of the memory table): kept for the next round
                 self._memory_out = M
             if unfolded.size:

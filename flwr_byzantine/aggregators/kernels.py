@@ -14,7 +14,8 @@ and do all the arithmetic of a pass on it:
   transposed block: branch-free, vectorised; exact, the same value as ``np.median``), and every row's
   squared distance ``||G[r] - T[s] - drift||^2`` in a second, row-wise read;
 * :func:`column_medians`: the same network on blocks of a matrix's rows (``np.median(A, axis=0)``);
-* :func:`clip_rows`: ``V[r] = T[s] + drift + (G[r] - T[s] - drift) f_r`` and optionally ``T[s] = V[r]``
+* :func:`clip_rows`: ``V[r] = T[s] + drift + (G[r] - T[s] - drift) f_r`` and optionally ``T[s] = V[r]`` (or only
+  the latter)
   (the elementwise arithmetic of the numpy formulation, bit for bit), and optionally the written rows'
   squared distances to a centre (the worker momentum's input clipping, fast rounds);
 * :func:`count_sketch`: both bucket maps of :func:`~.sketch.sketch_rows` and the rows' squared norms
@@ -270,6 +271,14 @@ def _clip_segment(v, g, t, dr, f, store):
 
 
 @numba.njit(cache=True)
+def _store_segment(g, t, dr, f):
+    """``t = (t + dr) + ((g - t) - dr) * f`` elementwise (IEEE order): :func:`_clip_segment` writing only the reference."""
+    for c in range(g.size):
+        ref = t[c]
+        t[c] = (ref + dr[c]) + ((g[c] - ref) - dr[c]) * f
+
+
+@numba.njit(cache=True)
 def clip_rows(V, G, rows, T, slots, drift, factors, store, centre, csq):
     """``V[rows[i]] = T[s] + drift + ((G[rows[i]] - T[s]) - drift) * factors[i]`` with ``s = slots[i]``;
     ``store``: also ``T[s] = V[rows[i]]`` (each row's reference read before it is overwritten).
@@ -277,10 +286,27 @@ def clip_rows(V, G, rows, T, slots, drift, factors, store, centre, csq):
     (float64) from the written values, tile by tile of :data:`KERNEL_TILE` columns while they are in L1 (the
     sums of :func:`centre_sq_distances` on ``V``, bit for bit: one read of the rows fewer).
 
+    ``V`` with no rows (``(0, 0)``, with ``store``): the clipped rows are written only into ``T`` (one write of
+    the rows fewer, for a caller that reads them there), ``csq`` from the values written there.
+
     Elementwise in the dtype of ``V``, in numpy's order of operations (bit for bit).
     """
     d = G.shape[1]
     dist = centre.size > 0
+    if V.shape[0] == 0:
+        for i in range(rows.size):
+            g = G[rows[i]]
+            t = T[slots[i]]
+            f = factors[i]
+            acc = 0.0
+            for c0 in range(0, d, 4096):
+                c1 = min(d, c0 + 4096)
+                _store_segment(g[c0:c1], t[c0:c1], drift[c0:c1], f)
+                if dist:
+                    acc += _sum_sq_diff(t[c0:c1], centre[c0:c1], c1 - c0)
+            if dist:
+                csq[i] = acc
+        return
     for i in range(rows.size):
         g = G[rows[i]]
         t = T[slots[i]]
@@ -440,10 +466,12 @@ def _blended(t, x, b_old, b_new):
 
 
 @numba.njit(cache=True)
-def clip_fold_rows(M, G, rows, centre, factors, clip, T, slots, cont, b_old, b_new):
+def clip_fold_rows(M, G, rows, src, centre, factors, clip, T, slots, cont, b_old, b_new):
     """Worker momentum of clipped rows, one read of each row and of its memory, one write of each.
 
-    For every ``i`` with ``r = rows[i]``, ``s = slots[i]``: ``x = (G[r] - centre) * factors[i] + centre``
+    For every ``i`` with ``r = rows[i]``, ``s = slots[i]``, ``q = src[i]`` (the row of ``G`` that is row ``r``'s
+    input: ``r`` itself, or its row in another table such as the self-reference's):
+    ``x = (G[q] - centre) * factors[i] + centre``
     (``clip``; else ``x = G[r]``) in ``G``'s dtype, then ``T[s] = b_old * T[s] + b_new * x`` where ``cont[i]``
     (else ``T[s] = x``) and ``M[r] = T[s]`` (``M`` with no rows, ``(0, 0)``: only the table is written).
     ``b_old`` has ``T``'s dtype, ``b_new`` and ``factors`` ``G``'s: numpy's order and dtypes of
@@ -451,10 +479,10 @@ def clip_fold_rows(M, G, rows, centre, factors, clip, T, slots, cont, b_old, b_n
     """
     d = G.shape[1]
     if M.shape[0] == 0:
-        _fold_table_only(G, rows, centre, factors, clip, T, slots, cont, b_old, b_new)
+        _fold_table_only(G, src, centre, factors, clip, T, slots, cont, b_old, b_new)
         return
     for i in range(rows.size):
-        g = G[rows[i]]
+        g = G[src[i]]
         t = T[slots[i]]
         m = M[rows[i]]
         f = factors[i]
@@ -481,12 +509,13 @@ def clip_fold_rows(M, G, rows, centre, factors, clip, T, slots, cont, b_old, b_n
 
 
 @numba.njit(cache=True)
-def _fold_table_only(G, rows, centre, factors, clip, T, slots, cont, b_old, b_new):
+def _fold_table_only(G, src, centre, factors, clip, T, slots, cont, b_old, b_new):
     """:func:`clip_fold_rows` without the copy into ``M`` (a second output aliasing the table would keep the loops
-    from vectorising): the same per-coordinate arithmetic (:func:`_clipped`, :func:`_blended`)."""
+    from vectorising): the same per-coordinate arithmetic (:func:`_clipped`, :func:`_blended`); row ``i``'s input is
+    ``G[src[i]]``."""
     d = G.shape[1]
-    for i in range(rows.size):
-        g = G[rows[i]]
+    for i in range(src.size):
+        g = G[src[i]]
         t = T[slots[i]]
         f = factors[i]
         if clip and cont[i]:

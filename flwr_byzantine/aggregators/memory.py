@@ -90,6 +90,10 @@ class _RowTable:
                     top += 1
         return self.slots(ids)
 
+    def keeps(self, dtype: Any) -> bool:
+        """Whether rows of ``dtype`` stored now are held in that dtype (a new table takes it; a wider one widens them)."""
+        return self._fresh or self.rows.dtype == np.dtype(dtype)
+
     def put(self, ids: Sequence[int], values: np.ndarray) -> None:
         """Store row ``k`` of ``values`` as the vector of ``ids[k]``."""
         slots = as_index(self.assign(ids, values.shape[1], values.dtype))
@@ -151,7 +155,7 @@ class ClientMomentum:
 
     def fold_rows(self, G: np.ndarray, rows: np.ndarray, ids: Sequence[int], out: np.ndarray | None = None,
                   centre: np.ndarray | None = None, factors: np.ndarray | None = None,
-                  table_view: bool = False) -> np.ndarray:
+                  table_view: bool = False, source: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """Fold ``x_k = centre + (G[rows[k]] - centre) * factors[k]`` (or ``G[rows[k]]`` without ``centre``) into
         node ``ids[k]``'s memory, ``m <- beta m + (1 - beta) x_k`` (a new or returning node: ``m <- x_k``), and
         write the memory into ``out[rows[k]]``.
@@ -166,6 +170,10 @@ class ClientMomentum:
         one ascending run of rows of the memories' table (nodes that reply every round keep their rows), ``out`` is
         not written: returned instead is a read-only view of those table rows, the same values (one write of the
         rows fewer), valid until the memories next change.
+
+        ``source = (S, s)``: row ``rows[k]``'s input is ``S[s[k]]`` (e.g. the rows as the self-reference left them in
+        its table, :meth:`~.temporal.SelfReference.apply` with ``into_table``), not ``G[rows[k]]``; ``G`` (or any
+        array of the round's shape and dtype) then only gives the round's shape and dtype.
         """
         from .kernels import clip_fold_rows
 
@@ -176,6 +184,14 @@ class ClientMomentum:
         rows = np.ascontiguousarray(rows, dtype=np.intp)
         if G.ndim != 2 or rows.ndim != 1 or len(ids) != rows.size:
             raise ValueError("G must be (R, d) with one id per folded row")
+        if source is None:
+            S, src = G, rows
+        else:
+            S, src = np.asarray(source[0]), np.ascontiguousarray(source[1], dtype=np.intp)
+            if S.ndim != 2 or S.shape[1] != G.shape[1] or S.dtype != G.dtype or src.shape != rows.shape:
+                raise ValueError("source must be a table of the rows' width and dtype with one row per folded row")
+            if src.size and not (0 <= int(src.min()) and int(src.max()) < S.shape[0]):
+                raise ValueError("source rows out of range")
         if len(set(ids)) != len(ids):
             raise ValueError("node ids must be distinct within a round")
         if (centre is None) != (factors is None):
@@ -199,7 +215,7 @@ class ClientMomentum:
         clip = centre is not None
         centre = np.ascontiguousarray(centre if clip else np.zeros(1), dtype=G.dtype)
         factors = np.ascontiguousarray(factors if clip else np.ones(rows.size), dtype=G.dtype)
-        clip_fold_rows(out, G, rows, centre, factors, clip, table, slots, cont,
+        clip_fold_rows(out, S, rows, src, centre, factors, clip, table, slots, cont,
                        table.dtype.type(self.beta), G.dtype.type(1.0 - self.beta))
         for node in ids:
             self._seen[node] = self.calls

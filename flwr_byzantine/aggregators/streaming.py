@@ -136,7 +136,7 @@ def reference_deviation_stats(G: np.ndarray, rows: np.ndarray, table: np.ndarray
     return (drift, sq) if direction is None else (drift, sq, csq, cdots)
 
 
-def clip_to_references(V: np.ndarray, G: np.ndarray, rows: np.ndarray, table: np.ndarray, slots: np.ndarray,
+def clip_to_references(V: np.ndarray | None, G: np.ndarray, rows: np.ndarray, table: np.ndarray, slots: np.ndarray,
                        drift: np.ndarray, factors: np.ndarray, store: bool = False,
                        centre: np.ndarray | None = None) -> np.ndarray | None:
     """``V[rows] = ref + drift + (G[rows] - ref - drift) * factors`` with ``ref = table[slots]``, one compiled pass.
@@ -147,10 +147,15 @@ def clip_to_references(V: np.ndarray, G: np.ndarray, rows: np.ndarray, table: np
     reference is read; ``table`` must have the clipped rows' dtype), in the same pass instead of a second copy.
     ``centre`` (a vector of ``V``'s dtype): the same pass also returns ``||V[rows[k]] - centre||^2`` for every
     ``k`` (float64; :func:`~.kernels.centre_sq_distances`' sums, bit for bit); else returns ``None``.
+    ``V=None`` (with ``store``): the clipped rows are written only into their references (``V``'s dtype: the table's).
     """
     from .kernels import clip_rows
 
     dtype = np.result_type(G.dtype, table.dtype, drift.dtype)
+    if V is None:
+        if not store or table.dtype != dtype:
+            raise ValueError("without V the clipped rows go to the references' table: store, in the rows' dtype")
+        V = np.empty((0, 0), dtype=table.dtype)
     if store and table.dtype != V.dtype:
         raise ValueError("the references' table must have the clipped rows' dtype to store them")
     csq = np.empty(np.asarray(rows).size if centre is not None else 0)

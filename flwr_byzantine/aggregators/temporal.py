@@ -77,11 +77,26 @@ class SelfReference:
             raise ValueError(f"jump_factor must be a finite number > 1 or None, got {jump_factor!r}")
         self.jump_factor = None if jump_factor is None else float(jump_factor)
         self.refs = _RowTable()
+        # references that follow only the drift (mature jumps), left to :meth:`settle` by an ``into_table`` call
+        self._pending: tuple[list[int], np.ndarray] | None = None
 
     def reset(self) -> None:
         """Forget every node's reference."""
         self.refs = _RowTable()
         self.ages = {}
+        self._pending = None
+
+    def settle(self) -> None:
+        """Finish the last :meth:`apply` with ``into_table``: its jumped nodes' references, which held their clipped
+        rows for the caller to read, now follow only the common drift.  Called by the next :meth:`apply` and by
+        :meth:`state_dict` too; a no-op otherwise."""
+        if self._pending is None:
+            return
+        ids, values = self._pending
+        self._pending = None
+        keep = [k for k, node in enumerate(ids) if node in self.refs.index]  # a node forgotten since stays forgotten
+        if keep:
+            self.refs.put([ids[k] for k in keep], values[keep])
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -89,7 +104,8 @@ class SelfReference:
     def apply(self, G: np.ndarray, ids: Sequence[int], skip: Sequence[int] = (),
               out: np.ndarray | None = None, drift_rows: int | None = None,
               rng: np.random.Generator | None = None, centre: np.ndarray | None = None,
-              change_along: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+              change_along: np.ndarray | None = None, into_table: bool = False
+              ) -> tuple[np.ndarray | None, dict[str, Any]]:
         """Clip the rows of ``G`` (node ``ids[r]`` for row ``r``) against their references.
 
         Rows in ``skip`` (e.g. gross outliers dropped this round) are returned unchanged, do not
@@ -106,15 +122,22 @@ class SelfReference:
         its reference, ``info["change_rows"]`` (row indices), ``info["change_sq"]`` (``||G[r] - r_i||^2``) and
         ``info["change_dots"]`` (``<G[r] - r_i, change_along>``), float64, before any reference changes (the default
         defence's monotonicity evidence, :meth:`~.memory.MonotonicityEvidence.observe_changes`).
+        ``into_table`` (when the references' table holds ``G``'s dtype): the rows are not written out (one write of
+        the rows fewer) and ``V`` is ``None``: every row not in ``skip`` is left as row
+        ``self.refs.slots([ids[r]])`` of ``self.refs.rows`` until :meth:`settle`, which the caller calls once it has
+        read them (a jumped node's reference then follows the drift only).  Otherwise ``V`` is returned as above.
         """
+        self.settle()
         G = np.asarray(G)
         ids = [int(i) for i in ids]
         if self.refs.dim is not None and self.refs.dim != G.shape[1]:
             self.reset()
+        into_table = bool(into_table) and self.refs.keeps(G.dtype)
         skip_set = {int(r) for r in skip}
         rows = [r for r, node in enumerate(ids) if r not in skip_set and node in self.refs.index]
         info: dict[str, Any] = {"self_clipped": 0, "self_radius": float("nan"), "self_rows": len(rows), "jumped": []}
-        V = np.empty_like(G) if out is None else out
+        V = None if into_table else np.empty_like(G) if out is None else out
+        vtype = G.dtype if V is None else V.dtype
         centre_sq = None if centre is None else np.empty(len(ids))
         copied = False  # the rows `rows` are written by the clipping; the others are copied from G
         stored = False  # the clipping also wrote the rows `rows` into their references
@@ -136,7 +159,7 @@ class SelfReference:
                 factors = np.minimum(1.0, radius / np.maximum(dist, 1e-300))
                 # the clipped rows become their nodes' references in the same pass (when the table keeps their
                 # dtype); a mature jump's reference is read before that, below, and patched after the store
-                stored = self.refs.rows.dtype == V.dtype
+                stored = self.refs.rows.dtype == vtype  # always so into_table
                 if self.jump_factor is not None:
                     jump = dist > self.jump_factor * float(np.median(dist))
                     if jump.any():
@@ -146,7 +169,7 @@ class SelfReference:
                         mature = np.array([self.ages.get(ids[r], 0) >= self.burn_in for r in jr], dtype=bool)
                         if mature.any():  # stored after this round's rows, below
                             jump_fix = ([ids[r] for r, m in zip(jr, mature) if m],
-                                        (self.refs.rows[slots[jump]] + drift)[mature].astype(V.dtype, copy=False))
+                                        (self.refs.rows[slots[jump]] + drift)[mature].astype(vtype, copy=False))
                         info["jumped"] = [int(r) for r in jr]
                         info["jump_ratio"] = [float(x) for x in dist[jump] / max(float(np.median(dist)), 1e-300)]
                 csq = clip_to_references(V, G, np.asarray(rows), self.refs.rows, slots, drift, factors,  # ref + drift + dev * f
@@ -156,14 +179,16 @@ class SelfReference:
                 copied = True
                 info.update(self_clipped=int(np.sum(factors < 1.0)), self_radius=radius)
         others = np.setdiff1d(np.arange(len(ids)), rows if copied else [])
-        for r in others:  # row by row: no gathered temporary
-            V[r] = G[r]
+        if V is not None:
+            for r in others:  # row by row: no gathered temporary
+                V[r] = G[r]
         if centre_sq is not None:
             if others.size:
                 from .kernels import centre_sq_distances
 
                 sq = np.empty(others.size)
-                centre_sq_distances(V, others.astype(np.intp), np.ascontiguousarray(centre, dtype=V.dtype), sq)
+                centre_sq_distances(G if V is None else V, others.astype(np.intp),
+                                    np.ascontiguousarray(centre, dtype=vtype), sq)
                 centre_sq[others] = sq
             info["centre_sq"] = centre_sq
         info["new_rows"] = [r for r, node in enumerate(ids) if r not in skip_set and node not in self.refs.index]
@@ -179,9 +204,12 @@ class SelfReference:
             done = set(rows)
             seen = [r for r in seen if r not in done]
         if seen:
-            self.refs.put([ids[r] for r in seen], V[as_index(np.asarray(seen))])
+            self.refs.put([ids[r] for r in seen], (G if V is None else V)[as_index(np.asarray(seen))])
         if jump_fix is not None:
-            self.refs.put(*jump_fix)
+            if V is None:  # the clipped rows stay in the table until the caller has read them
+                self._pending = jump_fix
+            else:
+                self.refs.put(*jump_fix)
         return V, info
 
     def forget(self, node_ids: Sequence[int]) -> None:
@@ -192,6 +220,7 @@ class SelfReference:
 
     def state_dict(self) -> dict[str, Any]:
         """``{"scale", "jump_factor", "ids", "refs"}``: plain values and one ``(m, d)`` array."""
+        self.settle()
         ids = sorted(self.refs.index)
         d = self.refs.dim or 0
         return {"scale": self.scale, "jump_factor": self.jump_factor, "ids": ids,
@@ -219,6 +248,7 @@ class SelfReference:
             table.put(ids, refs)
         self.refs = table
         self.ages = dict(zip(ids, ages))
+        self._pending = None
 
 
 __all__ = ["DEFAULT_BURN_IN", "DEFAULT_JUMP_FACTOR", "DEFAULT_SELF_CLIP_SCALE", "SelfReference"]
