@@ -94,7 +94,7 @@ def test_fast_rounds_fused_are_the_unfused_passes_bit_for_bit(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("R,d", [(1, 5), (2, 3), (3, 1000), (20, 650), (64, 70), (101, 5000), (1000, 300)])
+@pytest.mark.parametrize("R,d", [(1, 5), (2, 3), (3, 1000), (20, 650), (31, 4099), (64, 70), (101, 5000), (1000, 300)])
 def test_column_median_is_numpys_bit_for_bit(dtype, R, d):
     rng = np.random.default_rng(R + d)
     A = rng.standard_normal((R, d)).astype(dtype)
@@ -273,3 +273,49 @@ def test_fused_fast_rounds_read_the_clipped_rows_from_the_references_table(monke
         fused.aggregate(G, client_ids=ids)
         assert fused.self_reference._pending is None  # settled within the round
     assert calls == [False] + [True] * 5  # the first round has no last estimate to clip the memories around
+
+
+def test_the_unrolled_median_module_is_the_generators_output():
+    """``_median31.py`` is generated (:func:`~flwr_byzantine.aggregators.kernels.unrolled_median_source`): committed as
+    the generator writes it, so numba caches it like any module and no network is compiled at run time."""
+    from pathlib import Path
+
+    from flwr_byzantine.aggregators import _median31
+
+    assert Path(_median31.__file__).read_text() == kernels.unrolled_median_source(kernels.UNROLLED_MEDIAN)
+    with pytest.raises(ValueError):
+        kernels.unrolled_median_source(32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_unrolled_median_is_the_networks_on_every_order(dtype, monkeypatch):
+    """31 values a column: the unrolled exchanges against the loop over the same network and ``np.median``, on random
+    columns, sorted and reversed ones, ties, infinities and NaN."""
+    from flwr_byzantine.aggregators._median31 import median31_block
+
+    rng = np.random.default_rng(31)
+    m, w = 31, 200
+    B = rng.standard_normal((32, w)).astype(dtype)
+    B[:m, 0] = np.arange(m)
+    B[:m, 1] = np.arange(m)[::-1]
+    B[:m, 2] = 1.0
+    B[:m, 3] = rng.integers(0, 3, m)
+    B[5, 4], B[6, 4] = np.inf, -np.inf
+    B[:m, 5] = np.inf
+    B[7, 6] = np.nan
+    got = np.empty(w, dtype=dtype)
+    median31_block(B, w, got, 0)
+    lo, hi, _ = kernels.selection_network(m)
+    loop = np.empty(w, dtype=dtype)
+    monkeypatch.setattr(kernels, "UNROLLED_MEDIAN", -1)  # the interpreted loop, not the dispatch to the unrolled one
+    kernels._median_block.py_func(B.copy(), w, lo, hi, m, loop, 0)
+    want = np.median(B[:m], axis=0)
+    assert np.array_equal(got, want, equal_nan=True) and np.array_equal(loop, want, equal_nan=True)
+    assert np.isnan(got[6]) and got[5] == np.inf
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_network_blocks_start_on_a_cache_line(dtype):
+    for n, w in [(32, 2048), (1, 8), (128, 512)]:
+        B = kernels._aligned_block(n, w, np.dtype(dtype))
+        assert B.shape == (n, w) and B.dtype == dtype and B.flags.c_contiguous and B.ctypes.data % 64 == 0
