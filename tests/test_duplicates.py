@@ -66,3 +66,47 @@ def test_the_default_defence_gives_copies_one_vote_outside_the_budget():
     for bad in (0.0, 1.0, float("nan"), -0.1):
         with pytest.raises(ValueError):
             RobustDefence(duplicate_tol=bad)
+
+
+def _plain_duplicate_rows(G, rows, tol, rng):
+    """``duplicate_rows`` as first written: the (n, n) distance matrix, np.median of its upper triangle."""
+    n = rows.size
+    D = pairwise_distances(G, rows, rng)
+    med = float(np.median(D[np.triu_indices(n, 1)]))
+    if not (med > 0 and np.isfinite(med)):
+        return np.zeros(0, dtype=np.intp)
+    close = D <= tol * med
+    taken = np.zeros(n, dtype=bool)
+    out = []
+    for i in range(n):
+        if not taken[i]:
+            group = np.flatnonzero(close[i] & ~taken)
+            taken[group] = True
+            out.extend(int(rows[j]) for j in group if j != i)
+    return np.asarray(sorted(out), dtype=np.intp)
+
+
+@pytest.mark.parametrize("R,d", [(12, 30), (20, 650), (101, 2047), (400, 300)])
+def test_the_compiled_median_and_count_take_the_distance_matrixs_decisions(R, d):
+    """The median of the squared distances' middle pair and the compiled count give the decisions of the (n, n)
+    distance matrix: distinct rows, copies (exact and within rounding), an odd number of pairs, all rows alike."""
+    rng = np.random.default_rng(R)
+    for trial in range(4):
+        G = rng.standard_normal((R, d))
+        rows = np.arange(R)
+        if trial == 1:
+            G[5] = G[3]
+            G[9] = G[3] + 1e-9
+            rows = np.setdiff1d(rows, [2])  # 10 x 9 / 2 = an odd number of pairs at R = 12
+        if trial == 2:
+            G[:] = G[0]
+        if trial == 3:
+            G[R // 2:] = G[0]  # half the rows one message: the median distance is 0
+        for seed in (None, 7):
+            got = duplicate_rows(G, rows, 0.01, None if seed is None else np.random.default_rng(seed))
+            want = _plain_duplicate_rows(G, rows, 0.01, None if seed is None else np.random.default_rng(seed))
+            assert got.tolist() == want.tolist(), (trial, seed)
+            assert (got.tolist() == [5, 9]) if trial == 1 else True
+    G = rng.standard_normal((12, 30))
+    G[4, 2] = np.nan
+    assert duplicate_rows(G, np.arange(12)).size == 0  # a NaN distance: np.median's NaN, no duplicates

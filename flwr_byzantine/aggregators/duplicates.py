@@ -22,6 +22,7 @@ times short of the ``tol = 0.01`` of a duplicate).
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from .._backend import centred_gram
@@ -39,6 +40,16 @@ SKETCH_DIM = 512
 PROJECTION_DIM = 64
 
 
+def _gram(G: np.ndarray, rows: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+    """The ``(n, n)`` Gram matrix whose distances :func:`pairwise_distances` gives (exact, or of the projection)."""
+    if rng is None or rows.size * G.shape[1] < SKETCH_ABOVE:
+        return centred_gram(G, rows=rows)
+    Y = sketch_rows(G, SKETCH_DIM, rng)[rows] if G.shape[1] > 4096 else np.asarray(G[rows], dtype=np.float64)
+    Y = Y @ (rng.standard_normal((Y.shape[1], PROJECTION_DIM)) / np.sqrt(PROJECTION_DIM))
+    Y -= Y.mean(axis=0)
+    return Y @ Y.T
+
+
 def pairwise_distances(G: np.ndarray, rows: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
     """``(n, n)`` Euclidean distances between ``G[rows]`` (float64), exact or on a random projection.
 
@@ -48,16 +59,48 @@ def pairwise_distances(G: np.ndarray, rows: np.ndarray, rng: np.random.Generator
     projection to :data:`PROJECTION_DIM` coordinates, so the cost is ``O(n d + n^2)``, not
     ``O(n^2 d)``.  Identical rows have identical projections.
     """
-    rows = np.asarray(rows, dtype=np.intp)
-    if rng is None or rows.size * G.shape[1] < SKETCH_ABOVE:
-        K = centred_gram(G, rows=rows)
-    else:
-        Y = sketch_rows(G, SKETCH_DIM, rng)[rows] if G.shape[1] > 4096 else np.asarray(G[rows], dtype=np.float64)
-        Y = Y @ (rng.standard_normal((Y.shape[1], PROJECTION_DIM)) / np.sqrt(PROJECTION_DIM))
-        Y -= Y.mean(axis=0)
-        K = Y @ Y.T
+    return _distances(_gram(G, np.asarray(rows, dtype=np.intp), rng))
+
+
+def _distances(K: np.ndarray) -> np.ndarray:
     diag = np.diag(K)
     return np.sqrt(np.maximum(diag[:, None] + diag[None, :] - 2.0 * K, 0.0))
+
+
+@numba.njit(cache=True)
+def _upper_sq_distances(K, out):
+    """``out`` = the squared distances ``max(K_ii + K_jj - 2 K_ij, 0)`` of the pairs ``i < j``, row after row (the
+    order of ``D[np.triu_indices(n, 1)]``), in :func:`_distances`' arithmetic; returns whether one is NaN."""
+    n = K.shape[0]
+    p = 0
+    bad = False
+    for i in range(n):
+        ki = K[i, i]
+        for j in range(i + 1, n):
+            v = ki + K[j, j] - 2.0 * K[i, j]
+            bad |= v != v
+            out[p] = v if v > 0.0 else 0.0
+            p += 1
+    return bad
+
+
+@numba.njit(cache=True)
+def _count_close(K, thr):
+    """``(diagonal, upper)``: how many ``sqrt(max(K_ii + K_jj - 2 K_ij, 0)) <= thr`` on the diagonal and for
+    ``i < j`` (:func:`_distances`' values against the threshold, as ``D <= thr`` compares them)."""
+    n = K.shape[0]
+    diag = 0
+    upper = 0
+    for i in range(n):
+        ki = K[i, i]
+        v = ki + ki - 2.0 * ki
+        if np.sqrt(v if v > 0.0 else 0.0) <= thr:
+            diag += 1
+        for j in range(i + 1, n):
+            v = ki + K[j, j] - 2.0 * K[i, j]
+            if np.sqrt(v if v > 0.0 else 0.0) <= thr:
+                upper += 1
+    return diag, upper
 
 
 def duplicate_rows(G: np.ndarray, rows: np.ndarray, tol: float = DEFAULT_DUPLICATE_TOL,
@@ -72,15 +115,24 @@ def duplicate_rows(G: np.ndarray, rows: np.ndarray, tol: float = DEFAULT_DUPLICA
     n = rows.size
     if n < 3:
         return np.zeros(0, dtype=np.intp)
-    D = pairwise_distances(G, rows, rng)
+    K = _gram(G, rows, rng)
     # the median of the distances between distinct rows: D is symmetric, so the off-diagonal values are the upper
-    # triangle's twice over, whose median is the upper triangle's (the same middle value(s)): half the selection
-    med = float(np.median(D[np.triu_indices(n, 1)]))
+    # triangle's twice over, whose median is the upper triangle's (the same middle value(s)): half the selection.
+    # Taken on the squared distances in one compiled pass (no (n, n) temporaries): the square root is monotone, so
+    # the middle distances are the roots of the middle squares, averaged as np.median averages them
+    sq = np.empty(n * (n - 1) // 2)
+    if _upper_sq_distances(K, sq):  # NaN: np.median's NaN, no duplicates
+        return np.zeros(0, dtype=np.intp)
+    m = sq.size
+    mid = sorted({(m - 1) // 2, m // 2})
+    sq.partition(mid)
+    med = float(np.sqrt(sq[mid[0]])) if m % 2 else float((np.sqrt(sq[mid[0]]) + np.sqrt(sq[mid[1]])) / 2.0)
     if not (med > 0 and np.isfinite(med)):
         return np.zeros(0, dtype=np.intp)
-    close = D <= tol * med
-    if np.count_nonzero(close) == n:  # every row close only to itself (the diagonal): no duplicates
+    diag, upper = _count_close(K, tol * med)
+    if diag + 2 * upper == n:  # every row close only to itself (the diagonal): no duplicates
         return np.zeros(0, dtype=np.intp)
+    close = _distances(K) <= tol * med
     taken = np.zeros(n, dtype=bool)
     out: list[int] = []
     for i in range(n):
