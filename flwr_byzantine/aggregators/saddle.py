@@ -520,6 +520,23 @@ def solve_saddle(
     )
 
 
+@numba.njit(cache=True)
+def _weighted_centred(K, Kw, wKw, d):
+    """``0.5 (A + A^T)`` with ``A = ((K - Kw 1^T - 1 Kw^T + wKw) * d_i) * d_j``, in one pass over the upper triangle:
+    numpy's ``P = K - Kw[:, None] - Kw[None, :] + wKw; P *= d[:, None]; P *= d[None, :]; 0.5 * (P + P.T)``
+    elementwise in the same order, bit for bit, without its five ``(n, n)`` temporaries."""
+    n = K.shape[0]
+    P = np.empty((n, n))
+    for i in range(n):
+        for j in range(i, n):
+            a = (((K[i, j] - Kw[i]) - Kw[j]) + wKw) * d[i] * d[j]
+            b = (((K[j, i] - Kw[j]) - Kw[i]) + wKw) * d[j] * d[i]
+            v = 0.5 * (a + b)
+            P[i, j] = v
+            P[j, i] = 0.5 * (b + a)
+    return P
+
+
 def spectral_step(K: np.ndarray, c: np.ndarray, cap: float, *, stop_below: float | None = None) -> SaddleSolution:
     """One filter step at a *fixed* ``W``: every column the c-weighted mean (projected on ``CS``).
 
@@ -540,10 +557,7 @@ def spectral_step(K: np.ndarray, c: np.ndarray, cap: float, *, stop_below: float
     Kw = K @ w
     wKw = float(w @ Kw)
     d = np.sqrt(c)
-    P = K - Kw[:, None] - Kw[None, :] + wKw  # (I - 1 w^T) K (I - w 1^T)
-    P *= d[:, None]
-    P *= d[None, :]
-    P = 0.5 * (P + P.T)
+    P = _weighted_centred(K, Kw, wKw, d)  # D^{1/2} (I - 1 w^T) K (I - w 1^T) D^{1/2}, symmetrised
     if n >= 256:
         sig, U = scipy.sparse.linalg.eigsh(P, k=1, which="LA", tol=1e-10)
     elif n > 1:
