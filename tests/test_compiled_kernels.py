@@ -243,3 +243,20 @@ def test_sketched_filter_screens_on_its_fused_mean(dtype):
     ra, rb = a.aggregate(G), b.aggregate(G)  # a's signs were rewound: the same round as b's
     assert np.array_equal(ra.kept, rb.kept) and np.array_equal(ra.estimate, rb.estimate)
     assert set(range(5)).isdisjoint(ra.kept.tolist())
+
+
+@pytest.mark.parametrize("low_precision", [True, False])
+@pytest.mark.parametrize("n,m", [(1, 5), (3, 7), (64, 2047), (300, 1023)])
+def test_centre_gram_is_the_numpy_formulation_bit_for_bit(low_precision, n, m):
+    from flwr_byzantine.aggregators.sketch import centre_gram
+
+    Y = np.random.default_rng(n + m).standard_normal((n, m)) * 3.0 + 1.0
+    Yc = Y - Y.mean(axis=0)
+    if low_precision:
+        Y32 = Yc.astype(np.float32)
+        g = (Y32 @ Y32.T).astype(np.float64)
+    else:
+        g = Yc @ Yc.T
+    want = 0.5 * (g + g.T)
+    got = centre_gram(Y, low_precision)
+    assert got.dtype == np.float64 and np.array_equal(got, want) and np.array_equal(got, got.T)

@@ -590,6 +590,32 @@ def _fold_table_only(G, src, centre, factors, clip, T, slots, cont, b_old, b_new
                 t[c] = g[c]
 
 
+@numba.njit(cache=True)
+def centred_rows(Y, mu, out):
+    """``out[i, j] = Y[i, j] - mu[j]`` (float64), rounded to ``out``'s dtype: numpy's ``(Y - mu).astype(out.dtype)``."""
+    n, m = Y.shape
+    for i in range(n):
+        y = Y[i]
+        o = out[i]
+        for j in range(m):
+            o[j] = y[j] - mu[j]
+
+
+@numba.njit(cache=True)
+def symmetrised64(G):
+    """``0.5 (G + G^T)`` of a square matrix in float64 (``G`` widened first): numpy's
+    ``g = G.astype(np.float64); 0.5 * (g + g.T)``, bit for bit."""
+    n = G.shape[0]
+    out = np.empty((n, n))
+    for i in range(n):
+        for j in range(i, n):
+            a = np.float64(G[i, j])
+            b = np.float64(G[j, i])
+            out[i, j] = 0.5 * (a + b)
+            out[j, i] = 0.5 * (b + a)
+    return out
+
+
 @functools.lru_cache(maxsize=256)
 def window_network(m: int, b: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Compare-exchanges that put the sorted values of positions ``b .. m - b - 1`` of ``m`` values in place.

@@ -86,14 +86,18 @@ def sketch_rows(updates: ArrayLike, dim: int, rng: np.random.Generator,
 
 
 def centre_gram(Y: np.ndarray, low_precision: bool) -> np.ndarray:
-    """Gram matrix of the centred rows of the sketch ``Y`` (float64; products in float32 if ``low_precision``)."""
-    Y = Y - Y.mean(axis=0)
-    if low_precision:  # the sketch is approximate anyway
-        Y32 = Y.astype(np.float32)
-        gram = (Y32 @ Y32.T).astype(np.float64)
-    else:
-        gram = Y @ Y.T
-    return 0.5 * (gram + gram.T)
+    """Gram matrix of the centred rows of the sketch ``Y`` (float64; products in float32 if ``low_precision``).
+
+    numpy's ``Yc = Y - Y.mean(axis=0)`` (cast to float32 if ``low_precision``), ``G = Yc @ Yc.T`` (one BLAS
+    ``syrk``), ``0.5 (G + G^T)`` in float64, bit for bit; the centring and cast, and the widening and symmetrising,
+    each one compiled pass (:func:`~.kernels.centred_rows`, :func:`~.kernels.symmetrised64`) instead of numpy's
+    temporaries of the sketch's and the Gram matrix's size."""
+    from .kernels import centred_rows, symmetrised64
+
+    Y = np.ascontiguousarray(Y, dtype=np.float64)
+    Yc = np.empty(Y.shape, dtype=np.float32 if low_precision else np.float64)  # the sketch is approximate anyway
+    centred_rows(Y, Y.mean(axis=0), Yc)
+    return symmetrised64(Yc @ Yc.T)
 
 
 def sketched_centred_gram(updates: ArrayLike, dim: int, rng: np.random.Generator) -> np.ndarray:
