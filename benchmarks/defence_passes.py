@@ -8,8 +8,8 @@ One command::
 :mod:`benchmarks.decode_time`'s ``defence`` section, after :data:`~benchmarks.decode_time.DEFENCE_WARM`
 rounds; every pass of :meth:`~flwr_byzantine.aggregators.RobustDefence._run` is wrapped in a timer
 (the gross screen's median and distances, the self-reference's drift and deviations, its clipping, the
-references' store, the evidence pass, the filter, the mixing and clipping), ``--calls`` calls are timed,
-each next to a call of ``np.mean`` (1 BLAS thread, float32).  Writes ``defence_passes.json`` into ``--out``.
+references' store, the evidence pass, the worker momentum's fold, the duplicates, the filter, the mixing and clipping), ``--calls`` calls are timed,
+each next to a call of ``np.mean`` (1 BLAS thread, float32); a pass's figure is its median over the calls.  Writes ``defence_passes.json`` into ``--out``.
 A profile, not a benchmark of its own: the wrappers add a little, and the passes sum to the total within
 about 10 %.
 """
@@ -42,6 +42,8 @@ def _wrappers() -> list[tuple[Any, str, str]]:
             (temporal, "clip_to_references", "self-reference: clipping"),
             (memory._RowTable, "put", "references' and memories' store"),
             (memory.MonotonicityEvidence, "observe", "monotonicity evidence pass"),
+            (memory.ClientMomentum, "fold_rows", "worker momentum: input clipping and fold into the memories"),
+            (defence, "duplicate_rows", "duplicates (distances on the screen's sketch)"),
             (RGE, "aggregate_rows", "filter (sketch or Gram, solver)"),
             (defence, "mix_and_clip", "mixing: exact Gram of the survivors, weighted sum")]
 
@@ -71,18 +73,22 @@ def measure(sizes: list[tuple[int, int]], calls: int, seed: int) -> list[dict[st
             rule = build_for_federation("rge", R, 0.2, seed=seed)
             for k in range(DEFENCE_WARM):
                 rule.aggregate(rounds[k % 2], client_ids=ids)
-            acc.clear()
-            refs, tot = [], []
+            refs, tot, per_call = [], [], []
             for k in range(calls):
                 t0 = time.perf_counter()
                 np.mean(rounds[k % 2], axis=0)
                 refs.append(time.perf_counter() - t0)
+                acc.clear()
                 t0 = time.perf_counter()
                 rule.aggregate(rounds[k % 2], client_ids=ids)
                 tot.append(time.perf_counter() - t0)
+                per_call.append(dict(acc))
             ref = statistics.median(refs)
+            # each pass's median over the calls (a one-off, e.g. the first round that needs the memories' buffer and
+            # faults its pages in, does not set it)
+            passes = {k: statistics.median(c.get(k, 0.0) for c in per_call) / ref for k in set().union(*per_call)}
             row = {"R": R, "d": d, "np_mean_seconds": ref, "defence_ratio": statistics.median(tot) / ref,
-                   "passes": {k: v / calls / ref for k, v in sorted(acc.items(), key=lambda kv: -kv[1])}}
+                   "passes": dict(sorted(passes.items(), key=lambda kv: -kv[1]))}
             print(f"R={R} d={d:.0e}: defence {row['defence_ratio']:.1f}x np.mean; "
                   + "; ".join(f"{k} {v:.1f}x" for k, v in row["passes"].items()), flush=True)
             out.append(row)

@@ -13,7 +13,8 @@ and do all the arithmetic of a pass on it:
   network* evaluated across a block of columns at once (compare-exchanges of whole rows of a
   transposed block: branch-free, vectorised; exact, the same value as ``np.median``), and every row's
   squared distance ``||G[r] - T[s] - drift||^2`` in a second, row-wise read;
-* :func:`column_medians`: the same network on blocks of a matrix's rows (``np.median(A, axis=0)``);
+* :func:`column_medians`: the same network on blocks of a matrix's rows (``np.median(A, axis=0)``); for 31 values
+  (the drift's sample up to R = 127) the network runs unrolled, from the generated :mod:`._median31`;
 * :func:`clip_rows`: ``V[r] = T[s] + drift + (G[r] - T[s] - drift) f_r`` and optionally ``T[s] = V[r]`` (or only
   the latter)
   (the elementwise arithmetic of the numpy formulation, bit for bit), and optionally the written rows'
