@@ -67,6 +67,13 @@ def _distances(K: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(diag[:, None] + diag[None, :] - 2.0 * K, 0.0))
 
 
+@numba.njit(cache=True, inline="always")
+def _pair_sq(kii, kjj, kij):
+    """``max(K_ii + K_jj - 2 K_ij, 0)`` as :func:`_distances` forms it (NaN stays NaN, flagged by the caller)."""
+    v = kii + kjj - 2.0 * kij
+    return v if v > 0.0 or v != v else 0.0
+
+
 @numba.njit(cache=True)
 def _upper_sq_distances(K, out):
     """``out`` = the squared distances ``max(K_ii + K_jj - 2 K_ij, 0)`` of the pairs ``i < j``, row after row (the
@@ -77,9 +84,9 @@ def _upper_sq_distances(K, out):
     for i in range(n):
         ki = K[i, i]
         for j in range(i + 1, n):
-            v = ki + K[j, j] - 2.0 * K[i, j]
+            v = _pair_sq(ki, K[j, j], K[i, j])
             bad |= v != v
-            out[p] = v if v > 0.0 else 0.0
+            out[p] = v
             p += 1
     return bad
 
@@ -93,12 +100,10 @@ def _count_close(K, thr):
     upper = 0
     for i in range(n):
         ki = K[i, i]
-        v = ki + ki - 2.0 * ki
-        if np.sqrt(v if v > 0.0 else 0.0) <= thr:
+        if np.sqrt(_pair_sq(ki, ki, ki)) <= thr:
             diag += 1
         for j in range(i + 1, n):
-            v = ki + K[j, j] - 2.0 * K[i, j]
-            if np.sqrt(v if v > 0.0 else 0.0) <= thr:
+            if np.sqrt(_pair_sq(ki, K[j, j], K[i, j])) <= thr:
                 upper += 1
     return diag, upper
 
