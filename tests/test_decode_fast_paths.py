@@ -227,6 +227,47 @@ def test_spectral_passes_remove_far_outliers_at_large_r():
     assert float(c @ sp.tau) == pytest.approx(sp.value, rel=1e-9)
 
 
+def test_saddle_solve_after_spectral_steps_starts_from_their_w(monkeypatch):
+    """The filter's first pass reads the Gram matrix itself (no copy), and a saddle solve that follows spectral
+    steps (the active set shrunk to spectral_above or fewer) starts from the last step's W on the kept points."""
+    from flwr_byzantine.aggregators import rge as rge_mod
+    from flwr_byzantine.aggregators import saddle
+
+    rng = np.random.default_rng(12)
+    R, d, f = 40, 300, 8
+    G = rng.normal(size=(R, d))
+    G[:f] += 6.0 * rng.normal(size=(f, d))  # spread outliers: several passes
+    seen: list[tuple[str, object]] = []
+    real_step, real_solve = saddle.spectral_step, saddle.solve_saddle
+
+    def step(K, c, cap, **kw):
+        sol = real_step(K, c, cap, **kw)
+        seen.append(("step", (K, sol)))
+        return sol
+
+    def solve(K, c, cap, **kw):
+        seen.append(("solve", (K, kw.get("W0"))))
+        return real_solve(K, c, cap, **kw)
+
+    monkeypatch.setattr(rge_mod, "spectral_step", step)
+    monkeypatch.setattr(rge_mod, "solve_saddle", solve)
+    rule = RGE(eps_tilde=0.2, spectral_above=R - 4)
+    gram = centred_gram(G)
+    res = rule.filter_gram(gram)
+    kinds = [k for k, _ in seen]
+    assert kinds[0] == "step" and "solve" in kinds, kinds
+    assert seen[0][1][0] is gram  # the whole matrix, not a copy
+    first_solve = kinds.index("solve")
+    K_step, sp = seen[first_solve - 1][1]
+    K_solve, W0 = seen[first_solve][1]
+    # the points the step kept are those of the solve's matrix (found by their diagonal entries, all distinct)
+    diag_step, diag_solve = np.diag(K_step), np.diag(K_solve)
+    assert np.unique(diag_step).size == diag_step.size
+    keep = np.array([int(np.flatnonzero(diag_step == v)[0]) for v in diag_solve])
+    np.testing.assert_array_equal(W0, np.asarray(sp.W)[np.ix_(keep, keep)])
+    assert res.kept.size >= R - f - 2
+
+
 def test_blas_threads_parameter():
     G = np.random.default_rng(11).normal(size=(12, 50))
     assert RGE(blas_threads=2).aggregate(G).kept.size >= 1

@@ -283,7 +283,9 @@ class RGE(Aggregator):
 
         active = np.arange(R)
         c = np.ones(R)
-        W_warm: np.ndarray | None = None
+        # the last solution's W and the points it kept: the next saddle solve's warm start, gathered only when one
+        # runs (a spectral step's W, every column alike, is never gathered at R in the hundreds)
+        warm: tuple[np.ndarray, np.ndarray] | None = None
         statistic = 0.0
         iterations = 0
         solver_iters = 0
@@ -295,14 +297,15 @@ class RGE(Aggregator):
             if active.size <= 1:
                 statistic = 0.0
                 break
-            Ka = gram[np.ix_(active, active)]
+            Ka = gram if active.size == R else gram[np.ix_(active, active)]  # read only: no copy of the whole matrix
             spectral = self.spectral_above is not None and active.size > self.spectral_above
             if spectral:
                 sol = spectral_step(Ka, c[active], cap, stop_below=threshold)
                 spectral_passes += 1
             else:
                 sol = solve_saddle(
-                    Ka, c[active], cap, W0=W_warm, tol_rel=self.tol_rel,
+                    Ka, c[active], cap, W0=None if warm is None else warm[0][np.ix_(warm[1], warm[1])],
+                    tol_rel=self.tol_rel,
                     max_iter=self.max_solver_iter, stop_below=threshold,
                 )
             solver_iters += sol.iterations
@@ -328,7 +331,7 @@ class RGE(Aggregator):
                 logger.warning("RGE: the filter would remove every point (sigma0 too small?); "
                                "keeping the last %d active points", active.size)
                 break
-            W_warm = sol.W[np.ix_(keep, keep)]
+            warm = (sol.W, keep)
             active = active[keep]
         if not_converged:
             logger.warning(

@@ -569,6 +569,6 @@ def spectral_step(K: np.ndarray, c: np.ndarray, cap: float, *, stop_below: float
     tau = (U[:, 0] ** 2 * sig[0]) / c
     ub = float(sig[0])
     return SaddleSolution(
-        W=np.repeat(w[:, None], n, axis=1), z=z, eigvals=sig, eigvecs=U, upper=ub, lower=-math.inf, value=ub,
+        W=np.broadcast_to(w[:, None], (n, n)), z=z, eigvals=sig, eigvecs=U, upper=ub, lower=-math.inf, value=ub,
         tau=tau, iterations=1, converged=False, early_exit=stop_below is not None and ub <= stop_below,
     )
