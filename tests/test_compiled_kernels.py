@@ -211,6 +211,35 @@ def test_evidence_pass_with_nan_rows_gives_nan_statistics():
     np.testing.assert_allclose(sq[[0, 2]], 50.0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_count_sketch_takes_one_byte_signs(dtype, monkeypatch):
+    """The signs go to the kernel as int8 (one byte a coordinate: the vector stays in L2 while the rows stream) and
+    give what signs in the rows' dtype give: the sketch and the column sums bit for bit, NaN and Inf rows included."""
+    from flwr_byzantine.aggregators import kernels, sketch
+
+    rng = np.random.default_rng(6)
+    G = (rng.standard_normal((4, 9001)) * 3).astype(dtype)
+    G[1, 5] = np.inf
+    G[2, 8000] = np.nan
+    signs = np.where(rng.random(9001) < 0.5, -1, 1).astype(np.int8)
+    k1, k2 = sketch.sketch_buckets(9001, 2048)
+    out = []
+    for s in (signs, signs.astype(dtype)):
+        Y, sq, cs = np.empty((4, k1 + k2)), np.empty(4), np.empty(9001, dtype=dtype)
+        with np.errstate(invalid="ignore"):
+            kernels.count_sketch(G, s, k1, k2, Y, sq, cs)
+        out.append((Y, sq, cs))
+    (Y8, sq8, cs8), (Yf, sqf, csf) = out
+    assert np.array_equal(Y8, Yf, equal_nan=True) and np.array_equal(cs8, csf, equal_nan=True)
+    np.testing.assert_allclose(sq8, sqf, rtol=1e-13)  # a reassociated float64 sum: lanes may differ, never the value
+    assert np.isinf(sq8[1]) and np.isnan(sq8[2])
+    seen = []
+    real = kernels.count_sketch
+    monkeypatch.setattr(kernels, "count_sketch", lambda G, s, *a: (seen.append(s.dtype), real(G, s, *a)))
+    sketch.sketch_rows(G[[0, 3]], 2048, np.random.default_rng(0))
+    assert seen == [np.dtype(np.int8)]
+
+
 def test_count_sketch_column_sums_are_numpys_mean_bit_for_bit():
     from flwr_byzantine.aggregators.sketch import sketch_rows
 

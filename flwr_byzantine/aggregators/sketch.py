@@ -77,7 +77,7 @@ def sketch_rows(updates: ArrayLike, dim: int, rng: np.random.Generator,
     else:
         from .kernels import count_sketch
 
-        signs = bits.astype(updates.dtype) * 2 - 1
+        signs = bits.astype(np.int8) * 2 - 1  # one byte a coordinate: the vector stays in L2 while the rows stream
         Y = np.empty((R, k1 + k2))
         count_sketch(updates, signs, k1, k2, Y, np.empty(R) if sq_norms is None else sq_norms,
                      np.empty(0, dtype=updates.dtype) if col_sums is None else col_sums)
