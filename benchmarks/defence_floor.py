@@ -33,18 +33,14 @@ filter's ``R x R`` work.  Writes ``defence_floor.json`` into ``--out``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numba
 import numpy as np
 
-from benchmarks.decode_time import DEFAULT_OUT
+from benchmarks._sized import sized_main
 
 SIZES = [(100, 1_000_000), (1000, 100_000)]
 
@@ -142,22 +138,7 @@ def measure(sizes: list[tuple[int, int]], repeats: int, seed: int) -> list[dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", nargs="+", default=None, help="R,d pairs")
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = p.parse_args(argv)
-    from threadpoolctl import threadpool_limits
-
-    sizes = SIZES if args.sizes is None else [(int(r), int(float(d))) for r, d in (s.split(",") for s in args.sizes)]
-    with threadpool_limits(limits=1):
-        rows = measure(sizes, max(args.repeats, 3), args.seed)
-    command = "python -m benchmarks.defence_floor " + " ".join(sys.argv[1:] if argv is None else argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "defence_floor.json").write_text(json.dumps(
-        {"command": command.strip(), "blas_threads": 1, "dtype": "float32", "rows": rows}, indent=1))
-    return 0
+    return sized_main("defence_floor", __doc__, SIZES, ("--repeats", 7, 3), measure, argv)
 
 
 if __name__ == "__main__":

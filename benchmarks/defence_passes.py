@@ -16,17 +16,14 @@ about 10 %.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from benchmarks.decode_time import DEFAULT_OUT, DEFENCE_WARM, make_round
+from benchmarks._sized import sized_main
+from benchmarks.decode_time import DEFENCE_WARM, make_round
 
 SIZES = [(20, 100_000), (100, 1_000_000), (1000, 100_000)]
 
@@ -100,22 +97,7 @@ def measure(sizes: list[tuple[int, int]], calls: int, seed: int) -> list[dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", nargs="+", default=None, help="R,d pairs")
-    p.add_argument("--calls", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = p.parse_args(argv)
-    from threadpoolctl import threadpool_limits
-
-    sizes = SIZES if args.sizes is None else [(int(r), int(float(d))) for r, d in (s.split(",") for s in args.sizes)]
-    with threadpool_limits(limits=1):
-        rows = measure(sizes, max(args.calls, 1), args.seed)
-    command = "python -m benchmarks.defence_passes " + " ".join(sys.argv[1:] if argv is None else argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "defence_passes.json").write_text(json.dumps(
-        {"command": command.strip(), "blas_threads": 1, "dtype": "float32", "rows": rows}, indent=1))
-    return 0
+    return sized_main("defence_passes", __doc__, SIZES, ("--calls", 5, 1), measure, argv)
 
 
 if __name__ == "__main__":
