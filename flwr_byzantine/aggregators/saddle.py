@@ -547,7 +547,8 @@ def spectral_step(K: np.ndarray, c: np.ndarray, cap: float, *, stop_below: float
     ``upper <= stop_below`` certifies Algorithm 3's stopping test exactly as the solver's
     early exit does; otherwise ``value = upper`` over-states the saddle value, so the filter
     can only continue where Algorithm 3 might already stop.  For large R, where one
-    iteration of :func:`solve_saddle` costs O(n^3).  ``converged`` is False (no certificate).
+    iteration of :func:`solve_saddle` costs O(n^3).  ``converged`` is False (no certificate); ``W`` (every
+    column the weights ``w``) is a read-only broadcast view, not an ``(n, n)`` array.
     """
     K = np.asarray(K, dtype=np.float64)
     c = np.asarray(c, dtype=np.float64)
