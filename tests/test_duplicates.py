@@ -110,3 +110,40 @@ def test_the_compiled_median_and_count_take_the_distance_matrixs_decisions(R, d)
     G = rng.standard_normal((12, 30))
     G[4, 2] = np.nan
     assert duplicate_rows(G, np.arange(12)).size == 0  # a NaN distance: np.median's NaN, no duplicates
+
+
+def test_many_rows_take_the_median_distance_from_sampled_pairs():
+    """Beyond MEDIAN_ALL_PAIRS_UP_TO pairs (with a projection) the median distance is that of MEDIAN_PAIRS random
+    pairs: within a percent of all pairs' median, and the same copies found."""
+    from flwr_byzantine.aggregators import duplicates as dup
+
+    R = 600
+    assert R * (R - 1) // 2 > dup.MEDIAN_ALL_PAIRS_UP_TO
+    G = _round(R=R, d=300, copies=6, seed=11)
+    K = dup._gram(G, np.arange(R), np.random.default_rng(3))
+    full = dup._median_distance(K)
+    sampled = dup._sampled_median_distance(K, np.random.default_rng(4))
+    assert sampled != full and abs(sampled / full - 1.0) < 0.01
+    np.testing.assert_array_equal(duplicate_rows(G, np.arange(R), rng=np.random.default_rng(3)), np.arange(595, 600))
+    # only a projected round with more pairs than the bound samples them
+    calls = []
+    real = dup._sampled_median_distance
+
+    def spy(K, rng):
+        calls.append(K.shape)
+        return real(K, rng)
+
+    dup._sampled_median_distance = spy
+    try:
+        duplicate_rows(G, np.arange(R), rng=np.random.default_rng(3))
+        duplicate_rows(G, np.arange(500), rng=np.random.default_rng(3))  # 124,750 pairs: all of them
+        duplicate_rows(G, np.arange(R))  # exact distances: all pairs
+    finally:
+        dup._sampled_median_distance = real
+    assert calls == [(R, R)]
+
+
+def test_projection_beyond_float32_range_falls_back_to_float64():
+    """float64 rows too large for float32: the projection is taken in float64 and the copies still found."""
+    G = _round(R=40, d=SKETCH_ABOVE // 40 + 1, copies=3, seed=2) * 1e100
+    np.testing.assert_array_equal(duplicate_rows(G, np.arange(40), rng=np.random.default_rng(0)), [38, 39])
