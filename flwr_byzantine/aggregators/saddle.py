@@ -537,6 +537,10 @@ def _weighted_centred(K, Kw, wKw, d):
     return P
 
 
+#: Lanczos basis size of :func:`spectral_step`'s eigensolve (as :data:`~.sigma.LANCZOS_NCV`).
+SPECTRAL_NCV = 10
+
+
 def spectral_step(K: np.ndarray, c: np.ndarray, cap: float, *, stop_below: float | None = None) -> SaddleSolution:
     """One filter step at a *fixed* ``W``: every column the c-weighted mean (projected on ``CS``).
 
@@ -560,7 +564,9 @@ def spectral_step(K: np.ndarray, c: np.ndarray, cap: float, *, stop_below: float
     d = np.sqrt(c)
     P = _weighted_centred(K, Kw, wKw, d)  # D^{1/2} (I - 1 w^T) K (I - w 1^T) D^{1/2}, symmetrised
     if n >= 256:
-        sig, U = scipy.sparse.linalg.eigsh(P, k=1, which="LA", tol=1e-10)
+        # a Lanczos basis of SPECTRAL_NCV vectors (scipy's default is 20 for one eigenpair): the same eigenpair in
+        # fewer products (issue 12: 1.5 ms against 3.5 ms at n = 1000, the same value to the last digit)
+        sig, U = scipy.sparse.linalg.eigsh(P, k=1, which="LA", tol=1e-10, ncv=SPECTRAL_NCV)
     elif n > 1:
         sig, U = scipy.linalg.eigh(P, subset_by_index=[n - 1, n - 1], driver="evr")
     else:
