@@ -79,6 +79,31 @@ def test_drift_and_deviations_against_the_plain_formulation(dtype, n, d, m):
     np.testing.assert_allclose(sq, np.sum(full * full, axis=1), rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d,m", [(40, 2 * KERNEL_TILE + 5, 31), (300, 1001, 75), (9, 70000, 3)])
+def test_sampled_rows_stats_from_the_networks_block_copy(dtype, n, d, m):
+    """A strict sample: the sampled rows' deviations and changes come from the block copy beside the network (the rows
+    read once), the others from the row-by-row pass; every row's values as the plain formulation gives them."""
+    rng = np.random.default_rng(n + d + m)
+    G = rng.standard_normal((n, d)).astype(dtype)
+    T = (rng.standard_normal((n + 3, d)) * 2.0).astype(dtype)
+    rows = np.arange(n)
+    slots = rng.permutation(n + 3)[:n]
+    sample = np.sort(rng.choice(n, m, replace=False))
+    u = rng.standard_normal(d)
+    u = (u / np.linalg.norm(u)).astype(dtype)
+    drift, sq, csq, cdots = reference_deviation_stats(G, rows, T, slots, sample, u)
+    dev = G[rows] - T[slots]
+    assert np.array_equal(drift, np.median(dev[sample], axis=0))
+    full = (dev - drift).astype(np.float64)
+    np.testing.assert_allclose(sq, np.sum(full * full, axis=1), rtol=1e-12)
+    x = dev.astype(np.float64)
+    np.testing.assert_allclose(csq, np.sum(x * x, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(cdots, x @ u.astype(np.float64), rtol=1e-9, atol=1e-9 * np.sqrt(csq.max()))
+    # without the direction: the same deviations
+    np.testing.assert_array_equal(reference_deviation_stats(G, rows, T, slots, sample)[1], sq)
+
+
 def test_drift_mixed_dtypes_widen_like_numpy():
     rng = np.random.default_rng(2)
     G = rng.standard_normal((6, 50)).astype(np.float32)

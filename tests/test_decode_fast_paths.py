@@ -347,3 +347,76 @@ def test_window_network_refuses_an_empty_window(m, b):
 
     with pytest.raises(ValueError):
         window_network(m, b)
+
+
+@pytest.mark.parametrize("subset", [False, True])
+def test_sketch_without_column_sums_takes_the_same_decisions(subset):
+    """``column_sums=False``: the same signs and sketch, the same kept rows; the survivors' mean is their exact
+    mean (one product over the rows, not a downdate), the noise floor's energy the rows' own squared norms."""
+    rng = np.random.default_rng(21)
+    R, d, f = 120, 20_000, 24
+    G = rng.normal(size=(R, d)).astype(np.float32)
+    G[:f] += 2.0
+    rows = np.arange(5, R) if subset else np.arange(R)
+    out = []
+    for sums in (True, False):
+        rule = RGE(eps_tilde=0.2, sketch_dim=1024, spectral_above=64, seed=4, threshold_factor=1.5, column_sums=sums)
+        out.append(rule.aggregate_rows(G, rows) if subset else rule.aggregate(G))
+    with_sums, without = out
+    np.testing.assert_array_equal(without.kept, with_sums.kept)
+    survivors = rows[without.kept]
+    assert set(survivors.tolist()) == set(range(f, R))
+    np.testing.assert_array_equal(without.estimate, subset_mean_of(G, survivors))
+    np.testing.assert_allclose(without.estimate, with_sums.estimate, rtol=0, atol=1e-5)
+
+
+def subset_mean_of(G, rows):
+    from flwr_byzantine._backend import subset_mean
+
+    return subset_mean(G, rows)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_sketch_without_column_sums_screens_non_finite_rows(bad):
+    G = np.random.default_rng(2).normal(size=(60, 10_000)).astype(np.float32)
+    G[7, 123] = bad
+    rule = RGE(sketch_dim=1024, seed=1, column_sums=False)
+    state = rule._rng.bit_generator.state
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        rule.aggregate(G)
+    assert rule._rng.bit_generator.state == state  # the signs were rewound
+    G[7, 123] = 0.0
+    res = rule.aggregate(G)
+    assert res.kept.size > 0 and np.isfinite(res.estimate).all()
+    assert rule._rng.bit_generator.state != state
+
+
+def test_spectral_step_lanczos_basis_gives_the_dense_top_eigenpair(monkeypatch):
+    """From 256 points the spectral step's eigenpair comes from Lanczos with a SPECTRAL_NCV basis: the top eigenvalue
+    and vector of the weighted centred matrix, as a dense solve gives them."""
+    import scipy.sparse.linalg
+
+    from flwr_byzantine.aggregators import saddle
+
+    rng = np.random.default_rng(4)
+    n = 300
+    X = rng.normal(size=(n, 500))
+    X[:30] += 3.0 * rng.normal(size=500)  # a direction of its own for a tenth of the points
+    K = centred_gram(X)
+    c = rng.uniform(0.6, 1.0, size=n)
+    seen = []
+    real = scipy.sparse.linalg.eigsh
+
+    def eigsh(*a, **k):
+        seen.append(k.get("ncv"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(scipy.sparse.linalg, "eigsh", eigsh)
+    sp = saddle.spectral_step(K, c, saddle.capped_simplex_cap(0.8, n))
+    assert seen == [saddle.SPECTRAL_NCV]
+    w = project_capped_rows((c / c.sum())[None, :], saddle.capped_simplex_cap(0.8, n))[0]
+    H = np.eye(n) - w[None, :]  # (I - 1 w^T)
+    P = np.sqrt(c)[:, None] * (H @ K @ H.T) * np.sqrt(c)[None, :]
+    vals, vecs = np.linalg.eigh(0.5 * (P + P.T))
+    assert sp.upper == pytest.approx(vals[-1], rel=1e-9)
+    assert abs(float(sp.eigvecs[:, 0] @ vecs[:, -1])) == pytest.approx(1.0, abs=1e-8)

@@ -118,6 +118,13 @@ class RGE(Aggregator):
         mean): O(n^2) per Lanczos iteration instead of O(n^3) per solver iteration, for
         hundreds to thousands of clients.  Its statistic is an upper bound on (91)'s value, so
         it stops no later than Algorithm 3 would at that pass.
+    column_sums:
+        With a sketch (numpy rows): ``True`` (default), the sketch's pass also sums the columns, and the survivors'
+        mean is that sum less the removed rows (a downdate); ``False``, the pass takes the rows' squared norms only
+        (the input check and the noise floor's energy) and the survivors' mean is one BLAS product over the rows
+        after the filter.  The column sums are a length-``d`` vector read and written for every row: from several
+        hundred rows on the product costs less (issue 12: at R = 1000, d = 1e5 the sketch with the sums took
+        2.3x ``np.mean``, without them 1.3x, the product 0.77x; at R = 100, d = 1e6 1.85x against 1.37x + 0.97x).
     """
 
     name = "rge"
@@ -133,6 +140,7 @@ class RGE(Aggregator):
         seed: int | None = None,
         spectral_above: int | None = None,
         blas_threads: int | None = 1,
+        column_sums: bool = True,
     ) -> None:
         if not 0.0 <= eps_tilde <= 0.25:
             raise ValueError(f"eps_tilde must be in [0, 1/4] (alpha = 1 - eps_tilde >= 3/4), got {eps_tilde}")
@@ -160,6 +168,7 @@ class RGE(Aggregator):
                                          or blas_threads < 1):
             raise ValueError(f"blas_threads must be a positive integer or None, got {blas_threads!r}")
         self.blas_threads = None if blas_threads is None else int(blas_threads)
+        self.column_sums = bool(column_sums)
 
     #: The row mean, computed once for the centring, screens the input for NaN/Inf.
     screens_finiteness = True
@@ -200,10 +209,21 @@ class RGE(Aggregator):
         R, d = updates.shape
         sketched = self.sketch_dim is not None and d > 2 * self.sketch_dim
         mean = Y = None
+        energy = None  # the rows' squared norms, when the sketch's pass took them instead of the column sums
         if rows is not None and not sketched:
             # the exact filter on a subset of validated rows: their Gram matrix gathered chunk by chunk
             R = rows.size
             gram, scale = centred_gram(updates, with_scale=True, rows=rows)
+        elif sketched and not self.column_sums and not is_torch(updates) and updates.dtype in (np.float32, np.float64):
+            # one compiled pass: the sketch and the rows' squared norms (NaN/Inf for a row with a NaN/Inf entry, or
+            # whose squares overflow: then the signs are rewound and screened_mean's path taken, as below)
+            state = self._rng.bit_generator.state
+            energy = np.empty(R)
+            Y = sketch_rows(updates, self.sketch_dim, self._rng, sq_norms=energy)
+            if not np.isfinite(energy).all():
+                self._rng.bit_generator.state = state
+                Y = energy = None
+                updates, mean = screened_mean(updates)
         elif sketched and not is_torch(updates) and updates.dtype in (np.float32, np.float64):
             # one compiled pass: the sketch and the column sums, whose mean (bit for bit mean_rows') screens
             # NaN/Inf as screened_mean does; a non-finite mean rewinds the signs and takes screened_mean's path
@@ -223,12 +243,16 @@ class RGE(Aggregator):
             row_energy = np.einsum("ij,ij->i", Y, Y)  # ~ ||g_i||^2 (uncentred)
             if rows is not None:  # only the rows `rows` enter the filter: their mean is a downdate
                 all_mean, R = mean, rows.size
-                mean = (_mean_without(updates, all_mean, rows) if _downdate_ok(row_energy, rows)
-                        else subset_mean(updates, rows))
+                if energy is None:
+                    mean = (_mean_without(updates, all_mean, rows) if _downdate_ok(row_energy, rows)
+                            else subset_mean(updates, rows))
                 Y = Y[rows]
             gram = centre_gram(Y, str(updates.dtype).endswith(("float32", "float16")))
-            mean64 = to_numpy64(mean)
-            scale = float(np.trace(gram) + R * float(mean64 @ mean64))
+            if energy is not None:  # sum_i ||g_i||^2 of the filtered rows, from the sketch's pass
+                scale = float(np.sum(energy if rows is None else energy[rows]))
+            else:
+                mean64 = to_numpy64(mean)
+                scale = float(np.trace(gram) + R * float(mean64 @ mean64))
         elif rows is None:
             gram, scale = centred_gram(updates, with_scale=True, mean=mean)
         t_gram = time.perf_counter() - t0
@@ -243,7 +267,9 @@ class RGE(Aggregator):
             res.estimate = mean
         else:
             kept = res.kept if rows is None else rows[res.kept]
-            if sketched and _downdate_ok(row_energy, kept):
+            if energy is not None:  # no column sums: the survivors' mean is one product over the rows
+                res.estimate = subset_mean(updates, kept)
+            elif sketched and _downdate_ok(row_energy, kept):
                 res.estimate = _mean_without(updates, all_mean if rows is not None else mean, kept)
             else:
                 res.estimate = subset_mean(updates, kept)
