@@ -219,3 +219,55 @@ def test_sketched_screen_is_the_input_check_of_large_rounds():
     assert out.estimate.dtype == np.float32 and np.isfinite(out.estimate).all()
     assert out.info["gross"] == out64.info["gross"] == [0, 1]
     np.testing.assert_allclose(out.estimate, out64.estimate.astype(np.float32), rtol=1e-6)
+
+
+def test_screen_centre_from_a_sample_of_rows_on_larger_rounds(monkeypatch):
+    """A sketched screen of more than SCREEN_CENTRE_ROWS rows takes its centre from that many rows drawn at random
+    (fresh every round), up to it from every row; the gross rows are dropped either way, as the exact screen drops
+    them."""
+    import flwr_byzantine.aggregators.defence as mod
+
+    shapes = []
+    real = mod.column_median
+
+    def spy(A):
+        shapes.append(A.shape)
+        return real(A)
+
+    monkeypatch.setattr(mod, "column_median", spy)
+    for R, d in ((200, 5000), (mod.SCREEN_CENTRE_ROWS, 9000)):
+        rounds = _rounds(2, R, d, far=4, seed=R)
+        fast = RobustDefence(eps_tilde=0.2, seed=0, fast_above=R * d)
+        exact = RobustDefence(eps_tilde=0.2, seed=0, fast_above=R * d, fast_passes=False)
+        centres = []
+        for G in rounds:
+            shapes.clear()
+            assert fast.aggregate(G).info["gross"] == exact.aggregate(G).info["gross"] == [0, 1, 2, 3]
+            centres.append(shapes[0])
+        want = min(R, mod.SCREEN_CENTRE_ROWS)
+        assert [s[0] for s in centres] == [want, want]
+        assert centres[0][1] < d  # on the sketch
+    # the sample is drawn from the private generator: fresh every round, the same under the seed
+    R, d = 200, 5000
+    G = _rounds(1, R, d, far=4, seed=1)[0]
+    sketches, picks = [], []
+    real_sketch = mod.sketch_rows
+
+    def sketch_spy(*a, **k):
+        sketches.append(real_sketch(*a, **k))
+        return sketches[-1]
+
+    def centre_spy(A):
+        Y = sketches[-1]
+        picks.append([int(np.flatnonzero((Y == row).all(axis=1))[0]) for row in A])
+        return real(A)
+
+    monkeypatch.setattr(mod, "sketch_rows", sketch_spy)
+    monkeypatch.setattr(mod, "column_median", centre_spy)
+    for seed in (0, 0):
+        rule = RobustDefence(eps_tilde=0.2, seed=seed, fast_above=R * d)
+        rule.aggregate(G)
+        rule.aggregate(G)
+    assert len(picks) == 4 and all(len(p) == len(set(p)) == mod.SCREEN_CENTRE_ROWS for p in picks)
+    assert picks[0] != picks[1]  # fresh every round
+    assert picks[0] == picks[2] and picks[1] == picks[3]  # deterministic under the seed
