@@ -420,3 +420,44 @@ def test_spectral_step_lanczos_basis_gives_the_dense_top_eigenpair(monkeypatch):
     vals, vecs = np.linalg.eigh(0.5 * (P + P.T))
     assert sp.upper == pytest.approx(vals[-1], rel=1e-9)
     assert abs(float(sp.eigvecs[:, 0] @ vecs[:, -1])) == pytest.approx(1.0, abs=1e-8)
+
+
+def test_first_spectral_step_starts_from_the_sigma_estimators_top_vector(monkeypatch):
+    """The sigma_0 estimator's first solve is the top eigenvector of the centred Gram matrix of every point, the matrix
+    of the filter's first spectral step (all weights 1): that step's Lanczos solve starts from it, later ones do not."""
+    import scipy.sparse.linalg
+
+    from flwr_byzantine.aggregators import sigma
+
+    rng = np.random.default_rng(8)
+    R, d, f = 600, 3000, 120
+    G = rng.normal(size=(R, d))
+    G[:f] += 4.0 * rng.normal(size=d)
+    K = centred_gram(G)
+    lam, top = sigma.estimate_sigma0_sq_and_top(K, 0.2)
+    assert lam == pytest.approx(sigma.estimate_sigma0_sq(K, 0.2), rel=1e-6)  # Lanczos to 1e-6 from ARPACK's start
+    H = np.eye(R) - 1.0 / R
+    vals, vecs = np.linalg.eigh(H @ K @ H)
+    assert abs(float(top @ vecs[:, -1])) == pytest.approx(1.0, abs=1e-5)
+    starts = []
+    real = scipy.sparse.linalg.eigsh
+
+    def eigsh(A, *a, **k):
+        if isinstance(A, np.ndarray):  # the spectral steps' explicit matrices (the estimator's are operators)
+            starts.append(k.get("v0"))
+        return real(A, *a, **k)
+
+    monkeypatch.setattr(scipy.sparse.linalg, "eigsh", eigsh)
+    res = RGE(eps_tilde=0.2, spectral_above=100).aggregate(G)
+    np.testing.assert_array_equal(res.kept, np.arange(f, R))
+    assert len(starts) >= 2 and starts[0] is not None and all(s is None for s in starts[1:])  # later: fewer points
+    np.testing.assert_allclose(np.abs(starts[0]), np.abs(top), rtol=0, atol=1e-5)  # the same solve, ARPACK's own start
+    # a malformed start (wrong length, NaN, zero) is ignored, not passed on
+    from flwr_byzantine.aggregators.saddle import capped_simplex_cap, spectral_step
+
+    starts.clear()
+    cap = capped_simplex_cap(0.8, R)
+    ref = spectral_step(K, np.ones(R), cap)
+    for bad in (np.ones(R - 1), np.full(R, np.nan), np.zeros(R)):
+        assert spectral_step(K, np.ones(R), cap, v0=bad).upper == pytest.approx(ref.upper, rel=1e-9)
+    assert starts[1:] == [None, None, None]

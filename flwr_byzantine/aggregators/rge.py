@@ -26,7 +26,7 @@ from threadpoolctl import ThreadpoolController
 from .._backend import ArrayLike, centred_gram, is_torch, screened_mean, subset_mean, to_numpy64
 from .base import AggregationResult, Aggregator
 from .saddle import capped_simplex_cap, solve_saddle, spectral_step
-from .sigma import estimate_sigma0_sq
+from .sigma import estimate_sigma0_sq_and_top
 from .sketch import centre_gram, sketch_rows
 
 logger = logging.getLogger(__name__)
@@ -299,8 +299,9 @@ class RGE(Aggregator):
         alpha = 1.0 - self.eps_tilde
         cap = capped_simplex_cap(alpha, R)
         sigma0 = self.sigma0 if sigma0 is None else float(sigma0)
+        top = None  # the top eigenvector of the centred Gram matrix: the first spectral step starts from it
         if sigma0 is None:
-            sigma0_sq = estimate_sigma0_sq(gram, self.eps_tilde)
+            sigma0_sq, top = estimate_sigma0_sq_and_top(gram, self.eps_tilde)
             sigma_mode = "auto"
         else:
             sigma0_sq = sigma0**2
@@ -326,7 +327,7 @@ class RGE(Aggregator):
             Ka = gram if active.size == R else gram[np.ix_(active, active)]  # read only: no copy of the whole matrix
             spectral = self.spectral_above is not None and active.size > self.spectral_above
             if spectral:
-                sol = spectral_step(Ka, c[active], cap, stop_below=threshold)
+                sol = spectral_step(Ka, c[active], cap, stop_below=threshold, v0=top if active.size == R else None)
                 spectral_passes += 1
             else:
                 sol = solve_saddle(

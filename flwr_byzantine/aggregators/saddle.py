@@ -541,7 +541,8 @@ def _weighted_centred(K, Kw, wKw, d):
 SPECTRAL_NCV = 10
 
 
-def spectral_step(K: np.ndarray, c: np.ndarray, cap: float, *, stop_below: float | None = None) -> SaddleSolution:
+def spectral_step(K: np.ndarray, c: np.ndarray, cap: float, *, stop_below: float | None = None,
+                  v0: np.ndarray | None = None) -> SaddleSolution:
     """One filter step at a *fixed* ``W``: every column the c-weighted mean (projected on ``CS``).
 
     The classical spectral filter step (the saddle problem (91) without the minimisation
@@ -552,7 +553,8 @@ def spectral_step(K: np.ndarray, c: np.ndarray, cap: float, *, stop_below: float
     early exit does; otherwise ``value = upper`` over-states the saddle value, so the filter
     can only continue where Algorithm 3 might already stop.  For large R, where one
     iteration of :func:`solve_saddle` costs O(n^3).  ``converged`` is False (no certificate); ``W`` (every
-    column the weights ``w``) is a read-only broadcast view, not an ``(n, n)`` array.
+    column the weights ``w``) is a read-only broadcast view, not an ``(n, n)`` array.  ``v0`` (length ``n``): the
+    Lanczos solve's starting vector (from 256 points; e.g. the sigma_0 estimator's top vector of the same matrix).
     """
     K = np.asarray(K, dtype=np.float64)
     c = np.asarray(c, dtype=np.float64)
@@ -566,7 +568,8 @@ def spectral_step(K: np.ndarray, c: np.ndarray, cap: float, *, stop_below: float
     if n >= 256:
         # a Lanczos basis of SPECTRAL_NCV vectors (scipy's default is 20 for one eigenpair): the same eigenpair in
         # fewer products (issue 12: 1.5 ms against 3.5 ms at n = 1000, the same value to the last digit)
-        sig, U = scipy.sparse.linalg.eigsh(P, k=1, which="LA", tol=1e-10, ncv=SPECTRAL_NCV)
+        start = None if v0 is None or v0.shape != (n,) or not np.all(np.isfinite(v0)) or not np.any(v0) else v0
+        sig, U = scipy.sparse.linalg.eigsh(P, k=1, which="LA", tol=1e-10, ncv=SPECTRAL_NCV, v0=start)
     elif n > 1:
         sig, U = scipy.linalg.eigh(P, subset_by_index=[n - 1, n - 1], driver="evr")
     else:
