@@ -95,7 +95,9 @@ class SelfReference:
         ids, values = self._pending
         self._pending = None
         keep = [k for k, node in enumerate(ids) if node in self.refs.index]  # a node forgotten since stays forgotten
-        if keep:
+        if len(keep) == len(ids):  # every one (the usual case): no gathered copy of the rows
+            self.refs.put(ids, values)
+        elif keep:
             self.refs.put([ids[k] for k in keep], values[keep])
 
     def __len__(self) -> int:
@@ -168,8 +170,14 @@ class SelfReference:
                         # rounds) follows the clipped reply, so a reference poisoned at first sight recovers
                         mature = np.array([self.ages.get(ids[r], 0) >= self.burn_in for r in jr], dtype=bool)
                         if mature.any():  # stored after this round's rows, below
-                            jump_fix = ([ids[r] for r, m in zip(jr, mature) if m],
-                                        (self.refs.rows[slots[jump]] + drift)[mature].astype(vtype, copy=False))
+                            # the mature jumps' references plus the drift: one gather and an add in place (each fresh
+                            # (n, d) temporary costs its page faults; the values are those of (rows + drift)[mature])
+                            fix = self.refs.rows[slots[jump][mature]]
+                            if fix.dtype == np.result_type(fix.dtype, drift.dtype):
+                                np.add(fix, drift, out=fix)
+                            else:
+                                fix = fix + drift
+                            jump_fix = ([ids[r] for r, m in zip(jr, mature) if m], fix.astype(vtype, copy=False))
                         info["jumped"] = [int(r) for r in jr]
                         info["jump_ratio"] = [float(x) for x in dist[jump] / max(float(np.median(dist)), 1e-300)]
                 csq = clip_to_references(V, G, np.asarray(rows), self.refs.rows, slots, drift, factors,  # ref + drift + dev * f
