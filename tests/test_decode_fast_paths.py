@@ -461,3 +461,29 @@ def test_first_spectral_step_starts_from_the_sigma_estimators_top_vector(monkeyp
     for bad in (np.ones(R - 1), np.full(R, np.nan), np.zeros(R)):
         assert spectral_step(K, np.ones(R), cap, v0=bad).upper == pytest.approx(ref.upper, rel=1e-9)
     assert starts[1:] == [None, None, None]
+
+
+def test_sigma0_trimming_solves_are_looser_than_the_last(monkeypatch):
+    """The trimming's Lanczos solves (their vectors only rank points) run to LANCZOS_TRIM_TOL, the last one, whose
+    eigenvalue is the estimate, to LANCZOS_TOL; on a round with a far cluster the estimate is the strict one's."""
+    import scipy.sparse.linalg
+
+    import flwr_byzantine.aggregators.sigma as sigma
+
+    rng = np.random.default_rng(12)
+    G = rng.normal(size=(400, 600))
+    G[:80] += 3.0 * rng.normal(size=600)
+    K = centred_gram(G)
+    tols = []
+    real = scipy.sparse.linalg.eigsh
+
+    def eigsh(*a, **k):
+        tols.append(k["tol"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(scipy.sparse.linalg, "eigsh", eigsh)
+    est = sigma.estimate_sigma0_sq(K, 0.2)
+    assert tols == [sigma.LANCZOS_TRIM_TOL] * sigma.MAX_TRIM_STEPS_LARGE + [sigma.LANCZOS_TOL]
+    assert sigma.LANCZOS_TRIM_TOL > sigma.LANCZOS_TOL
+    monkeypatch.setattr(sigma, "LANCZOS_TRIM_TOL", sigma.LANCZOS_TOL)
+    assert est == pytest.approx(sigma.estimate_sigma0_sq(K, 0.2), rel=1e-6)

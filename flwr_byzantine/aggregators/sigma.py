@@ -55,6 +55,10 @@ MAX_TRIM_STEPS_LARGE = 8
 LANCZOS_MIN_N = 256
 #: Relative residual tolerance of the Lanczos solves (the eigenvalue error is about its square).
 LANCZOS_TOL = 1e-6
+#: The same for the trimming's solves before the last, whose vectors only rank the points to remove.  On a clean round
+#: the top of the spectrum is nearly flat (gaps of about 1 % at R = 1000): the direction is ill-determined there at
+#: any tolerance, and 1e-6 took 50-60 ms of Lanczos products at R = 1000 (issue 12).
+LANCZOS_TRIM_TOL = 1e-3
 #: Lanczos basis size (ARPACK's ``ncv``; its default for one eigenpair is 20).  Each solve but the first starts from
 #: the previous solve's vector, so a short basis that restarts converges in fewer products (issue 12: R = 1000 and
 #: 300, far and ALIE-like rounds, eps 0.2 and 0.25: 129-239 products against 209-289 with 20, the same estimate to
@@ -84,7 +88,7 @@ def _top_eig_dense(K: np.ndarray, idx: np.ndarray) -> tuple[float, np.ndarray]:
 
 
 def top_eig_centred(K: np.ndarray, idx: np.ndarray, v0: np.ndarray | None = None,
-                    K32: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+                    K32: np.ndarray | None = None, tol: float = LANCZOS_TOL) -> tuple[float, np.ndarray]:
     """Top eigenpair of the centred Gram matrix of the points ``idx``.
 
     Below :data:`LANCZOS_MIN_N` points: one compiled full symmetric eigensolve
@@ -93,7 +97,7 @@ def top_eig_centred(K: np.ndarray, idx: np.ndarray, v0: np.ndarray | None = None
     started from ``v0`` when given (the previous top vector restricted to ``idx``), O(n^2)
     per iteration instead of O(n^3).  ``K32`` (``K`` in float32, made once by a caller with several solves):
     the Lanczos products read it instead of ``K`` (half the bytes per product; the products of a 1000-point
-    Gram matrix in float32 move the estimate in its 7th digit).
+    Gram matrix in float32 move the estimate in its 7th digit).  ``tol``: the Lanczos solve's relative tolerance.
     """
     n = idx.size
     if n >= LANCZOS_MIN_N:
@@ -110,7 +114,7 @@ def top_eig_centred(K: np.ndarray, idx: np.ndarray, v0: np.ndarray | None = None
 
         op = scipy.sparse.linalg.LinearOperator((n, n), matvec=matvec, dtype=np.float64)
         start = None if v0 is None or not np.any(v0) else v0
-        vals, vecs = scipy.sparse.linalg.eigsh(op, k=1, which="LA", v0=start, tol=LANCZOS_TOL,
+        vals, vecs = scipy.sparse.linalg.eigsh(op, k=1, which="LA", v0=start, tol=tol,
                                                ncv=min(n, LANCZOS_NCV))
         return max(float(vals[-1]), 0.0), vecs[:, -1]
     lam, vec = _top_eig_dense(np.ascontiguousarray(K, dtype=np.float64), np.ascontiguousarray(idx, dtype=np.intp))
@@ -153,7 +157,8 @@ def estimate_sigma0_sq_and_top(gram: np.ndarray, eps_tilde: float) -> tuple[floa
     so no honest point is dropped on clean, concentrated data.
     Cost: ``min(eps_tilde * R, 16)`` top-eigenpair solves of size <= R (beyond 16 removals
     each solve removes the ``ceil(eps_tilde R / 16)`` points with the largest projections),
-    by LAPACK below 256 points and warm-started Lanczos above (8 solves there, products in float32): O(R^3) in all, O(R^2) per
+    by LAPACK below 256 points and warm-started Lanczos above (8 solves there, products in float32; the trimming's
+    solves to :data:`LANCZOS_TRIM_TOL`, the last one to :data:`LANCZOS_TOL`): O(R^3) in all, O(R^2) per
     Lanczos iteration at large R (it was ``eps_tilde R`` full solves, O(R^4)).
     """
     R = gram.shape[0]
@@ -168,7 +173,7 @@ def estimate_sigma0_sq_and_top(gram: np.ndarray, eps_tilde: float) -> tuple[floa
     K32 = gram.astype(np.float32) if R >= LANCZOS_MIN_N else None
     first: np.ndarray | None = None
     while to_remove > 0 and idx.size > 2:
-        _, vec = top_eig_centred(gram, idx, vec, K32)
+        _, vec = top_eig_centred(gram, idx, vec, K32, LANCZOS_TRIM_TOL)
         if first is None:
             first = vec
         b = min(per_step, to_remove, idx.size - 2)
