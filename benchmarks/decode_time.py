@@ -34,7 +34,9 @@ the BLAS/OpenMP pools limited to ``--blas-threads`` (default 1) for the whole pr
   *with node ids*, its per-node memory warm (:data:`DEFENCE_WARM` rounds first; two rounds of the
   same nodes alternate), at R in {20, 100, 1000} x d in {1e4, 1e5, 1e6} (not R = 1000, d = 1e6: 12 GB
   with its memory), f = 0.2 R far attackers; next to it the RGE filter it runs, alone, on the same
-  rounds (:meth:`~flwr_byzantine.aggregators.RobustDefence.filter_for`: the exact filter, or the fast one).
+  rounds (:meth:`~flwr_byzantine.aggregators.RobustDefence.filter_for`: the exact filter, or the fast one); and
+  the default defence on *clean* rounds of the same size (no attacker: the common case, where nothing is
+  removed and every row is clipped and averaged), with a memory of its own, warmed the same way.
 
 A run with a subset of ``--sections`` replaces those sections in an existing
 ``decode_time.json`` (the report is rebuilt from the merged results).
@@ -505,11 +507,38 @@ def section_defence(args: argparse.Namespace) -> list[dict[str, Any]]:
         for name, ts in times.items():
             row[name] = {"seconds": statistics.median(ts), "ratio": statistics.median(ts) / ref, "all_seconds": ts}
         row |= _kept_stats(res, f, R)
-        out.append(row)
-        print(f"defence R={R} d={d}: {row['defence']['ratio']:.1f}x (filter alone {row['filter']['ratio']:.1f}x)",
-              flush=True)
         del rounds, rule, filt
+        row["clean"], row["clean_honest_dropped"] = _clean_defence(R, d, args)
+        out.append(row)
+        print(f"defence R={R} d={d}: {row['defence']['ratio']:.1f}x (filter alone {row['filter']['ratio']:.1f}x; "
+              f"clean rounds {row['clean']['ratio']:.1f}x)", flush=True)
     return out
+
+
+def _clean_defence(R: int, d: int, args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    """The default defence with node ids on clean rounds (no attacker), warmed as :func:`section_defence` warms it:
+    ``({"seconds", "ratio", "all_seconds"}, honest rows left out in the last timed round)``."""
+    from flwr_byzantine.aggregators import build_for_federation
+
+    rounds = [make_round(R, d, 0.0, args.seed + R + k, "far")[0] for k in range(2)]
+    ids = list(range(10_000, 10_000 + R))
+    rule = build_for_federation("rge", R, 0.2, seed=args.seed)
+    for k in range(DEFENCE_WARM):
+        rule.aggregate(rounds[k % 2], client_ids=ids)
+    ts: list[float] = []
+    refs: list[float] = []
+    res = None
+    for k in range(max(args.repeats, 5)):
+        G = rounds[(DEFENCE_WARM + k) % 2]  # the two rounds keep alternating
+        t0 = time.perf_counter()
+        np.mean(G, axis=0)
+        refs.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        res = rule.aggregate(G, client_ids=ids)
+        ts.append(time.perf_counter() - t0)
+    ref = statistics.median(refs)
+    return ({"seconds": statistics.median(ts), "ratio": statistics.median(ts) / ref, "all_seconds": ts},
+            R - int(np.asarray(res.kept).size))
 
 
 def _strip(t: dict[str, Any]) -> dict[str, Any]:
@@ -598,14 +627,19 @@ def render_markdown(p: dict[str, Any]) -> str:
         L += ["## The default defence with node ids (warm memory) against its RGE filter alone", "",
               f"`rge` = `build_for_federation('rge', R, 0.2)` called with node ids after {DEFENCE_WARM} rounds of the "
               "same nodes; f = 0.2 R far attackers; filter alone = the RGE it runs (`filter_for`: sketched and "
-              "spectral from 2^20 entries or 65 rows on, sketch length 1024 from 500 rows), on the same rounds.", "",
+              "spectral from 2^20 entries or 65 rows on, sketch length 1024 from 500 rows), on the same rounds; "
+              "clean rounds = the default defence on rounds of the same size without attackers (its own memory).", "",
               "| R | d | np.mean | default defence | ratio | filter alone | ratio | sketched | excluded by the evidence | "
-              "Byzantine kept | honest dropped |", "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+              "Byzantine kept | honest dropped | clean rounds: defence | ratio | honest dropped |",
+              "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
         for r in s["defence"]:
+            clean = r.get("clean")
+            tail = (f"{_fmt_s(clean['seconds'])} | {clean['ratio']:.1f}x | {r['clean_honest_dropped']} |" if clean
+                    else "n/a | n/a | n/a |")
             L.append(f"| {r['R']} | {r['d']:.0e} | {_fmt_s(r['np_mean_seconds'])} | {_fmt_s(r['defence']['seconds'])} | "
                      f"{r['defence']['ratio']:.1f}x | {_fmt_s(r['filter']['seconds'])} | {r['filter']['ratio']:.1f}x | "
                      f"{'yes' if r['sketched'] else 'no'} | {r['suspected']} | {r['byzantine_kept']} | "
-                     f"{r['honest_dropped']} |")
+                     f"{r['honest_dropped']} | " + tail)
         L.append("")
     if "agreement" in s:
         a = s["agreement"]
@@ -662,8 +696,10 @@ def plot_defence(p: dict[str, Any], path: Path) -> Path | None:
 
     fig, ax = plt.subplots(figsize=(9, 4))
     x = np.arange(len(rows))
-    ax.bar(x - 0.2, [r["defence"]["ratio"] for r in rows], 0.4, label="default defence (node ids, warm memory)")
-    ax.bar(x + 0.2, [r["filter"]["ratio"] for r in rows], 0.4, label="its RGE filter alone")
+    ax.bar(x - 0.27, [r["defence"]["ratio"] for r in rows], 0.27, label="default defence (node ids, warm memory)")
+    ax.bar(x, [r["filter"]["ratio"] for r in rows], 0.27, label="its RGE filter alone")
+    ax.bar(x + 0.27, [r["clean"]["ratio"] if "clean" in r else 0.0 for r in rows], 0.27,
+           label="default defence on clean rounds")
     ax.set_xticks(x, [f"R={r['R']}\nd={r['d']:.0e}" for r in rows], fontsize=8)
     ax.set_yscale("log")
     ax.axhline(1.0, color="k", lw=0.8)

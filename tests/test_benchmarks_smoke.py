@@ -218,7 +218,9 @@ def test_decode_time_defence_section_tiny(tmp_path):
     assert [(r["R"], r["d"]) for r in rows] == decode_time.DEFENCE_SIZES[0]
     for r in rows:
         assert r["defence"]["ratio"] > 0 and r["filter"]["ratio"] > 0 and r["byzantine_kept"] == 0
-    assert "default defence with node ids" in (tmp_path / "decode_time.md").read_text()
+        assert r["clean"]["ratio"] > 0 and len(r["clean"]["all_seconds"]) >= 5 and r["clean_honest_dropped"] == 0
+    md = (tmp_path / "decode_time.md").read_text()
+    assert "default defence with node ids" in md and "| clean rounds: defence |" in md
     assert (tmp_path / "decode_time_defence.png").stat().st_size > 0
 
 
