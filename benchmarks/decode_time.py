@@ -491,7 +491,7 @@ def section_defence(args: argparse.Namespace) -> list[dict[str, Any]]:
         refs: list[float] = []
         res = None
         for k in range(max(args.repeats, 5)):
-            G = rounds[k % 2]
+            G = rounds[(DEFENCE_WARM + k) % 2]  # the two rounds keep alternating (a repeat: every change 0)
             t0 = time.perf_counter()
             np.mean(G, axis=0)
             refs.append(time.perf_counter() - t0)
