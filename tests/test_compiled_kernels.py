@@ -314,3 +314,35 @@ def test_centre_gram_is_the_numpy_formulation_bit_for_bit(low_precision, n, m):
     want = 0.5 * (g + g.T)
     got = centre_gram(Y, low_precision)
     assert got.dtype == np.float64 and np.array_equal(got, want) and np.array_equal(got, got.T)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_direction", [False, True])
+def test_compiled_distances_and_projections_match_the_tiles(dtype, with_direction):
+    """The survivors' clipping pass compiled (large rounds): the distances and projections of numpy's tiles, to the
+    rounding of their sums (float64 here, the rows' dtype there); small rounds keep the tiles."""
+    from flwr_byzantine.aggregators.streaming import clip_survivors, distances_and_projections
+
+    rng = np.random.default_rng(5)
+    Y = rng.standard_normal((40, 2 * KERNEL_TILE + 77)).astype(dtype)
+    rows = np.sort(rng.choice(40, 31, replace=False))
+    centre = Y[rows].mean(axis=0).astype(dtype)
+    u = rng.standard_normal(Y.shape[1])
+    u /= np.linalg.norm(u)
+    direction = u if with_direction else None
+    d0, p0 = distances_and_projections(Y, rows, centre, direction)
+    d1, p1 = distances_and_projections(Y, rows, centre, direction, compiled=True)
+    exact = Y[rows].astype(np.float64) - centre.astype(np.float64)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(d1, np.linalg.norm(exact, axis=1), rtol=tol)
+    np.testing.assert_allclose(d1, d0, rtol=tol)
+    if with_direction:
+        ref = exact @ u.astype(dtype).astype(np.float64)
+        np.testing.assert_allclose(p1, ref, rtol=0, atol=tol * np.abs(ref).max())
+        np.testing.assert_allclose(p1, p0, rtol=0, atol=tol * np.abs(ref).max())
+    else:
+        assert p0 is None and p1 is None
+    v0, f0, r0 = clip_survivors(Y, rows, centre, 1.0, trim=3)
+    v1, f1, r1 = clip_survivors(Y, rows, centre, 1.0, trim=3, compiled=True)
+    assert r1 == pytest.approx(r0, rel=tol) and np.array_equal(f0 < 1.0, f1 < 1.0)
+    np.testing.assert_allclose(v1, v0, rtol=0, atol=10 * tol)

@@ -271,3 +271,24 @@ def test_screen_centre_from_a_sample_of_rows_on_larger_rounds(monkeypatch):
     assert len(picks) == 4 and all(len(p) == len(set(p)) == mod.SCREEN_CENTRE_ROWS for p in picks)
     assert picks[0] != picks[1]  # fresh every round
     assert picks[0] == picks[2] and picks[1] == picks[3]  # deterministic under the seed
+
+
+def test_survivors_clipping_compiled_on_large_rounds_only(monkeypatch):
+    """Large rounds take the survivors' distances from the compiled pass; small ones keep numpy's tiles (their
+    values bit for bit)."""
+    import flwr_byzantine.aggregators.defence as mod
+
+    seen = []
+    real = mod.clip_survivors
+
+    def spy(*a, **k):
+        seen.append(k.get("compiled"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(mod, "clip_survivors", spy)
+    for R, d, fast in ((48, 9000, True), (20, 650, False)):
+        seen.clear()
+        rule = RobustDefence(eps_tilde=0.2, seed=0, fast_above=48 * 9000)
+        for G in _rounds(3, R, d, far=0, seed=R):  # clean rounds: the budget unspent, every survivor clipped
+            rule.aggregate(G, client_ids=list(range(R)))
+        assert seen and all(c is fast for c in seen)

@@ -769,7 +769,7 @@ class RobustDefence(Aggregator):
         elif self.clip_scale is not None and kept.size > 1:
             # the Byzantine rows the round may still hold: the budget less what the round left out (copies apart)
             trim = max(budget - (R - dups.size - kept.size), 0) if self.step_trim else 0
-            estimate, factors, radius = clip_survivors(M, kept, centre, self.clip_scale, trim=trim)
+            estimate, factors, radius = clip_survivors(M, kept, centre, self.clip_scale, trim=trim, compiled=fast)
             step_trim = trim if kept.size > 2 * trim else 0
         else:
             estimate, factors, radius = centre, np.ones(kept.size), float("nan")

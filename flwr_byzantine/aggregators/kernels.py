@@ -515,6 +515,44 @@ def centre_sq_distances(G, rows, centre, sq):
         sq[r] = acc
 
 
+@numba.njit(cache=True, fastmath={"reassoc"})
+def _sum_sq_diff_and_dot(g, c, u, n):
+    """``(sum_i (g[i] - c[i])**2, sum_i (g[i] - c[i]) u[i])`` in float64: each difference one subtraction in the rows'
+    dtype, only the float64 sums reassociated (vector lanes)."""
+    acc = 0.0
+    dot = 0.0
+    for i in range(n):
+        x = np.float64(g[i] - c[i])
+        acc += x * x
+        dot += x * np.float64(u[i])
+    return acc, dot
+
+
+@numba.njit(cache=True)
+def centre_distances_and_projections(G, rows, centre, u, sq, proj):
+    """``sq[i] = ||G[rows[i]] - centre||^2`` and, ``u`` not empty, ``proj[i] = <G[rows[i]] - centre, u>`` (float64),
+    one read of those rows, row after row, summed tile by tile of :data:`KERNEL_TILE` columns (the clipping of the
+    survivors, :func:`~.streaming.distances_and_projections`, on large rounds: 1.44-1.46x ``np.mean`` against
+    2.0-2.4x for numpy's tiles at R = 1000, d = 1e5 and R = 100, d = 1e6; issue 12)."""
+    d = G.shape[1]
+    along = u.size > 0
+    for r in range(rows.size):
+        g = G[rows[r]]
+        acc = 0.0
+        dot = 0.0
+        for c0 in range(0, d, 4096):
+            c1 = min(d, c0 + 4096)
+            if along:
+                a, p = _sum_sq_diff_and_dot(g[c0:c1], centre[c0:c1], u[c0:c1], c1 - c0)
+                acc += a
+                dot += p
+            else:
+                acc += _sum_sq_diff(g[c0:c1], centre[c0:c1], c1 - c0)
+        sq[r] = acc
+        if along:
+            proj[r] = dot
+
+
 @numba.njit(cache=True, inline="always")
 def _clipped(g, c, f):
     """The input clipping of one coordinate, ``(g - c) * f + c``, in ``G``'s dtype (numpy's order)."""

@@ -216,14 +216,27 @@ def distances_to(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray) -> np.ndar
     return distances_and_projections(Y, rows, centre, None)[0]
 
 
-def distances_and_projections(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, direction: np.ndarray | None
-                              ) -> tuple[np.ndarray, np.ndarray | None]:
+def distances_and_projections(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, direction: np.ndarray | None,
+                              compiled: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """``||Y[rows[k]] - centre||`` and (with ``direction``) ``<Y[rows[k]] - centre, direction>`` for every ``k``
-    (float64), from one tiled pass over those rows: each tile's differences are read once, in cache, for both."""
+    (float64), from one tiled pass over those rows: each tile's differences are read once, in cache, for both.
+    ``compiled`` (float32/float64 rows and a centre of their dtype): one compiled pass row after row
+    (:func:`~.kernels.centre_distances_and_projections`, sums in float64; numpy's tiles sum in the rows' dtype, so the
+    values differ in their last digits), for large rounds; else numpy's tiles (the small rounds' values, bit for bit)."""
     d = Y.shape[1]
+    dtype = np.result_type(Y.dtype, centre.dtype)
+    if compiled and Y.dtype in (np.float32, np.float64) and centre.dtype == Y.dtype:
+        from .kernels import centre_distances_and_projections
+
+        sq = np.empty(rows.size)
+        proj = None if direction is None else np.empty(rows.size)
+        centre_distances_and_projections(Y, np.ascontiguousarray(rows, dtype=np.intp), np.ascontiguousarray(centre),
+                                         np.empty(0, dtype=dtype) if direction is None
+                                         else np.ascontiguousarray(direction, dtype=dtype),
+                                         sq, np.empty(0) if proj is None else proj)
+        return np.sqrt(sq), proj
     sq = np.zeros(rows.size)
     proj = None if direction is None else np.zeros(rows.size)
-    dtype = np.result_type(Y.dtype, centre.dtype)
     u = None if direction is None else np.asarray(direction, dtype=dtype)
     buf = tile_buffer(rows.size, d, dtype)
     ri = as_index(rows)
@@ -251,8 +264,8 @@ def weighted_deviation(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, weig
     return out
 
 
-def clip_survivors(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, clip_scale: float, trim: int = 0
-                   ) -> tuple[np.ndarray, np.ndarray, float]:
+def clip_survivors(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, clip_scale: float, trim: int = 0,
+                   compiled: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """One step of centered clipping (Karimireddy, He, Jaggi 2021, Section 4) of ``Y[rows]`` around ``centre``.
 
     ``v = centre + (1/n) sum_k min(1, r / ||y_k - centre||) (y_k - centre)`` with the radius
@@ -267,7 +280,8 @@ def clip_survivors(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, clip_sca
     (``trim`` removed from each side; the projections come from the distances' pass):
     ``v <- v + (|centre| + trimmed_mean_k <y_k - centre, u> - <v, u>) u``.  Along the step it bounds
     what ``trim`` rows can do by the honest spread *along that direction*, not by the radius, which at
-    high heterogeneity is several times the centre's norm.
+    high heterogeneity is several times the centre's norm.  ``compiled``: the distances and projections from
+    :func:`distances_and_projections`' compiled pass (large rounds).
     """
     n = rows.size
     u = None  # the centre's direction, only when the trim applies (no float64 copy of the centre otherwise)
@@ -275,7 +289,7 @@ def clip_survivors(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, clip_sca
         c64 = np.asarray(centre, dtype=np.float64)
         cn = float(np.linalg.norm(c64))
         u = c64 / cn if cn > 0 and np.isfinite(cn) else None
-    dist, proj = distances_and_projections(Y, rows, centre, u)
+    dist, proj = distances_and_projections(Y, rows, centre, u, compiled=compiled)
     radius = clip_scale * float(np.median(dist))
     if not radius > 0:
         return centre, np.ones(n), radius
