@@ -537,7 +537,8 @@ def _clean_defence(R: int, d: int, args: argparse.Namespace) -> tuple[dict[str, 
         res = rule.aggregate(G, client_ids=ids)
         ts.append(time.perf_counter() - t0)
     ref = statistics.median(refs)
-    return ({"seconds": statistics.median(ts), "ratio": statistics.median(ts) / ref, "all_seconds": ts},
+    return ({"seconds": statistics.median(ts), "ratio": statistics.median(ts) / ref, "all_seconds": ts,
+             "np_mean_seconds": ref},
             R - int(np.asarray(res.kept).size))
 
 
@@ -628,14 +629,15 @@ def render_markdown(p: dict[str, Any]) -> str:
               f"`rge` = `build_for_federation('rge', R, 0.2)` called with node ids after {DEFENCE_WARM} rounds of the "
               "same nodes; f = 0.2 R far attackers; filter alone = the RGE it runs (`filter_for`: sketched and "
               "spectral from 2^20 entries or 65 rows on, sketch length 1024 from 500 rows), on the same rounds; "
-              "clean rounds = the default defence on rounds of the same size without attackers (its own memory).", "",
+              "clean rounds = the default defence on rounds of the same size without attackers (its own memory; its "
+              "ratio to the np.mean calls interleaved with it, whose median is in brackets).", "",
               "| R | d | np.mean | default defence | ratio | filter alone | ratio | sketched | excluded by the evidence | "
               "Byzantine kept | honest dropped | clean rounds: defence | ratio | honest dropped |",
               "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
         for r in s["defence"]:
             clean = r.get("clean")
-            tail = (f"{_fmt_s(clean['seconds'])} | {clean['ratio']:.1f}x | {r['clean_honest_dropped']} |" if clean
-                    else "n/a | n/a | n/a |")
+            tail = (f"{_fmt_s(clean['seconds'])} [{_fmt_s(clean.get('np_mean_seconds'))}] | {clean['ratio']:.1f}x | "
+                    f"{r['clean_honest_dropped']} |" if clean else "n/a | n/a | n/a |")
             L.append(f"| {r['R']} | {r['d']:.0e} | {_fmt_s(r['np_mean_seconds'])} | {_fmt_s(r['defence']['seconds'])} | "
                      f"{r['defence']['ratio']:.1f}x | {_fmt_s(r['filter']['seconds'])} | {r['filter']['ratio']:.1f}x | "
                      f"{'yes' if r['sketched'] else 'no'} | {r['suspected']} | {r['byzantine_kept']} | "
