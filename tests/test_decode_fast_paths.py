@@ -487,3 +487,23 @@ def test_sigma0_trimming_solves_are_looser_than_the_last(monkeypatch):
     assert sigma.LANCZOS_TRIM_TOL > sigma.LANCZOS_TOL
     monkeypatch.setattr(sigma, "LANCZOS_TRIM_TOL", sigma.LANCZOS_TOL)
     assert est == pytest.approx(sigma.estimate_sigma0_sq(K, 0.2), rel=1e-6)
+
+
+@pytest.mark.parametrize("R,d,params", [(300, 2000, {}), (300, 2000, {"spectral_above": 64}),
+                                        (600, 10_000, {"sketch_dim": 1024, "spectral_above": 64}),
+                                        (600, 10_000, {"sketch_dim": 1024, "spectral_above": 64,
+                                                       "column_sums": False})])
+def test_float32_rows_near_the_top_of_their_range_are_decoded_in_float64(R, d, params):
+    """float32 entries near 1e37: finite, but their squares overflow float32 (the sketch's and the sigma_0 estimator's
+    float32 products).  The sketch's squared norms (float64) screen them, the rows are widened to float64 and the
+    estimator's products stay in float64: the far rows removed, a finite float32 estimate (it failed in ARPACK)."""
+    rng = np.random.default_rng(R)
+    G = (1e37 * (1.0 + 0.1 * rng.standard_normal((R, d)))).astype(np.float32)
+    f = R // 6
+    G[:f] *= -1.0
+    with np.errstate(over="ignore"):
+        res = RGE(eps_tilde=0.2, **params).aggregate(G)
+    assert res.estimate.dtype == np.float32 and np.isfinite(res.estimate).all()
+    np.testing.assert_array_equal(res.kept, np.arange(f, R))
+    exact = G[f:].astype(np.float64).mean(axis=0)
+    np.testing.assert_allclose(res.estimate.astype(np.float64), exact, rtol=1e-5)

@@ -23,7 +23,7 @@ import time
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from .._backend import ArrayLike, centred_gram, is_torch, screened_mean, subset_mean, to_numpy64
+from .._backend import LARGE_ENERGY, ArrayLike, centred_gram, check_matrix, is_torch, screened_mean, subset_mean, to_numpy64
 from .base import AggregationResult, Aggregator
 from .saddle import capped_simplex_cap, solve_saddle, spectral_step
 from .sigma import estimate_sigma0_sq_and_top
@@ -214,27 +214,27 @@ class RGE(Aggregator):
             # the exact filter on a subset of validated rows: their Gram matrix gathered chunk by chunk
             R = rows.size
             gram, scale = centred_gram(updates, with_scale=True, rows=rows)
-        elif sketched and not self.column_sums and not is_torch(updates) and updates.dtype in (np.float32, np.float64):
-            # one compiled pass: the sketch and the rows' squared norms (NaN/Inf for a row with a NaN/Inf entry, or
-            # whose squares overflow: then the signs are rewound and screened_mean's path taken, as below)
+        elif sketched and not is_torch(updates) and updates.dtype in (np.float32, np.float64):
+            # one compiled pass: the sketch, the rows' squared norms (float64) and, with column_sums, the column sums,
+            # whose mean is bit for bit mean_rows'.  The norms screen the input: a NaN/Inf entry, or float32 rows whose
+            # squares would overflow the float32 sketch's Gram matrix (energy above LARGE_ENERGY), rewind the signs and
+            # take check_matrix's screen (NaN/Inf: ValueError; large: widened to float64) and screened_mean's path
             state = self._rng.bit_generator.state
             energy = np.empty(R)
-            Y = sketch_rows(updates, self.sketch_dim, self._rng, sq_norms=energy)
-            if not np.isfinite(energy).all():
+            if self.column_sums:
+                mean = np.empty(d, dtype=updates.dtype)
+                Y = sketch_rows(updates, self.sketch_dim, self._rng, sq_norms=energy, col_sums=mean)
+                mean /= R
+            else:
+                Y = sketch_rows(updates, self.sketch_dim, self._rng, sq_norms=energy)
+            total = float(np.sum(energy))
+            if not (np.isfinite(total) and (updates.dtype == np.float64 or total <= LARGE_ENERGY)
+                    and (mean is None or np.isfinite(mean).all())):
                 self._rng.bit_generator.state = state
-                Y = energy = None
-                updates, mean = screened_mean(updates)
-        elif sketched and not is_torch(updates) and updates.dtype in (np.float32, np.float64):
-            # one compiled pass: the sketch and the column sums, whose mean (bit for bit mean_rows') screens
-            # NaN/Inf as screened_mean does; a non-finite mean rewinds the signs and takes screened_mean's path
-            state = self._rng.bit_generator.state
-            mean = np.empty(d, dtype=updates.dtype)
-            Y = sketch_rows(updates, self.sketch_dim, self._rng, col_sums=mean)
-            mean /= R
-            if not np.isfinite(mean).all():
-                self._rng.bit_generator.state = state
-                Y = None
-                updates, mean = screened_mean(updates)
+                Y = mean = None
+                updates, mean = screened_mean(check_matrix(updates, widen_large=True))
+            if self.column_sums or Y is None:
+                energy = None  # the column sums' downdate path below (or the widened rows')
         else:
             updates, mean = screened_mean(updates)
         if sketched:

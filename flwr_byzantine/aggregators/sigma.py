@@ -169,8 +169,13 @@ def estimate_sigma0_sq_and_top(gram: np.ndarray, eps_tilde: float) -> tuple[floa
     steps = MAX_TRIM_STEPS_LARGE if R >= LANCZOS_MIN_N else MAX_TRIM_STEPS
     per_step = max(1, math.ceil(to_remove / steps))
     vec: np.ndarray | None = None
-    # the Lanczos solves' products in float32 (one copy for all of them)
-    K32 = gram.astype(np.float32) if R >= LANCZOS_MIN_N else None
+    # the Lanczos solves' products in float32 (one copy for all of them), unless the entries (|K_ij| <= max_i K_ii for a
+    # Gram matrix) would overflow float32 in a product: then in float64
+    K32 = None
+    if R >= LANCZOS_MIN_N:
+        top_diag = float(np.max(np.diag(gram)))
+        if np.isfinite(top_diag) and top_diag * R < float(np.finfo(np.float32).max) / 16:
+            K32 = gram.astype(np.float32)
     first: np.ndarray | None = None
     while to_remove > 0 and idx.size > 2:
         _, vec = top_eig_centred(gram, idx, vec, K32, LANCZOS_TRIM_TOL)
