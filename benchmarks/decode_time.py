@@ -476,38 +476,20 @@ def section_agreement(args: argparse.Namespace) -> dict[str, Any]:
 
 def section_defence(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The default defence with node ids and a warm memory, and its RGE filter alone, as ratios to np.mean."""
-    from flwr_byzantine.aggregators import build_for_federation
-
     out = []
     for R, d in DEFENCE_SIZES[0 if args.quick else 1]:
-        rounds = [make_round(R, d, 0.2, args.seed + R + k, "far")[0] for k in range(2)]
         f = int(round(0.2 * R))
-        ids = list(range(10_000, 10_000 + R))
-        rule = build_for_federation("rge", R, 0.2, seed=args.seed)
-        for k in range(DEFENCE_WARM):
-            rule.aggregate(rounds[k % 2], client_ids=ids)
+        rounds, ids, rule = _warmed_defence(R, d, 0.2, args)
         filt = rule.filter_for(R, d)
-        times: dict[str, list[float]] = {"defence": [], "filter": []}
-        refs: list[float] = []
-        res = None
-        for k in range(max(args.repeats, 5)):
-            G = rounds[(DEFENCE_WARM + k) % 2]  # the two rounds keep alternating (a repeat: every change 0)
-            t0 = time.perf_counter()
-            np.mean(G, axis=0)
-            refs.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            res = rule.aggregate(G, client_ids=ids)
-            times["defence"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            filt.aggregate(G)
-            times["filter"].append(time.perf_counter() - t0)
-        ref = statistics.median(refs)
+        ref, times, last = _time_alternating(rounds, {"defence": lambda G: rule.aggregate(G, client_ids=ids),
+                                                      "filter": filt.aggregate}, args.repeats)
+        res = last["defence"]
         row = {"R": R, "d": d, "f": f, "np_mean_seconds": ref, "sketched": res.info.get("sketch_dim") is not None,
                "spectral_passes": res.info.get("spectral_passes", 0), "suspected": len(res.info["suspected"])}
         for name, ts in times.items():
             row[name] = {"seconds": statistics.median(ts), "ratio": statistics.median(ts) / ref, "all_seconds": ts}
         row |= _kept_stats(res, f, R)
-        del rounds, rule, filt
+        del rounds, rule, filt, last, res
         row["clean"], row["clean_honest_dropped"] = _clean_defence(R, d, args)
         out.append(row)
         print(f"defence R={R} d={d}: {row['defence']['ratio']:.1f}x (filter alone {row['filter']['ratio']:.1f}x; "
@@ -515,31 +497,47 @@ def section_defence(args: argparse.Namespace) -> list[dict[str, Any]]:
     return out
 
 
-def _clean_defence(R: int, d: int, args: argparse.Namespace) -> tuple[dict[str, Any], int]:
-    """The default defence with node ids on clean rounds (no attacker), warmed as :func:`section_defence` warms it:
-    ``({"seconds", "ratio", "all_seconds"}, honest rows left out in the last timed round)``."""
+def _warmed_defence(R: int, d: int, eps: float, args: argparse.Namespace) -> tuple[list[np.ndarray], list[int], Any]:
+    """Two rounds (``eps R`` far attackers), the node ids, and the default defence after :data:`DEFENCE_WARM` of them."""
     from flwr_byzantine.aggregators import build_for_federation
 
-    rounds = [make_round(R, d, 0.0, args.seed + R + k, "far")[0] for k in range(2)]
+    rounds = [make_round(R, d, eps, args.seed + R + k, "far")[0] for k in range(2)]
     ids = list(range(10_000, 10_000 + R))
     rule = build_for_federation("rge", R, 0.2, seed=args.seed)
     for k in range(DEFENCE_WARM):
         rule.aggregate(rounds[k % 2], client_ids=ids)
-    ts: list[float] = []
+    return rounds, ids, rule
+
+
+def _time_alternating(rounds: list[np.ndarray], calls: dict[str, Callable[[np.ndarray], Any]], repeats: int
+                      ) -> tuple[float, dict[str, list[float]], dict[str, Any]]:
+    """``max(repeats, 5)`` times: ``np.mean`` and then every call on the next of the two rounds, which keep alternating
+    after the warm-up (a repeat would make every node's change 0).  Returns ``(median np.mean seconds, {name: seconds
+    of every call}, {name: its last result})``."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    last: dict[str, Any] = {}
     refs: list[float] = []
-    res = None
-    for k in range(max(args.repeats, 5)):
-        G = rounds[(DEFENCE_WARM + k) % 2]  # the two rounds keep alternating
+    for k in range(max(repeats, 5)):
+        G = rounds[(DEFENCE_WARM + k) % 2]
         t0 = time.perf_counter()
         np.mean(G, axis=0)
         refs.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        res = rule.aggregate(G, client_ids=ids)
-        ts.append(time.perf_counter() - t0)
-    ref = statistics.median(refs)
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            last[name] = call(G)
+            times[name].append(time.perf_counter() - t0)
+    return statistics.median(refs), times, last
+
+
+def _clean_defence(R: int, d: int, args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    """The default defence with node ids on clean rounds (no attacker), warmed as :func:`section_defence` warms it:
+    ``({"seconds", "ratio", "all_seconds", "np_mean_seconds"}, honest rows left out in the last timed round)``."""
+    rounds, ids, rule = _warmed_defence(R, d, 0.0, args)
+    ref, times, last = _time_alternating(rounds, {"clean": lambda G: rule.aggregate(G, client_ids=ids)}, args.repeats)
+    ts = times["clean"]
     return ({"seconds": statistics.median(ts), "ratio": statistics.median(ts) / ref, "all_seconds": ts,
              "np_mean_seconds": ref},
-            R - int(np.asarray(res.kept).size))
+            R - int(np.asarray(last["clean"].kept).size))
 
 
 def _strip(t: dict[str, Any]) -> dict[str, Any]:

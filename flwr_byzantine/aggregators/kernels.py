@@ -504,15 +504,9 @@ def _sum_sq_diff(g, c, n):
 @numba.njit(cache=True)
 def centre_sq_distances(G, rows, centre, sq):
     """``sq[i] = ||G[rows[i]] - centre||^2`` (float64) for every ``i``, one read of those rows, row after row, summed
-    tile by tile of :data:`KERNEL_TILE` columns (the centre stays in the last-level cache)."""
-    d = G.shape[1]
-    for r in range(rows.size):
-        g = G[rows[r]]
-        acc = 0.0
-        for c0 in range(0, d, 4096):
-            c1 = min(d, c0 + 4096)
-            acc += _sum_sq_diff(g[c0:c1], centre[c0:c1], c1 - c0)
-        sq[r] = acc
+    tile by tile of :data:`KERNEL_TILE` columns (the centre stays in the last-level cache):
+    :func:`centre_distances_and_projections` without a direction."""
+    centre_distances_and_projections(G, rows, centre, centre[:0], sq, sq[:0])
 
 
 @numba.njit(cache=True, fastmath={"reassoc"})

@@ -240,7 +240,8 @@ class RGE(Aggregator):
         if sketched:
             if Y is None:
                 Y = sketch_rows(updates, self.sketch_dim, self._rng)
-            row_energy = np.einsum("ij,ij->i", Y, Y)  # ~ ||g_i||^2 (uncentred)
+            # ~ ||g_i||^2 (uncentred), for the downdate's check (the exact norms replace it without column sums)
+            row_energy = np.einsum("ij,ij->i", Y, Y) if energy is None else energy
             if rows is not None:  # only the rows `rows` enter the filter: their mean is a downdate
                 all_mean, R = mean, rows.size
                 if energy is None:
