@@ -177,6 +177,29 @@ def test_bulyan_window_with_ties_matches_the_stable_definition():
         np.testing.assert_array_equal(counts, ref)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bulyan_compiled_window_matches_the_definition(dtype):
+    """The compiled window (kernels.closest_window) and counts (kernels.window_counts) against the stable-sort
+    definition, on continuous values with some exact ties and columns of one value."""
+    from flwr_byzantine.aggregators.krum import _closest_to_median_mean
+
+    rng = np.random.default_rng(11)
+    for theta, beta in [(60, 20), (23, 7), (8, 8), (5, 1)]:
+        sub = rng.normal(size=(theta, 3000)).astype(dtype)
+        sub[: theta // 3, :500] = sub[theta // 2, :500]  # ties around the median
+        sub[:, 500:600] = 2.5
+        est, counts = _closest_to_median_mean(sub, beta)
+        order = np.argsort(sub, axis=0, kind="stable")
+        vals = np.take_along_axis(sub, order, axis=0).astype(np.float64)
+        lo, hi = (theta - 1) // 2, theta // 2
+        rows = np.argsort(np.abs(vals - 0.5 * (vals[lo] + vals[hi])), axis=0, kind="stable")[:beta]
+        ref = np.take_along_axis(vals, rows, axis=0).mean(axis=0)
+        assert est.dtype == dtype
+        np.testing.assert_allclose(est, ref, rtol=1e-6 if dtype == np.float32 else 1e-12, atol=1e-7)
+        np.testing.assert_array_equal(counts, np.bincount(np.take_along_axis(order, rows, axis=0).ravel(),
+                                                          minlength=theta))
+
+
 def test_sigma0_lanczos_matches_the_dense_solver(monkeypatch):
     import flwr_byzantine.aggregators.sigma as sigma
 

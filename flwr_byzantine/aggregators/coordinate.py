@@ -103,12 +103,18 @@ def window_usage(
     are passed to ``resolve``, which returns their exact usage counts under the rule's
     tie-breaking (a stable sort: equal values in row-index order).
     """
-    inside = (T >= lo[:, None]) & (T <= hi[:, None])
-    counts = np.count_nonzero(inside, axis=0).astype(np.int64)
-    ties = np.flatnonzero(np.count_nonzero(inside, axis=1) != k)
+    from .kernels import window_counts
+
+    T = np.ascontiguousarray(T)
+    counts = np.zeros(T.shape[1], dtype=np.int64)
+    tied = np.empty(T.shape[0], dtype=np.bool_)
+    window_counts(T, np.ascontiguousarray(lo, dtype=T.dtype), np.ascontiguousarray(hi, dtype=T.dtype), k, counts,
+                  tied)  # one compiled read (numpy's masks: 13 ms of a 100 x 1e5 Bulyan round, issue 12)
+    ties = np.flatnonzero(tied)
     if ties.size:
-        counts -= np.count_nonzero(inside[ties], axis=0)
-        counts += resolve(T[ties])
+        Tt = T[ties]
+        counts -= np.count_nonzero((Tt >= lo[ties, None]) & (Tt <= hi[ties, None]), axis=0)
+        counts += resolve(Tt)
     return counts
 
 
