@@ -637,18 +637,29 @@ def centred_rows(Y, mu, out):
             o[j] = y[j] - mu[j]
 
 
+#: Side of the square tiles in which the ``(n, n)`` symmetrising passes visit a matrix and its transpose together
+#: (:func:`symmetrised64`, :func:`~.saddle._weighted_centred`): a row of the upper triangle against a column of the
+#: lower one read whole missed the cache at every element (5 ms at n = 1000 against 1.3 ms in tiles, issue 12).
+SYM_TILE = 64
+
+
 @numba.njit(cache=True)
 def symmetrised64(G):
     """``0.5 (G + G^T)`` of a square matrix in float64 (``G`` widened first): numpy's
-    ``g = G.astype(np.float64); 0.5 * (g + g.T)``, bit for bit."""
+    ``g = G.astype(np.float64); 0.5 * (g + g.T)``, bit for bit; the upper triangle visited in :data:`SYM_TILE`
+    tiles, each with its mirror tile."""
     n = G.shape[0]
     out = np.empty((n, n))
-    for i in range(n):
-        for j in range(i, n):
-            a = np.float64(G[i, j])
-            b = np.float64(G[j, i])
-            out[i, j] = 0.5 * (a + b)
-            out[j, i] = 0.5 * (b + a)
+    for i0 in range(0, n, SYM_TILE):
+        i1 = min(n, i0 + SYM_TILE)
+        for j0 in range(i0, n, SYM_TILE):
+            j1 = min(n, j0 + SYM_TILE)
+            for i in range(i0, i1):
+                for j in range(max(i, j0), j1):
+                    a = np.float64(G[i, j])
+                    b = np.float64(G[j, i])
+                    out[i, j] = 0.5 * (a + b)
+                    out[j, i] = 0.5 * (b + a)
     return out
 
 

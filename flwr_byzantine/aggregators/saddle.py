@@ -46,6 +46,7 @@ import scipy.sparse.linalg
 from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import get_cython_function_address, intrinsic
+from .kernels import SYM_TILE
 
 #: Eigenvalues more than _WINDOW * mu below the top get soft-max weight < exp(-_WINDOW).
 _WINDOW = 40.0
@@ -524,16 +525,21 @@ def solve_saddle(
 def _weighted_centred(K, Kw, wKw, d):
     """``0.5 (A + A^T)`` with ``A = ((K - Kw 1^T - 1 Kw^T + wKw) * d_i) * d_j``, in one pass over the upper triangle:
     numpy's ``P = K - Kw[:, None] - Kw[None, :] + wKw; P *= d[:, None]; P *= d[None, :]; 0.5 * (P + P.T)``
-    elementwise in the same order, bit for bit, without its five ``(n, n)`` temporaries."""
+    elementwise in the same order, bit for bit, without its five ``(n, n)`` temporaries; in :data:`~.kernels.SYM_TILE`
+    tiles."""
     n = K.shape[0]
     P = np.empty((n, n))
-    for i in range(n):
-        for j in range(i, n):
-            a = (((K[i, j] - Kw[i]) - Kw[j]) + wKw) * d[i] * d[j]
-            b = (((K[j, i] - Kw[j]) - Kw[i]) + wKw) * d[j] * d[i]
-            v = 0.5 * (a + b)
-            P[i, j] = v
-            P[j, i] = 0.5 * (b + a)
+    for i0 in range(0, n, SYM_TILE):  # tiles of the upper triangle with their mirror tiles (kernels.SYM_TILE)
+        i1 = min(n, i0 + SYM_TILE)
+        for j0 in range(i0, n, SYM_TILE):
+            j1 = min(n, j0 + SYM_TILE)
+            for i in range(i0, i1):
+                for j in range(max(i, j0), j1):
+                    a = (((K[i, j] - Kw[i]) - Kw[j]) + wKw) * d[i] * d[j]
+                    b = (((K[j, i] - Kw[j]) - Kw[i]) + wKw) * d[j] * d[i]
+                    v = 0.5 * (a + b)
+                    P[i, j] = v
+                    P[j, i] = 0.5 * (b + a)
     return P
 
 
