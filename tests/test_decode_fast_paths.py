@@ -445,9 +445,12 @@ def test_spectral_step_lanczos_basis_gives_the_dense_top_eigenpair(monkeypatch):
     assert abs(float(sp.eigvecs[:, 0] @ vecs[:, -1])) == pytest.approx(1.0, abs=1e-8)
 
 
-def test_first_spectral_step_starts_from_the_sigma_estimators_top_vector(monkeypatch):
+def test_spectral_steps_start_from_the_sigma_estimators_top_vectors(monkeypatch):
     """The sigma_0 estimator's first solve is the top eigenvector of the centred Gram matrix of every point, the matrix
-    of the filter's first spectral step (all weights 1): that step's Lanczos solve starts from it, later ones do not."""
+    of the filter's first spectral step (all weights 1): that step's Lanczos solve starts from it.  Its last solve is
+    the top eigenvector of the trimmed points' centred Gram matrix: a later step on about those points starts from it
+    (zero on the points the trimming removed), and a step on points where it has too little of its norm from ARPACK's
+    own start."""
     import scipy.sparse.linalg
 
     from flwr_byzantine.aggregators import sigma
@@ -457,11 +460,17 @@ def test_first_spectral_step_starts_from_the_sigma_estimators_top_vector(monkeyp
     G = rng.normal(size=(R, d))
     G[:f] += 4.0 * rng.normal(size=d)
     K = centred_gram(G)
-    lam, top = sigma.estimate_sigma0_sq_and_top(K, 0.2)
-    assert lam == pytest.approx(sigma.estimate_sigma0_sq(K, 0.2), rel=1e-6)  # Lanczos to 1e-6 from ARPACK's start
+    est = sigma.estimate_sigma0(K, 0.2)
+    assert est.value == pytest.approx(sigma.estimate_sigma0_sq(K, 0.2), rel=1e-6)  # from ARPACK's random start
+    np.testing.assert_array_equal(est.kept, np.arange(f, R))  # the trimming removed the cluster
     H = np.eye(R) - 1.0 / R
     vals, vecs = np.linalg.eigh(H @ K @ H)
-    assert abs(float(top @ vecs[:, -1])) == pytest.approx(1.0, abs=1e-5)
+    assert abs(float(est.top @ vecs[:, -1])) == pytest.approx(1.0, abs=1e-5)
+    Kk = K[np.ix_(est.kept, est.kept)]
+    Hk = np.eye(R - f) - 1.0 / (R - f)
+    vals_k, vecs_k = np.linalg.eigh(Hk @ Kk @ Hk)
+    assert est.value == pytest.approx(vals_k[-1] / (R - f), rel=1e-6)  # LANCZOS_TOL on a 0.5 % gap, float32 products
+    assert abs(float(est.kept_top @ vecs_k[:, -1])) > 0.9  # a nearly flat spectrum: the vector to its tolerance
     starts = []
     real = scipy.sparse.linalg.eigsh
 
@@ -473,8 +482,17 @@ def test_first_spectral_step_starts_from_the_sigma_estimators_top_vector(monkeyp
     monkeypatch.setattr(scipy.sparse.linalg, "eigsh", eigsh)
     res = RGE(eps_tilde=0.2, spectral_above=100).aggregate(G)
     np.testing.assert_array_equal(res.kept, np.arange(f, R))
-    assert len(starts) >= 2 and starts[0] is not None and all(s is None for s in starts[1:])  # later: fewer points
-    np.testing.assert_allclose(np.abs(starts[0]), np.abs(top), rtol=0, atol=1e-5)  # the same solve, ARPACK's own start
+    assert len(starts) == 2 and starts[0] is not None and starts[1] is not None
+    np.testing.assert_allclose(np.abs(starts[0]), np.abs(est.top), rtol=0, atol=1e-5)  # the same solve
+    np.testing.assert_allclose(np.abs(starts[1]), np.abs(est.kept_top), rtol=0, atol=0.05)  # on the same points
+    # the start on other points: the estimator's entries where a point is in both, zero elsewhere; none when less than
+    # START_MIN_SHARE of the vector's squared norm is left
+    on = np.arange(10, 20)
+    vec = np.full(10, 1.0 / np.sqrt(10.0))
+    np.testing.assert_allclose(sigma.start_on(np.arange(5, 18), on, vec), np.r_[np.zeros(5), vec[:8]])
+    assert sigma.start_on(np.arange(0, 14), on, vec) is None  # 4 of 10 points
+    assert sigma.start_on(np.arange(12, 30), on, vec) is not None  # 8 of 10
+    assert sigma.start_on(np.arange(12, 30), on, np.full(10, np.nan)) is None
     # a malformed start (wrong length, NaN, zero) is ignored, not passed on
     from flwr_byzantine.aggregators.saddle import capped_simplex_cap, spectral_step
 

@@ -18,6 +18,7 @@ gradients.  Two ways to set it:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -54,8 +55,10 @@ MAX_TRIM_STEPS = 16
 MAX_TRIM_STEPS_LARGE = 8
 #: From this size on the top eigenpair comes from warm-started Lanczos (ARPACK) instead of LAPACK.
 LANCZOS_MIN_N = 256
-#: Relative residual tolerance of the Lanczos solves (the eigenvalue error is about its square).
-LANCZOS_TOL = 1e-6
+#: Relative residual tolerance of the last Lanczos solve, whose eigenvalue is the estimate (the eigenvalue's error is
+#: about the residual's square over the gap: issue 12, on sketched rounds at R = 300-1000 the estimate within 3e-8 of a
+#: 1e-10 solve's, as with 1e-6, in 36-51 products on 800 points against 46-76).
+LANCZOS_TOL = 1e-4
 #: The same for the trimming's solves before the last, whose vectors only rank the points to remove.  On a clean round
 #: the top of the spectrum is nearly flat (gaps of about 1 % at R = 1000): the direction is ill-determined there at
 #: any tolerance, and 1e-6 took 50-60 ms of Lanczos products at R = 1000 (issue 12).
@@ -132,16 +135,32 @@ def top_eig_centred(K: np.ndarray, idx: np.ndarray, v0: np.ndarray | None = None
     return _top_eig_dense(np.ascontiguousarray(K, dtype=np.float64), np.ascontiguousarray(idx, dtype=np.intp))
 
 
+@dataclass(frozen=True)
+class Sigma0Estimate:
+    """What :func:`estimate_sigma0` computes: the estimate and the eigenvectors the filter's spectral steps start from.
+
+    ``value``: ``sigma_0^2``.  ``top``: the top eigenvector of the centred Gram matrix of every point (the first
+    solve).  ``kept``: the points left after the trimming (indices into the Gram matrix), and ``kept_top`` the top
+    eigenvector of their centred Gram matrix (the last solve, whose eigenvalue is the estimate).
+    """
+
+    value: float
+    top: np.ndarray
+    kept: np.ndarray
+    kept_top: np.ndarray
+
+
 def estimate_sigma0_sq(gram: np.ndarray, eps_tilde: float) -> float:
-    """Automatic ``sigma_0^2`` from the Gram matrix, using only ``eps_tilde``: :func:`estimate_sigma0_sq_and_top`'s
-    estimate (see there)."""
-    return estimate_sigma0_sq_and_top(gram, eps_tilde)[0]
+    """Automatic ``sigma_0^2`` from the Gram matrix, using only ``eps_tilde``: :func:`estimate_sigma0`'s value (see
+    there)."""
+    return estimate_sigma0(gram, eps_tilde).value
 
 
-def estimate_sigma0_sq_and_top(gram: np.ndarray, eps_tilde: float) -> tuple[float, np.ndarray]:
-    """Automatic ``sigma_0^2`` from the Gram matrix, using only ``eps_tilde``, and the top eigenvector of the centred
-    Gram matrix of all the points (its first solve): the filter's first spectral step starts its Lanczos solve from it
-    (issue 12: on a clean round at R = 1000, 6 ms against 11-16 ms from a random start).
+def estimate_sigma0(gram: np.ndarray, eps_tilde: float) -> Sigma0Estimate:
+    """Automatic ``sigma_0^2`` from the Gram matrix, using only ``eps_tilde``, with the top eigenvectors of its first and
+    last solves (:class:`Sigma0Estimate`).  The filter's spectral steps start their Lanczos solves from them: the first
+    step from the first solve's vector (the same matrix: issue 12, on a clean round at R = 1000, 6 ms against 11-16 ms
+    from a random start), a later step on about the trimmed points from the last one's (:func:`start_on`).
 
     Estimator (greedy spectral trimming).  Start from all R points; repeat
     ``floor(eps_tilde * R)`` times: compute the top principal direction of the
@@ -199,4 +218,22 @@ def estimate_sigma0_sq_and_top(gram: np.ndarray, eps_tilde: float) -> tuple[floa
         idx, vec = idx[keep], vec[keep]
         to_remove -= b
     lam, top = top_eig_centred(gram, idx, vec, K32)
-    return lam / idx.size, top if first is None else first
+    return Sigma0Estimate(value=lam / idx.size, top=top if first is None else first, kept=idx, kept_top=top)
+
+
+#: :func:`start_on` gives a start only when this share of the vector's squared norm lies on the points asked for.
+START_MIN_SHARE = 0.5
+
+
+def start_on(points: np.ndarray, on: np.ndarray, vec: np.ndarray) -> np.ndarray | None:
+    """A Lanczos start for the points ``points`` (sorted indices) from ``vec``, a unit vector on the points ``on``
+    (sorted indices): ``vec``'s entries where a point is in both, zero elsewhere; ``None`` when less than
+    :data:`START_MIN_SHARE` of ``vec``'s squared norm lies on ``points`` (a start far from the matrix's top vector is no
+    better than a random one)."""
+    pos = np.searchsorted(on, points)
+    pos = np.minimum(pos, on.size - 1)
+    hit = on[pos] == points
+    v0 = np.where(hit, vec[pos], 0.0)
+    if not np.all(np.isfinite(v0)) or float(v0 @ v0) < START_MIN_SHARE * float(vec @ vec):
+        return None
+    return v0
