@@ -213,7 +213,8 @@ def test_fold_reads_its_rows_from_a_source_table(dtype):
 
 def test_self_reference_into_table_leaves_the_clipped_rows_in_its_table_until_settled():
     """``into_table``: no rows written out; the table holds what ``V`` would hold (a mature jump's clipped row
-    included) until :meth:`settle`, after which it is the table of the plain call; a checkpoint settles first."""
+    included; a new node's row once adopted) until :meth:`settle`, after which it is the table of the plain call; a
+    checkpoint settles first."""
     from flwr_byzantine.aggregators.temporal import SelfReference
 
     rng = np.random.default_rng(8)
@@ -229,6 +230,10 @@ def test_self_reference_into_table_leaves_the_clipped_rows_in_its_table_until_se
         Vb, ib = b.apply(G, ids, skip=skip)
         Va, ia = a.apply(G, ids, skip=skip, into_table=True)
         assert Va is None and ia["jumped"] == ib["jumped"] and ia["self_clipped"] == ib["self_clipped"]
+        # a new node's row is not stored until the caller adopts it (the first round's every row, node 5 after its skip)
+        assert ia["new_rows"] == ib["new_rows"] == (list(range(R)) if t == 0 else [5] if t == 3 else [])
+        assert not any(ids[r] in a.refs.index for r in ia["new_rows"])
+        a.adopt([ids[r] for r in ia["new_rows"]], G[ia["new_rows"]])
         seen = [r for r in range(R) if r not in skip]
         assert np.array_equal(a.refs.rows[a.refs.slots([ids[r] for r in seen])], Vb[seen])
         if t == 3:

@@ -708,7 +708,8 @@ class RobustDefence(Aggregator):
                 centre=centre0 if factors0 is not None else None,
                 factors=None if factors0 is None else factors0[keep_rows],
                 table_view=fast and self.fuse_passes,  # fast rounds: the table's rows themselves when they are a run
-                source=None if refs is None else (refs.rows, refs.slots(keep_ids)))  # the clipped rows, in place
+                # the clipped rows, in place; a new node's row (not in the table: -1) from the round's rows
+                source=None if refs is None else (refs.rows, refs.find(keep_ids)))
             if in_table:
                 self.self_reference.settle()  # read: the jumped nodes' references now follow the drift only
             if M.flags.writeable:  # the buffer (not a read-only view of the memory table): kept for the next round
@@ -754,6 +755,9 @@ class RobustDefence(Aggregator):
             # reference yet: it starts fresh next round instead of being judged against that reply
             kept_set = set(kept.tolist())
             self.self_reference.forget([ids[r] for r in new_rows if r not in kept_set])
+            if in_table:  # the rows went into the table: a new node's reference is stored only now, if kept
+                adopted = [r for r in new_rows if r in kept_set]
+                self.self_reference.adopt([ids[r] for r in adopted], raw[adopted])
         step_trim = 0
         if self.spend_budget and budget > 0 and R - dups.size - kept.size >= budget:
             # the budget is spent (before the filter, or by it): the survivors are taken as honest, and

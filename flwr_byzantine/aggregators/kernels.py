@@ -560,23 +560,24 @@ def _blended(t, x, b_old, b_new):
 
 
 @numba.njit(cache=True)
-def clip_fold_rows(M, G, rows, src, centre, factors, clip, T, slots, cont, b_old, b_new):
+def clip_fold_rows(M, G, rows, src, centre, factors, clip, T, slots, cont, b_old, b_new, own):
     """Worker momentum of clipped rows, one read of each row and of its memory, one write of each.
 
     For every ``i`` with ``r = rows[i]``, ``s = slots[i]``, ``q = src[i]`` (the row of ``G`` that is row ``r``'s
-    input: ``r`` itself, or its row in another table such as the self-reference's):
-    ``x = (G[q] - centre) * factors[i] + centre``
-    (``clip``; else ``x = G[r]``) in ``G``'s dtype, then ``T[s] = b_old * T[s] + b_new * x`` where ``cont[i]``
+    input: ``r`` itself, or its row in another table such as the self-reference's; ``q < 0``: row ``r`` of ``own``,
+    the round's rows, for a row that is not in that table), with ``g`` that row:
+    ``x = (g - centre) * factors[i] + centre``
+    (``clip``; else ``x = g``) in ``G``'s dtype, then ``T[s] = b_old * T[s] + b_new * x`` where ``cont[i]``
     (else ``T[s] = x``) and ``M[r] = T[s]`` (``M`` with no rows, ``(0, 0)``: only the table is written).
     ``b_old`` has ``T``'s dtype, ``b_new`` and ``factors`` ``G``'s: numpy's order and dtypes of
     ``beta * T[s] + (1 - beta) * x`` with ``x = diff * f + centre``, bit for bit.  ``slots`` must not repeat.
     """
     d = G.shape[1]
     if M.shape[0] == 0:
-        _fold_table_only(G, src, centre, factors, clip, T, slots, cont, b_old, b_new)
+        _fold_table_only(G, rows, src, centre, factors, clip, T, slots, cont, b_old, b_new, own)
         return
     for i in range(rows.size):
-        g = G[src[i]]
+        g = G[src[i]] if src[i] >= 0 else own[rows[i]]
         t = T[slots[i]]
         m = M[rows[i]]
         f = factors[i]
@@ -603,13 +604,13 @@ def clip_fold_rows(M, G, rows, src, centre, factors, clip, T, slots, cont, b_old
 
 
 @numba.njit(cache=True)
-def _fold_table_only(G, src, centre, factors, clip, T, slots, cont, b_old, b_new):
+def _fold_table_only(G, rows, src, centre, factors, clip, T, slots, cont, b_old, b_new, own):
     """:func:`clip_fold_rows` without the copy into ``M`` (a second output aliasing the table would keep the loops
     from vectorising): the same per-coordinate arithmetic (:func:`_clipped`, :func:`_blended`); row ``i``'s input is
-    ``G[src[i]]``."""
+    ``G[src[i]]`` (``own[rows[i]]`` where ``src[i] < 0``)."""
     d = G.shape[1]
     for i in range(src.size):
-        g = G[src[i]]
+        g = G[src[i]] if src[i] >= 0 else own[rows[i]]
         t = T[slots[i]]
         f = factors[i]
         if clip and cont[i]:

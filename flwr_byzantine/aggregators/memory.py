@@ -60,6 +60,10 @@ class _RowTable:
         """Row numbers of ``ids`` (all known)."""
         return np.fromiter((self.index[i] for i in ids), dtype=np.intp, count=len(ids))
 
+    def find(self, ids: Sequence[int]) -> np.ndarray:
+        """Row numbers of ``ids``, ``-1`` for an unknown id."""
+        return np.fromiter((self.index.get(i, -1) for i in ids), dtype=np.intp, count=len(ids))
+
     def get(self, ids: Sequence[int]) -> np.ndarray:
         """A copy of the vectors of ``ids``."""
         return self.rows[self.slots(ids)]
@@ -172,8 +176,8 @@ class ClientMomentum:
         rows fewer), valid until the memories next change.
 
         ``source = (S, s)``: row ``rows[k]``'s input is ``S[s[k]]`` (e.g. the rows as the self-reference left them in
-        its table, :meth:`~.temporal.SelfReference.apply` with ``into_table``), not ``G[rows[k]]``; ``G`` (or any
-        array of the round's shape and dtype) then only gives the round's shape and dtype.
+        its table, :meth:`~.temporal.SelfReference.apply` with ``into_table``), not ``G[rows[k]]``, except where
+        ``s[k] < 0`` (a row that is not in that table, e.g. a new node's): there it is ``G[rows[k]]``.
         """
         from .kernels import clip_fold_rows
 
@@ -190,7 +194,7 @@ class ClientMomentum:
             S, src = np.asarray(source[0]), np.ascontiguousarray(source[1], dtype=np.intp)
             if S.ndim != 2 or S.shape[1] != G.shape[1] or S.dtype != G.dtype or src.shape != rows.shape:
                 raise ValueError("source must be a table of the rows' width and dtype with one row per folded row")
-            if src.size and not (0 <= int(src.min()) and int(src.max()) < S.shape[0]):
+            if src.size and not (-1 <= int(src.min()) and int(src.max()) < S.shape[0]):
                 raise ValueError("source rows out of range")
         if len(set(ids)) != len(ids):
             raise ValueError("node ids must be distinct within a round")
@@ -216,7 +220,7 @@ class ClientMomentum:
         centre = np.ascontiguousarray(centre if clip else np.zeros(1), dtype=G.dtype)
         factors = np.ascontiguousarray(factors if clip else np.ones(rows.size), dtype=G.dtype)
         clip_fold_rows(out, S, rows, src, centre, factors, clip, table, slots, cont,
-                       table.dtype.type(self.beta), G.dtype.type(1.0 - self.beta))
+                       table.dtype.type(self.beta), G.dtype.type(1.0 - self.beta), G)
         for node in ids:
             self._seen[node] = self.calls
         if view is not None:

@@ -125,9 +125,12 @@ class SelfReference:
         ``info["change_dots"]`` (``<G[r] - r_i, change_along>``), float64, before any reference changes (the default
         defence's monotonicity evidence, :meth:`~.memory.MonotonicityEvidence.observe_changes`).
         ``into_table`` (when the references' table holds ``G``'s dtype): the rows are not written out (one write of
-        the rows fewer) and ``V`` is ``None``: every row not in ``skip`` is left as row
+        the rows fewer) and ``V`` is ``None``: every row not in ``skip`` of a node with a reference is left as row
         ``self.refs.slots([ids[r]])`` of ``self.refs.rows`` until :meth:`settle`, which the caller calls once it has
-        read them (a jumped node's reference then follows the drift only).  Otherwise ``V`` is returned as above.
+        read them (a jumped node's reference then follows the drift only).  A new node's row (``info["new_rows"]``,
+        returned unchanged) is not stored then: the caller stores the references of those it keeps with :meth:`adopt`
+        (a reply the round does not keep gives no reference, :meth:`forget`; storing every new row first cost a copy
+        of each persistent attacker's reply every round, issue 12).  Otherwise ``V`` is returned as above.
         """
         self.settle()
         G = np.asarray(G)
@@ -211,6 +214,8 @@ class SelfReference:
         if stored:  # the clipped rows are stored already: only the others (new nodes)
             done = set(rows)
             seen = [r for r in seen if r not in done]
+        if V is None:  # into the table: a new node's reference waits for adopt()
+            seen = [r for r in seen if ids[r] in self.refs.index]
         if seen:
             self.refs.put([ids[r] for r in seen], (G if V is None else V)[as_index(np.asarray(seen))])
         if jump_fix is not None:
@@ -219,6 +224,12 @@ class SelfReference:
             else:
                 self.refs.put(*jump_fix)
         return V, info
+
+    def adopt(self, node_ids: Sequence[int], rows: np.ndarray) -> None:
+        """Store ``rows[k]`` as the reference of ``node_ids[k]``: the new nodes of an :meth:`apply` call with
+        ``into_table`` whose replies the caller keeps (their rows as that call returned them, unchanged)."""
+        if len(node_ids):
+            self.refs.put([int(n) for n in node_ids], np.asarray(rows))
 
     def forget(self, node_ids: Sequence[int]) -> None:
         """Drop the references of ``node_ids`` (they start fresh when they next reply)."""
