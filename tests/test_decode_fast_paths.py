@@ -505,8 +505,9 @@ def test_spectral_steps_start_from_the_sigma_estimators_top_vectors(monkeypatch)
 
 
 def test_sigma0_trimming_solves_are_looser_than_the_last(monkeypatch):
-    """The trimming's Lanczos solves (their vectors only rank points) run to LANCZOS_TRIM_TOL, the last one, whose
-    eigenvalue is the estimate, to LANCZOS_TOL; on a round with a far cluster the estimate is the strict one's."""
+    """The trimming's solves (their vectors only rank points) are at most LANCZOS_TRIM_STEPS Lanczos steps to
+    LANCZOS_TRIM_TOL; the last one, whose eigenvalue is the estimate, is ARPACK's to LANCZOS_TOL; on a round with a far
+    cluster the estimate is that of tight solves throughout, and two calls give the same bits (no random start)."""
     import scipy.sparse.linalg
 
     import flwr_byzantine.aggregators.sigma as sigma
@@ -515,19 +516,61 @@ def test_sigma0_trimming_solves_are_looser_than_the_last(monkeypatch):
     G = rng.normal(size=(400, 600))
     G[:80] += 3.0 * rng.normal(size=600)
     K = centred_gram(G)
-    tols = []
-    real = scipy.sparse.linalg.eigsh
+    tols, trims = [], []
+    real, real_top = scipy.sparse.linalg.eigsh, sigma.lanczos_top
 
     def eigsh(*a, **k):
         tols.append(k["tol"])
         return real(*a, **k)
 
+    def lanczos_top(*a):
+        trims.append(a[3:])
+        return real_top(*a)
+
     monkeypatch.setattr(scipy.sparse.linalg, "eigsh", eigsh)
+    monkeypatch.setattr(sigma, "lanczos_top", lanczos_top)
     est = sigma.estimate_sigma0_sq(K, 0.2)
-    assert tols == [sigma.LANCZOS_TRIM_TOL] * sigma.MAX_TRIM_STEPS_LARGE + [sigma.LANCZOS_TOL]
+    assert trims == [(sigma.LANCZOS_TRIM_TOL, sigma.LANCZOS_TRIM_STEPS)] * sigma.MAX_TRIM_STEPS_LARGE
+    assert tols == [sigma.LANCZOS_TOL]
     assert sigma.LANCZOS_TRIM_TOL > sigma.LANCZOS_TOL
-    monkeypatch.setattr(sigma, "LANCZOS_TRIM_TOL", sigma.LANCZOS_TOL)
+    assert sigma.estimate_sigma0_sq(K, 0.2) == est
+    monkeypatch.setattr(sigma, "LANCZOS_TRIM_TOL", 1e-10)
+    monkeypatch.setattr(sigma, "LANCZOS_TRIM_STEPS", 400)
+    monkeypatch.setattr(sigma, "LANCZOS_TOL", 1e-10)
     assert est == pytest.approx(sigma.estimate_sigma0_sq(K, 0.2), rel=1e-6)
+
+
+def test_lanczos_top_stops_at_its_tolerance_or_its_step_cap():
+    """lanczos_top: the top eigenpair of a matrix with a gap to its tolerance in fewer steps than the cap; at most the
+    cap on a flat spectrum (its Ritz value a lower bound on the top eigenvalue); an invariant start (a rank-one matrix)
+    stops at once; a zero or NaN start is replaced by the fixed one."""
+    from flwr_byzantine.aggregators.sigma import lanczos_top
+
+    rng = np.random.default_rng(3)
+    n = 300
+    Q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    gap = np.r_[np.linspace(1.0, 2.0, n - 1), 6.0]
+    flat = np.linspace(1.0, 1.01, n)
+    for spectrum, cap in ((gap, 40), (flat, 12)):
+        A = (Q * spectrum) @ Q.T
+        calls = []
+        lam, v = lanczos_top(lambda x: calls.append(1) or A @ x, n, None, 1e-6, cap)
+        assert len(calls) <= cap and lam <= spectrum.max() * (1 + 1e-12)
+        if spectrum is gap:
+            assert len(calls) < cap and lam == pytest.approx(6.0, rel=1e-10)
+            assert abs(float(v @ Q[:, -1])) == pytest.approx(1.0, abs=1e-6)
+        else:
+            assert len(calls) == cap and lam > 1.005
+        assert np.linalg.norm(v) == pytest.approx(1.0)
+    u = rng.normal(size=n)
+    calls = []
+    lam, v = lanczos_top(lambda x: calls.append(1) or u * (u @ x), n, u, 1e-6, 12)
+    assert len(calls) == 1 and lam == pytest.approx(float(u @ u)) and abs(float(v @ u)) == pytest.approx(np.linalg.norm(u))
+    A = (Q * gap) @ Q.T
+    ref = lanczos_top(lambda x: A @ x, n, None, 1e-6, 40)
+    for bad in (np.zeros(n), np.full(n, np.nan)):
+        got = lanczos_top(lambda x: A @ x, n, bad, 1e-6, 40)
+        assert got[0] == ref[0] and np.array_equal(got[1], ref[1])
 
 
 @pytest.mark.parametrize("R,d,params", [(300, 2000, {}), (300, 2000, {"spectral_above": 64}),

@@ -18,10 +18,12 @@ gradients.  Two ways to set it:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numba
 import numpy as np
+import scipy.linalg
 import scipy.linalg.lapack
 import scipy.sparse.linalg
 
@@ -63,6 +65,11 @@ LANCZOS_TOL = 1e-4
 #: the top of the spectrum is nearly flat (gaps of about 1 % at R = 1000): the direction is ill-determined there at
 #: any tolerance, and 1e-6 took 50-60 ms of Lanczos products at R = 1000 (issue 12).
 LANCZOS_TRIM_TOL = 1e-3
+#: The trimming's solves before the last run at most this many Lanczos steps (:func:`lanczos_top`; the last one, whose
+#: eigenvalue is the estimate, is ARPACK's solve to :data:`LANCZOS_TOL`).  With a gap at the top (a cluster of
+#: attackers) the residual reaches :data:`LANCZOS_TRIM_TOL` in fewer; on a nearly flat spectrum no tolerance
+#: determines the direction, and ARPACK took 26-66 products per solve at R = 1000 (issue 12).
+LANCZOS_TRIM_STEPS = 12
 #: Lanczos basis size (ARPACK's ``ncv``; its default for one eigenpair is 20).  Each solve but the first starts from
 #: the previous solve's vector, so a short basis that restarts converges in fewer products (issue 12: R = 1000 and
 #: 300, far and ALIE-like rounds, eps 0.2 and 0.25: 129-239 products against 209-289 with 20, the same estimate to
@@ -103,8 +110,41 @@ def _top_eig_dense(K: np.ndarray, idx: np.ndarray) -> tuple[float, np.ndarray]:
     return max(float(w[0]), 0.0), z[:, 0].copy()
 
 
+def lanczos_top(matvec: Callable[[np.ndarray], np.ndarray], n: int, v0: np.ndarray | None, tol: float,
+                max_steps: int) -> tuple[float, np.ndarray]:
+    """The top Ritz pair of a symmetric operator on ``R^n`` after at most ``max_steps`` Lanczos steps from ``v0`` (a
+    fixed pseudo-random start when ``None`` or zero), with full reorthogonalisation (twice, classical Gram-Schmidt),
+    stopping as soon as the pair's residual norm ``beta_j |y_j|`` is at most ``tol`` times its value (ARPACK's
+    criterion) or the Krylov space is invariant.  For the sigma_0 estimator's trimming solves, whose vectors only
+    rank the points to remove: on a nearly flat top spectrum (a clean round) ARPACK's restarts took 26-66 products
+    per solve at R = 1000 for a direction that no tolerance determines (issue 12)."""
+    if v0 is None or not np.any(v0) or not np.all(np.isfinite(v0)):
+        v0 = np.random.default_rng(n).standard_normal(n)
+    steps = max(1, min(int(max_steps), n))
+    V = np.empty((steps, n))
+    alpha = np.empty(steps)
+    beta = np.empty(steps)
+    v = np.asarray(v0, dtype=np.float64) / float(np.linalg.norm(v0))
+    theta, y, j = 0.0, np.ones(1), 0
+    for j in range(steps):
+        V[j] = v
+        w = np.asarray(matvec(v), dtype=np.float64)
+        alpha[j] = float(v @ w)
+        for _ in range(2):  # full reorthogonalisation against the basis so far
+            w -= V[: j + 1].T @ (V[: j + 1] @ w)
+        beta[j] = float(np.linalg.norm(w))
+        vals, vecs = scipy.linalg.eigh_tridiagonal(alpha[: j + 1], beta[:j])
+        theta, y = float(vals[-1]), vecs[:, -1]
+        if beta[j] * abs(float(y[-1])) <= tol * abs(theta) or beta[j] <= 1e-12 * max(abs(theta), 1e-300):
+            break
+        v = w / beta[j]
+    x = V[: j + 1].T @ y
+    return theta, x / float(np.linalg.norm(x))
+
+
 def top_eig_centred(K: np.ndarray, idx: np.ndarray, v0: np.ndarray | None = None,
-                    K32: np.ndarray | None = None, tol: float = LANCZOS_TOL) -> tuple[float, np.ndarray]:
+                    K32: np.ndarray | None = None, tol: float | None = None,
+                    max_steps: int | None = None) -> tuple[float, np.ndarray]:
     """Top eigenpair of the centred Gram matrix of the points ``idx``.
 
     Below :data:`LANCZOS_MIN_N` points: the centred submatrix in one compiled pass and LAPACK's solve for the top
@@ -112,9 +152,13 @@ def top_eig_centred(K: np.ndarray, idx: np.ndarray, v0: np.ndarray | None = None
     started from ``v0`` when given (the previous top vector restricted to ``idx``), O(n^2)
     per iteration instead of O(n^3).  ``K32`` (``K`` in float32, made once by a caller with several solves):
     the Lanczos products read it instead of ``K`` (half the bytes per product; the products of a 1000-point
-    Gram matrix in float32 move the estimate in its 7th digit).  ``tol``: the Lanczos solve's relative tolerance.
+    Gram matrix in float32 move the estimate in its 7th digit).  ``tol``: the Lanczos solve's relative tolerance
+    (default :data:`LANCZOS_TOL`).
+    ``max_steps`` (from :data:`LANCZOS_MIN_N` points): at most that many Lanczos steps, no restart
+    (:func:`lanczos_top`), instead of ARPACK's solve to ``tol``.
     """
     n = idx.size
+    tol = LANCZOS_TOL if tol is None else float(tol)
     if n >= LANCZOS_MIN_N:
         # Centring applied implicitly (H K_T H v with H = I - 11^T/n) and K_T read through the
         # full K with zero padding: no submatrix or centred copy per step.
@@ -127,6 +171,9 @@ def top_eig_centred(K: np.ndarray, idx: np.ndarray, v0: np.ndarray | None = None
             out = (Km @ full)[idx].astype(np.float64)
             return out - out.mean()
 
+        if max_steps is not None:
+            lam, vec = lanczos_top(matvec, n, v0, tol, max_steps)
+            return max(lam, 0.0), vec
         op = scipy.sparse.linalg.LinearOperator((n, n), matvec=matvec, dtype=np.float64)
         start = None if v0 is None or not np.any(v0) else v0
         vals, vecs = scipy.sparse.linalg.eigsh(op, k=1, which="LA", v0=start, tol=tol,
@@ -208,7 +255,7 @@ def estimate_sigma0(gram: np.ndarray, eps_tilde: float) -> Sigma0Estimate:
             K32 = gram.astype(np.float32)
     first: np.ndarray | None = None
     while to_remove > 0 and idx.size > 2:
-        _, vec = top_eig_centred(gram, idx, vec, K32, LANCZOS_TRIM_TOL)
+        _, vec = top_eig_centred(gram, idx, vec, K32, LANCZOS_TRIM_TOL, LANCZOS_TRIM_STEPS)
         if first is None:
             first = vec
         b = min(per_step, to_remove, idx.size - 2)
