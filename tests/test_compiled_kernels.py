@@ -346,3 +346,23 @@ def test_compiled_distances_and_projections_match_the_tiles(dtype, with_directio
     v1, f1, r1 = clip_survivors(Y, rows, centre, 1.0, trim=3, compiled=True)
     assert r1 == pytest.approx(r0, rel=tol) and np.array_equal(f0 < 1.0, f1 < 1.0)
     np.testing.assert_allclose(v1, v0, rtol=0, atol=10 * tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compiled_weighted_deviation_matches_the_tiles(dtype):
+    """The clipping's second read of its clipped rows compiled (large rounds): numpy's tiles' ``sum_k w_k (y_k - c)``
+    to their rounding (float64 sums here, the rows' dtype there), in the rows' dtype."""
+    from flwr_byzantine.aggregators.streaming import weighted_deviation
+
+    rng = np.random.default_rng(6)
+    Y = rng.standard_normal((50, 2 * KERNEL_TILE + 33)).astype(dtype)
+    rows = np.sort(rng.choice(50, 17, replace=False))
+    centre = rng.standard_normal(Y.shape[1]).astype(dtype)
+    w = rng.uniform(-0.1, 0.0, size=rows.size)
+    ref = w @ (Y[rows].astype(np.float64) - centre.astype(np.float64))
+    tiles = weighted_deviation(Y, rows, centre, w)
+    got = weighted_deviation(Y, rows, centre, w, compiled=True)
+    assert got.dtype == tiles.dtype == dtype
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got, ref, rtol=0, atol=tol * np.abs(ref).max())
+    np.testing.assert_allclose(got, tiles, rtol=0, atol=tol * np.abs(ref).max())

@@ -249,10 +249,20 @@ def distances_and_projections(Y: np.ndarray, rows: np.ndarray, centre: np.ndarra
     return np.sqrt(sq), proj
 
 
-def weighted_deviation(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``sum_k weights[k] (Y[rows[k]] - centre)`` in the rows' dtype, one tiled pass over those rows."""
+def weighted_deviation(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, weights: np.ndarray,
+                       compiled: bool = False) -> np.ndarray:
+    """``sum_k weights[k] (Y[rows[k]] - centre)`` in the rows' dtype, one tiled pass over those rows.  ``compiled``
+    (large rounds): one compiled read of each row, the sum in float64 (:func:`~.kernels.weighted_deviation_rows`; the
+    values agree to the rows' rounding), else numpy's tiles (the small rounds' values, bit for bit)."""
     d = Y.shape[1]
     dtype = np.result_type(Y.dtype, centre.dtype)
+    if compiled and Y.dtype in (np.float32, np.float64) and centre.dtype == Y.dtype:
+        from .kernels import weighted_deviation_rows
+
+        acc = np.zeros(d)
+        weighted_deviation_rows(Y, np.ascontiguousarray(rows, dtype=np.intp), np.ascontiguousarray(centre),
+                                np.ascontiguousarray(weights, dtype=np.float64), acc)
+        return acc.astype(dtype, copy=False)
     out = np.zeros(d, dtype=dtype)
     w8 = np.asarray(weights, dtype=dtype)
     buf = tile_buffer(rows.size, d, dtype)
@@ -281,7 +291,8 @@ def clip_survivors(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, clip_sca
     ``v <- v + (|centre| + trimmed_mean_k <y_k - centre, u> - <v, u>) u``.  Along the step it bounds
     what ``trim`` rows can do by the honest spread *along that direction*, not by the radius, which at
     high heterogeneity is several times the centre's norm.  ``compiled``: the distances and projections from
-    :func:`distances_and_projections`' compiled pass (large rounds).
+    :func:`distances_and_projections`' compiled pass, and the clipped rows' deviations from
+    :func:`weighted_deviation`'s (large rounds).
     """
     n = rows.size
     u = None  # the centre's direction, only when the trim applies (no float64 copy of the centre otherwise)
@@ -297,7 +308,7 @@ def clip_survivors(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, clip_sca
         factors = np.where(dist > radius, radius / np.maximum(dist, 1e-300), 1.0)
     clipped = np.flatnonzero(factors < 1.0)
     v = centre if clipped.size == 0 else centre + weighted_deviation(Y, rows[clipped], centre,
-                                                                     (factors[clipped] - 1.0) / n)
+                                                                     (factors[clipped] - 1.0) / n, compiled=compiled)
     if u is not None:
         p = np.sort(proj)
         along = float(np.mean(p[trim:n - trim]))  # the trimmed mean of <y_k - centre, u>
