@@ -120,18 +120,25 @@ def test_many_rows_take_the_median_distance_from_sampled_pairs():
     R = 600
     assert R * (R - 1) // 2 > dup.MEDIAN_ALL_PAIRS_UP_TO
     G = _round(R=R, d=300, copies=6, seed=11)
+    Z = dup._projection(G, np.arange(R), np.random.default_rng(3))
     K = dup._gram(G, np.arange(R), np.random.default_rng(3))
+    np.testing.assert_allclose(K, Z @ Z.T, rtol=0, atol=0)
     full = dup._median_distance(K)
-    sampled = dup._sampled_median_distance(K, np.random.default_rng(4))
+    sampled = dup._sampled_median_distance(Z, np.random.default_rng(4))
     assert sampled != full and abs(sampled / full - 1.0) < 0.01
+    draw = np.random.default_rng(4)  # the same pairs, their distances from the projected rows
+    i = draw.integers(0, R, size=dup.MEDIAN_PAIRS)
+    j = draw.integers(0, R - 1, size=dup.MEDIAN_PAIRS)
+    j += j >= i
+    assert sampled == pytest.approx(float(np.sqrt(np.median(((Z[i] - Z[j]) ** 2).sum(axis=1)))), rel=1e-12)
     np.testing.assert_array_equal(duplicate_rows(G, np.arange(R), rng=np.random.default_rng(3)), np.arange(595, 600))
     # only a projected round with more pairs than the bound samples them
     calls = []
     real = dup._sampled_median_distance
 
-    def spy(K, rng):
-        calls.append(K.shape)
-        return real(K, rng)
+    def spy(Z, rng):
+        calls.append(Z.shape)
+        return real(Z, rng)
 
     dup._sampled_median_distance = spy
     try:
@@ -140,7 +147,7 @@ def test_many_rows_take_the_median_distance_from_sampled_pairs():
         duplicate_rows(G, np.arange(R))  # exact distances: all pairs
     finally:
         dup._sampled_median_distance = real
-    assert calls == [(R, R)]
+    assert calls == [(R, dup.PROJECTION_DIM)]
 
 
 def test_projection_beyond_float32_range_falls_back_to_float64():
