@@ -169,9 +169,10 @@ def duplicate_rows(G: np.ndarray, rows: np.ndarray, tol: float = DEFAULT_DUPLICA
     return np.asarray(sorted(out), dtype=np.intp)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath={"reassoc"})
 def _pair_sq_rows(Z, i, j, out):
-    """``out[p] = ||Z[i[p]] - Z[j[p]]||^2`` (float64), one compiled loop over the pairs (the rows in cache)."""
+    """``out[p] = ||Z[i[p]] - Z[j[p]]||^2`` (float64), one compiled loop over the pairs (the rows in cache; each sum
+    reassociated into vector lanes)."""
     m = Z.shape[1]
     for p in range(i.size):
         a = Z[i[p]]
