@@ -277,8 +277,9 @@ def start_on(points: np.ndarray, on: np.ndarray, vec: np.ndarray) -> np.ndarray 
     (sorted indices): ``vec``'s entries where a point is in both, zero elsewhere; ``None`` when less than
     :data:`START_MIN_SHARE` of ``vec``'s squared norm lies on ``points`` (a start far from the matrix's top vector is no
     better than a random one)."""
-    pos = np.searchsorted(on, points)
-    pos = np.minimum(pos, on.size - 1)
+    if on.size == 0 or points.size == 0:
+        return None
+    pos = np.minimum(np.searchsorted(on, points), on.size - 1)
     hit = on[pos] == points
     v0 = np.where(hit, vec[pos], 0.0)
     if not np.all(np.isfinite(v0)) or float(v0 @ v0) < START_MIN_SHARE * float(vec @ vec):
