@@ -474,11 +474,14 @@ def test_spectral_steps_start_from_the_sigma_estimators_top_vectors(monkeypatch)
     starts = []
     real = scipy.sparse.linalg.eigsh
 
+    from flwr_byzantine.aggregators import saddle
+
     def eigsh(A, *a, **k):
-        if isinstance(A, np.ndarray):  # the spectral steps' explicit matrices (the estimator's are operators)
+        if k.get("tol") == saddle.SPECTRAL_TOL:  # the spectral steps' solves (the estimator's last: LANCZOS_TOL)
             starts.append(k.get("v0"))
         return real(A, *a, **k)
 
+    assert saddle.SPECTRAL_TOL != sigma.LANCZOS_TOL
     monkeypatch.setattr(scipy.sparse.linalg, "eigsh", eigsh)
     res = RGE(eps_tilde=0.2, spectral_above=100).aggregate(G)
     np.testing.assert_array_equal(res.kept, np.arange(f, R))

@@ -557,8 +557,9 @@ def spectral_step(K: np.ndarray, c: np.ndarray, cap: float, *, stop_below: float
     """One filter step at a *fixed* ``W``: every column the c-weighted mean (projected on ``CS``).
 
     The classical spectral filter step (the saddle problem (91) without the minimisation
-    over ``W``): ``P(W)`` is formed in O(n^2), its top eigenpair ``(sigma, u)`` comes from
-    Lanczos (LAPACK below 256 points), ``Y = v v^T`` for the matching singular vector and
+    over ``W``): the top eigenpair ``(sigma, u)`` of ``P(W)`` comes from Lanczos on its products, one with ``K`` and
+    O(n) work each (below 256 points: ``P(W)`` formed in O(n^2) and LAPACK), ``Y = v v^T`` for the matching singular
+    vector and
     ``tau_i = sigma u_i^2 / c_i`` (93).  ``upper = sigma >= `` the saddle value, so
     ``upper <= stop_below`` certifies Algorithm 3's stopping test exactly as the solver's
     early exit does; otherwise ``value = upper`` over-states the saddle value, so the filter
@@ -572,19 +573,29 @@ def spectral_step(K: np.ndarray, c: np.ndarray, cap: float, *, stop_below: float
     n = K.shape[0]
     cap = max(cap, 1.0 / n)
     w = project_capped_rows((c / c.sum())[None, :], cap)[0]
-    Kw = K @ w
-    wKw = float(w @ Kw)
     d = np.sqrt(c)
-    P = _weighted_centred(K, Kw, wKw, d)  # D^{1/2} (I - 1 w^T) K (I - w 1^T) D^{1/2}, symmetrised
     if n >= 256:
-        # a Lanczos basis of SPECTRAL_NCV vectors (scipy's default is 20 for one eigenpair): the same eigenpair in
-        # fewer products (issue 12: 1.5 ms against 3.5 ms at n = 1000, the same value to the last digit)
+        # P = D^{1/2} (I - 1 w^T) K (I - w 1^T) D^{1/2} applied to a vector without forming it (one product with K and
+        # O(n) work: forming P cost 2.5-3 ms at n = 800-1000, issue 12); a Lanczos basis of SPECTRAL_NCV vectors
+        # (scipy's default is 20 for one eigenpair): the same eigenpair in fewer products (1.5 ms against 3.5 ms at
+        # n = 1000, the same value to the last digit)
+        def matvec(v: np.ndarray) -> np.ndarray:
+            u = d * np.asarray(v).reshape(-1)
+            u -= w * u.sum()
+            x = K @ u
+            x -= float(w @ x)
+            return d * x
+
+        op = scipy.sparse.linalg.LinearOperator((n, n), matvec=matvec, dtype=np.float64)
         start = None if v0 is None or v0.shape != (n,) or not np.all(np.isfinite(v0)) or not np.any(v0) else v0
-        sig, U = scipy.sparse.linalg.eigsh(P, k=1, which="LA", tol=SPECTRAL_TOL, ncv=SPECTRAL_NCV, v0=start)
-    elif n > 1:
-        sig, U = scipy.linalg.eigh(P, subset_by_index=[n - 1, n - 1], driver="evr")
+        sig, U = scipy.sparse.linalg.eigsh(op, k=1, which="LA", tol=SPECTRAL_TOL, ncv=SPECTRAL_NCV, v0=start)
     else:
-        sig, U = np.linalg.eigh(P)
+        Kw = K @ w
+        P = _weighted_centred(K, Kw, float(w @ Kw), d)  # D^{1/2} (I - 1 w^T) K (I - w 1^T) D^{1/2}, symmetrised
+        if n > 1:
+            sig, U = scipy.linalg.eigh(P, subset_by_index=[n - 1, n - 1], driver="evr")
+        else:
+            sig, U = np.linalg.eigh(P)
     sig = np.maximum(sig, 0.0)
     z = np.ones(1)
     tau = (U[:, 0] ** 2 * sig[0]) / c
