@@ -366,3 +366,17 @@ def test_compiled_weighted_deviation_matches_the_tiles(dtype):
     tol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(got, ref, rtol=0, atol=tol * np.abs(ref).max())
     np.testing.assert_allclose(got, tiles, rtol=0, atol=tol * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("count", [0, 1, 3, 4, 9, 37])
+def test_rows_sum_is_the_float64_sum_of_the_rows(dtype, count):
+    """kernels.rows_sum (four rows at a time, float64): the float64 sum of exactly the rows asked for, in any order."""
+    from flwr_byzantine.aggregators.kernels import rows_sum
+
+    rng = np.random.default_rng(count)
+    G = rng.standard_normal((40, 1001)).astype(dtype)
+    rows = rng.permutation(40)[:count]
+    out = np.full(1001, 0.5)
+    rows_sum(G, rows.astype(np.intp), out)
+    np.testing.assert_allclose(out, 0.5 + G[rows].astype(np.float64).sum(axis=0), rtol=0, atol=1e-12)

@@ -800,3 +800,27 @@ def weighted_deviation_rows(Y, rows, centre, weights, out):
         w = weights[k]
         for c in range(d):
             out[c] += w * np.float64(y[c] - centre[c])
+
+
+@numba.njit(cache=True)
+def rows_sum(G, rows, out):
+    """``out += sum_k G[rows[k]]`` (``out`` float64, length ``d``), four rows at a time (``out`` read and written once
+    per four rows), each value widened to float64.  The survivors' mean of the many-row filter: 0.56x ``np.mean``
+    against 0.76x for BLAS's product with a weight vector, which reads the removed rows too (R = 1000, d = 1e5,
+    800 rows kept; issue 12)."""
+    n = rows.size
+    d = G.shape[1]
+    k = 0
+    while k + 4 <= n:
+        a = G[rows[k]]
+        b = G[rows[k + 1]]
+        e = G[rows[k + 2]]
+        f = G[rows[k + 3]]
+        for c in range(d):
+            out[c] += (np.float64(a[c]) + np.float64(b[c])) + (np.float64(e[c]) + np.float64(f[c]))
+        k += 4
+    while k < n:
+        a = G[rows[k]]
+        for c in range(d):
+            out[c] += np.float64(a[c])
+        k += 1

@@ -60,6 +60,17 @@ def _downdate_ok(row_energy: np.ndarray, kept: np.ndarray) -> bool:
     return float(row_energy[~mask].sum()) <= DOWNDATE_MAX_ENERGY_RATIO * float(row_energy[mask].sum())
 
 
+def _rows_mean(updates: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The mean of ``updates[rows]`` (numpy float32/float64 rows) in their dtype, summed in float64 by one compiled read
+    of those rows only (:func:`~.kernels.rows_sum`; a product with a weight vector reads the removed rows too)."""
+    from .kernels import rows_sum
+
+    acc = np.zeros(updates.shape[1])
+    rows_sum(updates, np.ascontiguousarray(rows, dtype=np.intp), acc)
+    acc /= max(int(np.asarray(rows).size), 1)
+    return acc.astype(updates.dtype, copy=False)
+
+
 def _mean_without(updates: ArrayLike, mean: ArrayLike, kept: np.ndarray) -> ArrayLike:
     """Mean of the rows ``kept`` from the mean of all rows: ``(R mean - sum of the others) / |kept|``.
 
@@ -268,8 +279,8 @@ class RGE(Aggregator):
             res.estimate = mean
         else:
             kept = res.kept if rows is None else rows[res.kept]
-            if energy is not None:  # no column sums: the survivors' mean is one product over the rows
-                res.estimate = subset_mean(updates, kept)
+            if energy is not None:  # no column sums: the survivors' mean, one compiled read of their rows
+                res.estimate = _rows_mean(updates, kept)
             elif sketched and _downdate_ok(row_energy, kept):
                 res.estimate = _mean_without(updates, all_mean if rows is not None else mean, kept)
             else:
