@@ -252,7 +252,7 @@ def test_count_sketch_takes_one_byte_signs(dtype, monkeypatch):
     for s in (signs, signs.astype(dtype)):
         Y, sq, cs = np.empty((4, k1 + k2)), np.empty(4), np.empty(9001, dtype=dtype)
         with np.errstate(invalid="ignore"):
-            kernels.count_sketch(G, s, k1, k2, Y, sq, cs)
+            kernels.count_sketch(G, s, k1, k2, Y, sq, cs, 1.0)
         out.append((Y, sq, cs))
     (Y8, sq8, cs8), (Yf, sqf, csf) = out
     assert np.array_equal(Y8, Yf, equal_nan=True) and np.array_equal(cs8, csf, equal_nan=True)
@@ -263,6 +263,27 @@ def test_count_sketch_takes_one_byte_signs(dtype, monkeypatch):
     monkeypatch.setattr(kernels, "count_sketch", lambda G, s, *a: (seen.append(s.dtype), real(G, s, *a)))
     sketch.sketch_rows(G[[0, 3]], 2048, np.random.default_rng(0))
     assert seen == [np.dtype(np.int8)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_float32_sketch_is_the_float64_sketch_rounded(dtype):
+    """sketch_rows(dtype=np.float32): the float64 sketch's values rounded to float32 (the scale applied in the pass,
+    in float64, before the rounding), from the same signs; the float64 sketch is the bucket sums times 1/sqrt(2)."""
+    from flwr_byzantine.aggregators.sketch import sketch_buckets, sketch_rows
+
+    rng = np.random.default_rng(9)
+    G = (rng.standard_normal((6, 5003)) * 3).astype(dtype)
+    Y64 = sketch_rows(G, 256, np.random.default_rng(1))
+    Y32 = sketch_rows(G, 256, np.random.default_rng(1), dtype=np.float32)
+    assert Y64.dtype == np.float64 and Y32.dtype == np.float32
+    assert np.array_equal(Y32, Y64.astype(np.float32))
+    k1, _ = sketch_buckets(5003, 256)
+    bits = np.unpackbits(np.frombuffer(np.random.default_rng(1).bytes((5003 + 7) // 8), dtype=np.uint8))[:5003]
+    signed = G.astype(np.float64) * (bits.astype(np.float64) * 2 - 1)
+    first = np.zeros((6, k1))
+    for i in range(5003):
+        first[:, i % k1] += signed[:, i]
+    np.testing.assert_allclose(Y64[:, :k1], first / np.sqrt(2.0), rtol=0, atol=1e-5 * np.abs(first).max())
 
 
 def test_count_sketch_column_sums_are_numpys_mean_bit_for_bit():

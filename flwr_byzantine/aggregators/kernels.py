@@ -416,7 +416,7 @@ def _sketch_segment(gs, ss, y1, y2, b2, k2, cs):
 
 
 @numba.njit(cache=True)
-def count_sketch(G, signs, k1, k2, Y, sq, colsum):
+def count_sketch(G, signs, k1, k2, Y, sq, colsum, scale):
     """``Y[r, b] = sum_{i mod k1 = b} s_i G[r, i]`` (``b < k1``) and ``Y[r, k1 + b] = sum_{i mod k2 = b} s_i G[r, i]``,
     and ``sq[r] = ||G[r]||^2`` (float64), for every row ``r``; ``k1 = k2 + 1``; ``signs`` +1 or -1, ``int8`` (or
     ``G``'s dtype: the same values).  One byte a sign: the vector, read again for every row, stays in L2 (the
@@ -429,7 +429,8 @@ def count_sketch(G, signs, k1, k2, Y, sq, colsum):
     of ``k1`` coordinates (:func:`_sketch_segment`: both bucket maps and the squares from one read of the
     segment, in L1).  The buckets are summed in ``G``'s dtype segment after segment, as numpy's sum of the
     row viewed as an ``(L, k1)`` matrix (then the tail) does, and stored in ``Y`` (float64).  Rows with NaN
-    or Inf give NaN or Inf sums.
+    or Inf give NaN or Inf sums.  Each bucket sum is stored times ``scale`` (a float64 product, rounded to ``Y``'s
+    dtype: ``Y`` float32 holds what float64 ``Y`` would hold, rounded).
     """
     R, d = G.shape
     want_sum = colsum.size > 0
@@ -449,9 +450,9 @@ def count_sketch(G, signs, k1, k2, Y, sq, colsum):
         sq[r] = acc
         yr = Y[r]
         for b in range(k1):
-            yr[b] = y1[b]
+            yr[b] = np.float64(y1[b]) * scale
         for b in range(k2):
-            yr[k1 + b] = y2[b]
+            yr[k1 + b] = np.float64(y2[b]) * scale
 
 
 @numba.njit(cache=True, fastmath={"reassoc"})

@@ -54,8 +54,11 @@ def _bucket_sums(rows: Any, k: int) -> Any:
 
 
 def sketch_rows(updates: ArrayLike, dim: int, rng: np.random.Generator,
-                sq_norms: np.ndarray | None = None, col_sums: np.ndarray | None = None) -> np.ndarray:
-    """Sketch every row of ``updates`` (``(R, d)``) to length ``k1 + k2`` (float64 numpy, see the module docstring).
+                sq_norms: np.ndarray | None = None, col_sums: np.ndarray | None = None,
+                dtype: Any = np.float64) -> np.ndarray:
+    """Sketch every row of ``updates`` (``(R, d)``) to length ``k1 + k2`` (float64 numpy, see the module docstring;
+    ``dtype=np.float32`` for numpy rows: the same values rounded to float32, half the bytes, e.g. for a consumer
+    that works in float32 anyway).
 
     One streaming pass (numpy rows: the compiled :func:`~.kernels.count_sketch`, bucket sums in the rows'
     dtype as before, stored as float64): each row is read once, times the signs, into both bucket maps.  ``sq_norms`` (a float64 array of length
@@ -78,9 +81,10 @@ def sketch_rows(updates: ArrayLike, dim: int, rng: np.random.Generator,
         from .kernels import count_sketch
 
         signs = bits.astype(np.int8) * 2 - 1  # one byte a coordinate: the vector stays in L2 while the rows stream
-        Y = np.empty((R, k1 + k2))
+        Y = np.empty((R, k1 + k2), dtype=np.float32 if np.dtype(dtype) == np.float32 else np.float64)
         count_sketch(updates, signs, k1, k2, Y, np.empty(R) if sq_norms is None else sq_norms,
-                     np.empty(0, dtype=updates.dtype) if col_sums is None else col_sums)
+                     np.empty(0, dtype=updates.dtype) if col_sums is None else col_sums, 1.0 / math.sqrt(2.0))
+        return Y  # scaled in the pass
     Y *= 1.0 / math.sqrt(2.0)
     return Y
 
