@@ -24,7 +24,11 @@ and do all the arithmetic of a pass on it:
 * :func:`centre_sq_distances` and :func:`clip_fold_rows`: the worker momentum's input clipping around the
   last estimate (the rows' distances, then the clip and the blend into the memory in one pass,
   :meth:`~.memory.ClientMomentum.fold_rows`; the copy of the memories into a buffer is skipped when the
-  caller reads the table's rows in place).
+  caller reads the table's rows in place);
+* :func:`weighted_deviation_rows` and :func:`rows_sum`: the survivors' clipping deviation and the survivors' mean on
+  large rounds, reading only the rows concerned (float64 sums);
+* :func:`closest_window` and :func:`window_counts`: Bulyan's coordinate stage on sorted columns and the usage counts
+  of a per-coordinate window (the peers' rules, not the defence's).
 
 Reductions (squared norms) accumulate the rows' values, widened to float64, with reassociation allowed
 (vector lanes): the only fast-math flag set, and only on those sums (:func:`_sum_sq_deviation`); the

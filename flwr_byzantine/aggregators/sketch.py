@@ -61,7 +61,8 @@ def sketch_rows(updates: ArrayLike, dim: int, rng: np.random.Generator,
     that works in float32 anyway).
 
     One streaming pass (numpy rows: the compiled :func:`~.kernels.count_sketch`, bucket sums in the rows'
-    dtype as before, stored as float64): each row is read once, times the signs, into both bucket maps.  ``sq_norms`` (a float64 array of length
+    dtype as before, times ``1/sqrt(2)`` in float64, stored in ``dtype``): each row is read once, times the signs, into
+    both bucket maps.  ``sq_norms`` (a float64 array of length
     ``R``, numpy rows only): filled with the rows' squared norms from the same read (NaN/Inf for a row
     with a NaN/Inf entry), e.g. for the input check; ``col_sums`` (an array of ``updates``' dtype and length
     ``d``, numpy rows only): filled with ``updates.sum(axis=0)`` from the same read.
