@@ -67,10 +67,17 @@ def _projection(G: np.ndarray, rows: np.ndarray, rng: np.random.Generator | None
     return Z
 
 
-def _gram(G: np.ndarray, rows: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
-    """The ``(n, n)`` Gram matrix whose distances :func:`pairwise_distances` gives (exact, or of the projection)."""
+def _gram_and_projection(G: np.ndarray, rows: np.ndarray,
+                         rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The ``(n, n)`` Gram matrix whose distances :func:`pairwise_distances` gives (exact, or of the projection), and
+    the projected rows (:func:`_projection`; ``None`` where the distances are exact)."""
     Z = _projection(G, rows, rng)
-    return centred_gram(G, rows=rows) if Z is None else Z @ Z.T
+    return (centred_gram(G, rows=rows) if Z is None else Z @ Z.T), Z
+
+
+def _gram(G: np.ndarray, rows: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+    """The ``(n, n)`` Gram matrix of :func:`_gram_and_projection`."""
+    return _gram_and_projection(G, rows, rng)[0]
 
 
 def pairwise_distances(G: np.ndarray, rows: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -145,8 +152,7 @@ def duplicate_rows(G: np.ndarray, rows: np.ndarray, tol: float = DEFAULT_DUPLICA
     n = rows.size
     if n < 3:
         return np.zeros(0, dtype=np.intp)
-    Z = _projection(G, rows, rng)
-    K = centred_gram(G, rows=rows) if Z is None else Z @ Z.T
+    K, Z = _gram_and_projection(G, rows, rng)
     pairs = n * (n - 1) // 2
     if Z is not None and pairs > MEDIAN_ALL_PAIRS_UP_TO and np.isfinite(np.diag(K)).all():
         med = _sampled_median_distance(Z, rng)

@@ -28,6 +28,7 @@ from .base import AggregationResult, Aggregator
 from .saddle import capped_simplex_cap, solve_saddle, spectral_step
 from .sigma import estimate_sigma0, start_on
 from .sketch import centre_gram, sketch_rows
+from .streaming import rows_mean
 
 logger = logging.getLogger(__name__)
 
@@ -58,17 +59,6 @@ def _downdate_ok(row_energy: np.ndarray, kept: np.ndarray) -> bool:
     mask = np.zeros(row_energy.size, dtype=bool)
     mask[kept] = True
     return float(row_energy[~mask].sum()) <= DOWNDATE_MAX_ENERGY_RATIO * float(row_energy[mask].sum())
-
-
-def _rows_mean(updates: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """The mean of ``updates[rows]`` (numpy float32/float64 rows) in their dtype, summed in float64 by one compiled read
-    of those rows only (:func:`~.kernels.rows_sum`; a product with a weight vector reads the removed rows too)."""
-    from .kernels import rows_sum
-
-    acc = np.zeros(updates.shape[1])
-    rows_sum(updates, np.ascontiguousarray(rows, dtype=np.intp), acc)
-    acc /= max(int(np.asarray(rows).size), 1)
-    return acc.astype(updates.dtype, copy=False)
 
 
 def _mean_without(updates: ArrayLike, mean: ArrayLike, kept: np.ndarray) -> ArrayLike:
@@ -280,7 +270,7 @@ class RGE(Aggregator):
         else:
             kept = res.kept if rows is None else rows[res.kept]
             if energy is not None:  # no column sums: the survivors' mean, one compiled read of their rows
-                res.estimate = _rows_mean(updates, kept)
+                res.estimate = rows_mean(updates, kept)
             elif sketched and _downdate_ok(row_energy, kept):
                 res.estimate = _mean_without(updates, all_mean if rows is not None else mean, kept)
             else:

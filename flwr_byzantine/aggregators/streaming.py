@@ -274,6 +274,18 @@ def weighted_deviation(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, weig
     return out
 
 
+def rows_mean(updates: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The mean of ``updates[rows]`` (numpy float32/float64 rows) in their dtype, summed in float64 by one compiled read
+    of those rows only (:func:`~.kernels.rows_sum`; :func:`~.._backend.subset_mean`'s product with a weight vector
+    reads the other rows too): the many-row filter's survivors' mean (issue 12)."""
+    from .kernels import rows_sum
+
+    acc = np.zeros(updates.shape[1])
+    rows_sum(updates, np.ascontiguousarray(rows, dtype=np.intp), acc)
+    acc /= max(int(np.asarray(rows).size), 1)
+    return acc.astype(updates.dtype, copy=False)
+
+
 def clip_survivors(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, clip_scale: float, trim: int = 0,
                    compiled: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """One step of centered clipping (Karimireddy, He, Jaggi 2021, Section 4) of ``Y[rows]`` around ``centre``.
