@@ -591,3 +591,114 @@ def test_float32_rows_near_the_top_of_their_range_are_decoded_in_float64(R, d, p
     np.testing.assert_array_equal(res.kept, np.arange(f, R))
     exact = G[f:].astype(np.float64).mean(axis=0)
     np.testing.assert_allclose(res.estimate.astype(np.float64), exact, rtol=1e-5)
+
+
+def test_centred_factor_is_the_centred_gram_matrix():
+    """:class:`CentredFactor` stands for ``centre_gram``'s matrix: the same matrix formed (bit for bit), its products,
+    diagonal and row subsets."""
+    from flwr_byzantine.aggregators.sketch import CentredFactor, centre_factor, centre_gram, dense_gram
+
+    rng = np.random.default_rng(8)
+    Y = rng.normal(size=(300, 64)) + 5.0
+    for low in (True, False):
+        F = centre_factor(Y, low)
+        K = centre_gram(Y, low)
+        assert isinstance(F, CentredFactor) and F.shape == (300, 300)
+        assert F.dtype == (np.float32 if low else np.float64)
+        np.testing.assert_array_equal(F.dense(), K)
+        np.testing.assert_array_equal(dense_gram(F), K)
+        v = rng.normal(size=300)
+        tol = 1e-5 if low else 1e-12
+        np.testing.assert_allclose(F @ v, K @ v.astype(F.dtype), rtol=0, atol=tol * np.abs(K @ v).max())
+        np.testing.assert_allclose(F.diagonal(), np.diag(K), rtol=tol)
+        idx = np.sort(rng.choice(300, 40, replace=False))
+        np.testing.assert_allclose(F.rows(idx).dense(), K[np.ix_(idx, idx)], rtol=0, atol=tol * np.abs(K).max())
+    with pytest.raises(ValueError, match="matrix"):
+        CentredFactor(np.ones(3))
+
+
+@pytest.mark.parametrize("kind", ["far", "alie", "clean"])
+def test_many_rows_filter_on_the_factor_takes_the_formed_matrix_decisions(kind, monkeypatch):
+    """From FACTOR_MIN_ROWS rows the sketched filter never forms the Gram matrix (its products come from the factor):
+    the same kept rows and estimate as with the matrix formed, sigma_0 to the products' float32 rounding."""
+    from flwr_byzantine.aggregators import rge as rge_mod, sketch
+
+    rng = np.random.default_rng({"far": 1, "alie": 2, "clean": 3}[kind])
+    R, d, f = 720, 4_000, 144
+    G = rng.normal(size=(R, d)).astype(np.float32)
+    if kind == "far":
+        G[:f] += 3.0 * rng.normal(size=d).astype(np.float32)
+    elif kind == "alie":
+        G[:f] = G[f:].mean(0) - 0.5 * G[f:].std(0) + 0.1 * rng.normal(size=(f, d)).astype(np.float32)
+    assert R >= sketch.FACTOR_MIN_ROWS
+    formed = []
+    real = rge_mod.centre_gram
+    monkeypatch.setattr(rge_mod, "centre_gram", lambda *a: formed.append(1) or real(*a))
+    out = {}
+    for mode in ("factor", "matrix"):
+        if mode == "matrix":
+            monkeypatch.setattr(rge_mod, "FACTOR_MIN_ROWS", 10**9)
+        out[mode] = RGE(eps_tilde=0.2, sketch_dim=1024, spectral_above=64, threshold_factor=1.5, seed=5).aggregate(G)
+        assert len(formed) == (mode == "matrix")
+    np.testing.assert_array_equal(out["factor"].kept, out["matrix"].kept)
+    np.testing.assert_array_equal(out["factor"].estimate, out["matrix"].estimate)
+    assert out["factor"].info["sigma0_sq"] == pytest.approx(out["matrix"].info["sigma0_sq"], rel=1e-5)
+    if kind != "clean":
+        assert set(out["factor"].kept.tolist()) == set(range(f, R))
+    else:
+        assert out["factor"].kept.size == R
+
+
+def test_spectral_step_on_a_factor(monkeypatch):
+    """The spectral step on a :class:`CentredFactor` gives the formed matrix's eigenpair (to the products' float32
+    rounding); below 256 points it forms the matrix; when Lanczos does not converge on the float32 products it
+    takes the formed matrix's step."""
+    import scipy.sparse.linalg
+
+    from flwr_byzantine.aggregators import saddle
+    from flwr_byzantine.aggregators.sketch import centre_factor
+
+    rng = np.random.default_rng(9)
+    for n in (300, 100):
+        Y = rng.normal(size=(n, 256))
+        Y[: n // 10] += 3.0 * rng.normal(size=256)
+        F = centre_factor(Y, True)
+        c = rng.uniform(0.6, 1.0, size=n)
+        cap = saddle.capped_simplex_cap(0.8, n)
+        a, b = saddle.spectral_step(F, c, cap), saddle.spectral_step(F.dense(), c, cap)
+        assert a.upper == pytest.approx(b.upper, rel=1e-5 if n >= 256 else 1e-12)
+        assert abs(float(a.eigvecs[:, 0] @ b.eigvecs[:, 0])) == pytest.approx(1.0, abs=1e-5)
+    calls = []
+    real = scipy.sparse.linalg.eigsh
+
+    def eigsh(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise scipy.sparse.linalg.ArpackNoConvergence("no convergence", np.zeros(0), np.zeros((300, 0)))
+        return real(*a, **k)
+
+    Y = rng.normal(size=(300, 256))
+    F = centre_factor(Y, True)
+    c = np.ones(300)
+    cap = saddle.capped_simplex_cap(0.8, 300)
+    want = saddle.spectral_step(F.dense(), c, cap)
+    monkeypatch.setattr(scipy.sparse.linalg, "eigsh", eigsh)
+    got = saddle.spectral_step(F, c, cap)
+    assert len(calls) == 2 and got.upper == pytest.approx(want.upper, rel=1e-9)  # (ARPACK's own random starts)
+    np.testing.assert_allclose(got.tau, want.tau, rtol=1e-4, atol=1e-6 * want.tau.max())
+
+
+def test_sigma0_on_a_factor_matches_the_formed_matrix():
+    """The sigma_0 estimator on a :class:`CentredFactor` (products with the factor from 256 points, the formed
+    submatrix below): the formed matrix's estimate on an attacked round, to the products' float32 rounding."""
+    from flwr_byzantine.aggregators import sigma
+    from flwr_byzantine.aggregators.sketch import centre_factor
+
+    rng = np.random.default_rng(10)
+    for n in (400, 120):
+        Y = rng.normal(size=(n, 512))
+        Y[: n // 5] += 4.0 * rng.normal(size=512)
+        F = centre_factor(Y, True)
+        a, b = sigma.estimate_sigma0(F, 0.2), sigma.estimate_sigma0(F.dense(), 0.2)
+        assert a.value == pytest.approx(b.value, rel=1e-5)
+        np.testing.assert_array_equal(a.kept, b.kept)

@@ -27,7 +27,7 @@ from .._backend import LARGE_ENERGY, ArrayLike, centred_gram, check_matrix, is_t
 from .base import AggregationResult, Aggregator
 from .saddle import capped_simplex_cap, solve_saddle, spectral_step
 from .sigma import estimate_sigma0, start_on
-from .sketch import centre_gram, sketch_rows
+from .sketch import FACTOR_MIN_ROWS, CentredFactor, centre_factor, centre_gram, dense_gram, sketch_rows
 from .streaming import rows_mean
 
 logger = logging.getLogger(__name__)
@@ -249,12 +249,15 @@ class RGE(Aggregator):
                     mean = (_mean_without(updates, all_mean, rows) if _downdate_ok(row_energy, rows)
                             else subset_mean(updates, rows))
                 Y = Y[rows]
-            gram = centre_gram(Y, str(updates.dtype).endswith(("float32", "float16")))
+            low = str(updates.dtype).endswith(("float32", "float16"))
+            # from FACTOR_MIN_ROWS rows only products with the matrix are needed: it stays a factor
+            gram = centre_factor(Y, low) if R >= FACTOR_MIN_ROWS else centre_gram(Y, low)
             if energy is not None:  # sum_i ||g_i||^2 of the filtered rows, from the sketch's pass
                 scale = float(np.sum(energy if rows is None else energy[rows]))
             else:
                 mean64 = to_numpy64(mean)
-                scale = float(np.trace(gram) + R * float(mean64 @ mean64))
+                trace = float(np.sum(gram.diagonal())) if isinstance(gram, CentredFactor) else float(np.trace(gram))
+                scale = trace + R * float(mean64 @ mean64)
         elif rows is None:
             gram, scale = centred_gram(updates, with_scale=True, mean=mean)
         t_gram = time.perf_counter() - t0
@@ -280,14 +283,15 @@ class RGE(Aggregator):
 
     def filter_gram(
         self,
-        gram: np.ndarray,
+        gram: np.ndarray | CentredFactor,
         updates: ArrayLike | None = None,
         *,
         t_gram: float = 0.0,
         noise_floor: float = 0.0,
         sigma0: float | None = None,
     ) -> AggregationResult:
-        """Run the filter on a precomputed (centred) Gram matrix.
+        """Run the filter on a precomputed (centred) Gram matrix (or a :class:`~.sketch.CentredFactor` of it: the
+        large rounds' sketched filter, whose solves need only products with the matrix).
 
         If ``updates`` is given the estimate is the mean of the surviving rows;
         otherwise ``estimate`` is ``None`` and only the diagnostics are returned.
@@ -327,7 +331,12 @@ class RGE(Aggregator):
             if active.size <= 1:
                 statistic = 0.0
                 break
-            Ka = gram if active.size == R else gram[np.ix_(active, active)]  # read only: no copy of the whole matrix
+            if active.size == R:
+                Ka = gram
+            elif isinstance(gram, CentredFactor):
+                Ka = gram.rows(active)
+            else:
+                Ka = gram[np.ix_(active, active)]  # read only: no copy of the whole matrix
             spectral = self.spectral_above is not None and active.size > self.spectral_above
             if spectral:
                 # the first step's matrix is the estimator's first one (all weights 1); a later step's, after the
@@ -338,7 +347,7 @@ class RGE(Aggregator):
                 spectral_passes += 1
             else:
                 sol = solve_saddle(
-                    Ka, c[active], cap, W0=None if warm is None else warm[0][np.ix_(warm[1], warm[1])],
+                    dense_gram(Ka), c[active], cap, W0=None if warm is None else warm[0][np.ix_(warm[1], warm[1])],
                     tol_rel=self.tol_rel,
                     max_iter=self.max_solver_iter, stop_below=threshold,
                 )

@@ -47,6 +47,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import get_cython_function_address, intrinsic
 from .kernels import SYM_TILE
+from .sketch import CentredFactor, dense_gram
 
 #: Eigenvalues more than _WINDOW * mu below the top get soft-max weight < exp(-_WINDOW).
 _WINDOW = 40.0
@@ -552,7 +553,7 @@ SPECTRAL_NCV = 10
 SPECTRAL_TOL = 1e-6
 
 
-def spectral_step(K: np.ndarray, c: np.ndarray, cap: float, *, stop_below: float | None = None,
+def spectral_step(K: np.ndarray | CentredFactor, c: np.ndarray, cap: float, *, stop_below: float | None = None,
                   v0: np.ndarray | None = None) -> SaddleSolution:
     """One filter step at a *fixed* ``W``: every column the c-weighted mean (projected on ``CS``).
 
@@ -567,10 +568,13 @@ def spectral_step(K: np.ndarray, c: np.ndarray, cap: float, *, stop_below: float
     iteration of :func:`solve_saddle` costs O(n^3).  ``converged`` is False (no certificate); ``W`` (every
     column the weights ``w``) is a read-only broadcast view, not an ``(n, n)`` array.  ``v0`` (length ``n``): the
     Lanczos solve's starting vector (from 256 points; e.g. the sigma_0 estimator's top vector of the same matrix).
+    ``K``: the centred Gram matrix, or a :class:`~.sketch.CentredFactor` (from 256 points its products, in the factor's
+    dtype; if Lanczos does not converge on them, the step on the matrix formed in float64).
     """
-    K = np.asarray(K, dtype=np.float64)
-    c = np.asarray(c, dtype=np.float64)
     n = K.shape[0]
+    if not (isinstance(K, CentredFactor) and n >= 256):
+        K = dense_gram(K)  # (a factor's products from 256 points, in its dtype: the matrix is never formed)
+    c = np.asarray(c, dtype=np.float64)
     cap = max(cap, 1.0 / n)
     w = project_capped_rows((c / c.sum())[None, :], cap)[0]
     d = np.sqrt(c)
@@ -582,13 +586,19 @@ def spectral_step(K: np.ndarray, c: np.ndarray, cap: float, *, stop_below: float
         def matvec(v: np.ndarray) -> np.ndarray:
             u = d * np.asarray(v).reshape(-1)
             u -= w * u.sum()
-            x = K @ u
+            x = np.asarray(K @ u, dtype=np.float64)
             x -= float(w @ x)
             return d * x
 
         op = scipy.sparse.linalg.LinearOperator((n, n), matvec=matvec, dtype=np.float64)
         start = None if v0 is None or v0.shape != (n,) or not np.all(np.isfinite(v0)) or not np.any(v0) else v0
-        sig, U = scipy.sparse.linalg.eigsh(op, k=1, which="LA", tol=SPECTRAL_TOL, ncv=SPECTRAL_NCV, v0=start)
+        try:
+            sig, U = scipy.sparse.linalg.eigsh(op, k=1, which="LA", tol=SPECTRAL_TOL, ncv=SPECTRAL_NCV, v0=start)
+        except scipy.sparse.linalg.ArpackNoConvergence:
+            if not isinstance(K, CentredFactor):
+                raise
+            # products in float32 (a factor of float32 rows) too coarse for the tolerance: the matrix, in float64
+            return spectral_step(K.dense(), c, cap, stop_below=stop_below, v0=v0)
     else:
         Kw = K @ w
         P = _weighted_centred(K, Kw, float(w @ Kw), d)  # D^{1/2} (I - 1 w^T) K (I - w 1^T) D^{1/2}, symmetrised

@@ -27,6 +27,8 @@ import scipy.linalg
 import scipy.linalg.lapack
 import scipy.sparse.linalg
 
+from .sketch import CentredFactor
+
 
 def sigma0_from_theory(
     sigma_sq: float,
@@ -142,7 +144,7 @@ def lanczos_top(matvec: Callable[[np.ndarray], np.ndarray], n: int, v0: np.ndarr
     return theta, x / float(np.linalg.norm(x))
 
 
-def top_eig_centred(K: np.ndarray, idx: np.ndarray, v0: np.ndarray | None = None,
+def top_eig_centred(K: np.ndarray | CentredFactor, idx: np.ndarray, v0: np.ndarray | None = None,
                     K32: np.ndarray | None = None, tol: float | None = None,
                     max_steps: int | None = None) -> tuple[float, np.ndarray]:
     """Top eigenpair of the centred Gram matrix of the points ``idx``.
@@ -155,14 +157,18 @@ def top_eig_centred(K: np.ndarray, idx: np.ndarray, v0: np.ndarray | None = None
     Gram matrix in float32 move the estimate in its 7th digit).  ``tol``: the Lanczos solve's relative tolerance
     (default :data:`LANCZOS_TOL`).
     ``max_steps`` (from :data:`LANCZOS_MIN_N` points): at most that many Lanczos steps, no restart
-    (:func:`lanczos_top`), instead of ARPACK's solve to ``tol``.
+    (:func:`lanczos_top`), instead of ARPACK's solve to ``tol``.  ``K`` may be a :class:`~.sketch.CentredFactor`: its
+    products (in its dtype) from :data:`LANCZOS_MIN_N` points, the formed submatrix below.
     """
     n = idx.size
     tol = LANCZOS_TOL if tol is None else float(tol)
+    if isinstance(K, CentredFactor) and n < LANCZOS_MIN_N:
+        sub = K.rows(idx).dense()
+        return _top_eig_dense(sub, np.arange(n, dtype=np.intp))
     if n >= LANCZOS_MIN_N:
         # Centring applied implicitly (H K_T H v with H = I - 11^T/n) and K_T read through the
         # full K with zero padding: no submatrix or centred copy per step.
-        Km = K if K32 is None else K32
+        Km = K if K32 is None else K32  # a CentredFactor: two products with the factor (in its dtype)
         full = np.zeros(K.shape[0], dtype=Km.dtype)
 
         def matvec(v: np.ndarray) -> np.ndarray:
@@ -203,7 +209,7 @@ def estimate_sigma0_sq(gram: np.ndarray, eps_tilde: float) -> float:
     return estimate_sigma0(gram, eps_tilde).value
 
 
-def estimate_sigma0(gram: np.ndarray, eps_tilde: float) -> Sigma0Estimate:
+def estimate_sigma0(gram: np.ndarray | CentredFactor, eps_tilde: float) -> Sigma0Estimate:
     """Automatic ``sigma_0^2`` from the Gram matrix, using only ``eps_tilde``, with the top eigenvectors of its first and
     last solves (:class:`Sigma0Estimate`).  The filter's spectral steps start their Lanczos solves from them: the first
     step from the first solve's vector (the same matrix: issue 12, on a clean round at R = 1000, 6 ms against 11-16 ms
@@ -249,7 +255,7 @@ def estimate_sigma0(gram: np.ndarray, eps_tilde: float) -> Sigma0Estimate:
     # the Lanczos solves' products in float32 (one copy for all of them), unless the entries (|K_ij| <= max_i K_ii for a
     # Gram matrix) would overflow float32 in a product: then in float64
     K32 = None
-    if R >= LANCZOS_MIN_N:
+    if R >= LANCZOS_MIN_N and not isinstance(gram, CentredFactor):  # (a factor's products are in its own dtype)
         top_diag = float(np.max(np.diag(gram)))
         if np.isfinite(top_diag) and top_diag * R < float(np.finfo(np.float32).max) / 16:
             K32 = gram.astype(np.float32)

@@ -97,12 +97,69 @@ def centre_gram(Y: np.ndarray, low_precision: bool) -> np.ndarray:
     ``syrk``), ``0.5 (G + G^T)`` in float64, bit for bit; the centring and cast, and the widening and symmetrising,
     each one compiled pass (:func:`~.kernels.centred_rows`, :func:`~.kernels.symmetrised64`) instead of numpy's
     temporaries of the sketch's and the Gram matrix's size."""
-    from .kernels import centred_rows, symmetrised64
+    return centre_factor(Y, low_precision).dense()  # products in float32 for float32 rows: the sketch is approximate
+
+
+#: From this many rows a sketched filter keeps the centred Gram matrix as its factor (:class:`CentredFactor`): forming
+#: ``Yc Yc^T`` costs ``R^2 m / 2`` multiply-adds, the filter's 60-100 products with it ``2 R m`` each, whatever ``m``
+#: (issue 12, the sixteenth landing: at R = 1000, m = 1024, 20 ms for the matrix, 0.05-0.11 ms a product with it,
+#: 0.11 ms with the factor; RGE's decode of R rows of d = 2e4, the factor against the matrix: 27.0 / 23.2 ms at
+#: R = 500, 26.0 / 25.8 at 600, 28.5 / 32.1 at 700, 39.4 / 51.3 at 1000, 56.8 / 103 at 1500, far attackers;
+#: 39.5 / 41.2 and 48.2 / 55.6 ms at R = 700 and 1000 on clean rounds).
+FACTOR_MIN_ROWS = 700
+
+
+class CentredFactor:
+    """The centred Gram matrix ``K = Yc Yc^T`` of a sketch ``Y`` (``Yc`` its rows centred, ``(n, m)``), kept as the
+    factor ``Yc``: a product ``K v`` is two with ``Yc`` (``2 n m`` multiply-adds, in ``Yc``'s dtype), and ``K`` is
+    never formed (``n^2 m / 2``), for the filter's Lanczos solves at large ``n`` (:func:`~.sigma.top_eig_centred`,
+    :func:`~.saddle.spectral_step`).  The dense matrix of a few rows is :meth:`dense` (small solves).
+
+    ``shape`` is ``K``'s, ``dtype`` the factor's (the products' precision: float32 for float32 rows, as
+    :func:`centre_gram`'s products)."""
+
+    def __init__(self, Yc: np.ndarray) -> None:
+        if Yc.ndim != 2:
+            raise ValueError("the factor must be a matrix")
+        self.factor = np.ascontiguousarray(Yc)
+        n = self.factor.shape[0]
+        self.shape = (n, n)
+        self.dtype = self.factor.dtype
+
+    def __matmul__(self, v: np.ndarray) -> np.ndarray:
+        """``K v`` for a vector ``v`` (cast to the factor's dtype), in the factor's dtype."""
+        v = np.asarray(v, dtype=self.dtype)
+        return self.factor @ (v @ self.factor)
+
+    def diagonal(self) -> np.ndarray:
+        """``diag(K)``, the rows' squared norms (float64 sums of the factor's entries)."""
+        F = self.factor
+        return np.einsum("ij,ij->i", F, F, dtype=np.float64)
+
+    def rows(self, idx: np.ndarray) -> CentredFactor:
+        """``K[np.ix_(idx, idx)]`` as a factor (the rows ``idx`` of ``Yc``, gathered)."""
+        return CentredFactor(self.factor[np.asarray(idx, dtype=np.intp)])
+
+    def dense(self) -> np.ndarray:
+        """``K`` formed (float64, symmetrised: :func:`centre_gram`'s values for the same factor)."""
+        from .kernels import symmetrised64
+
+        return symmetrised64(self.factor @ self.factor.T)
+
+
+def dense_gram(K: np.ndarray | CentredFactor) -> np.ndarray:
+    """``K`` as a float64 matrix (a :class:`CentredFactor` formed)."""
+    return K.dense() if isinstance(K, CentredFactor) else np.asarray(K, dtype=np.float64)
+
+
+def centre_factor(Y: np.ndarray, low_precision: bool) -> CentredFactor:
+    """:func:`centre_gram`'s matrix kept as its factor: the centred rows of ``Y`` (float32 if ``low_precision``)."""
+    from .kernels import centred_rows
 
     Y = np.ascontiguousarray(Y, dtype=np.float64)
-    Yc = np.empty(Y.shape, dtype=np.float32 if low_precision else np.float64)  # the sketch is approximate anyway
+    Yc = np.empty(Y.shape, dtype=np.float32 if low_precision else np.float64)
     centred_rows(Y, Y.mean(axis=0), Yc)
-    return symmetrised64(Yc @ Yc.T)
+    return CentredFactor(Yc)
 
 
 def sketched_centred_gram(updates: ArrayLike, dim: int, rng: np.random.Generator) -> np.ndarray:
