@@ -702,3 +702,19 @@ def test_sigma0_on_a_factor_matches_the_formed_matrix():
         a, b = sigma.estimate_sigma0(F, 0.2), sigma.estimate_sigma0(F.dense(), 0.2)
         assert a.value == pytest.approx(b.value, rel=1e-5)
         np.testing.assert_array_equal(a.kept, b.kept)
+
+
+def test_tridiagonal_ritz_pairs_are_scipys_bit_for_bit():
+    """The Lanczos steps' tridiagonal eigensolve calls LAPACK's ``dstevd`` directly: ``eigh_tridiagonal``'s values and
+    vectors bit for bit, the 1 x 1 case included."""
+    import scipy.linalg
+
+    from flwr_byzantine.aggregators.sigma import _tridiagonal_eigh
+
+    rng = np.random.default_rng(12)
+    for n in (1, 2, 3, 7, 12, 40):
+        a, b = rng.normal(size=n), np.abs(rng.normal(size=n - 1))
+        w, v = _tridiagonal_eigh(a, b)
+        w0, v0 = scipy.linalg.eigh_tridiagonal(a, b)
+        np.testing.assert_array_equal(w, w0)
+        np.testing.assert_array_equal(v, v0)
