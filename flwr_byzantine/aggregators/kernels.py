@@ -46,8 +46,11 @@ from ._median31 import median31_block
 
 #: Columns of one tile of the float64 sums of a compiled pass: each row's sum is accumulated tile after tile
 #: (the rows themselves are read row after row, one contiguous run each: column tiles of all rows, every
-#: row a separate short run, measured 1.7-1.9x slower than the same arithmetic row by row).
-KERNEL_TILE = 4096
+#: row a separate short run, measured 1.7-1.9x slower than the same arithmetic row by row).  512 columns: a pass
+#: that reads back the tile it has just written (the clipping's distances) finds it, and the tiles of the vectors
+#: it shares across rows, in L1 (issue 12, the sixteenth landing: the clipping 1.87x / 2.35x ``np.mean`` against
+#: 1.95x / 2.82x with 4096 at R = 1000, d = 1e5 / R = 100, d = 1e6; 2 % of a default-defence round at both).
+KERNEL_TILE = 512
 #: Values of one transposed block of the selection network (``padded size x columns``), kept in L2.
 SELECT_BLOCK_VALUES = 1 << 16
 
@@ -303,8 +306,8 @@ def drift_and_deviations(G, rows, T, slots, sample, lo, hi, npad, drift, sq, blo
         acc = 0.0
         acc_x = 0.0
         acc_u = 0.0
-        for c0 in range(0, d, 4096):
-            c1 = min(d, c0 + 4096)
+        for c0 in range(0, d, KERNEL_TILE):
+            c1 = min(d, c0 + KERNEL_TILE)
             if changes:
                 a, b, p = _sum_sq_deviation_and_change(g[c0:c1], t[c0:c1], drift[c0:c1], u[c0:c1], c1 - c0)
                 acc += a
@@ -362,8 +365,8 @@ def clip_rows(V, G, rows, T, slots, drift, factors, store, centre, csq):
             t = T[slots[i]]
             f = factors[i]
             acc = 0.0
-            for c0 in range(0, d, 4096):
-                c1 = min(d, c0 + 4096)
+            for c0 in range(0, d, KERNEL_TILE):
+                c1 = min(d, c0 + KERNEL_TILE)
                 _store_segment(g[c0:c1], t[c0:c1], drift[c0:c1], f)
                 if dist:
                     acc += _sum_sq_diff(t[c0:c1], centre[c0:c1], c1 - c0)
@@ -376,8 +379,8 @@ def clip_rows(V, G, rows, T, slots, drift, factors, store, centre, csq):
         v = V[rows[i]]
         f = factors[i]
         acc = 0.0
-        for c0 in range(0, d, 4096):
-            c1 = min(d, c0 + 4096)
+        for c0 in range(0, d, KERNEL_TILE):
+            c1 = min(d, c0 + KERNEL_TILE)
             _clip_segment(v[c0:c1], g[c0:c1], t[c0:c1], drift[c0:c1], f, store)
             if dist:
                 acc += _sum_sq_diff(v[c0:c1], centre[c0:c1], c1 - c0)
@@ -486,8 +489,8 @@ def diff_stats_store(G, rows, T, prev, u, sq, dots):
         t = T[prev[i]]
         a = 0.0
         b = 0.0
-        for c0 in range(0, d, 4096):
-            c1 = min(d, c0 + 4096)
+        for c0 in range(0, d, KERNEL_TILE):
+            c1 = min(d, c0 + KERNEL_TILE)
             s, p = _diff_stats_store_segment(g[c0:c1], t[c0:c1], u[c0:c1])
             a += s
             b += p
@@ -539,8 +542,8 @@ def centre_distances_and_projections(G, rows, centre, u, sq, proj):
         g = G[rows[r]]
         acc = 0.0
         dot = 0.0
-        for c0 in range(0, d, 4096):
-            c1 = min(d, c0 + 4096)
+        for c0 in range(0, d, KERNEL_TILE):
+            c1 = min(d, c0 + KERNEL_TILE)
             if along:
                 a, p = _sum_sq_diff_and_dot(g[c0:c1], centre[c0:c1], u[c0:c1], c1 - c0)
                 acc += a
