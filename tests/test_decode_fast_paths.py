@@ -478,13 +478,25 @@ def test_spectral_steps_start_from_the_sigma_estimators_top_vectors(monkeypatch)
             starts.append(k.get("v0"))
         return real(A, *a, **k)
 
+    short = []
+    real_short = saddle.lanczos_top
+
+    def lanczos_top(matvec, n, v0, *a, **k):  # the steps' short runs before a tight solve (a stopping level given)
+        short.append(v0)
+        return real_short(matvec, n, v0, *a, **k)
+
     assert saddle.SPECTRAL_TOL != sigma.LANCZOS_TOL
     monkeypatch.setattr(scipy.sparse.linalg, "eigsh", eigsh)
+    monkeypatch.setattr(saddle, "lanczos_top", lanczos_top)
     res = RGE(eps_tilde=0.2, spectral_above=100).aggregate(G)
     np.testing.assert_array_equal(res.kept, np.arange(f, R))
-    assert len(starts) == 2 and starts[0] is not None and starts[1] is not None
-    np.testing.assert_allclose(np.abs(starts[0]), np.abs(est.top), rtol=0, atol=1e-5)  # the same solve
-    np.testing.assert_allclose(np.abs(starts[1]), np.abs(est.kept_top), rtol=0, atol=0.05)  # on the same points
+    # the first step: its short run from the estimator's first vector passes the stopping level at once (the
+    # cluster), and the tight solve starts where it stopped; the second, on the honest points, stops after its short run
+    assert len(short) == 2 and short[0] is not None and short[1] is not None
+    assert len(starts) == 1 and starts[0] is not None
+    np.testing.assert_allclose(np.abs(short[0]), np.abs(est.top), rtol=0, atol=1e-5)  # the same solve
+    np.testing.assert_allclose(np.abs(starts[0]), np.abs(est.top), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.abs(short[1]), np.abs(est.kept_top), rtol=0, atol=0.05)  # on the same points
     # the start on other points: the estimator's entries where a point is in both, zero elsewhere; none when less than
     # START_MIN_SHARE of the vector's squared norm is left
     on = np.arange(10, 20)
@@ -718,3 +730,57 @@ def test_tridiagonal_ritz_pairs_are_scipys_bit_for_bit():
         w0, v0 = scipy.linalg.eigh_tridiagonal(a, b)
         np.testing.assert_array_equal(w, w0)
         np.testing.assert_array_equal(v, v0)
+
+
+def test_spectral_step_stops_after_a_short_lanczos_run_below_its_level(monkeypatch):
+    """With a stopping level above the top eigenvalue, the spectral step (from 256 points) stops after a short Lanczos
+    run (its Ritz value plus its residual below the level) without ARPACK's tight solve; below the top eigenvalue it
+    takes the tight solve, the dense eigenpair."""
+    import scipy.sparse.linalg
+
+    from flwr_byzantine.aggregators import saddle
+
+    rng = np.random.default_rng(13)
+    n = 400
+    X = rng.normal(size=(n, 600))
+    K = centred_gram(X)
+    c = np.ones(n)
+    cap = saddle.capped_simplex_cap(0.8, n)
+    w = project_capped_rows((c / c.sum())[None, :], cap)[0]
+    H = np.eye(n) - w[None, :]
+    top = float(np.linalg.eigvalsh(0.5 * ((H @ K @ H.T) + (H @ K @ H.T).T))[-1])
+    calls = []
+    real = scipy.sparse.linalg.eigsh
+    monkeypatch.setattr(scipy.sparse.linalg, "eigsh", lambda *a, **k: calls.append(1) or real(*a, **k))
+    high = saddle.spectral_step(K, c, cap, stop_below=2.0 * top)
+    assert calls == [] and high.early_exit
+    assert top * (1 - 1e-2) <= high.upper <= top * (1 + 1e-9)  # a Ritz value: below the top eigenvalue, near it
+    low = saddle.spectral_step(K, c, cap, stop_below=0.5 * top)
+    assert calls == [1] and not low.early_exit
+    assert low.upper == pytest.approx(top, rel=1e-9)
+
+
+def test_lanczos_top_stops_above_a_level():
+    """``above``: the run stops at the first Ritz value beyond the level (Ritz values only grow)."""
+    from flwr_byzantine.aggregators.sigma import lanczos_top
+
+    rng = np.random.default_rng(14)
+    n = 300
+    vals = np.linspace(1.0, 2.0, n)
+    Q = np.linalg.qr(rng.normal(size=(n, n)))[0]
+    A = (Q * vals) @ Q.T
+    seen = []
+
+    def matvec(v):
+        seen.append(1)
+        return A @ v
+
+    theta, _ = lanczos_top(matvec, n, None, 1e-12, 30, above=1.9)
+    steps = len(seen)
+    assert theta > 1.9 and 2 <= steps < 30
+    seen.clear()
+    before, _ = lanczos_top(matvec, n, None, 1e-12, steps - 1)
+    assert len(seen) == steps - 1 and before <= 1.9 < theta  # the same run one step shorter had not passed the level
+    seen.clear()
+    theta_all, _ = lanczos_top(matvec, n, None, 1e-12, 30)
+    assert len(seen) == 30 and theta_all >= theta

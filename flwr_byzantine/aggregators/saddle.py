@@ -47,6 +47,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import get_cython_function_address, intrinsic
 from .kernels import SYM_TILE
+from .sigma import lanczos_top
 from .sketch import CentredFactor, dense_gram
 
 #: Eigenvalues more than _WINDOW * mu below the top get soft-max weight < exp(-_WINDOW).
@@ -551,6 +552,11 @@ SPECTRAL_NCV = 10
 #: the gap).  On the nearly flat spectrum of 800 honest points at R = 1000, 1e-10 took 51-66 products, 1e-6 takes 26-31
 #: (issue 12).
 SPECTRAL_TOL = 1e-6
+#: With a stopping level, :func:`spectral_step` first runs at most this many Lanczos steps (:func:`~.sigma.lanczos_top`,
+#: to this tolerance) and stops there when the Ritz value plus its residual's norm is at most the level: the last step
+#: of a filter on the honest points (800 at R = 1000, half the level) took 26-31 products to :data:`SPECTRAL_TOL`
+#: (issue 12, the sixteenth landing).
+SPECTRAL_SHORT_STEPS, SPECTRAL_SHORT_TOL = 12, 1e-3
 
 
 def spectral_step(K: np.ndarray | CentredFactor, c: np.ndarray, cap: float, *, stop_below: float | None = None,
@@ -592,13 +598,25 @@ def spectral_step(K: np.ndarray | CentredFactor, c: np.ndarray, cap: float, *, s
 
         op = scipy.sparse.linalg.LinearOperator((n, n), matvec=matvec, dtype=np.float64)
         start = None if v0 is None or v0.shape != (n,) or not np.all(np.isfinite(v0)) or not np.any(v0) else v0
-        try:
-            sig, U = scipy.sparse.linalg.eigsh(op, k=1, which="LA", tol=SPECTRAL_TOL, ncv=SPECTRAL_NCV, v0=start)
-        except scipy.sparse.linalg.ArpackNoConvergence:
-            if not isinstance(K, CentredFactor):
-                raise
-            # products in float32 (a factor of float32 rows) too coarse for the tolerance: the matrix, in float64
-            return spectral_step(K.dense(), c, cap, stop_below=stop_below, v0=v0)
+        short = None
+        if stop_below is not None:
+            # a short Lanczos run first: when its Ritz value plus its residual's norm is at most the stopping level the
+            # step stops there (Algorithm 3's test, line 5), without the tight solve whose vector only a removal needs
+            theta, x = lanczos_top(matvec, n, start, SPECTRAL_SHORT_TOL, SPECTRAL_SHORT_STEPS, above=stop_below)
+            if theta <= stop_below and theta + float(np.linalg.norm(matvec(x) - theta * x)) <= stop_below:
+                short = (np.array([theta]), x[:, None])
+            else:
+                start = x
+        if short is not None:
+            sig, U = short
+        else:
+            try:
+                sig, U = scipy.sparse.linalg.eigsh(op, k=1, which="LA", tol=SPECTRAL_TOL, ncv=SPECTRAL_NCV, v0=start)
+            except scipy.sparse.linalg.ArpackNoConvergence:
+                if not isinstance(K, CentredFactor):
+                    raise
+                # products in float32 (a factor of float32 rows) too coarse for the tolerance: the matrix, in float64
+                return spectral_step(K.dense(), c, cap, stop_below=stop_below, v0=v0)
     else:
         Kw = K @ w
         P = _weighted_centred(K, Kw, float(w @ Kw), d)  # D^{1/2} (I - 1 w^T) K (I - w 1^T) D^{1/2}, symmetrised

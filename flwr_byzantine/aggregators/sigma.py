@@ -124,13 +124,14 @@ def _tridiagonal_eigh(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def lanczos_top(matvec: Callable[[np.ndarray], np.ndarray], n: int, v0: np.ndarray | None, tol: float,
-                max_steps: int) -> tuple[float, np.ndarray]:
+                max_steps: int, above: float | None = None) -> tuple[float, np.ndarray]:
     """The top Ritz pair of a symmetric operator on ``R^n`` after at most ``max_steps`` Lanczos steps from ``v0`` (a
     fixed pseudo-random start when ``None`` or zero), with full reorthogonalisation (twice, classical Gram-Schmidt),
     stopping as soon as the pair's residual norm ``beta_j |y_j|`` is at most ``tol`` times its value (ARPACK's
     criterion) or the Krylov space is invariant.  For the sigma_0 estimator's trimming solves, whose vectors only
     rank the points to remove: on a nearly flat top spectrum (a clean round) ARPACK's restarts took 26-66 products
-    per solve at R = 1000 for a direction that no tolerance determines (issue 12)."""
+    per solve at R = 1000 for a direction that no tolerance determines (issue 12).  ``above``: also stop as soon as the
+    Ritz value exceeds it (Ritz values only grow with the steps, and the top eigenvalue is at least each of them)."""
     if v0 is None or not np.any(v0) or not np.all(np.isfinite(v0)):
         v0 = np.random.default_rng(n).standard_normal(n)
     steps = max(1, min(int(max_steps), n))
@@ -149,6 +150,8 @@ def lanczos_top(matvec: Callable[[np.ndarray], np.ndarray], n: int, v0: np.ndarr
         vals, vecs = _tridiagonal_eigh(alpha[: j + 1], beta[:j])
         theta, y = float(vals[-1]), vecs[:, -1]
         if beta[j] * abs(float(y[-1])) <= tol * abs(theta) or beta[j] <= 1e-12 * max(abs(theta), 1e-300):
+            break
+        if above is not None and theta > above:
             break
         v = w / beta[j]
     x = V[: j + 1].T @ y
