@@ -378,3 +378,84 @@ def test_fused_fast_rounds_under_churn_are_the_unfused_passes_bit_for_bit(seed):
         assert sa == sb and sorted(arr_a) == sorted(arr_b)
         assert all(np.array_equal(arr_a[k], arr_b[k]) for k in arr_a)
     assert any(pending)  # some rounds left a mature jump's fix to settle after the fold
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_rounds_of_fresh_clients_every_round(dtype):
+    """A cross-device federation: every round a fresh sample of clients (no node seen before, or back after an
+    absence), on fused fast rounds.  A round whose nodes are all new left the references' table empty, and the
+    fold rejected it as a source ("source must be a table of the rows' width and dtype"): every such round failed.
+    Now the rounds run as the unfused passes run them, bit for bit, the far rows are left out, and the memories'
+    table holds the nodes of the last two rounds (a node back after more than one idle round restarts anyway),
+    reusing its rows instead of growing by R rows a round."""
+    R, d = 30, 5000
+    rng = np.random.default_rng(7)
+    fused = RobustDefence(eps_tilde=0.2, seed=0, fast_above=R * d)
+    plain = RobustDefence(eps_tilde=0.2, seed=0, fast_above=R * d)
+    plain.fuse_passes = False
+    truth = rng.normal(size=d)
+    for t in range(8):
+        ids = list(range(t * R, (t + 1) * R)) if t % 4 != 3 else list(range(R))  # round 3 and 7: the first clients
+        G = (truth + rng.normal(size=(R, d)) * 0.3).astype(dtype)
+        G[:4] = dtype(-8.0) * G[:4]  # far rows
+        a = fused.aggregate(G, client_ids=ids)
+        b = plain.aggregate(G, client_ids=ids)
+        assert np.array_equal(a.estimate, b.estimate) and a.kept.tolist() == b.kept.tolist(), t
+        assert not set(a.kept.tolist()) & {0, 1, 2, 3}, t
+        for rule in (fused, plain):
+            assert len(rule.memory) <= 2 * R and rule.memory._m.rows.shape[0] <= 2 * R, t
+    assert len(fused.memory) == len(plain.memory) > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fold_with_every_row_new_does_not_read_the_source_table(dtype):
+    """``source`` rows all ``-1`` (every node new): the table is not read, whatever its shape or dtype (an emptied
+    references' table is ``(0, 0)`` float64), and the fold is the plain fold of the rows."""
+    from flwr_byzantine.aggregators.memory import ClientMomentum
+
+    rng = np.random.default_rng(8)
+    G = rng.standard_normal((5, 300)).astype(dtype)
+    rows = np.array([0, 2, 4])
+    a, b = ClientMomentum(beta=0.6), ClientMomentum(beta=0.6)
+    Ma = a.fold_rows(G, rows, [7, 8, 9], source=(np.zeros((0, 0)), np.full(3, -1)))
+    Mb = b.fold_rows(G, rows, [7, 8, 9])
+    assert np.array_equal(Ma[rows], Mb[rows])
+    with pytest.raises(ValueError):
+        a.fold_rows(G, rows, [7, 8, 9], source=(np.zeros((0, 0)), np.full(2, -1)))  # not one per folded row
+
+
+def test_momentum_forgets_memories_that_can_no_longer_continue():
+    """A node absent for more than ``max_idle_rounds`` calls restarts from its next vector: its memory is dropped
+    (``momentum_of`` gives ``None``) and its row goes to the next new node; a node absent for fewer keeps it."""
+    from flwr_byzantine.aggregators.memory import ClientMomentum
+
+    for idle in (1, 2):
+        mem = ClientMomentum(beta=0.5, max_idle_rounds=idle)
+        X = np.ones((2, 4))
+        mem.fold_rows(X, np.arange(2), [1, 2])
+        for k in range(idle + 1):
+            mem.fold_rows(X, np.arange(1), [1])
+            assert (mem.momentum_of(2) is None) == (k + 1 > idle), (idle, k)
+        rows = mem._m.rows
+        mem.fold_rows(X, np.arange(2), [1, 3])  # node 3 takes node 2's row
+        assert mem._m.rows is rows and sorted(mem._m.index.values()) == [0, 1]
+
+
+def test_an_emptied_table_reuses_its_matrix_for_rows_of_its_shape():
+    """Every node dropped: the next nodes' table reuses the matrix when their rows have its width and dtype (its
+    pages are mapped), and takes a fresh one, in the new rows' dtype, otherwise."""
+    from flwr_byzantine.aggregators.memory import _RowTable
+
+    t = _RowTable()
+    t.put([1, 2, 3], np.ones((3, 8), dtype=np.float32))
+    first = t.rows
+    t.drop([1, 2, 3])
+    assert len(t) == 0 and t.dim is None
+    t.put([4, 5], np.full((2, 8), 2.0, dtype=np.float32))
+    assert t.rows is first and np.array_equal(t.get([4, 5]), np.full((2, 8), 2.0, dtype=np.float32))
+    t.drop([4, 5])
+    t.put([6], np.ones((1, 8)))  # float64 rows: a fresh float64 table (a table takes its first rows' dtype)
+    assert t.rows is not first and t.rows.dtype == np.float64
+    t.drop([6])
+    t.put([7], np.ones((1, 9), dtype=np.float32))  # another width
+    assert t.rows.shape[1] == 9

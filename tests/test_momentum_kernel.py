@@ -75,10 +75,13 @@ def test_fold_rows_is_the_plain_momentum_bit_for_bit_under_churn(dtype, clip):
             assert np.all(np.delete(got, rows, axis=0) == -7.0)
         out = got
         for node in ids:
-            if node in plain.m:
+            if node in plain.m and plain.calls - plain.seen[node] <= plain.max_idle:
                 np.testing.assert_array_equal(mem.momentum_of(node), plain.m[node])
+            elif node in plain.m:  # a memory that can no longer continue (its node would restart) is forgotten
+                assert mem.momentum_of(node) is None
     state = mem.state_dict()
     assert state["calls"] == plain.calls and state["last_seen"] == [plain.seen[i] for i in state["ids"]]
+    assert set(state["ids"]) == {n for n, s in plain.seen.items() if plain.calls - s <= plain.max_idle}
 
 
 def test_update_is_fold_rows_of_every_row():
@@ -144,6 +147,8 @@ def test_large_rounds_fused_momentum_takes_the_numpy_decisions(monkeypatch):
         np.testing.assert_allclose(res_f.estimate, res_p.estimate, rtol=1e-4, atol=1e-5)
         assert {0, 1, 2} <= set(res_f.info["gross"])
         truth = truth * np.float32(0.9)
-    assert len(ref.m) == len(fused.memory) > R - 5  # the far rows' nodes hold no memory
-    for node in ref.m:
+    usable = [n for n in ref.m if ref.calls - ref.seen[n] <= ref.max_idle]  # (node 500's, idle since, is forgotten)
+    assert len(usable) == len(fused.memory) > R - 5  # the far rows' nodes hold no memory
+    for node in usable:
         np.testing.assert_allclose(fused.memory.momentum_of(node), ref.m[node], rtol=1e-4, atol=1e-5)
+    assert all(fused.memory.momentum_of(n) is None for n in set(ref.m) - set(usable))

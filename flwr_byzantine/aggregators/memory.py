@@ -48,6 +48,7 @@ class _RowTable:
         self.rows = np.zeros((0, 0))
         self._free: list[int] = []
         self._fresh = True
+        self._spare: np.ndarray | None = None  # an emptied table's matrix, reused by the next one of its shape
 
     def __len__(self) -> int:
         return len(self.index)
@@ -72,7 +73,11 @@ class _RowTable:
         """Row numbers of ``ids``, giving new ids free rows (the matrix grows, or widens to ``dtype``)."""
         dtype = np.dtype(dtype)
         if self._fresh:
-            self.rows = np.empty((len(ids), dim), dtype=dtype)  # most rounds repeat the same nodes
+            spare, self._spare = self._spare, None
+            if spare is not None and spare.dtype == dtype and spare.shape[1] == dim and spare.shape[0] >= len(ids):
+                self.rows = spare  # its pages are mapped already (a fresh matrix of rows costs its page faults)
+            else:
+                self.rows = np.empty((len(ids), dim), dtype=dtype)  # most rounds repeat the same nodes
             self._fresh = False
         elif np.result_type(self.rows.dtype, dtype) != self.rows.dtype:
             self.rows = self.rows.astype(np.result_type(self.rows.dtype, dtype))
@@ -109,8 +114,10 @@ class _RowTable:
             slot = self.index.pop(i, None)
             if slot is not None:
                 self._free.append(slot)
-        if not self.index:
+        if not self.index:  # a fresh table (it takes the next rows' dtype), reusing this matrix when it fits
+            spare = None if self._fresh else self.rows
             self.clear()
+            self._spare = spare
 
 
 class ClientMomentum:
@@ -121,7 +128,9 @@ class ClientMomentum:
     beta:
         Momentum in ``[0, 1)``.
     max_idle_rounds:
-        A node whose last reply is more than this many calls old restarts from its new vector.
+        A node whose last reply is more than this many calls old restarts from its new vector; its memory, which
+        nothing reads again, is dropped (a federation that samples a few clients of many every round keeps about
+        ``max_idle_rounds + 1`` rounds' nodes, not every node it ever saw).
     """
 
     def __init__(self, beta: float = 0.9, max_idle_rounds: int = 1) -> None:
@@ -188,14 +197,17 @@ class ClientMomentum:
         rows = np.ascontiguousarray(rows, dtype=np.intp)
         if G.ndim != 2 or rows.ndim != 1 or len(ids) != rows.size:
             raise ValueError("G must be (R, d) with one id per folded row")
-        if source is None:
-            S, src = G, rows
-        else:
-            S, src = np.asarray(source[0]), np.ascontiguousarray(source[1], dtype=np.intp)
-            if S.ndim != 2 or S.shape[1] != G.shape[1] or S.dtype != G.dtype or src.shape != rows.shape:
-                raise ValueError("source must be a table of the rows' width and dtype with one row per folded row")
-            if src.size and not (-1 <= int(src.min()) and int(src.max()) < S.shape[0]):
-                raise ValueError("source rows out of range")
+        S, src = G, rows
+        if source is not None:
+            from_table = np.ascontiguousarray(source[1], dtype=np.intp)
+            if from_table.shape != rows.shape:
+                raise ValueError("source must give one row per folded row")
+            if from_table.size and int(from_table.max()) >= 0:  # (every row new, -1: the table is not read at all)
+                S, src = np.asarray(source[0]), from_table
+                if S.ndim != 2 or S.shape[1] != G.shape[1] or S.dtype != G.dtype:
+                    raise ValueError("source must be a table of the rows' width and dtype")
+                if not (-1 <= int(src.min()) and int(src.max()) < S.shape[0]):
+                    raise ValueError("source rows out of range")
         if len(set(ids)) != len(ids):
             raise ValueError("node ids must be distinct within a round")
         if (centre is None) != (factors is None):
@@ -203,6 +215,7 @@ class ClientMomentum:
         if self._m.dim is not None and self._m.dim != G.shape[1]:
             self.reset()
         self.calls += 1
+        self._forget_stale(ids)
         cont = np.fromiter((node in self._m.index and self.calls - self._seen.get(node, -10**9) <= self.max_idle_rounds
                             for node in ids), dtype=bool, count=len(ids))
         slots = self._m.assign(ids, G.shape[1], G.dtype)
@@ -227,6 +240,19 @@ class ClientMomentum:
             view.flags.writeable = False
             return view
         return out
+
+    def _forget_stale(self, ids: Sequence[int]) -> None:
+        """Drop the memories of the nodes absent from this call (``ids``) that can no longer continue theirs: a node
+        back after more than ``max_idle_rounds`` calls restarts from its new vector anyway, so its memory is never
+        read again.  Their rows are reused by new nodes: a federation that samples a few clients of many every round
+        keeps a table of about the clients of its last ``max_idle_rounds`` rounds, not of every client it ever saw."""
+        present = set(ids)
+        stale = [node for node, seen in self._seen.items()
+                 if self.calls - seen > self.max_idle_rounds and node not in present]
+        if stale:
+            self._m.drop(stale)
+            for node in stale:
+                del self._seen[node]
 
     def hold(self, ids: Sequence[int]) -> None:
         """Nodes that replied in the last :meth:`fold_rows` call but whose reply was not folded (left out of the
