@@ -27,7 +27,7 @@ from .._backend import LARGE_ENERGY, ArrayLike, centred_gram, check_matrix, is_t
 from .base import AggregationResult, Aggregator
 from .saddle import capped_simplex_cap, solve_saddle, spectral_step
 from .sigma import estimate_sigma0, start_on
-from .sketch import FACTOR_MIN_ROWS, CentredFactor, centre_factor, centre_gram, dense_gram, sketch_rows
+from .sketch import FACTOR_MIN_ROWS, CentredFactor, centre_factor, centre_gram, dense_gram, gram_rows, sketch_rows
 from .streaming import rows_mean
 
 logger = logging.getLogger(__name__)
@@ -256,8 +256,7 @@ class RGE(Aggregator):
                 scale = float(np.sum(energy if rows is None else energy[rows]))
             else:
                 mean64 = to_numpy64(mean)
-                trace = float(np.sum(gram.diagonal())) if isinstance(gram, CentredFactor) else float(np.trace(gram))
-                scale = trace + R * float(mean64 @ mean64)
+                scale = float(np.sum(gram.diagonal())) + R * float(mean64 @ mean64)  # (a matrix's or a factor's)
         elif rows is None:
             gram, scale = centred_gram(updates, with_scale=True, mean=mean)
         t_gram = time.perf_counter() - t0
@@ -331,12 +330,7 @@ class RGE(Aggregator):
             if active.size <= 1:
                 statistic = 0.0
                 break
-            if active.size == R:
-                Ka = gram
-            elif isinstance(gram, CentredFactor):
-                Ka = gram.rows(active)
-            else:
-                Ka = gram[np.ix_(active, active)]  # read only: no copy of the whole matrix
+            Ka = gram if active.size == R else gram_rows(gram, active)  # read only: no copy of the whole matrix
             spectral = self.spectral_above is not None and active.size > self.spectral_above
             if spectral:
                 # the first step's matrix is the estimator's first one (all weights 1); a later step's, after the

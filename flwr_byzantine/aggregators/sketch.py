@@ -152,6 +152,11 @@ def dense_gram(K: np.ndarray | CentredFactor) -> np.ndarray:
     return K.dense() if isinstance(K, CentredFactor) else np.asarray(K, dtype=np.float64)
 
 
+def gram_rows(K: np.ndarray | CentredFactor, idx: np.ndarray) -> np.ndarray | CentredFactor:
+    """``K[np.ix_(idx, idx)]``: a matrix's submatrix, or a :class:`CentredFactor`'s rows (:meth:`CentredFactor.rows`)."""
+    return K.rows(idx) if isinstance(K, CentredFactor) else K[np.ix_(idx, idx)]
+
+
 def centre_factor(Y: np.ndarray, low_precision: bool) -> CentredFactor:
     """:func:`centre_gram`'s matrix kept as its factor: the centred rows of ``Y`` (float32 if ``low_precision``)."""
     from .kernels import centred_rows
