@@ -80,6 +80,31 @@ def test_drift_and_deviations_against_the_plain_formulation(dtype, n, d, m):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d", [(1, 5), (2, KERNEL_TILE + 1), (7, 3 * KERNEL_TILE - 7), (10, 5000)])
+@pytest.mark.parametrize("with_u", [False, True])
+def test_deviations_two_rows_at_a_time_are_each_rows_own_sums(dtype, n, d, with_u):
+    """The pass sums two rows at a time, tile by tile: every row's three sums are the bits that row alone gives."""
+    from flwr_byzantine.aggregators.kernels import _deviation_rows
+
+    rng = np.random.default_rng(n + d)
+    G = (rng.standard_normal((n + 2, d)) * 10.0 ** rng.integers(-3, 4, (n + 2, 1))).astype(dtype)
+    T = rng.standard_normal((n + 5, d)).astype(dtype)
+    rows = rng.permutation(n + 2)[:n]
+    slots = rng.permutation(n + 5)[:n]
+    u = rng.standard_normal(d)
+    u = (u / np.linalg.norm(u)).astype(dtype) if with_u else np.empty(0, dtype=dtype)
+    out = reference_deviation_stats(G, rows, T, slots, np.arange(min(n, 3)), u if with_u else None)
+    drift = out[0]
+    alone = [np.full(n, np.nan) for _ in range(3)]
+    for i in range(n):
+        _deviation_rows(G, rows.astype(np.intp), T, slots.astype(np.intp), drift, u, *alone, i, i + 1)
+    np.testing.assert_array_equal(out[1], alone[0])
+    if with_u:
+        np.testing.assert_array_equal(out[2], alone[1])
+        np.testing.assert_array_equal(out[3], alone[2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,d,m", [(40, 2 * KERNEL_TILE + 5, 31), (300, 1001, 75), (9, 70000, 3)])
 def test_sampled_rows_stats_from_the_networks_block_copy(dtype, n, d, m):
     """A strict sample: the sampled rows' deviations and changes come from the block copy beside the network (the rows
