@@ -278,11 +278,11 @@ def drift_and_deviations(G, rows, T, slots, sample, lo, hi, npad, drift, sq, blo
     ``sample.size`` values, ``npad`` wires) leaves their medians in the middle rows (blocks of
     ``block_values // npad`` columns).  Then every row's deviations, row after row (one contiguous run
     per row: column tiles of all rows, each row a separate short run, measured 1.7x slower), summed tile by
-    tile of :data:`KERNEL_TILE` columns, two rows at a time (:func:`_deviation_rows`: the drift's and ``u``'s tile read
-    once for both).  The differences are ``(G - T) - drift`` in the rows' dtype, as numpy computes them.  ``u`` (a unit vector of the
-    rows' dtype, or empty to skip): also every row's change from its reference, ``change_sq[i] = ||G[rows[i]] -
-    T[slots[i]]||^2`` and ``change_dots[i] = <G[rows[i]] - T[slots[i]], u>`` (float64), from the same read (the
-    default defence's monotonicity evidence on large rounds).
+    tile of :data:`KERNEL_TILE` columns, two rows at a time (:func:`_deviation_rows`: the drift's and ``u``'s tile
+    read once for both).  The differences are ``(G - T) - drift`` in the rows' dtype, as numpy computes them.  ``u``
+    (a unit vector of the rows' dtype, or empty to skip): also every row's change from its reference,
+    ``change_sq[i] = ||G[rows[i]] - T[slots[i]]||^2`` and ``change_dots[i] = <G[rows[i]] - T[slots[i]], u>``
+    (float64), from the same read (the default defence's monotonicity evidence on large rounds).
     """
     n = rows.size
     d = G.shape[1]
