@@ -84,7 +84,7 @@ OMNI_ATTACKS = ("omni:alie", "omni:ipm", "omni:sign-flip", "omni:defence-aware",
 ATTACKS = CLIENT_ATTACKS + OMNI_ATTACKS
 PEERS = ("cclip", "nnm:cclip", "multi-krum", "trimmed-mean", "median", "geomed")
 MOMENTUM_PEERS = ("wm:cclip", "wm:nnm:cclip", "wm:multi-krum", "wm:trimmed-mean")
-ABLATIONS = ("rge/evidence-last-replies", "rge/no-step-trim", "rge/fold-dropped", "rge/mixing", "rge/evidence-floor-0.01", "rge/evidence-floor-0.1", "rge/no-evidence", "rge/evidence-level-0", "rge/no-relative-level",
+ABLATIONS = ("rge/evidence-last-replies", "rge/no-step-trim", "rge/step-trim-both", "rge/fold-dropped", "rge/mixing", "rge/evidence-floor-0.01", "rge/evidence-floor-0.1", "rge/no-evidence", "rge/evidence-level-0", "rge/no-relative-level",
              "rge/no-skip-anomalies", "rge/no-self-ref",
              "rge/no-jump", "rge/no-burn-in", "rge/no-gross", "rge/no-clip", "rge/threshold-4", "rge/no-momentum",
              "rge/momentum", "rge/momentum-0.5",
@@ -172,6 +172,8 @@ def build_rule(name: str, num_nodes: int, f: int, mode: str = "gradient"):
             kw = dict(threshold_factor=4.0)
         elif variant == "no-spend-budget":  # filter, mix and clip even when floor(eps R) rows are already left out
             kw = dict(spend_budget=False)
+        elif variant == "step-trim-both":  # the trimmed component along the step either way (the tenth landing's)
+            kw = dict(step_trim="both")
         elif variant == "no-step-trim":  # the clipped estimate without the trimmed component along the filter's estimate
             kw = dict(step_trim=False)
         elif variant == "fold-dropped":  # jumps and copies clipped into their nodes' memories (the ninth landing)

@@ -137,6 +137,38 @@ def test_sign_flip_and_scaled_negative():
         ScaledNegative(scale=-1.0)
 
 
+def test_orthogonal_bias_sits_at_the_honest_distance_off_the_step_in_one_direction():
+    from flwr_byzantine.attacks import OrthogonalBias
+
+    H = honest_rows(n=12, d=400)
+    mu = H.mean(axis=0)
+    r = float(np.median(np.linalg.norm(H - mu, axis=1)))
+    a = OrthogonalBias(c=1.5, seed=3)
+    out = a.craft(H, 4, round=7)
+    assert out.shape == (4, 400) and out.dtype == H.dtype
+    off = out - mu
+    np.testing.assert_allclose(np.linalg.norm(off, axis=1), 1.5 * r, rtol=0.01)  # the noise is 5 % of r, spread
+    e = a.direction(mu)
+    assert abs(float(e @ mu)) < 1e-9 * np.linalg.norm(mu) and abs(np.linalg.norm(e) - 1.0) < 1e-12
+    np.testing.assert_allclose(off.mean(axis=0) @ e, 1.5 * r, rtol=0.01)
+    # the same direction for every colluder and round; each row's own noise
+    other = OrthogonalBias(c=1.5, seed=9).craft(H, 4, round=8)
+    np.testing.assert_allclose((other - mu) @ e, off @ e, rtol=0.02)
+    assert not np.allclose(other, out)
+    # against > 0 tilts the direction toward -mu
+    assert float(OrthogonalBias(against=1.0).direction(mu) @ mu) < 0
+    # float32 and torch in, the same type out
+    o32 = OrthogonalBias().craft(H.astype(np.float32), 2)
+    assert o32.dtype == np.float32
+    ot = OrthogonalBias().craft(torch.as_tensor(H), 2)
+    assert isinstance(ot, torch.Tensor) and ot.dtype == torch.float64
+    np.testing.assert_allclose(ot.numpy(), OrthogonalBias().craft(H, 2))
+    assert make_attack("orthogonal", c=2.0).c == 2.0
+    for bad in ({"c": -1.0}, {"noise": float("nan")}, {"direction_seed": -1}, {"against": "x"}):
+        with pytest.raises(ValueError):
+            OrthogonalBias(**bad)
+
+
 def test_mimic_copies_the_max_projection_honest_row():
     rng = np.random.default_rng(3)
     d = 40
@@ -379,7 +411,7 @@ def test_mobile_adversary_validation():
 def test_registry_names_and_errors():
     assert set(ATTACKS) == {
         "gaussian", "sign-flip", "scaled-negative", "alie", "ipm", "mimic", "erasure", "arbitrary",
-        "defence-aware", "label-flip", "random-labels", "sleeper", "memory-aware", "min-max", "min-sum",
+        "defence-aware", "label-flip", "random-labels", "sleeper", "memory-aware", "min-max", "min-sum", "orthogonal",
     }
     assert set(DATA_ATTACKS) == {"label-flip", "random-labels"}
     assert all(issubclass(ATTACKS[n], UpdateAttack) for n in UPDATE_ATTACKS)

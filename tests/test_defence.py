@@ -313,6 +313,37 @@ def test_defence_parameter_validation():
             RobustDefence(**kw)
     with pytest.raises(ValueError):
         RobustDefence().aggregate(np.ones((3, 2)), client_ids=[1, 2])
+    for bad in ("up", 1, "raise_only"):
+        with pytest.raises(ValueError):
+            RobustDefence(step_trim=bad)
+
+
+def test_step_trim_raises_the_step_by_default():
+    """The trimmed component along the step applies only where it lengthens the step (the seventeenth landing);
+    ``True`` is the tenth landing's rule, either way."""
+    assert RobustDefence().step_trim == "raise"
+    assert RobustDefence(step_trim=True).step_trim == "both"
+    assert RobustDefence(step_trim="both").step_trim == "both"
+    assert RobustDefence(step_trim=False).step_trim is None
+    # a round with an orthogonal bias (a fifth of the rows off the step): "both" shortens the step, "raise" does not
+    rng = np.random.default_rng(5)
+    d, ids = 300, list(range(20))
+    mean = np.zeros(d)
+    mean[0] = 1.0
+    off = np.zeros(d)
+    off[1] = 6.0  # inside the filter's threshold: the four rows are kept and clipped
+    H = mean + 0.5 * rng.standard_normal((16, d))
+    H -= H.mean(axis=0) - mean  # the honest mean exactly the step e_0
+    G = np.vstack([H, mean + off + 0.01 * rng.standard_normal((4, d))])
+    est = {}
+    for mode in ("raise", "both", False):
+        rule = RobustDefence(eps_tilde=0.2, step_trim=mode, evidence=False, momentum=0.0, self_clip_scale=None,
+                             jump_factor=None, duplicate_tol=None, gross_factor=None, far_factor=None, seed=0)
+        res = rule.aggregate(G, client_ids=ids)
+        assert res.kept.size == 20 and res.info["step_trim"] == (0 if mode is False else 4)
+        est[mode] = res.estimate
+    assert est["both"][0] < 0.8 * est[False][0]  # about 1 / (1 + (0.2 * 6)^2) of the step: the centre rescaled
+    np.testing.assert_array_equal(est["raise"], est[False])
 
 
 # ------------------------------------------------------------------ attacks on memory

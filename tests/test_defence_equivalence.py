@@ -127,12 +127,13 @@ def reference_rounds(rounds, eps_tilde: float, threshold_factor: float = 1.5, cl
                 f = np.minimum(1.0, radius / np.maximum(dist, 1e-300))
                 estimate = centre + (f[:, None] * (surv - centre)).mean(axis=0)
                 # along the centre's direction: the trimmed mean of the survivors' components, trimming the budget
-                # the round has not spent from each side
+                # the round has not spent from each side, where it is above the clipped estimate's component
                 trim, cn = max(budget - (G.shape[0] - kept.size), 0), float(np.linalg.norm(centre))
                 if trim > 0 and kept.size > 2 * trim and cn > 0:
                     u = centre / cn
                     p = np.sort((surv - centre) @ u)
-                    estimate = estimate + (float(np.mean(p[trim:kept.size - trim])) - (estimate - centre) @ u) * u
+                    raise_by = float(np.mean(p[trim:kept.size - trim])) - (estimate - centre) @ u
+                    estimate = estimate + max(raise_by, 0.0) * u
         last_estimate = estimate
         out.append((kept, suspects, estimate))
     return out

@@ -324,3 +324,28 @@ def test_clip_survivors_trims_the_component_along_the_centre(dtype):
     # trim 0, or too few rows for the trim: the clipping alone
     np.testing.assert_array_equal(clip_survivors(Y, rows[:8], centre, 1.0, trim=4)[0],
                                   clip_survivors(Y, rows[:8], centre, 1.0)[0])
+    # raise_only: this drag lowers the component along u, so the trim raises it and applies as it is
+    np.testing.assert_array_equal(clip_survivors(Y, rows, centre, 1.0, trim=byz, raise_only=True)[0], trimmed)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_clip_survivors_raise_only_never_shortens_the_step_under_an_orthogonal_bias(dtype):
+    """A cluster off the step tilts ``u``; the trim taken either way then shortens the whole estimate, honest step
+    included (it rescales the centre).  ``raise_only`` leaves the clipped estimate as it is there."""
+    rng = np.random.default_rng(4)
+    d, honest, byz = 200, 16, 4
+    mean = np.zeros(d)
+    mean[0] = 1.0
+    H = mean + 0.5 * rng.standard_normal((honest, d))
+    H -= H.mean(axis=0) - mean  # the honest mean exactly e_0
+    off = np.zeros(d)
+    off[1] = 8.0  # the bias, orthogonal to the step, inside the rows' spread
+    Y = np.vstack([H, mean + off + 0.01 * rng.standard_normal((byz, d))]).astype(dtype)
+    rows = np.arange(honest + byz)
+    centre = Y.astype(np.float64).mean(axis=0).astype(dtype)
+    plain = clip_survivors(Y, rows, centre, 1.0)[0].astype(np.float64)
+    both = clip_survivors(Y, rows, centre, 1.0, trim=byz)[0].astype(np.float64)
+    raised = clip_survivors(Y, rows, centre, 1.0, trim=byz, raise_only=True)[0].astype(np.float64)
+    assert both[0] < 0.8 * plain[0]  # the honest step shortened by the trim taken either way
+    np.testing.assert_array_equal(raised, plain)  # never shortened with raise_only
+

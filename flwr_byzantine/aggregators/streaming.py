@@ -287,7 +287,7 @@ def rows_mean(updates: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 def clip_survivors(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, clip_scale: float, trim: int = 0,
-                   compiled: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+                   compiled: bool = False, raise_only: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """One step of centered clipping (Karimireddy, He, Jaggi 2021, Section 4) of ``Y[rows]`` around ``centre``.
 
     ``v = centre + (1/n) sum_k min(1, r / ||y_k - centre||) (y_k - centre)`` with the radius
@@ -302,7 +302,10 @@ def clip_survivors(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, clip_sca
     (``trim`` removed from each side; the projections come from the distances' pass):
     ``v <- v + (|centre| + trimmed_mean_k <y_k - centre, u> - <v, u>) u``.  Along the step it bounds
     what ``trim`` rows can do by the honest spread *along that direction*, not by the radius, which at
-    high heterogeneity is several times the centre's norm.  ``compiled``: the distances and projections from
+    high heterogeneity is several times the centre's norm.  ``raise_only``: the component is replaced only where
+    the trimmed mean is the larger (the default defence's ``step_trim="raise"``): a bias off the step tilts ``u``
+    toward itself, and lowering the component along ``u`` then scales the whole centre down, honest step
+    included, instead of removing the bias.  ``compiled``: the distances and projections from
     :func:`distances_and_projections`' compiled pass, and the clipped rows' deviations from
     :func:`weighted_deviation`'s (large rounds).
     """
@@ -325,6 +328,9 @@ def clip_survivors(Y: np.ndarray, rows: np.ndarray, centre: np.ndarray, clip_sca
         p = np.sort(proj)
         along = float(np.mean(p[trim:n - trim]))  # the trimmed mean of <y_k - centre, u>
         v64 = np.asarray(v, dtype=np.float64)
-        v = (v64 + (along - float((v64 - c64) @ u)) * u).astype(np.result_type(Y.dtype, centre.dtype), copy=False)
+        change = along - float((v64 - c64) @ u)
+        if raise_only:
+            change = max(change, 0.0)
+        v = (v64 + change * u).astype(np.result_type(Y.dtype, centre.dtype), copy=False)
     return v, factors, radius
 

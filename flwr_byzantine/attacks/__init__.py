@@ -23,6 +23,7 @@ from .data import LabelFlip, RandomLabels
 from .memory_aware import MemoryAware
 from .minmax import MinMax, MinSum
 from .mobile import MobileAdversary
+from .orthogonal import OrthogonalBias
 from .sleeper import Sleeper
 from .update import (
     ALIE,
@@ -42,7 +43,7 @@ ATTACKS: dict[str, type] = {
     cls.name: cls
     for cls in (
         GaussianNoise, SignFlip, ScaledNegative, ALIE, InnerProductManipulation, Mimic, Erasure,
-        ArbitraryVector, DefenceAware, LabelFlip, RandomLabels, Sleeper, MemoryAware, MinMax, MinSum,
+        ArbitraryVector, DefenceAware, LabelFlip, RandomLabels, Sleeper, MemoryAware, MinMax, MinSum, OrthogonalBias,
     )
 }
 #: names of the model-update attacks.
@@ -97,6 +98,7 @@ def make_attack(name: str, **params: Any) -> UpdateAttack | DataAttack:
 __all__ = [
     "ALIE", "ATTACKS", "ArbitraryVector", "DATA_ATTACKS", "DataAttack", "DefenceAware", "Erasure",
     "GaussianNoise", "InnerProductManipulation", "LabelFlip", "MemoryAware", "Mimic", "MinMax", "MinSum", "MobileAdversary",
+    "OrthogonalBias",
     "RandomLabels",
     "Sleeper", "attack_names", "run_attack_params",
     "ScaledNegative", "SignFlip", "UPDATE_ATTACKS", "UpdateAttack", "alie_z_max", "make_attack",
