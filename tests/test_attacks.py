@@ -155,8 +155,10 @@ def test_orthogonal_bias_sits_at_the_honest_distance_off_the_step_in_one_directi
     other = OrthogonalBias(c=1.5, seed=9).craft(H, 4, round=8)
     np.testing.assert_allclose((other - mu) @ e, off @ e, rtol=0.02)
     assert not np.allclose(other, out)
-    # against > 0 tilts the direction toward -mu
-    assert float(OrthogonalBias(against=1.0).direction(mu) @ mu) < 0
+    # against tilts the direction toward -mu: 45 degrees for against = 1
+    tilted = OrthogonalBias(against=1.0).direction(mu)
+    assert float(tilted @ mu) / np.linalg.norm(mu) == pytest.approx(-1.0 / math.sqrt(2.0))
+    assert float(tilted @ e) == pytest.approx(1.0 / math.sqrt(2.0))
     # float32 and torch in, the same type out
     o32 = OrthogonalBias().craft(H.astype(np.float32), 2)
     assert o32.dtype == np.float32

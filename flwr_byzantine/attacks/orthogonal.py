@@ -90,7 +90,9 @@ class OrthogonalBias(UpdateAttack):
         if norm_mu > 0:
             m = mu / norm_mu
             v -= (v @ m) * m
-            v -= self.against * m
+            norm_v = float(np.linalg.norm(v))
+            if self.against and norm_v > 0:
+                v = v / norm_v - self.against * m  # v_perp as a unit vector, tilted by ``against`` toward -m
         norm_v = float(np.linalg.norm(v))
         return v / norm_v if norm_v > 0 else v
 
