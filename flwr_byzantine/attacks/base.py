@@ -29,6 +29,7 @@ rather than treat as a Byzantine vector).
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -61,6 +62,22 @@ def as_update_matrix(honest: ArrayLike) -> ArrayLike:
     if not np.issubdtype(h.dtype, np.floating):
         h = h.astype(np.float64)
     return h
+
+
+def finite_float(value: Any, what: str, *, positive: bool = False, nonneg: bool = False) -> float:
+    """``float(value)`` for an attack parameter ``what``: ``ValueError`` unless it is a finite real number (and
+    ``> 0`` with ``positive``, ``>= 0`` with ``nonneg``)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a real number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{what} must be finite, got {value!r}")
+    if positive and v <= 0:
+        raise ValueError(f"{what} must be > 0, got {value!r}")
+    if nonneg and v < 0:
+        raise ValueError(f"{what} must be >= 0, got {value!r}")
+    return v
 
 
 def check_count(num_byzantine: Any) -> int:

@@ -25,17 +25,7 @@ from typing import ClassVar
 import numpy as np
 
 from .._backend import ArrayLike, to_numpy64
-from .base import UpdateAttack, cast_like, from_numpy64, require_rows
-
-
-def _finite(value: float, what: str, *, nonneg: bool = False) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a real number, got {value!r}") from None
-    if not math.isfinite(v) or (nonneg and v < 0):
-        raise ValueError(f"{what} must be a finite{' non-negative' if nonneg else ''} number, got {value!r}")
-    return v
+from .base import UpdateAttack, cast_like, finite_float, from_numpy64, require_rows
 
 
 @dataclass
@@ -74,9 +64,9 @@ class OrthogonalBias(UpdateAttack):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.c = _finite(self.c, "c", nonneg=True)
-        self.against = _finite(self.against, "against")
-        self.noise = _finite(self.noise, "noise", nonneg=True)
+        self.c = finite_float(self.c, "c", nonneg=True)
+        self.against = finite_float(self.against, "against")
+        self.noise = finite_float(self.noise, "noise", nonneg=True)
         if isinstance(self.direction_seed, bool) or int(self.direction_seed) != self.direction_seed \
                 or self.direction_seed < 0:
             raise ValueError(f"direction_seed must be a non-negative integer, got {self.direction_seed!r}")

@@ -16,26 +16,13 @@ from .._backend import ArrayLike, centred_gram, is_torch
 from .base import (
     UpdateAttack,
     cast_like,
+    finite_float,
     from_numpy64,
     mean64,
     repeat_rows,
     require_rows,
     std64,
 )
-
-
-def _finite_float(value: Any, what: str, *, positive: bool = False, nonneg: bool = False) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a real number, got {value!r}") from None
-    if not math.isfinite(v):
-        raise ValueError(f"{what} must be finite, got {value!r}")
-    if positive and v <= 0:
-        raise ValueError(f"{what} must be > 0, got {value!r}")
-    if nonneg and v < 0:
-        raise ValueError(f"{what} must be >= 0, got {value!r}")
-    return v
 
 
 @dataclass
@@ -74,8 +61,8 @@ class GaussianNoise(UpdateAttack):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.std = _finite_float(self.std, "std", nonneg=True)
-        self.mean_shift = _finite_float(self.mean_shift, "mean_shift")
+        self.std = finite_float(self.std, "std", nonneg=True)
+        self.mean_shift = finite_float(self.mean_shift, "mean_shift")
         self.relative = bool(self.relative)
 
     def _craft(self, honest: ArrayLike, num_byzantine: int, round: int) -> ArrayLike:  # noqa: A002
@@ -111,7 +98,7 @@ class ScaledNegative(UpdateAttack):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.scale = _finite_float(self.scale, "scale", positive=True)
+        self.scale = finite_float(self.scale, "scale", positive=True)
 
     def _craft(self, honest: ArrayLike, num_byzantine: int, round: int) -> ArrayLike:  # noqa: A002
         require_rows(honest, type(self).__name__)
@@ -156,7 +143,7 @@ class InnerProductManipulation(UpdateAttack):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.epsilon = _finite_float(self.epsilon, "epsilon", positive=True)
+        self.epsilon = finite_float(self.epsilon, "epsilon", positive=True)
 
     def _craft(self, honest: ArrayLike, num_byzantine: int, round: int) -> ArrayLike:  # noqa: A002
         require_rows(honest, "InnerProductManipulation")
@@ -211,7 +198,7 @@ class ALIE(UpdateAttack):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.z is not None:
-            self.z = _finite_float(self.z, "z")
+            self.z = finite_float(self.z, "z")
         if self.num_workers is not None:
             if isinstance(self.num_workers, bool) or int(self.num_workers) != self.num_workers or self.num_workers < 1:
                 raise ValueError(f"num_workers must be a positive integer, got {self.num_workers!r}")
@@ -354,7 +341,7 @@ class ArbitraryVector(UpdateAttack):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.scale = _finite_float(self.scale, "scale")
+        self.scale = finite_float(self.scale, "scale")
         if self.value is not None:
             v = np.asarray(self.value.detach().cpu() if is_torch(self.value) else self.value, dtype=np.float64)
             if v.ndim > 1 or not np.isfinite(v).all():
