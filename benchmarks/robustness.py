@@ -10,7 +10,8 @@ One command (resumable: finished runs are kept in the JSONL and skipped)::
 Every federation runs in :mod:`benchmarks.fastsim` (the App's data, model
 initialisation, mini-batches, attack objects and aggregators, without the Flower
 message plumbing; ``tests/test_fastsim.py`` checks it against the in-process Flower
-path).  Settings: digits, R = 20 clients, 4 of them Byzantine (eps = 0.2), Dirichlet
+path).  Settings: digits, R = 20 clients, 4 of them Byzantine (eps = 0.2; ``--num-nodes`` / ``--num-malicious``
+for other sizes, e.g. 5 of 20, the quarter the defence is built for, into their own folder), Dirichlet
 alpha in {0.3, 1.0}; logistic regression (60 rounds, lr 0.5) and an MLP with one hidden
 layer of 64 (200 rounds, lr 0.3); mini-batch 32; >= 4 seeds.
 
@@ -86,7 +87,7 @@ PEERS = ("cclip", "nnm:cclip", "multi-krum", "trimmed-mean", "median", "geomed")
 MOMENTUM_PEERS = ("wm:cclip", "wm:nnm:cclip", "wm:multi-krum", "wm:trimmed-mean")
 ABLATIONS = ("rge/evidence-last-replies", "rge/no-step-trim", "rge/step-trim-both", "rge/fold-dropped", "rge/mixing", "rge/evidence-floor-0.01", "rge/evidence-floor-0.1", "rge/no-evidence", "rge/evidence-level-0", "rge/no-relative-level",
              "rge/no-skip-anomalies", "rge/no-self-ref",
-             "rge/no-jump", "rge/no-burn-in", "rge/no-gross", "rge/no-clip", "rge/threshold-4", "rge/no-momentum",
+             "rge/no-jump", "rge/jump-median", "rge/no-burn-in", "rge/no-gross", "rge/no-clip", "rge/threshold-4", "rge/no-momentum",
              "rge/momentum", "rge/momentum-0.5",
              "rge/no-spend-budget", "rge/no-duplicates")
 RULES = ("rge", "rge-paper", *PEERS, *MOMENTUM_PEERS, "mean")
@@ -166,6 +167,8 @@ def build_rule(name: str, num_nodes: int, f: int, mode: str = "gradient"):
             kw = dict(skip_anomalies=False, score_clip=None)
         elif variant == "no-relative-level":  # the evidence's level is -z_exclude in every round
             kw = dict(evidence_relative=None)
+        elif variant == "jump-median":  # a jump judged against the round's median change alone (the seventeenth landing)
+            kw = dict(jump_own_scale=False)
         elif variant == "no-burn-in":  # a jumped node's reference follows only the drift, from its first round
             kw = dict(reference_burn_in=0)
         elif variant == "threshold-4":
@@ -260,8 +263,11 @@ PRIORITY = ("oracle", "clean-fedavg", "rge", "cclip", "wm:cclip", "nnm:cclip", "
 
 
 def build_grid(models, alphas, seeds, attacks, rules, ablations=(), ablation_attacks=(), rounds=None,
-               mode: str = "gradient", local: dict[str, Any] | None = None) -> list[Spec]:
+               mode: str = "gradient", local: dict[str, Any] | None = None, num_nodes: int = 20,
+               num_malicious: int = 4) -> list[Spec]:
     """All runs, ordered by :data:`PRIORITY` across settings (then setting, seed, attack).
+
+    ``num_nodes`` / ``num_malicious``: the federation's size and its Byzantine nodes (the grid's 20 and 4, eps = 0.2).
 
     ``mode='local'``: the models' round counts; server lr and local training from
     :func:`local_defaults`, updated with ``local`` (keys ``local_epochs``, ``local_steps``,
@@ -275,7 +281,8 @@ def build_grid(models, alphas, seeds, attacks, rules, ablations=(), ablation_att
         T = int(rounds or MODELS[model]["rounds"])
         lr = MODELS[model]["learning_rate"] if local is None else local["server_lr"]
         for alpha in alphas:
-            common: dict[str, Any] = dict(model=model, alpha=float(alpha), rounds=T, learning_rate=lr)
+            common: dict[str, Any] = dict(model=model, alpha=float(alpha), rounds=T, learning_rate=lr,
+                                          num_nodes=int(num_nodes), num_malicious=int(num_malicious))
             if local is not None:
                 common.update(mode="local", local_epochs=local["local_epochs"], local_steps=local["local_steps"],
                               client_lr=local["client_lr"])
@@ -441,10 +448,11 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _md(summary: dict[str, Any], command: str, n_runs: int, seconds: float,
-        title: str = "# Robustness benchmark (issue 10)") -> str:
+        title: str = "# Robustness benchmark (issue 10)", sizes: str = "") -> str:
     lines = [title, "", f"- command: `{command}`",
              f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
              f"1 BLAS thread per worker", f"- {n_runs} runs; sum of per-run times {seconds / 60:.0f} min",
+             *([f"- federation: {sizes}"] if sizes else []),
              "- final test accuracy (%), mean over seeds; worst = lowest per-attack mean; "
              "`excl` = share of honest client-rounds excluded with no attack", ""]
     for setting in sorted(summary):
@@ -642,8 +650,10 @@ def report(out: Path, command: str, mode: str = "gradient") -> dict[str, Any]:
     seconds = sum(float(r.get("seconds", 0.0)) for r in records)
     stem = jsonl_name(mode).removesuffix(".jsonl")
     payload: dict[str, Any] = {"command": command, "summary": summary}
-    md = _md(summary, command, len(records), seconds) if mode == "gradient" else _md(
-        summary, command, len(records), seconds,
+    sizes = "; ".join(f"R = {n} clients, {f} of them Byzantine (eps = {f / n:.2g})" for n, f in sorted(
+        {(int(r["num_nodes"]), int(r["num_malicious"])) for r in records if "num_nodes" in r}))
+    md = _md(summary, command, len(records), seconds, sizes=sizes) if mode == "gradient" else _md(
+        summary, command, len(records), seconds, sizes=sizes,
         title="# Robustness benchmark, local-training mode (issue 11)\n\n- clients train locally: " + "; ".join(sorted(
             {f"local-epochs {r['local_epochs']}, local-steps {r['local_steps']}, client-lr {r['client_lr']:g}, "
              f"server-lr {r['learning_rate']:g}" for r in records})))
@@ -678,7 +688,22 @@ def main(argv: list[str] | None = None) -> int:
     for flag, typ in (("--local-epochs", int), ("--local-steps", int), ("--client-lr", float), ("--server-lr", float)):
         ap.add_argument(flag, type=typ, help="local mode: override the App's default (use another --out: the "
                                              "tables average every run of a setting in the JSONL)")
+    ap.add_argument("--num-nodes", type=int, default=20, help="clients per federation (the grid's 20)")
+    ap.add_argument("--num-malicious", type=int, default=4,
+                    help="Byzantine clients among them (the grid's 4, eps = 0.2); other sizes than 20 / 4 write to "
+                         "benchmarks/results/robustness_R<n>_f<f>/ unless --out is given")
     args = ap.parse_args(argv)
+    if args.num_nodes < 3 or not 0 <= args.num_malicious < args.num_nodes / 2:
+        ap.error(f"need --num-nodes >= 3 and 0 <= --num-malicious < num-nodes / 2, got {args.num_nodes} and "
+                 f"{args.num_malicious}")
+    sized = (args.num_nodes, args.num_malicious) != (20, 4)
+    if sized and args.out == DEFAULT_OUT:
+        args.out = DEFAULT_OUT / f"robustness_R{args.num_nodes}_f{args.num_malicious}"
+    other = sorted({(r.get("num_nodes"), r.get("num_malicious")) for r in load_records(args.out / jsonl_name(args.mode))}
+                   - {(args.num_nodes, args.num_malicious)})
+    if other:  # the tables average every run of a setting: one federation size per results folder
+        ap.error(f"{args.out / jsonl_name(args.mode)} holds federations of other sizes (R, f) {other}: "
+                 f"use another --out for --num-nodes {args.num_nodes} --num-malicious {args.num_malicious}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     command = "python -m benchmarks.robustness " + " ".join(argv if argv is not None else sys.argv[1:])
     grid = dict(QUICK if args.quick else GRID if args.mode == "gradient" else LOCAL_GRID)
@@ -692,7 +717,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         local = {k: getattr(args, k) for k in ("local_epochs", "local_steps", "client_lr", "server_lr")
                  if getattr(args, k) is not None}
-        specs = build_grid(**grid, mode=args.mode, local=local)
+        specs = build_grid(**grid, mode=args.mode, local=local, num_nodes=args.num_nodes,
+                           num_malicious=args.num_malicious)
         ran = run_grid(specs, args.out, workers=args.workers, max_minutes=args.max_minutes,
                        progress=not args.no_progress, mode=args.mode)
         print(f"ran {ran} of {len(specs)} runs (the rest were already in {args.out / jsonl_name(args.mode)})")

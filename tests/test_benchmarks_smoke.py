@@ -89,6 +89,31 @@ def test_robustness_tiny_grid_outputs_and_resume(tmp_path):
     assert len((tmp_path / "robustness.jsonl").read_text().splitlines()) == n
 
 
+def test_robustness_other_federation_sizes_run_in_their_own_folder(tmp_path, monkeypatch):
+    # 5 of 20 Byzantine (eps = 0.25): every run has those sizes, the tables say so, and a folder holding runs of
+    # another size is refused before anything runs (the tables would average the two)
+    args = ["--models", "logreg", "--alphas", "0.3", "--seeds", "0", "--rounds", "2", "--rules", "rge", "cclip",
+            "--attacks", "sign-flip", "--no-ablation", "--no-progress", "--num-nodes", "20", "--num-malicious", "5"]
+    assert robustness.main([*args, "--out", str(tmp_path)]) == 0
+    recs = [json.loads(line) for line in (tmp_path / "robustness.jsonl").read_text().splitlines()]
+    assert recs and {(r["num_nodes"], r["num_malicious"]) for r in recs} == {(20, 5)}
+    assert not [r for r in recs if r.get("error")]
+    assert "R = 20 clients, 5 of them Byzantine (eps = 0.25)" in (tmp_path / "robustness.md").read_text()
+    with pytest.raises(SystemExit):
+        robustness.main([*args[:-4], "--out", str(tmp_path)])  # the grid's 20 / 4 into the 20 / 5 folder
+    with pytest.raises(SystemExit):
+        robustness.main([*args[:-2], "--num-malicious", "10", "--out", str(tmp_path / "half")])  # not < R / 2
+    # without --out, other sizes get their own folder next to the grid's results
+    seen = {}
+    monkeypatch.setattr(robustness, "run_grid", lambda specs, out, **kw: seen.setdefault("out", out) and 0)
+    monkeypatch.setattr(robustness, "report", lambda out, command, mode="gradient": {})
+    assert robustness.main(args) == 0
+    assert seen["out"] == robustness.DEFAULT_OUT / "robustness_R20_f5"
+    spec = robustness.build_grid(models=("logreg",), alphas=(0.3,), seeds=(0,), attacks=("alie",), rules=("rge",),
+                                 num_nodes=40, num_malicious=10)
+    assert {(s.num_nodes, s.num_malicious) for s in spec} == {(40, 10)}
+
+
 def test_robustness_rule_builder_names():
     for name in (*robustness.RULES, *robustness.ABLATIONS):
         agg, cfg_name = robustness.build_rule(name, 20, 4)
@@ -107,6 +132,8 @@ def test_robustness_rule_builder_names():
     assert robustness.build_rule("rge/fold-dropped", 20, 4)[0].fold_dropped
     assert robustness.build_rule("rge", 20, 4)[0].step_trim and not robustness.build_rule("rge/no-step-trim", 20, 4)[0].step_trim
     assert not robustness.build_rule("rge", 20, 4)[0].fold_dropped
+    assert robustness.build_rule("rge", 20, 4)[0].self_reference.own_scale  # the default: jumps on the node's own scale
+    assert not robustness.build_rule("rge/jump-median", 20, 4)[0].self_reference.own_scale
 
 
 def test_mean_estimation_tiny(tmp_path):
