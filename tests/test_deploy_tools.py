@@ -21,7 +21,9 @@ from flwr_byzantine.deploy.local import (
     MemorySampler,
     checkpoint_round,
     finished_epoch,
+    _ephemeral_range,
     format_node_config,
+    free_port,
     process_kind,
     process_memory,
 )
@@ -72,6 +74,53 @@ def test_deployment_environment_and_config(tmp_path):
     assert f'root-certificates = "{tls.ca_cert}"' in conf and "insecure" not in conf
     with pytest.raises(ValueError, match="TLS"):
         LocalDeployment(tmp_path / "u", tmp_path, supernode_auth=True)
+
+
+def test_free_ports_are_bindable_distinct_and_below_the_ephemeral_range():
+    """No port twice (``bind(0)`` and release once gave two SuperNodes the same one) and none that an
+    outgoing connection can take before the server binds it."""
+    import socket
+
+    lo, hi = _ephemeral_range()
+    assert 1024 <= lo < hi
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    assert all(1024 <= p < lo for p in ports)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[-1]))  # still free
+
+
+def test_a_supernode_whose_port_was_taken_is_restarted_on_a_new_one(tmp_path):
+    """The CI failure of the eighteenth landing: a SuperNode exits with "address already in use";
+    ``wait_online``'s check restarts it on a fresh port (no SuperLink needed: the Runtime API binds first)."""
+    import socket
+    import time
+
+    dep = LocalDeployment(tmp_path, tmp_path)
+    blocker = socket.socket()
+    try:
+        node = dep.add_node(0, {"partition-id": 0, "num-partitions": 1})
+        blocker.bind(("127.0.0.1", node.port))
+        blocker.listen()
+        taken = node.port
+        dep.add_node(1, {"partition-id": 1, "num-partitions": 2})
+        dep.start_node(0)
+        dep.start_node(1)
+        assert dep.nodes[0].proc.wait(timeout=120) != 0
+        assert "address already in use" in (dep.logs / "supernode0.1.log").read_text().lower()
+        dep.kill_node(1)  # killed on purpose: left alone
+        assert dep._restart_port_clashes() == [0]  # noqa: SLF001
+        assert dep.nodes[0].port != taken and (dep.logs / "supernode0.2.log").is_file()
+        deadline = time.monotonic() + 120
+        while "uvicorn running" not in (dep.logs / "supernode0.2.log").read_text().lower():
+            assert dep.nodes[0].proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        assert dep._restart_port_clashes() == []  # noqa: SLF001
+        assert not (dep.logs / "supernode1.2.log").exists()
+    finally:
+        blocker.close()
+        dep.close(grace=2)
+    assert dep.pids() == []
 
 
 def test_close_kills_every_process_group_and_descendant(tmp_path):

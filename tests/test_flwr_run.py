@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from flwr_byzantine.deploy.local import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 FLWR = str(Path(sys.executable).parent / "flwr")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kill_matching(pattern: str) -> None:

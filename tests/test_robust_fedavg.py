@@ -412,13 +412,9 @@ num-server-rounds = 5
 @pytest.mark.slow
 def test_flwr_run_with_wrong_reply_format_ends_as_failed_with_the_fix(tmp_path):
     """`flwr run` of a ServerApp with RobustSGD and a quickstart (weights) ClientApp: finished:failed + message."""
-    import socket
     import time
 
-    def free_port() -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
+    from flwr_byzantine.deploy.local import free_port
 
     app_dir = tmp_path / "app"
     app_dir.mkdir()

@@ -47,11 +47,53 @@ from flwr_byzantine.deploy.certs import TlsFiles
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
+#: Ports :func:`free_port` has handed out in this process (never handed out twice).
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's ephemeral port range (``bind(0)`` and outgoing connections take ports from it)."""
+    try:
+        lo, hi = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a server process we start, never the same one twice.
+
+    Drawn below the kernel's ephemeral range, so that no outgoing connection (of the
+    SuperNodes, ``flwr``, ...) can take it between this call and the server's bind, and
+    never a port handed out before in this process: ``bind(0)`` and release gave two
+    SuperNodes the same Runtime API port once (the second exited: address already in use).
+    Falls back to ``bind(0)`` where the range leaves no room below it.
+    """
+    lo, _ = _ephemeral_range()
+    rng = np.random.default_rng()  # (not the seeded global state: ports are no part of a result)
+    if lo - 1024 >= 2048:
+        for port in rng.integers(max(1024, lo - 12000), lo, size=200):
+            port = int(port)
+            if port not in _HANDED_OUT and _bindable(port):
+                _HANDED_OUT.add(port)
+                return port
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no free TCP port on 127.0.0.1")
 
 
 def _children_map() -> dict[int, list[int]]:
@@ -432,8 +474,31 @@ class LocalDeployment:
         """Number of SuperNodes the SuperLink reports ``online``."""
         return sum(n.get("status") == "online" for n in self.node_list())
 
+    def _restart_port_clashes(self) -> list[int]:
+        """Restart, on a new port, every SuperNode that exited because its Runtime API port was taken.
+
+        Returns the indices restarted.  A node killed on purpose (any other exit) is left alone.
+        """
+        restarted = []
+        for index, node in self.nodes.items():
+            if node.proc is None or node.proc.poll() is None:
+                continue
+            n = self._starts.get(f"supernode{index}", 0)
+            log = self.logs / f"supernode{index}.{n}.log"
+            text = log.read_text(errors="replace") if log.is_file() else ""
+            if "address already in use" not in text.lower():
+                continue
+            self.kill(node.executor)
+            node.port = free_port()
+            self.start_node(index)
+            restarted.append(index)
+        return restarted
+
     def wait_online(self, count: int, timeout: float = 300.0, poll: float = 2.0) -> float:
-        """Wait until ``count`` SuperNodes are online; returns the seconds waited (raises on timeout)."""
+        """Wait until ``count`` SuperNodes are online; returns the seconds waited (raises on timeout).
+
+        A SuperNode whose Runtime API port was taken meanwhile is restarted on a new one.
+        """
         t0 = time.monotonic()
         online = 0
         while time.monotonic() - t0 < timeout:
@@ -442,6 +507,7 @@ class LocalDeployment:
             online = self.online()
             if online >= count:
                 return time.monotonic() - t0
+            self._restart_port_clashes()
             time.sleep(poll)
         raise TimeoutError(f"{online} of {count} SuperNodes online after {timeout:.0f} s\n{self.logs_tail()}")
 
