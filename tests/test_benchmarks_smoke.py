@@ -132,6 +132,8 @@ def test_robustness_rule_builder_names():
     assert robustness.build_rule("rge/fold-dropped", 20, 4)[0].fold_dropped
     assert robustness.build_rule("rge", 20, 4)[0].step_trim and not robustness.build_rule("rge/no-step-trim", 20, 4)[0].step_trim
     assert not robustness.build_rule("rge", 20, 4)[0].fold_dropped
+    assert robustness.build_rule("rge", 20, 4)[0].self_reference.own_scale  # the default: jumps on the node's own scale
+    assert not robustness.build_rule("rge/jump-median", 20, 4)[0].self_reference.own_scale
 
 
 def test_mean_estimation_tiny(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flwr_byzantine.aggregators import RobustDefence
-from flwr_byzantine.aggregators.temporal import SelfReference
+from flwr_byzantine.aggregators.temporal import SPREAD_MIN, SPREAD_WINDOW, SelfReference
 
 
 def _honest_stream(rng, R=20, d=30, rounds=8, spread=5.0, noise=0.3):
@@ -107,6 +107,110 @@ def test_a_reference_poisoned_at_first_sight_recovers_only_with_a_burn_in(burn_i
         assert not any(jumped[-20:])
     else:
         assert all(jumped)
+
+
+def _mixed_noise_stream(rng, R=20, d=30, rounds=12, quiet=12, noise=0.5):
+    """Heterogeneous clients, ``quiet`` of them full-batch (their replies change only with the common drift, 0.01
+    noise) and the others mini-batch (``noise``): the round's median change is the quiet majority's."""
+    offsets = 5.0 * rng.normal(size=(R, d))
+    level = np.where(np.arange(R) < quiet, 0.01, noise)[:, None]
+    for t in range(rounds):
+        yield offsets + 0.1 * t + level * rng.normal(size=(R, d))
+
+
+def test_a_noisy_honest_node_is_judged_by_its_own_changes_and_a_sleeper_among_them_still_jumps():
+    """Most nodes full-batch, the rest mini-batch: against the round's median alone the mini-batch nodes jump every
+    round (a 40-client digits federation at alpha 0.3 lost its 10 largest clients so); against their own scale they
+    do not after their first changes, while one of them that turns (a sleeper) still jumps."""
+    ids = list(range(200, 220))
+    noisy = list(range(12, 20))
+    stream = list(_mixed_noise_stream(np.random.default_rng(11)))
+    sr = SelfReference(scale=1.0, jump_factor=4.0, burn_in=5)
+    jumped = [set(sr.apply(G, ids)[1]["jumped"]) for G in stream]
+    assert set(noisy) <= jumped[1]  # first sight of their changes: the round's median (the quiet nodes') judges
+    assert all(not j for j in jumped[SPREAD_MIN + 1:]), jumped  # then their own, from SPREAD_MIN changes on
+    assert set(sr.spreads) == set(ids)
+    own = sr.own_scales(ids)
+    assert min(own[noisy]) > 10 * max(own[:12])
+    G = stream[-1] + 0.1
+    G[15] = -G[15]  # a noisy node turns
+    _, info = sr.apply(G, ids)
+    assert info["jumped"] == [15] and info["jump_ratio"][0] > 4.0
+    # its scale does not take the jump in (it is mature): it jumps again from the same level next round
+    before = list(sr.spreads[ids[15]])
+    G = G + 0.1
+    _, info = sr.apply(G, ids)
+    assert 15 in info["jumped"] and sr.spreads[ids[15]] == before
+    # the round's median alone (own_scale=False, the seventeenth landing's rule): the noisy nodes jump every round
+    median_only = SelfReference(scale=1.0, jump_factor=4.0, burn_in=5, own_scale=False)
+    jumped = [set(median_only.apply(G, ids)[1]["jumped"]) for G in stream]
+    assert all(set(noisy) <= j for j in jumped[1:]) and median_only.spreads == {}
+
+
+def test_a_rotating_adversary_in_the_burn_in_does_not_raise_the_nodes_own_scales():
+    """The slow end-to-end test's adversary (10 nodes, 2 taken per round in turn, scaled-negative -10x) holds every
+    node once in its reference's first 5 rounds.  The burn-in follows those jumps and they enter the node's window,
+    but a median of its changes does not move: after the burn-in the taken nodes jump, exactly them, every round
+    (a running mean took the jumps in, and a third of the rounds were filtered exactly)."""
+    R, ids = 10, list(range(400, 410))
+    rng = np.random.default_rng(5)
+    offsets = 5.0 * rng.normal(size=(R, 30))
+    sr = SelfReference(scale=1.0, jump_factor=4.0, burn_in=5)
+    for t in range(16):
+        G = offsets + 0.1 * t + 0.3 * rng.normal(size=(R, 30))
+        taken = [] if t == 0 else [2 * (t % 5), 2 * (t % 5) + 1]
+        G[taken] *= -10.0
+        _, info = sr.apply(G, ids)
+        if t >= 6:
+            assert sorted(info.get("jumped", [])) == taken, (t, info.get("jumped"), taken)
+    own = sr.own_scales(ids)
+    assert own.max() < 2.0 * np.median(own), own  # no node's scale took a jump in
+
+
+def test_a_few_noisy_nodes_cannot_raise_their_own_jump_level_beyond_the_populations_quantile():
+    """Three noisy nodes of 20 (under the quarter the cap leaves to the Byzantine nodes): their own scales are
+    capped at the population's 75 % quantile, a quiet node's, so their large changes still jump after their
+    reference's burn-in; uncapped, they would set their own level and never jump."""
+    ids = list(range(300, 320))
+    noisy = [17, 18, 19]
+    stream = list(_mixed_noise_stream(np.random.default_rng(21), rounds=14, quiet=17, noise=0.5))
+    capped = SelfReference(scale=1.0, jump_factor=4.0, burn_in=5)
+    uncapped = SelfReference(scale=1.0, jump_factor=4.0, burn_in=5, own_cap=None)
+    jc = [set(capped.apply(G, ids)[1]["jumped"]) for G in stream]
+    ju = [set(uncapped.apply(G, ids)[1]["jumped"]) for G in stream]
+    assert all(set(noisy) <= j for j in jc[1:]), jc
+    assert all(not j for j in ju[SPREAD_MIN + 1:]), ju
+    for kw in ({"own_cap": 0.4}, {"own_cap": 1.5}, {"own_cap": float("nan")}):
+        with pytest.raises(ValueError):
+            SelfReference(**kw)
+    from flwr_byzantine.aggregators import RobustDefence
+
+    assert RobustDefence(eps_tilde=0.2).self_reference.own_cap == 0.8  # 1 - eps_tilde
+
+
+def test_the_nodes_own_scales_survive_a_checkpoint_and_old_checkpoints_start_without_them():
+    ids = list(range(200, 220))
+    stream = list(_mixed_noise_stream(np.random.default_rng(13), rounds=8))
+    a = SelfReference(scale=1.0, jump_factor=4.0, burn_in=5)
+    for G in stream[:6]:
+        a.apply(G, ids)
+    state = a.state_dict()
+    assert len(state["spreads"]) == len(ids) and all(len(w) == 5 for w in state["spreads"])
+    b = SelfReference(scale=1.0, jump_factor=4.0, burn_in=5)
+    b.load_state_dict(json.loads(json.dumps({**state, "refs": state["refs"].tolist()})))
+    assert b.spreads == a.spreads
+    np.testing.assert_array_equal(a.apply(stream[6], ids)[0], b.apply(stream[6], ids)[0])
+    assert a.spreads == b.spreads
+    legacy = {k: v for k, v in state.items() if k != "spreads"}
+    b.load_state_dict(legacy)
+    assert b.spreads == {}
+    for bad in ({"spreads": [[-1.0]] * len(ids)}, {"spreads": [[float("nan")]] * len(ids)}, {"spreads": [[1.0]]},
+                {"spreads": [[1.0] * (SPREAD_WINDOW + 1)] * len(ids)}, {"spreads": [1.0] * len(ids)}):
+        with pytest.raises(ValueError):
+            b.load_state_dict({**state, **bad})
+    # a forgotten node forgets its scale too
+    a.forget([ids[0]])
+    assert ids[0] not in a.spreads
 
 
 def test_absent_nodes_and_skipped_rows_lose_their_reference():

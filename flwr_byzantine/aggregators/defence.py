@@ -44,7 +44,8 @@ filter and adds what a single round lacks:
    reply may move from its own previous (clipped) reply only by the common drift plus
    ``self_clip_scale`` times the round's median change: the clients' noise level, not their
    heterogeneity.  It bounds what a *mobile* adversary, which corrupts nodes that were honest a
-   round ago, can do per round.  A reply that *jumps* (``jump_factor`` times the median change:
+   round ago, can do per round.  A reply that *jumps* (``jump_factor`` times the median change, and as many
+   times the node's own typical change, counted up to the nodes' ``1 - eps_tilde`` quantile:
    a sleeper waking up, a node the mobile adversary has just taken) is left out of the round,
    within the ``floor(eps_tilde R)`` budget shared with the evidence (jumps first, the largest
    first; the evidence's suspects take what is left); its node's reference then
@@ -267,9 +268,15 @@ class RobustDefence(Aggregator):
         the round's median change of a node's reply; ``None`` disables it.
     jump_factor:
         A node whose reply jumps from its own reference by more than ``jump_factor`` times the
-        round's median change is left out of the round (within the ``floor(eps_tilde R)`` budget,
-        together with the evidence's suspects) and its reference only follows the common drift;
-        ``None`` disables it.
+        round's median change, and as many times its own typical change (``jump_own_scale``), is left out of
+        the round (within the ``floor(eps_tilde R)`` budget, together with the evidence's suspects) and its
+        reference only follows the common drift; ``None`` disables it.
+    jump_own_scale:
+        ``True`` (default): a jump is judged against the larger of the round's median change and the node's
+        own scale (the median of its last changes, :meth:`~.temporal.SelfReference.own_scales`), counted up to the
+        ``1 - eps_tilde`` quantile of the nodes' own scales (``own_cap``: the Byzantine share cannot set it), so
+        honest clients whose mini-batch noise is larger than most are not left out round after round; ``False``:
+        against the round's median alone (the seventeenth landing's rule).
     fast_above:
         Rounds with at least this many entries ``R * d``, or more than 64 rows, run RGE with
         :data:`FAST_FILTER` (a sketched Gram matrix when ``d > 4096``, fresh server-private signs
@@ -334,6 +341,7 @@ class RobustDefence(Aggregator):
         gross_factor: float | None = DEFAULT_GROSS_FACTOR,
         self_clip_scale: float | None = DEFAULT_SELF_CLIP_SCALE,
         jump_factor: float | None = DEFAULT_JUMP_FACTOR,
+        jump_own_scale: bool = True,
         fast_above: int | None = DEFAULT_FAST_ABOVE,
         seed: int | None = None,
         score_clip: float | None = DEFAULT_SCORE_CLIP,
@@ -402,7 +410,8 @@ class RobustDefence(Aggregator):
         self.gross_factor = None if gross_factor is None else float(gross_factor)
         self.self_reference = (None if self_clip_scale is None
                                else SelfReference(scale=self_clip_scale, jump_factor=jump_factor,
-                                                  burn_in=reference_burn_in))
+                                                  burn_in=reference_burn_in, own_scale=jump_own_scale,
+                                                  own_cap=1.0 - self.eps_tilde))
         self._pending_step: np.ndarray | None = None
         self._last_estimate: np.ndarray | None = None
         self._scratch: np.ndarray | None = None  # buffer of the self-clipped rows (no state: reused every round)
@@ -485,7 +494,9 @@ class RobustDefence(Aggregator):
         if self.self_reference is not None:
             self_reference = SelfReference(scale=self.self_reference.scale, min_rows=self.self_reference.min_rows,
                                            jump_factor=self.self_reference.jump_factor,
-                                           burn_in=self.self_reference.burn_in)
+                                           burn_in=self.self_reference.burn_in,
+                                           own_scale=self.self_reference.own_scale,
+                                           own_cap=self.self_reference.own_cap)
             self_reference.load_state_dict({**dict(state["self_reference"]),
                                             "refs": arrays.get("self_reference.refs", np.zeros((0, 0)))})
             if dim is not None and len(self_reference) and self_reference.refs.dim != dim:
