@@ -188,6 +188,26 @@ def test_a_few_noisy_nodes_cannot_raise_their_own_jump_level_beyond_the_populati
     assert RobustDefence(eps_tilde=0.2).self_reference.own_cap == 0.8  # 1 - eps_tilde
 
 
+@pytest.mark.parametrize("own_scale", [True, False])
+def test_defence_keeps_honest_mini_batch_nodes_among_full_batch_ones(own_scale):
+    """No attacker; 12 of 20 nodes full-batch, 8 mini-batch.  The default defence keeps every reply once the
+    noisy nodes' own scales are known; judged against the round's median alone, the noisy nodes jump every round and
+    take the whole Byzantine budget (floor(0.2 * 20) = 4 replies left out a round).  The evidence is off: these
+    synthetic replies are not gradients of a loss along the steps taken (the robustness benchmark's 40-client
+    federations measure the whole rule)."""
+    ids = list(range(500, 520))
+    stream = list(_mixed_noise_stream(np.random.default_rng(31), rounds=14))
+    defence = RobustDefence(eps_tilde=0.2, jump_own_scale=own_scale, evidence=False)
+    left_out = []
+    for G in stream:
+        res = defence.aggregate(G, client_ids=ids)
+        left_out.append(20 - res.kept.size)
+    if own_scale:
+        assert left_out[SPREAD_MIN + 2:] == [0] * (14 - SPREAD_MIN - 2), left_out
+    else:
+        assert left_out[SPREAD_MIN + 2:] == [4] * (14 - SPREAD_MIN - 2), left_out
+
+
 def test_the_nodes_own_scales_survive_a_checkpoint_and_old_checkpoints_start_without_them():
     ids = list(range(200, 220))
     stream = list(_mixed_noise_stream(np.random.default_rng(13), rounds=8))

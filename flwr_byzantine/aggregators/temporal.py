@@ -29,6 +29,7 @@ the round's median change (40 digits clients at Dirichlet alpha 0.3: 22 of them 
 
 from __future__ import annotations
 
+import statistics
 from typing import Any, Sequence
 
 import numpy as np
@@ -48,12 +49,6 @@ SPREAD_WINDOW = 9
 #: taken by an adversary does not move a median.
 SPREAD_MIN = 3
 
-
-def _median_small(values: list[float]) -> float:
-    """The median of a short list (plain Python: a node's window of at most :data:`SPREAD_WINDOW` changes)."""
-    s = sorted(values)
-    n = len(s)
-    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
 class SelfReference:
@@ -282,7 +277,7 @@ class SelfReference:
         for k, node in enumerate(nodes):
             window = self.spreads.get(node)
             if window is not None and len(window) >= SPREAD_MIN:
-                out[k] = _median_small(window)
+                out[k] = statistics.median(window)  # (a window of at most 9: no array)
         return out
 
     def _update_spreads(self, nodes: list[int], dist: np.ndarray, jump: np.ndarray) -> None:
