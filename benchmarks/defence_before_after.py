@@ -3,14 +3,15 @@
 One command::
 
     nice -n 5 python -m benchmarks.defence_before_after [--ref dd1561d] [--repeats 7] [--quick]
-        [--sizes 20,100000 100,1000000 ...] [--name defence_before_after]
+        [--sizes 20,100000 100,1000000 ...] [--name defence_before_after] [--no-ids] [--attack far|alie]
 
 The package as of git commit ``--ref`` (default ``dd1561d``: the float64 memory path with per-row
 tables) is extracted with ``git archive`` into a temporary directory and imported under another
 name next to the working tree's package.  Both defences (``build_for_federation('rge', R, 0.2)``,
 called with node ids) see :data:`~benchmarks.decode_time.DEFENCE_WARM` rounds first, then every
 timed round is interleaved: ``np.mean(G, axis=0)``, the old defence, the new one (median of
-``--repeats``; 1 BLAS thread).  Writes ``<--name>.json`` and ``.png`` (default
+``--repeats``; 1 BLAS thread).  ``--no-ids``: both called without node ids (the defence as a plain
+aggregator: no memory, no self-reference; rounds of ``--attack``, far or ALIE-like).  Writes ``<--name>.json`` and ``.png`` (default
 ``defence_before_after``) into ``--out``.
 """
 
@@ -45,13 +46,14 @@ def import_old(ref: str, root: Path, into: Path) -> Any:
     return importlib.import_module("fb_old.aggregators")
 
 
-def measure(old: Any, sizes: list[tuple[int, int]], repeats: int, seed: int) -> list[dict[str, Any]]:
+def measure(old: Any, sizes: list[tuple[int, int]], repeats: int, seed: int, with_ids: bool = True,
+            attack: str = "far") -> list[dict[str, Any]]:
     from flwr_byzantine.aggregators import build_for_federation
 
     out = []
     for R, d in sizes:
-        rounds = [make_round(R, d, 0.2, seed + R + k, "far")[0] for k in range(2)]
-        ids = list(range(10_000, 10_000 + R))
+        rounds = [make_round(R, d, 0.2, seed + R + k, attack)[0] for k in range(2)]
+        ids = list(range(10_000, 10_000 + R)) if with_ids else None
         rules = {"before": old.build_for_federation("rge", R, 0.2), "after": build_for_federation("rge", R, 0.2, seed=seed)}
         for rule in rules.values():
             for k in range(DEFENCE_WARM):
@@ -70,7 +72,8 @@ def measure(old: Any, sizes: list[tuple[int, int]], repeats: int, seed: int) -> 
                 times[name].append(time.perf_counter() - t0)
                 kept[name] = sorted(int(i) for i in res.kept)
         ref = statistics.median(refs)
-        row = {"R": R, "d": d, "np_mean_seconds": ref, "same_kept_last_round": kept["before"] == kept["after"]}
+        row = {"R": R, "d": d, "node_ids": with_ids, "attack": attack, "np_mean_seconds": ref,
+               "same_kept_last_round": kept["before"] == kept["after"]}
         for name, ts in times.items():
             row[name] = {"seconds": statistics.median(ts), "ratio": statistics.median(ts) / ref, "all_seconds": ts}
         row["speedup"] = row["before"]["seconds"] / row["after"]["seconds"]
@@ -81,7 +84,7 @@ def measure(old: Any, sizes: list[tuple[int, int]], repeats: int, seed: int) -> 
     return out
 
 
-def plot(rows: list[dict[str, Any]], path: Path, labels: tuple[str, str]) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, labels: tuple[str, str], with_ids: bool = True) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,7 +97,8 @@ def plot(rows: list[dict[str, Any]], path: Path, labels: tuple[str, str]) -> Non
     ax.set_xticks(x, [f"R={r['R']}, d={r['d']:.0e}" for r in rows], fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("decode time / np.mean(G, axis=0)")
-    ax.set_title("Default defence with node ids (warm memory), same process, 1 BLAS thread", fontsize=9)
+    ax.set_title(("Default defence with node ids (warm memory)" if with_ids else "Default defence without node ids")
+                 + ", same process, 1 BLAS thread", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3, which="both")
     fig.tight_layout()
@@ -111,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--sizes", nargs="+", default=None, help="R,d pairs (default: 20,100000 100,100000 100,1000000)")
     p.add_argument("--name", default="defence_before_after", help="stem of the JSON and PNG written into --out")
+    p.add_argument("--no-ids", action="store_true", help="call both defences without node ids")
+    p.add_argument("--attack", choices=("far", "alie"), default="far", help="the rounds' attackers")
     args = p.parse_args(argv)
     sizes = (QUICK_SIZES if args.quick else SIZES) if args.sizes is None else \
         [(int(r), int(float(d))) for r, d in (s.split(",") for s in args.sizes)]
@@ -119,14 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory() as tmp, threadpool_limits(limits=1):
         old = import_old(args.ref, root, Path(tmp))
-        rows = measure(old, sizes, args.repeats, args.seed)
+        rows = measure(old, sizes, args.repeats, args.seed, with_ids=not args.no_ids, attack=args.attack)
     command = "python -m benchmarks.defence_before_after " + " ".join(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(
-        {"command": command.strip(), "ref": args.ref, "blas_threads": 1, "dtype": "float32", "rows": rows}, indent=1))
+        {"command": command.strip(), "ref": args.ref, "blas_threads": 1, "dtype": "float32", "node_ids": not args.no_ids,
+         "rows": rows}, indent=1))
     labels = (("before (float64 copies, per-row tables)", "after (input dtype, tiled passes)")
               if args.ref == "dd1561d" else (f"before (commit {args.ref})", "after (this tree)"))
-    plot(rows, args.out / f"{args.name}.png", labels)
+    plot(rows, args.out / f"{args.name}.png", labels, with_ids=not args.no_ids)
     return 0
 
 

@@ -292,3 +292,68 @@ def test_survivors_clipping_compiled_on_large_rounds_only(monkeypatch):
         for G in _rounds(3, R, d, far=0, seed=R):  # clean rounds: the budget unspent, every survivor clipped
             rule.aggregate(G, client_ids=list(range(R)))
         assert seen and all(c is fast for c in seen)
+
+
+def test_the_filter_given_the_callers_pass_decodes_as_with_its_own():
+    """RGE.aggregate_rows(presketch=...): a pass the caller took with the signs the filter would draw gives the
+    filter's own result bit for bit (the sketch, the norms and the column sums stand for its pass); one it cannot use
+    (another bucket count, no column sums where they are needed) is ignored."""
+    from flwr_byzantine.aggregators.rge import RGE
+    from flwr_byzantine.aggregators.sketch import RowSketch, sketch_rows
+
+    G = _rounds(1, 60, 30000, far=8, seed=5)[0]
+    rows = np.setdiff1d(np.arange(60), [3, 17])
+    own = RGE(eps_tilde=0.2, sketch_dim=2048, spectral_above=64, threshold_factor=1.5, seed=4)
+    handed = copy.deepcopy(own)
+    state = copy.deepcopy(own._rng)
+    sq, sums = np.empty(60), np.empty(30000, dtype=np.float32)
+    Y = sketch_rows(G, 2048, state, sq_norms=sq, col_sums=sums)
+    a = own.aggregate_rows(G, rows)
+    b = handed.aggregate_rows(G, rows, presketch=RowSketch(Y, sq, sums, 2048))
+    assert a.kept.tolist() == b.kept.tolist() and set(range(8)).isdisjoint(rows[a.kept])
+    np.testing.assert_array_equal(a.estimate, b.estimate)
+    assert handed._rng.bit_generator.state != own._rng.bit_generator.state  # it drew no signs of its own
+    for unusable in (RowSketch(Y, sq, None, 2048),  # no column sums
+                     RowSketch(sketch_rows(G, 512, np.random.default_rng(1)), sq, sums, 512)):  # other buckets
+        other = RGE(eps_tilde=0.2, sketch_dim=2048, spectral_above=64, threshold_factor=1.5, seed=4)
+        c = other.aggregate_rows(G, rows, presketch=unusable)
+        assert c.kept.tolist() == a.kept.tolist()
+        np.testing.assert_array_equal(c.estimate, a.estimate)
+
+
+def test_without_node_ids_the_screen_and_the_filter_share_one_pass():
+    """Without node ids the filter reads the rows the screen sketched: one sketching pass a round (it was two), the
+    gross rows and the attackers still removed; with node ids the filter sketches the memories, a pass of its own."""
+    import flwr_byzantine.aggregators.rge as rge_mod
+    import flwr_byzantine.aggregators.defence as mod
+
+    R, d = 60, 30000
+    rounds = _rounds(3, R, d, far=3, seed=6)
+    for G in rounds:
+        G[3:9] = G[9:].mean(axis=0) + np.float32(3.0)  # six attackers in a tight cluster, off the honest mean
+    calls = []
+    real_d, real_r = mod.sketch_rows, rge_mod.sketch_rows
+
+    def spy(where):
+        def f(G, dim, rng, **kw):
+            calls.append(where)
+            return (real_d if where == "screen" else real_r)(G, dim, rng, **kw)
+        return f
+
+    mod.sketch_rows, rge_mod.sketch_rows = spy("screen"), spy("filter")
+    try:
+        rule = RobustDefence(eps_tilde=0.2, seed=0, fast_above=R * d)
+        for G in rounds:
+            res = rule.aggregate(G)
+            assert res.info["gross"] == [0, 1, 2] and set(range(9)).isdisjoint(res.kept.tolist())
+            honest = G[9:].mean(axis=0)
+            assert np.linalg.norm(res.estimate - honest) < 0.05 * np.linalg.norm(G[3] - honest)
+        assert calls == ["screen"] * len(rounds)
+        calls.clear()
+        with_ids = RobustDefence(eps_tilde=0.2, seed=0, fast_above=R * d)
+        for G in _rounds(3, R, d, far=0, seed=7):  # clean rounds: the filter runs (no budget spent before it)
+            res = with_ids.aggregate(G, client_ids=list(range(R)))
+            assert not res.info.get("budget_spent")
+        assert calls == ["screen", "filter"] * 3
+    finally:
+        mod.sketch_rows, rge_mod.sketch_rows = real_d, real_r

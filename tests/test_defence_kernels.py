@@ -71,8 +71,10 @@ def plain_clip_to_references(V, G, rows, table, slots, drift, factors, store=Fal
     return np.einsum("ij,ij->i", D, D)
 
 
-def plain_aggregate_rows(self, updates, rows, *, sigma0=None, estimate=True):
-    """``RGE.aggregate_rows`` as first written: the exact filter copies the rows out, the estimate always."""
+def plain_aggregate_rows(self, updates, rows, *, sigma0=None, estimate=True, presketch=None):
+    """``RGE.aggregate_rows`` as first written: the exact filter copies the rows out, the estimate always (no pass is
+    handed over at these rounds' sizes: the screen is not sketched there)."""
+    assert presketch is None
     from flwr_byzantine._backend import restore_dtype
     from flwr_byzantine.aggregators.rge import _blas_threads
 

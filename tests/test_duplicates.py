@@ -154,3 +154,33 @@ def test_projection_beyond_float32_range_falls_back_to_float64():
     """float64 rows too large for float32: the projection is taken in float64 and the copies still found."""
     G = _round(R=40, d=SKETCH_ABOVE // 40 + 1, copies=3, seed=2) * 1e100
     np.testing.assert_array_equal(duplicate_rows(G, np.arange(40), rng=np.random.default_rng(0)), [38, 39])
+
+
+def test_many_rows_find_the_close_pairs_and_groups_of_the_distance_matrix():
+    """Beyond MEDIAN_ALL_PAIRS_UP_TO pairs the close pairs come from the projected rows sorted by one coordinate (no
+    (n, n) matrix): the same pairs as every pair's distance gives, and the same groups as the matrix's grouping."""
+    from flwr_byzantine.aggregators import duplicates as dup
+
+    rng = np.random.default_rng(5)
+    n = 700
+    Z = rng.standard_normal((n, dup.PROJECTION_DIM))
+    for a, b in rng.integers(0, n, size=(40, 2)):  # near copies, chains and groups among them
+        Z[b] = Z[a] + 1e-3 * rng.standard_normal(dup.PROJECTION_DIM)
+    Z[[10, 20, 30]] = Z[5]
+    D = np.sqrt(((Z[:, None, :] - Z[None, :, :]) ** 2).sum(axis=2))
+    for thr in (0.0, 0.005, 0.05, 3.0):
+        i, j = dup._close_pairs(Z, thr)
+        assert np.all(i < j)
+        want = {(a, b) for a, b in zip(*np.nonzero(np.triu(D <= thr, 1)))}
+        assert set(zip(i.tolist(), j.tolist())) == want and len(want) == i.size
+        rows = np.arange(1000, 1000 + n)  # positions map to these row numbers
+        close = D <= thr
+        taken = np.zeros(n, dtype=bool)
+        expected: list[int] = []
+        for r in range(n):  # duplicate_rows' grouping on the whole matrix
+            if taken[r]:
+                continue
+            group = np.flatnonzero(close[r] & ~taken)
+            taken[group] = True
+            expected.extend(int(rows[g]) for g in group if g != r)
+        np.testing.assert_array_equal(dup._groups_from_pairs(rows, i, j), sorted(expected))

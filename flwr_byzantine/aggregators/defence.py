@@ -104,7 +104,7 @@ from .memory import (DEFAULT_Q_FLOOR, DEFAULT_RELATIVE, DEFAULT_SCORE_CLIP, DEFA
                      MonotonicityEvidence)
 from .rge import RGE
 from .sigma import estimate_sigma0_sq
-from .sketch import sketch_rows
+from .sketch import RowSketch, sketch_buckets, sketch_rows
 from .streaming import clip_survivors, column_median, host_array, row_sq_norms, row_sq_norms_to
 from .temporal import DEFAULT_BURN_IN, DEFAULT_JUMP_FACTOR, DEFAULT_SELF_CLIP_SCALE, SelfReference
 
@@ -564,27 +564,33 @@ class RobustDefence(Aggregator):
         R, d = updates.shape
         return self.gross_factor is not None and R > 2 and self._fast_round(R, d) and d > 2 * self.screen_sketch_dim
 
-    def _screen_sketch(self, G: np.ndarray, screened: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _screen_sketch(self, G: np.ndarray, screened: bool,
+                       filt: RGE | None = None) -> tuple[np.ndarray, np.ndarray, RowSketch | None]:
         """The gross screen's sketch of ``G`` (fresh private signs); unless ``screened``, the input check of
         :func:`~flwr_byzantine._backend.check_matrix` on the squared norms of the same pass: a NaN/Inf raises
         ``ValueError`` (nothing is changed; the private generator is rewound), an energy above ``LARGE_ENERGY``
-        widens the rows to float64 and sketches them again.  Returns ``(G, sketch)``."""
+        widens the rows to float64 and sketches them again.  ``filt``: the sketched filter that will read these rows
+        unchanged (no memory, no self-reference); the pass then also takes what that filter's own pass would (the
+        sketch in float64, the rows' squared norms, its column sums) and hands it over (one pass over the rows fewer).
+        Returns ``(G, sketch, handed over or None)``."""
         from .._backend import LARGE_ENERGY, check_matrix
 
         state = self._pass_rng.bit_generator.state
         sq = np.empty(G.shape[0])
         # float32 rows: the sketch kept in float32 (the screen's distances and the duplicates' float32 projection need
-        # no more; half the bytes, and no float32 copy for the projection)
-        Y = sketch_rows(G, self.screen_sketch_dim, self._pass_rng, sq_norms=sq,
-                        dtype=np.float32 if G.dtype == np.float32 else np.float64)
-        if screened:
-            return G, Y
+        # no more; half the bytes, and no float32 copy for the projection), unless the filter takes it over
+        share = filt is not None and filt.sketch_dim is not None and sketch_buckets(G.shape[1], filt.sketch_dim) == \
+            sketch_buckets(G.shape[1], self.screen_sketch_dim)
+        sums = np.empty(G.shape[1], dtype=G.dtype) if share and filt.column_sums else None
+        Y = sketch_rows(G, self.screen_sketch_dim, self._pass_rng, sq_norms=sq, col_sums=sums,
+                        dtype=np.float32 if G.dtype == np.float32 and not share else np.float64)
+        handed = RowSketch(Y, sq, sums, self.screen_sketch_dim) if share else None
         energy = float(np.sum(sq))
-        if np.isfinite(energy) and energy <= LARGE_ENERGY:
-            return G, Y
+        if screened or (np.isfinite(energy) and energy <= LARGE_ENERGY):
+            return G, Y, handed
         self._pass_rng.bit_generator.state = state
         G = check_matrix(G, widen_large=True)  # raises on NaN/Inf; large entries: float64
-        return G, sketch_rows(G, self.screen_sketch_dim, self._pass_rng)
+        return G, sketch_rows(G, self.screen_sketch_dim, self._pass_rng), None
 
     def _run(self, updates: ArrayLike, client_ids: Sequence[int] | None, screened: bool = True) -> AggregationResult:
         # Works in the input's dtype on the host (float32 stays float32; scalars in float64): every
@@ -596,6 +602,7 @@ class RobustDefence(Aggregator):
         ids = None if client_ids is None else [int(c) for c in client_ids]
         gross = np.zeros(0, dtype=np.intp)
         screen_sketch = None  # the gross screen's sketch of the rows, when it made one
+        handed = None  # what the screen's pass took for the filter, when the filter reads the rows unchanged
         fast = self._fast_round(R, d)
         if not screened and not self._screen_sketched(G):
             raise ValueError("unscreened rows for a round whose screen is not sketched")
@@ -604,7 +611,9 @@ class RobustDefence(Aggregator):
             # (large rounds: centre and distances on a fresh server-private sketch of the rows, whose pass
             # also checks the input when the caller has not)
             if fast and d > 2 * self.screen_sketch_dim:
-                G, Y = self._screen_sketch(G, screened)
+                # without node ids (or with neither a memory nor a self-reference) the filter reads these very rows
+                plain = ids is None or (self.self_reference is None and self.momentum == 0)
+                G, Y, handed = self._screen_sketch(G, screened, self.filter_for(R, d) if plain else None)
             else:
                 Y = G
             screen_sketch = Y if Y is not G else None
@@ -773,7 +782,8 @@ class RobustDefence(Aggregator):
             # budget is spent (no mixing then): the sketched filter gives it as a downdate of the mean of its own
             # sketching pass (a read of the removed rows), the exact one would need a pass of its own
             sketched = filt.sketch_dim is not None and d > 2 * filt.sketch_dim
-            res = filt.aggregate_rows(M, active, sigma0=sigma0_raw, estimate=not self.mixing or sketched)
+            res = filt.aggregate_rows(M, active, sigma0=sigma0_raw, estimate=not self.mixing or sketched,
+                                      presketch=handed if M is raw else None)
         kept = active[np.asarray(res.kept)]
         if res.estimate is None and not kept.size > 2:
             res.estimate = subset_mean(M, kept)  # too few survivors to mix: their mean, as the filter gives it

@@ -27,7 +27,7 @@ from .._backend import LARGE_ENERGY, ArrayLike, centred_gram, check_matrix, is_t
 from .base import AggregationResult, Aggregator
 from .saddle import capped_simplex_cap, solve_saddle, spectral_step
 from .sigma import estimate_sigma0, start_on
-from .sketch import FACTOR_MIN_ROWS, CentredFactor, centre_factor, centre_gram, dense_gram, gram_rows, sketch_rows
+from .sketch import FACTOR_MIN_ROWS, CentredFactor, RowSketch, centre_factor, centre_gram, dense_gram, gram_rows, sketch_rows
 from .streaming import rows_mean
 
 logger = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class RGE(Aggregator):
             return self._decode(updates)
 
     def aggregate_rows(self, updates: ArrayLike, rows: np.ndarray, *, sigma0: float | None = None,
-                       estimate: bool = True) -> AggregationResult:
+                       estimate: bool = True, presketch: RowSketch | None = None) -> AggregationResult:
         """:meth:`aggregate` of ``updates[rows]`` without copying those rows (``rows`` ascending).
 
         For a caller that has validated ``updates`` already (:func:`~flwr_byzantine._backend.check_matrix`)
@@ -188,14 +188,17 @@ class RGE(Aggregator):
         gathers the rows chunk by chunk for its Gram matrix (no copy either).  ``sigma0`` (not squared)
         overrides the rule's ``sigma0`` for this call (e.g. one estimated by the caller on other rows);
         ``None``: the rule's own.  ``estimate=False``: only the decisions (``estimate`` is ``None``),
-        for a caller that combines the survivors itself (one pass over the rows fewer).
+        for a caller that combines the survivors itself (one pass over the rows fewer).  ``presketch``: the sketch,
+        squared norms and column sums of every row of ``updates`` from a pass the caller took anyway with fresh
+        private signs (:class:`~.sketch.RowSketch`); a sketched filter whose pass it stands for
+        (:meth:`~.sketch.RowSketch.fits`) uses it instead of taking its own (issue 12: one pass over the rows fewer).
         """
         rows = np.asarray(rows, dtype=np.intp)
         with _blas_threads(self.blas_threads):
             if rows.size == updates.shape[0]:
-                res = self._decode(updates, sigma0=sigma0, estimate=estimate)
+                res = self._decode(updates, sigma0=sigma0, estimate=estimate, presketch=presketch)
             elif rows.size > 1:
-                res = self._decode(updates, rows, sigma0=sigma0, estimate=estimate)
+                res = self._decode(updates, rows, sigma0=sigma0, estimate=estimate, presketch=presketch)
             else:
                 res = self._decode(updates[rows], sigma0=sigma0, estimate=estimate)
         from .._backend import restore_dtype
@@ -205,7 +208,7 @@ class RGE(Aggregator):
         return res
 
     def _decode(self, updates: ArrayLike, rows: np.ndarray | None = None, *, sigma0: float | None = None,
-                estimate: bool = True) -> AggregationResult:
+                estimate: bool = True, presketch: RowSketch | None = None) -> AggregationResult:
         t0 = time.perf_counter()
         R, d = updates.shape
         sketched = self.sketch_dim is not None and d > 2 * self.sketch_dim
@@ -221,12 +224,21 @@ class RGE(Aggregator):
             # squares would overflow the float32 sketch's Gram matrix (energy above LARGE_ENERGY), rewind the signs and
             # take check_matrix's screen (NaN/Inf: ValueError; large: widened to float64) and screened_mean's path
             state = self._rng.bit_generator.state
-            energy = np.empty(R)
-            if self.column_sums:
+            if (presketch is not None and presketch.fits(R, d, self.sketch_dim, self.column_sums)
+                    and presketch.Y.dtype == np.float64 and (presketch.col_sums is None
+                                                             or presketch.col_sums.dtype == updates.dtype)):
+                # the caller's pass over these rows stands for this one (the same products, other fresh signs)
+                Y, energy = presketch.Y, presketch.sq_norms.copy()
+                if self.column_sums:
+                    mean = presketch.col_sums.copy()
+                    mean /= R
+            elif self.column_sums:
+                energy = np.empty(R)
                 mean = np.empty(d, dtype=updates.dtype)
                 Y = sketch_rows(updates, self.sketch_dim, self._rng, sq_norms=energy, col_sums=mean)
                 mean /= R
             else:
+                energy = np.empty(R)
                 Y = sketch_rows(updates, self.sketch_dim, self._rng, sq_norms=energy)
             total = float(np.sum(energy))
             if not (np.isfinite(total) and (updates.dtype == np.float64 or total <= LARGE_ENERGY)

@@ -28,6 +28,7 @@ is always the exact mean of the surviving *original* rows.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -88,6 +89,28 @@ def sketch_rows(updates: ArrayLike, dim: int, rng: np.random.Generator,
         return Y  # scaled in the pass
     Y *= 1.0 / math.sqrt(2.0)
     return Y
+
+
+@dataclass(frozen=True)
+class RowSketch:
+    """What one pass of :func:`sketch_rows` took over every row of an ``(R, d)`` matrix, for a second consumer of the
+    same rows (the default defence's gross screen hands it to its filter when the filter reads those rows unchanged:
+    one pass over them instead of two; issue 12).
+
+    ``Y``: the sketch, ``(R, k1 + k2)`` float64, taken with ``dim`` (bucket counts ``sketch_buckets(d, dim)``);
+    ``sq_norms``: the rows' squared norms (float64); ``col_sums``: the column sums in the rows' dtype, or ``None`` when
+    the pass did not take them."""
+
+    Y: np.ndarray
+    sq_norms: np.ndarray
+    col_sums: np.ndarray | None
+    dim: int
+
+    def fits(self, R: int, d: int, dim: int, col_sums: bool) -> bool:
+        """Whether it stands for the pass a consumer of ``R x d`` rows with sketch length ``dim`` would take (the same
+        bucket counts; the column sums when it needs them)."""
+        return (self.Y.shape[0] == R and sketch_buckets(d, self.dim) == sketch_buckets(d, dim)
+                and self.Y.shape[1] == sum(sketch_buckets(d, dim)) and (self.col_sums is not None or not col_sums))
 
 
 def centre_gram(Y: np.ndarray, low_precision: bool) -> np.ndarray:
