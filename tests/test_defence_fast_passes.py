@@ -331,12 +331,13 @@ def test_without_node_ids_the_screen_and_the_filter_share_one_pass():
     rounds = _rounds(3, R, d, far=3, seed=6)
     for G in rounds:
         G[3:9] = G[9:].mean(axis=0) + np.float32(3.0)  # six attackers in a tight cluster, off the honest mean
-    calls = []
+    calls, dims = [], []
     real_d, real_r = mod.sketch_rows, rge_mod.sketch_rows
 
     def spy(where):
         def f(G, dim, rng, **kw):
             calls.append(where)
+            dims.append(dim)
             return (real_d if where == "screen" else real_r)(G, dim, rng, **kw)
         return f
 
@@ -355,5 +356,13 @@ def test_without_node_ids_the_screen_and_the_filter_share_one_pass():
             res = with_ids.aggregate(G, client_ids=list(range(R)))
             assert not res.info.get("budget_spent")
         assert calls == ["screen", "filter"] * 3
+        # many rows: the screen takes the many-row filter's shorter sketch (1024), still one pass a round
+        calls.clear()
+        dims.clear()
+        R, d = 520, 4200
+        G = _rounds(1, R, d, far=5, seed=8)[0]
+        res = RobustDefence(eps_tilde=0.2, seed=0).aggregate(G)
+        assert res.info["gross"] == list(range(5)) and res.kept.size >= R - 5 - int(0.2 * R)
+        assert calls == ["screen"] and dims == [1024]
     finally:
         mod.sketch_rows, rge_mod.sketch_rows = real_d, real_r

@@ -570,8 +570,9 @@ class RobustDefence(Aggregator):
         :func:`~flwr_byzantine._backend.check_matrix` on the squared norms of the same pass: a NaN/Inf raises
         ``ValueError`` (nothing is changed; the private generator is rewound), an energy above ``LARGE_ENERGY``
         widens the rows to float64 and sketches them again.  ``filt``: the sketched filter that will read these rows
-        unchanged (no memory, no self-reference); the pass then also takes what that filter's own pass would (the
-        sketch in float64, the rows' squared norms, its column sums) and hands it over (one pass over the rows fewer).
+        unchanged (no memory, no self-reference); the pass then takes what that filter's own pass would (the sketch of
+        its length in float64, the rows' squared norms, its column sums) and hands it over (one pass over the rows
+        fewer).
         Returns ``(G, sketch, handed over or None)``."""
         from .._backend import LARGE_ENERGY, check_matrix
 
@@ -579,18 +580,19 @@ class RobustDefence(Aggregator):
         sq = np.empty(G.shape[0])
         # float32 rows: the sketch kept in float32 (the screen's distances and the duplicates' float32 projection need
         # no more; half the bytes, and no float32 copy for the projection), unless the filter takes it over
-        share = filt is not None and filt.sketch_dim is not None and sketch_buckets(G.shape[1], filt.sketch_dim) == \
-            sketch_buckets(G.shape[1], self.screen_sketch_dim)
+        # (the screen then takes the filter's length: from FAST_MANY_ROWS rows on, 1024 instead of 2048)
+        share = filt is not None and filt.sketch_dim is not None and G.shape[1] > 2 * filt.sketch_dim
+        dim = filt.sketch_dim if share else self.screen_sketch_dim
         sums = np.empty(G.shape[1], dtype=G.dtype) if share and filt.column_sums else None
-        Y = sketch_rows(G, self.screen_sketch_dim, self._pass_rng, sq_norms=sq, col_sums=sums,
+        Y = sketch_rows(G, dim, self._pass_rng, sq_norms=sq, col_sums=sums,
                         dtype=np.float32 if G.dtype == np.float32 and not share else np.float64)
-        handed = RowSketch(Y, sq, sums, self.screen_sketch_dim) if share else None
+        handed = RowSketch(Y, sq, sums, dim) if share else None
         energy = float(np.sum(sq))
         if screened or (np.isfinite(energy) and energy <= LARGE_ENERGY):
             return G, Y, handed
         self._pass_rng.bit_generator.state = state
         G = check_matrix(G, widen_large=True)  # raises on NaN/Inf; large entries: float64
-        return G, sketch_rows(G, self.screen_sketch_dim, self._pass_rng), None
+        return G, sketch_rows(G, dim, self._pass_rng), None
 
     def _run(self, updates: ArrayLike, client_ids: Sequence[int] | None, screened: bool = True) -> AggregationResult:
         # Works in the input's dtype on the host (float32 stays float32; scalars in float64): every
