@@ -193,12 +193,14 @@ def test_fast_above_still_validated(bad):
         RobustDefence(fast_above=bad)
 
 
-def test_sketched_screen_is_the_input_check_of_large_rounds():
+@pytest.mark.parametrize("with_ids", [True, False])
+def test_sketched_screen_is_the_input_check_of_large_rounds(with_ids):
     """Large rounds check NaN/Inf and the energy on the screen's sketching pass (no separate pass): a bad row
     raises before anything changes (the private generator rewound: the next rounds are those of a rule that
-    never saw it), and rows whose energy would overflow float32 sums are widened as check_matrix widens them."""
+    never saw it), and rows whose energy would overflow float32 sums are widened as check_matrix widens them.
+    Without node ids that pass is also the filter's (handed over), and the same holds."""
     rounds = _rounds(3, 12, 9000, far=2)
-    ids = list(range(12))
+    ids = list(range(12)) if with_ids else None
     rule, ref = (RobustDefence(eps_tilde=0.2, seed=3, fast_above=1) for _ in range(2))
     assert rule._screen_sketched(rounds[0])
     rule.aggregate(rounds[0], client_ids=ids)

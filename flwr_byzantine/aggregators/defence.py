@@ -288,7 +288,10 @@ class RobustDefence(Aggregator):
         :data:`SCREEN_CENTRE_ROWS` rows drawn at random when there are more), and
         the self-reference drift from ``max(DRIFT_ROWS, min(R // DRIFT_SHARE, DRIFT_MAX_ROWS))`` nodes drawn at random (when more
         have a reference), both from a server-private generator, fresh every round (attributes
-        ``screen_sketch_dim`` and ``drift_rows``); ``False``: the exact passes at every size.
+        ``screen_sketch_dim`` and ``drift_rows``); ``False``: the exact passes at every size.  Where the filter reads
+        the rows the screen sketched (no node ids, or neither memory nor self-reference), the screen's pass takes the
+        sketch of the filter's length with the filter's norms and column sums, and the filter uses it (one pass over
+        the rows a round instead of two; :class:`~.sketch.RowSketch`).
     duplicate_tol:
         Rows closer than this fraction of the round's median pairwise distance are duplicates: one
         row of each group is kept (step 8, :func:`~.duplicates.duplicate_rows`); ``None`` disables it.
