@@ -85,7 +85,7 @@ OMNI_ATTACKS = ("omni:alie", "omni:ipm", "omni:sign-flip", "omni:defence-aware",
 ATTACKS = CLIENT_ATTACKS + OMNI_ATTACKS
 PEERS = ("cclip", "nnm:cclip", "multi-krum", "trimmed-mean", "median", "geomed")
 MOMENTUM_PEERS = ("wm:cclip", "wm:nnm:cclip", "wm:multi-krum", "wm:trimmed-mean")
-ABLATIONS = ("rge/evidence-last-replies", "rge/no-step-trim", "rge/step-trim-both", "rge/fold-dropped", "rge/mixing", "rge/evidence-floor-0.01", "rge/evidence-floor-0.1", "rge/no-evidence", "rge/evidence-level-0", "rge/no-relative-level",
+ABLATIONS = ("rge/evidence-last-replies", "rge/no-step-trim", "rge/step-trim-both", "rge/fold-dropped", "rge/mixing", "rge/evidence-floor-0.01", "rge/evidence-floor-0.1", "rge/no-evidence", "rge/evidence-level-0", "rge/no-relative-level", "rge/level-all-nodes",
              "rge/no-skip-anomalies", "rge/no-self-ref",
              "rge/no-jump", "rge/jump-median", "rge/no-burn-in", "rge/no-gross", "rge/no-clip", "rge/threshold-4", "rge/no-momentum",
              "rge/momentum", "rge/momentum-0.5",
@@ -167,6 +167,8 @@ def build_rule(name: str, num_nodes: int, f: int, mode: str = "gradient"):
             kw = dict(skip_anomalies=False, score_clip=None)
         elif variant == "no-relative-level":  # the evidence's level is -z_exclude in every round
             kw = dict(evidence_relative=None)
+        elif variant == "level-all-nodes":  # the relative level from every eligible node, suspects too (the 19th landing)
+            kw = dict(evidence_relative_above=False)
         elif variant == "jump-median":  # a jump judged against the round's median change alone (the seventeenth landing)
             kw = dict(jump_own_scale=False)
         elif variant == "no-burn-in":  # a jumped node's reference follows only the drift, from its first round

@@ -84,7 +84,7 @@ def test_monotonicity_evidence_suspects_sign_flippers_and_not_heterogeneous_hone
 
 
 def test_relative_level_follows_a_low_spread_population_down_and_is_never_stricter():
-    ev = MonotonicityEvidence(z_exclude=0.0, relative=2.0)
+    ev = MonotonicityEvidence(z_exclude=0.0, relative=2.0, relative_above=False)  # every eligible node sets it
     # convex-like population: honest Z around 2.5, tight -> the level is -z_exclude = 0
     assert ev._level(np.array([2.4, 2.6, 2.5, 2.2, 2.8, 2.5, 2.7])) == 0.0
     # a non-convex model's first rounds: Z spread around 0.5 -> the level follows the population down
@@ -97,6 +97,28 @@ def test_relative_level_follows_a_low_spread_population_down_and_is_never_strict
     assert MonotonicityEvidence(relative=None)._level(z) == -1.5  # the default level
     with pytest.raises(ValueError):
         MonotonicityEvidence(relative=0.0)
+
+
+def test_relative_level_is_not_widened_by_a_cluster_below_the_fixed_level():
+    """The relative level's median and MADn come from the nodes at or above -z_exclude when they are a majority: a
+    quarter of the nodes far below it (sign flippers) no longer carry the level below themselves; a population whose
+    bulk is above it, or whose majority is below it, sets the level as before."""
+    honest = np.linspace(-0.1, 3.9, 30)  # 30 honest nodes of a 40-node MLP federation, spread over 4 units
+    flippers = np.array([-3.27, -2.7, -2.59, -2.43, -2.3, -2.25, -2.19, -2.14, -1.56, -0.92])  # its sign flippers
+    z = np.concatenate([honest, flippers])
+    new, old = MonotonicityEvidence(), MonotonicityEvidence(relative_above=False)
+    assert int(np.sum(flippers < old._level(z))) == 1  # every eligible node: the flippers widen the MADn
+    assert new._level(z) == -1.5  # the bulk above -1.5 is tight: the fixed level, and 9 of the 10 flippers are below it
+    assert int(np.sum(flippers < new._level(z))) == 9 and not np.any(honest < new._level(z))
+    # nothing below the fixed level: the same level either way (a spread population with its bulk above -1.5)
+    spread = np.array([-1.4, -1.1, 0.6, 0.5, 0.0, -0.1, -0.7, 2.3, -0.5, 1.7, 1.2])
+    assert new._level(spread) == old._level(spread) < -1.4
+    # most nodes below -1.5 (a non-convex model's first rounds): all of them set it, as before
+    low = np.array([-3.0, -2.6, -2.2, -2.0, -1.9, -1.7, -1.6, -1.2, 0.3, 1.1])
+    assert new._level(low) == old._level(low) < -3.0
+    # fewer than 5 nodes above it: all of them set it
+    few = np.concatenate([np.full(4, 2.0), np.full(3, -2.0)])
+    assert new._level(few) == old._level(few)
 
 
 def test_suspected_uses_the_last_rounds_level_and_the_state_keeps_it():

@@ -15,7 +15,8 @@ filter and adds what a single round lacks:
    (``g_i(t-1)`` as the self-reference of step 4 remembers it, the last reply after its clipping:
    ``evidence_from_reference``)
    ``Z_i`` falls below the round's level ``min(-z_exclude, median(Z) - evidence_relative MADn(Z))``
-   (``z_exclude = 1.5``: below -1.5, where the honest majority's own evidence is higher), at most
+   (``z_exclude = 1.5``: below -1.5, where the honest majority's own evidence is higher; the median and MADn
+   of the nodes at or above -1.5 when they are a majority: ``evidence_relative_above``), at most
    ``floor(eps_tilde R)`` nodes, the most suspect first, re-decided every round.  Replies the round finds anomalous (gross outliers,
    jumps) are not scored, nor is the node's next reply against them, and the scores are
    winsorised (``score_clip``), so a mobile adversary cannot plant evidence on honest nodes.  Node ids
@@ -240,6 +241,11 @@ class RobustDefence(Aggregator):
     evidence_relative:
         Width of the evidence's relative level: a round's level is
         ``min(-z_exclude, median(Z) - evidence_relative * MADn(Z))`` (``None``: ``-z_exclude``).
+    evidence_relative_above:
+        ``True`` (default, the twentieth landing): that median and MADn are the nodes' at or above ``-z_exclude`` when
+        they are a majority (:meth:`~.memory.MonotonicityEvidence._level`), so a cluster of suspects below the fixed
+        level cannot widen it (ten sign flippers among 40 nodes were excluded in half the rounds); ``False``: every
+        eligible node's (the robustness benchmark's ablation ``rge/level-all-nodes``).
     evidence_floor:
         Population floor of the evidence's normaliser, ``Z_i = S_i / sqrt(Q_i + evidence_floor * median(Q))``
         (``None``: the scale-free ``S_i / sqrt(Q_i)``, under which scores at rounding level give any ``Z``).
@@ -352,6 +358,7 @@ class RobustDefence(Aggregator):
         reference_burn_in: int = DEFAULT_BURN_IN,
         evidence_relative: float | None = DEFAULT_RELATIVE,
         evidence_floor: float | None = DEFAULT_Q_FLOOR,
+        evidence_relative_above: bool = True,
         spend_budget: bool = True,
         fast_passes: bool = True,
         duplicate_tol: float | None = DEFAULT_DUPLICATE_TOL,
@@ -399,7 +406,8 @@ class RobustDefence(Aggregator):
         self.sigma0 = self.filter.sigma0
         self.memory = ClientMomentum(beta=self.momentum, max_idle_rounds=max_idle_rounds)
         self.evidence = (MonotonicityEvidence(gamma=evidence_gamma, z_exclude=z_exclude, score_clip=score_clip,
-                                              relative=evidence_relative, q_floor=evidence_floor)
+                                              relative=evidence_relative, q_floor=evidence_floor,
+                                              relative_above=evidence_relative_above)
                          if evidence else None)
         self.mixing = bool(mixing)
         if input_clip_scale is not None and not (np.isfinite(input_clip_scale) and input_clip_scale > 0):

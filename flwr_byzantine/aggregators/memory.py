@@ -358,7 +358,9 @@ class MonotonicityEvidence:
 
     def __init__(self, gamma: float = 0.95, z_exclude: float = DEFAULT_Z_EXCLUDE, min_rounds: int = 5,
                  gamma_short: float = 0.8, z_short: float = 2.0, score_clip: float | None = DEFAULT_SCORE_CLIP,
-                 relative: float | None = DEFAULT_RELATIVE, q_floor: float | None = DEFAULT_Q_FLOOR) -> None:
+                 relative: float | None = DEFAULT_RELATIVE, q_floor: float | None = DEFAULT_Q_FLOOR,
+                 relative_above: bool = True) -> None:
+        self.relative_above = bool(relative_above)
         if q_floor is not None and not (np.isfinite(q_floor) and q_floor >= 0):
             raise ValueError(f"q_floor must be a non-negative finite number or None, got {q_floor!r}")
         self.q_floor = None if q_floor is None else float(q_floor)
@@ -435,7 +437,8 @@ class MonotonicityEvidence:
 
         The long window's level is ``min(-z_exclude, median(Z) - relative * MADn(Z))`` over the nodes
         of ``ids`` with at least ``min_rounds`` scores (``-z_exclude`` with fewer than 5 of them, or
-        ``relative=None``): where the honest majority's own evidence is low and spread (a non-convex
+        ``relative=None``; with ``relative_above``, over those of them at or above ``-z_exclude`` when they are a
+        majority: :meth:`_level`): where the honest majority's own evidence is low and spread (a non-convex
         model's first rounds) the level follows it down, so honest nodes are not excluded for the
         model's curvature; it is never stricter than ``-z_exclude``.  Kept in :attr:`level`.
 
@@ -456,9 +459,19 @@ class MonotonicityEvidence:
         return enough & ((z_long < self.level) | (self._z_short(st) < -self.z_short))
 
     def _level(self, z: np.ndarray) -> float:
-        """The long window's exclusion level for a round whose eligible nodes have evidence ``z``."""
+        """The long window's exclusion level for a round whose eligible nodes have evidence ``z``.
+
+        ``relative_above`` (default): the median and MADn are those of the nodes at or above ``-z_exclude`` when they
+        are a majority (at least 5 of them), the honest bulk without the nodes the fixed level suspects.  A cluster of
+        suspects below it (sign flippers: a quarter of 40 nodes at Z ~ -2 while the honest sit at 1-4) then cannot
+        widen the MADn enough to carry the level below itself, and no node lowers the level by sitting below it.
+        Where most nodes are below ``-z_exclude`` (a non-convex model's first rounds) all of them set it, as before."""
         if self.relative is None or z.size < 5:
             return -self.z_exclude
+        if self.relative_above:
+            above = z[z >= -self.z_exclude]
+            if 2 * above.size > z.size and above.size >= 5:
+                z = above
         med = float(np.median(z))
         madn = 1.4826 * float(np.median(np.abs(z - med)))
         return min(-self.z_exclude, med - self.relative * madn)
