@@ -224,22 +224,16 @@ class RGE(Aggregator):
             # squares would overflow the float32 sketch's Gram matrix (energy above LARGE_ENERGY), rewind the signs and
             # take check_matrix's screen (NaN/Inf: ValueError; large: widened to float64) and screened_mean's path
             state = self._rng.bit_generator.state
-            if (presketch is not None and presketch.fits(R, d, self.sketch_dim, self.column_sums)
-                    and presketch.Y.dtype == np.float64 and (presketch.col_sums is None
-                                                             or presketch.col_sums.dtype == updates.dtype)):
+            if presketch is not None and presketch.fits(R, d, self.sketch_dim, self.column_sums, updates.dtype):
                 # the caller's pass over these rows stands for this one (the same products, other fresh signs)
                 Y, energy = presketch.Y, presketch.sq_norms.copy()
-                if self.column_sums:
-                    mean = presketch.col_sums.copy()
-                    mean /= R
-            elif self.column_sums:
-                energy = np.empty(R)
-                mean = np.empty(d, dtype=updates.dtype)
-                Y = sketch_rows(updates, self.sketch_dim, self._rng, sq_norms=energy, col_sums=mean)
-                mean /= R
+                mean = presketch.col_sums.copy() if self.column_sums else None
             else:
                 energy = np.empty(R)
-                Y = sketch_rows(updates, self.sketch_dim, self._rng, sq_norms=energy)
+                mean = np.empty(d, dtype=updates.dtype) if self.column_sums else None
+                Y = sketch_rows(updates, self.sketch_dim, self._rng, sq_norms=energy, col_sums=mean)
+            if mean is not None:
+                mean /= R
             total = float(np.sum(energy))
             if not (np.isfinite(total) and (updates.dtype == np.float64 or total <= LARGE_ENERGY)
                     and (mean is None or np.isfinite(mean).all())):

@@ -106,11 +106,12 @@ class RowSketch:
     col_sums: np.ndarray | None
     dim: int
 
-    def fits(self, R: int, d: int, dim: int, col_sums: bool) -> bool:
-        """Whether it stands for the pass a consumer of ``R x d`` rows with sketch length ``dim`` would take (the same
-        bucket counts; the column sums when it needs them)."""
-        return (self.Y.shape[0] == R and sketch_buckets(d, self.dim) == sketch_buckets(d, dim)
-                and self.Y.shape[1] == sum(sketch_buckets(d, dim)) and (self.col_sums is not None or not col_sums))
+    def fits(self, R: int, d: int, dim: int, col_sums: bool, dtype: Any) -> bool:
+        """Whether it stands for the pass a consumer of ``R x d`` rows of ``dtype`` with sketch length ``dim`` would
+        take (the same bucket counts, a float64 sketch; the column sums, in the rows' dtype, when it needs them)."""
+        return (self.Y.shape[0] == R and self.Y.dtype == np.float64
+                and sketch_buckets(d, self.dim) == sketch_buckets(d, dim) and self.Y.shape[1] == sum(sketch_buckets(d, dim))
+                and (not col_sums or (self.col_sums is not None and self.col_sums.dtype == np.dtype(dtype))))
 
 
 def centre_gram(Y: np.ndarray, low_precision: bool) -> np.ndarray:
