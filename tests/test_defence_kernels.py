@@ -42,13 +42,18 @@ def plain_mix_and_clip(M, kept, f, clip_scale):
     return clip_survivors(Y, np.arange(kept.size), centre, clip_scale)
 
 
-def plain_reference_deviation_stats(G, rows, table, slots, median_of=None, direction=None):
+def plain_reference_deviation_stats(G, rows, table, slots, median_of=None, direction=None, groups=1):
     """The self-reference's drift and squared deviations as first written (``(n, d)`` temporaries), and the changes
-    from the references along ``direction`` (the evidence's statistics) in numpy."""
+    from the references along ``direction`` (the evidence's statistics) in numpy; ``groups``: the median of the medians
+    of that many consecutive groups of ``median_of``."""
     ref = table[slots]
     dev = G[rows] - ref
     change = dev.copy() if direction is not None else None
-    drift = np.median(dev if median_of is None else dev[median_of], axis=0)
+    if groups > 1:
+        parts = np.split(np.asarray(median_of), groups)
+        drift = np.median(np.stack([np.median(dev[p], axis=0) for p in parts]), axis=0).astype(dev.dtype)
+    else:
+        drift = np.median(dev if median_of is None else dev[median_of], axis=0)
     dev -= drift
     sq = np.einsum("ij,ij->i", dev, dev).astype(np.float64)
     if direction is None:
@@ -291,7 +296,9 @@ def test_mix_and_clip_matches_the_explicit_mixture(clip_scale):
     v0, factors0, radius0 = plain_mix_and_clip(M, kept, 3, clip_scale)
     np.testing.assert_allclose(v, v0, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(factors, factors0, rtol=1e-5)
-    assert np.array_equal(factors < 1.0, factors0 < 1.0)
+    # the rows clipped by more than rounding (the row at the median radius has a factor of 1 in one formulation and
+    # 1 - 1e-16 in the other, depending on the machine's vectorisation of the float32 distances)
+    assert np.array_equal(factors < 1.0 - 1e-5, factors0 < 1.0 - 1e-5)
     if clip_scale is not None:
         assert radius == pytest.approx(radius0, rel=1e-5)
         assert (factors < 1.0).any()

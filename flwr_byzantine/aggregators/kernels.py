@@ -11,10 +11,12 @@ and do all the arithmetic of a pass on it:
 * :func:`drift_and_deviations`: the self-reference drift (the coordinate-wise median of the changes
   ``G[r] - T[s]`` of some rows, Section "self-reference" of :mod:`.temporal`) by a *selection
   network* evaluated across a block of columns at once (compare-exchanges of whole rows of a
-  transposed block: branch-free, vectorised; exact, the same value as ``np.median``), and every row's
-  squared distance ``||G[r] - T[s] - drift||^2`` in a second, row-wise read;
+  transposed block: branch-free, vectorised; exact, the same value as ``np.median``; or the median of the medians of
+  a few groups of 31, each network unrolled), and every row's squared distance ``||G[r] - T[s] - drift||^2`` in a
+  second, row-wise read;
 * :func:`column_medians`: the same network on blocks of a matrix's rows (``np.median(A, axis=0)``); for 31 values
-  (the drift's sample up to R = 127) the network runs unrolled, from the generated :mod:`._median31`;
+  (the drift's sample up to R = 127, and each group of it above) the network runs unrolled, from the generated
+  :mod:`._median31`;
 * :func:`clip_rows`: ``V[r] = T[s] + drift + (G[r] - T[s] - drift) f_r`` and optionally ``T[s] = V[r]`` (or only
   the latter)
   (the elementwise arithmetic of the numpy formulation, bit for bit), and optionally the written rows'
@@ -269,9 +271,33 @@ def _sum_sq_deviation_and_change(g, t, dr, u, n):
 
 
 @numba.njit(cache=True)
-def drift_and_deviations(G, rows, T, slots, sample, lo, hi, npad, drift, sq, block_values, u, change_sq, change_dots):
+def _median_of_groups(Mg, k, w, out, c_out):
+    """``out[c_out + c] = median(Mg[:k, c])`` for ``c < w`` (``k`` odd, a few values: an insertion sort per column);
+    a column with a NaN gives NaN."""
+    vals = np.empty(k, dtype=Mg.dtype)
+    for c in range(w):
+        nan = False
+        for j in range(k):
+            x = Mg[j, c]
+            if x != x:
+                nan = True
+            i = j
+            while i > 0 and vals[i - 1] > x:
+                vals[i] = vals[i - 1]
+                i -= 1
+            vals[i] = x
+        out[c_out + c] = Mg[0, c] * np.nan if nan else vals[k // 2]
+
+
+@numba.njit(cache=True)
+def drift_and_deviations(G, rows, T, slots, sample, lo, hi, npad, drift, sq, block_values, u, change_sq, change_dots,
+                         groups=1):
     """``drift = median_k (G[rows[sample[k]]] - T[slots[sample[k]]])`` per coordinate, and
     ``sq[i] = ||G[rows[i]] - T[slots[i]] - drift||^2`` (float64) for every ``i``.
+
+    ``groups`` (odd, above 1): the sample is that many consecutive groups of ``sample.size // groups`` positions and the
+    drift is, per coordinate, the median of the groups' medians (``lo``, ``hi``, ``npad``: the network of one group;
+    a group of :data:`UNROLLED_MEDIAN` runs unrolled, 3-8x cheaper a value than one network over the whole sample).
 
     First the drift, column block by column block: the sampled rows' changes of a block go transposed
     into a padded buffer and the selection network (``lo``, ``hi`` of :func:`selection_network` for
@@ -286,19 +312,26 @@ def drift_and_deviations(G, rows, T, slots, sample, lo, hi, npad, drift, sq, blo
     """
     n = rows.size
     d = G.shape[1]
-    m = sample.size
+    m = sample.size // groups
     wm = max(8, block_values // npad)
     B = _aligned_block(npad, wm, drift.dtype)
+    Mg = np.empty((groups, wm), dtype=drift.dtype)
     for b0 in range(0, d, wm):
         b1 = min(d, b0 + wm)
         w = b1 - b0
-        for k in range(m):
-            g = G[rows[sample[k]], b0:b1]
-            t = T[slots[sample[k]], b0:b1]
-            Bk = B[k]
-            for c in range(w):
-                Bk[c] = g[c] - t[c]
-        _median_block(B, w, lo, hi, m, drift, b0)
+        for j in range(groups):
+            for k in range(m):
+                g = G[rows[sample[j * m + k]], b0:b1]
+                t = T[slots[sample[j * m + k]], b0:b1]
+                Bk = B[k]
+                for c in range(w):
+                    Bk[c] = g[c] - t[c]
+            if groups == 1:
+                _median_block(B, w, lo, hi, m, drift, b0)
+            else:
+                _median_block(B, w, lo, hi, m, Mg[j], 0)
+        if groups > 1:
+            _median_of_groups(Mg, groups, w, drift, b0)
     for i0 in range(0, n, 2):
         _deviation_rows(G, rows, T, slots, drift, u, sq, change_sq, change_dots, i0, min(n, i0 + 2))
 
@@ -399,10 +432,12 @@ def clip_rows(V, G, rows, T, slots, drift, factors, store, centre, csq):
 
 
 @numba.njit(cache=True, fastmath={"reassoc"})
-def _sketch_segment(gs, ss, y1, y2, b2, k2, cs):
+def _sketch_segment(gs, ss, y1, y2, b2, k2, cs, acc):
     """Add ``s_i g_i`` of one segment (at most ``k1`` coordinates, starting at a multiple of ``k1``) to the
     first map's buckets ``0..`` and the second map's ``b2..`` (wrapping once), and (``cs`` not empty) ``g_i`` to the
-    column sums ``cs``; returns ``sum g_i^2`` (float64).
+    column sums ``cs``; returns ``sum g_i^2`` as float64, summed in the type of ``acc`` (its start, zero: the rows'
+    dtype; a float32 segment's squares in float32 lanes, 0.2-0.4x ``np.mean`` a pass cheaper than widening each to
+    float64, to a relative 1e-6 or so over a segment of about 1024 values: issue 12, the twenty-first landing).
 
     Two loops, one per side of the second map's wrap, each reading a coordinate once and adding its signed value to
     both maps (no staging buffer: issue 12, 1.1-1.3x faster than staging the signed segment first).  The products and
@@ -411,11 +446,10 @@ def _sketch_segment(gs, ss, y1, y2, b2, k2, cs):
     """
     w = gs.size
     first = min(w, k2 - b2)
-    acc = 0.0
     y2a = y2[b2:b2 + first]
     for c in range(first):
         x = gs[c] * ss[c]
-        acc += np.float64(x) * np.float64(x)
+        acc += x * x
         y1[c] += x
         y2a[c] += x
     y1b = y1[first:w]
@@ -423,19 +457,21 @@ def _sketch_segment(gs, ss, y1, y2, b2, k2, cs):
     sb = ss[first:w]
     for c in range(w - first):
         x = gb[c] * sb[c]
-        acc += np.float64(x) * np.float64(x)
+        acc += x * x
         y1b[c] += x
         y2[c] += x
     if cs.size:  # the column sums of the rows (one addition per entry, row after row)
         for c in range(w):
             cs[c] += gs[c]
-    return acc
+    return np.float64(acc)
 
 
 @numba.njit(cache=True)
 def count_sketch(G, signs, k1, k2, Y, sq, colsum, scale):
     """``Y[r, b] = sum_{i mod k1 = b} s_i G[r, i]`` (``b < k1``) and ``Y[r, k1 + b] = sum_{i mod k2 = b} s_i G[r, i]``,
-    and ``sq[r] = ||G[r]||^2`` (float64), for every row ``r``; ``k1 = k2 + 1``; ``signs`` +1 or -1, ``int8`` (or
+    and ``sq[r] = ||G[r]||^2`` (float64: the segments' sums, each in ``G``'s dtype, :func:`_sketch_segment`; a float32
+    square beyond float32's range is Inf, which the callers' input check takes as it takes large rows: the full
+    check, then float64), for every row ``r``; ``k1 = k2 + 1``; ``signs`` +1 or -1, ``int8`` (or
     ``G``'s dtype: the same values).  One byte a sign: the vector, read again for every row, stays in L2 (the
     screen's sketch at R = 1000, d = 1e5, 2047 buckets: 1.0-1.2x ``np.mean`` against 1.4-1.5x with ``float32``
     signs, which the rows' stream evicts; issue 12, the thirteenth landing).
@@ -453,6 +489,7 @@ def count_sketch(G, signs, k1, k2, Y, sq, colsum, scale):
     want_sum = colsum.size > 0
     y1 = np.empty(k1, dtype=G.dtype)  # the two maps' buckets in separate arrays: the loops vectorise without alias checks
     y2 = np.empty(k2, dtype=G.dtype)
+    zero = np.zeros(1, dtype=G.dtype)[0]  # each segment's squares summed in the rows' dtype
     if want_sum:
         for c in range(d):
             colsum[c] = 0.0
@@ -463,7 +500,8 @@ def count_sketch(G, signs, k1, k2, Y, sq, colsum, scale):
         acc = 0.0
         for c0 in range(0, d, k1):
             c1 = min(d, c0 + k1)
-            acc += _sketch_segment(g[c0:c1], signs[c0:c1], y1, y2, c0 % k2, k2, colsum[c0:c1] if want_sum else colsum)
+            acc += _sketch_segment(g[c0:c1], signs[c0:c1], y1, y2, c0 % k2, k2, colsum[c0:c1] if want_sum else colsum,
+                                   zero)
         sq[r] = acc
         yr = Y[r]
         for b in range(k1):

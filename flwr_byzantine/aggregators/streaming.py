@@ -103,8 +103,8 @@ def row_sq_norms_to(A: np.ndarray, centre: np.ndarray) -> np.ndarray:
 
 
 def reference_deviation_stats(G: np.ndarray, rows: np.ndarray, table: np.ndarray, slots: np.ndarray,
-                              median_of: np.ndarray | None = None, direction: np.ndarray | None = None
-                              ) -> tuple[np.ndarray, ...]:
+                              median_of: np.ndarray | None = None, direction: np.ndarray | None = None,
+                              groups: int = 1) -> tuple[np.ndarray, ...]:
     """``drift = np.median(G[rows] - table[slots], axis=0)`` and every row's ``||G[r] - table[s] - drift||^2``.
 
     What :meth:`~.temporal.SelfReference.apply` computes, in one compiled pass over the rows
@@ -115,7 +115,8 @@ def reference_deviation_stats(G: np.ndarray, rows: np.ndarray, table: np.ndarray
     ``rows``): the drift is the median of those rows' differences only (a subsample, issue 12), the
     squared norms are every row's.  Returns ``(drift, sq)`` (``sq`` float64); with ``direction`` (a unit vector) also
     every row's change from its reference, ``||G[r] - table[s]||^2`` and ``<G[r] - table[s], direction>`` (float64),
-    from the same read: ``(drift, sq, change_sq, change_dots)``.
+    from the same read: ``(drift, sq, change_sq, change_dots)``.  ``groups`` (odd): ``median_of`` (in any order) is that
+    many consecutive groups of equal size, and the drift is the coordinate-wise median of the groups' medians.
     """
     from .kernels import SELECT_BLOCK_VALUES, drift_and_deviations, selection_network
 
@@ -125,14 +126,18 @@ def reference_deviation_stats(G: np.ndarray, rows: np.ndarray, table: np.ndarray
     sample = np.arange(n, dtype=np.intp) if median_of is None else np.ascontiguousarray(median_of, dtype=np.intp)
     if sample.size == 0:
         raise ValueError("the drift of an empty set of rows")
+    groups = int(groups)
+    if groups < 1 or groups % 2 == 0 or sample.size % groups:
+        raise ValueError(f"the drift's sample of {sample.size} rows is not an odd number ({groups}) of equal groups")
     drift = np.empty(d, dtype=np.result_type(G.dtype, table.dtype))
     sq = np.empty(n)
-    lo, hi, npad = selection_network(int(sample.size))
+    lo, hi, npad = selection_network(int(sample.size) // groups)
     if direction is None:
         u, csq, cdots = np.empty(0, dtype=drift.dtype), np.empty(0), np.empty(0)
     else:
         u, csq, cdots = np.ascontiguousarray(direction, dtype=drift.dtype), np.empty(n), np.empty(n)
-    drift_and_deviations(G, rows, table, slots, sample, lo, hi, npad, drift, sq, SELECT_BLOCK_VALUES, u, csq, cdots)
+    drift_and_deviations(G, rows, table, slots, sample, lo, hi, npad, drift, sq, SELECT_BLOCK_VALUES, u, csq, cdots,
+                         groups)
     return (drift, sq) if direction is None else (drift, sq, csq, cdots)
 
 

@@ -140,7 +140,7 @@ class SelfReference:
     def apply(self, G: np.ndarray, ids: Sequence[int], skip: Sequence[int] = (),
               out: np.ndarray | None = None, drift_rows: int | None = None,
               rng: np.random.Generator | None = None, centre: np.ndarray | None = None,
-              change_along: np.ndarray | None = None, into_table: bool = False
+              change_along: np.ndarray | None = None, into_table: bool = False, drift_groups: int = 1
               ) -> tuple[np.ndarray | None, dict[str, Any]]:
         """Clip the rows of ``G`` (node ``ids[r]`` for row ``r``) against their references.
 
@@ -151,6 +151,11 @@ class SelfReference:
         ``drift_rows`` (with ``rng``, the caller's private generator): when more nodes than that have a
         reference, the drift is the coordinate-wise median of ``drift_rows`` of them drawn at random
         (its cost falls with the sample; the radius and the jumps still see every node); ``None``: all.
+        ``drift_groups`` (odd, with ``drift_rows``): the sample is that many groups of ``drift_rows // drift_groups``
+        nodes, drawn in a random order, and the drift is the coordinate-wise median of the groups' medians (a group of
+        31 runs the unrolled network: the median of 217 nodes in 7 groups costs less than a third of the median of
+        127 at R = 1000); with fewer nodes than the groups need, two groups fewer at a time, down to one group
+        (``info["drift_groups"]``).
         ``centre`` (a vector of ``G``'s dtype): ``info["centre_sq"]`` holds every returned row's squared distance
         to it, ``||V[r] - centre||^2`` (float64, :func:`~.kernels.centre_sq_distances`' sums bit for bit), taken
         while the clipping writes the rows (one read of ``V`` fewer for a caller that needs them).
@@ -185,10 +190,21 @@ class SelfReference:
             # streamed in blocks (:mod:`.streaming`): ref = the references, dev = G[rows] - ref - drift
             slots = self.refs.slots([ids[r] for r in rows])
             sample = None
-            if drift_rows is not None and len(rows) > drift_rows:
-                sample = np.sort((rng or np.random.default_rng()).choice(len(rows), size=drift_rows, replace=False))
-                info["drift_rows"] = int(drift_rows)
-            stats = reference_deviation_stats(G, np.asarray(rows), self.refs.rows, slots, sample, change_along)
+            groups = int(drift_groups)
+            if groups < 1 or groups % 2 == 0:
+                raise ValueError(f"drift_groups must be a positive odd number, got {drift_groups}")
+            if drift_rows is not None:
+                size = int(drift_rows) // groups
+                while groups > 1 and len(rows) < size * groups:
+                    groups -= 2
+                if groups > 1:  # the groups in the sample's (random) order: no client's position picks its group
+                    sample = (rng or np.random.default_rng()).choice(len(rows), size=size * groups, replace=False)
+                    info["drift_rows"], info["drift_groups"] = size * groups, groups
+                elif len(rows) > size:
+                    sample = np.sort((rng or np.random.default_rng()).choice(len(rows), size=size, replace=False))
+                    info["drift_rows"] = size
+            stats = reference_deviation_stats(G, np.asarray(rows), self.refs.rows, slots, sample, change_along,
+                                              groups=groups if sample is not None else 1)
             drift, dev_sq = stats[0], stats[1]
             if change_along is not None:
                 info.update(change_rows=list(rows), change_sq=stats[2], change_dots=stats[3])
