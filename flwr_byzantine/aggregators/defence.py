@@ -170,8 +170,8 @@ SCREEN_CENTRE_ROWS = 127
 #: per coordinate, against 1 / sqrt(R) = 0.03 for the mean, times the quarter of a row clipping takes away).
 #: Above ``DRIFT_ROWS`` (issue 12, the twenty-first landing) the sample is :func:`drift_groups` groups of ``DRIFT_ROWS``
 #: and the drift the median of the groups' medians, at least as precise as the median of the target it replaces: a
-#: group of 31 runs the unrolled network, and at R = 1000, d = 1e5 the drift of 7 groups (217 nodes) cost 0.9x
-#: ``np.mean`` where the median of 127 cost 2.3-3.0x (a network of 127 values spills on a machine with AVX2 only).
+#: group of 31 runs the unrolled network, and at R = 1000, d = 1e5 the drift of 7 groups (217 nodes) cost 0.8-1.0x
+#: ``np.mean`` where the median of 127 cost 2.2-2.9x (the pass less its deviations' read; an AVX2 machine).
 DRIFT_ROWS, DRIFT_SHARE, DRIFT_MAX_ROWS = 31, 4, 127
 
 

@@ -153,8 +153,8 @@ class SelfReference:
         (its cost falls with the sample; the radius and the jumps still see every node); ``None``: all.
         ``drift_groups`` (odd, with ``drift_rows``): the sample is that many groups of ``drift_rows // drift_groups``
         nodes, drawn in a random order, and the drift is the coordinate-wise median of the groups' medians (a group of
-        31 runs the unrolled network: the median of 217 nodes in 7 groups costs less than a third of the median of
-        127 at R = 1000); with fewer nodes than the groups need, two groups fewer at a time, down to one group
+        31 runs the unrolled network: the drift of 217 nodes in 7 groups costs about a third of the median of 127 at
+        R = 1000); with fewer nodes than the groups need, two groups fewer at a time, down to one group
         (``info["drift_groups"]``).
         ``centre`` (a vector of ``G``'s dtype): ``info["centre_sq"]`` holds every returned row's squared distance
         to it, ``||V[r] - centre||^2`` (float64, :func:`~.kernels.centre_sq_distances`' sums bit for bit), taken
