@@ -320,6 +320,37 @@ def test_the_unrolled_median_is_the_networks_on_every_order(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_compiled_compare_exchange_is_the_branches_bit_for_bit(dtype):
+    """The networks' exchange, one compare and two selects when compiled (:mod:`._exchange`), moves exactly what
+    ``(b, a) if b < a else (a, b)`` compiled as branches moves: signed zeros, infinities, ties and NaN included; a
+    pair of two types or of integers is not taken."""
+    import numba
+
+    from flwr_byzantine.aggregators._exchange import compare_exchange
+
+    @numba.njit
+    def selects(a, b):
+        return compare_exchange(a, b)
+
+    @numba.njit
+    def branches(a, b):
+        return (b, a) if b < a else (a, b)
+
+    vals = np.array([np.nan, -0.0, 0.0, 1.0, -1.0, np.inf, -np.inf, 2.5, np.finfo(dtype).tiny], dtype=dtype)
+    got = np.array([selects(a, b) for a in vals for b in vals], dtype=dtype)
+    want = np.array([branches(a, b) for a in vals for b in vals], dtype=dtype)
+    plain = np.array([compare_exchange(a, b) for a in vals for b in vals], dtype=dtype)  # the Python fallback
+    assert got.dtype == dtype and np.array_equal(got.view(np.uint8), want.view(np.uint8))
+    assert np.array_equal(plain.view(np.uint8), want.view(np.uint8))
+    assert np.array_equal(got[vals.size + 2], [-0.0, 0.0]) and np.signbit(got[vals.size + 2][0])  # (-0, 0) stays
+    assert np.signbit(got[2 * vals.size + 1][1])  # (0, -0): no swap either
+    with pytest.raises(numba.TypingError):
+        selects(np.int64(1), np.int64(2))
+    with pytest.raises(numba.TypingError):
+        selects(np.float32(1), np.float64(2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_network_blocks_start_on_a_cache_line(dtype):
     for n, w in [(32, 2048), (1, 8), (128, 512)]:
         B = kernels._aligned_block(n, w, np.dtype(dtype))
