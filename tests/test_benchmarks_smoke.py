@@ -252,6 +252,22 @@ def test_decode_time_defence_section_tiny(tmp_path):
 
 
 @pytest.mark.slow
+def test_first_use_compiles_into_an_empty_cache_and_loads_from_it(tmp_path):
+    """Two fresh processes on one empty cache directory: the first compiles (seconds), the second loads (much
+    less); both decode the App's round and the large rounds alike, the attackers out."""
+    from benchmarks import first_use
+
+    assert first_use.main(["--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "first_use.json").read_text())
+    (row,) = res["rows"]
+    cold, warm = row["cold"], row["warm"]
+    assert cold["app_kept"] == warm["app_kept"] == 16
+    assert cold["large_attackers_removed"] and warm["large_attackers_removed"]
+    assert warm["app_seconds"] < cold["app_seconds"] / 3 and warm["large_seconds"] < cold["large_seconds"] / 3
+    assert (tmp_path / "first_use.png").stat().st_size > 0
+
+
+@pytest.mark.slow
 def test_defence_before_after_tiny(tmp_path):
     from benchmarks import defence_before_after
 
