@@ -13,8 +13,8 @@ first ones wrote:
 * ``large``: then two large rounds (R = 100, d = 1e5 float32, node ids, 20 far attackers: the fast passes; the
   second clips against the references the first set).
 
-and reports each call's seconds (wall, in the child process, the import excluded) and the processes' total
-seconds.  Writes ``first_use.json`` and ``first_use.png`` into ``--out``.
+and reports each call's seconds (wall, in the child process, the import excluded), the processes' total
+seconds, and how many of the package's compiled signatures each process compiled and loaded from the cache.  Writes ``first_use.json`` and ``first_use.png`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -54,6 +54,16 @@ for k in range(2):  # the second round clips against the references the first on
     out["large_seconds"] += time.perf_counter() - t
     out[f"large_round{k + 1}_seconds"] = time.perf_counter() - t
 out["large_attackers_removed"] = bool(np.all(np.asarray(res.kept) >= 20))
+import importlib, pkgutil, numba
+import flwr_byzantine.aggregators as agg
+compiled = loaded = 0  # the package's cached kernels: signatures compiled here / loaded from the cache
+for info in pkgutil.iter_modules(agg.__path__):
+    mod = importlib.import_module(f"flwr_byzantine.aggregators.{info.name}")
+    for f in vars(mod).values():
+        if isinstance(f, numba.core.registry.CPUDispatcher) and f.__module__ == mod.__name__:
+            compiled += sum(f.stats.cache_misses.values())
+            loaded += sum(f.stats.cache_hits.values())
+out["signatures_compiled"], out["signatures_loaded"] = compiled, loaded
 print(json.dumps(out))
 """
 
