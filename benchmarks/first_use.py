@@ -9,12 +9,14 @@ next to the modules, in ``__pycache__``, or under ``NUMBA_CACHE_DIR``).  This sc
 with an empty cache directory of their own (``NUMBA_CACHE_DIR``), then again in fresh processes on the cache the
 first ones wrote:
 
-* ``app``: the App's round (R = 20, d = 650, 4 attackers, the default defence, ``build_for_federation``);
+* ``app``: the App's round (R = 20, d = 650, 4 attackers sending ``-5x`` their rows, the default defence,
+  ``build_for_federation``);
 * ``large``: then two large rounds (R = 100, d = 1e5 float32, node ids, 20 far attackers: the fast passes; the
   second clips against the references the first set).
 
 and reports each call's seconds (wall, in the child process, the import excluded), the processes' total
-seconds, and how many of the package's compiled signatures each process compiled and loaded from the cache.  Writes ``first_use.json`` and ``first_use.png`` into ``--out``.
+seconds, and how many of the package's compiled signatures each process compiled and loaded from the cache.
+Writes ``first_use.json`` and ``first_use.png`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.decode_time import DEFAULT_OUT
 
 _CHILD = r"""
 import json, sys, time
@@ -74,7 +78,9 @@ def _child(cache: str) -> dict[str, Any]:
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     t = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the measuring process failed ({done.returncode}):\n{done.stderr[-4000:]}")
     row = json.loads(done.stdout.strip().splitlines()[-1])
     row["process_seconds"] = time.perf_counter() - t
     return row
@@ -82,7 +88,7 @@ def _child(cache: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--repeats", type=int, default=1, help="cold/warm pairs (each with a new empty cache)")
     args = ap.parse_args(argv)
     rows = []
@@ -123,9 +129,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for j, phase in enumerate(("cold", "warm")):
         vals = [min(r[phase][k] for r in rows) for k in keys]
-        ax.bar([i + 0.4 * j for i in range(len(keys))], vals, width=0.4, label=phase + (" (empty cache)" if
-                                                                                          phase == "cold" else
-                                                                                          " (cache written)"))
+        label = "empty cache" if phase == "cold" else "from the cache"
+        ax.bar([i + 0.4 * j for i in range(len(keys))], vals, width=0.4, label=label)
     ax.set_xticks([i + 0.2 for i in range(len(keys))], ["App round", "R=100, d=1e5", "whole process"])
     ax.set_ylabel("seconds")
     ax.set_title("The compiled loops' first use")
