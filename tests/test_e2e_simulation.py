@@ -43,8 +43,10 @@ def assert_filtering_matches(rounds: list[dict], bad_of) -> None:
     assert honest_slips <= 1, honest_slips
 
 
+@pytest.mark.slow
 def test_rge_learns_and_filters_the_malicious_clients(tmp_path):
-    """The one Ray simulation of the default suite (the others are ``slow``)."""
+    """A Ray simulation of the App (30-40 s, most of it Ray's start: ``slow``, with the others of this file; the
+    default suite keeps the in-process runs of the same ServerApp and ClientApp)."""
     rge = run_sim(tmp_path, "aggregator='rge'")
     assert len(rge["malicious_partitions"]) == 2
     assert rge["final_accuracy"] > 0.85, rge["final_accuracy"]
