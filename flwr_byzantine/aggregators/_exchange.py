@@ -3,8 +3,8 @@
 Written in Python as ``s = b < a; a, b = (b, a) if s else (a, b)`` every exchange is two branches in numba's
 IR: numba's SSA reconstruction and type inference then take most of a network's compile time (the unrolled
 median of 31 values, :mod:`._median31`: 17-19 s a signature on a 2-core AVX2 machine, 0.8 s of it in LLVM).  In
-compiled code :func:`compare_exchange` is one ordered compare and two selects in one basic block: the
-instructions LLVM made of the branches (the same values, bit for bit), about 3 s a signature.
+compiled code :func:`compare_exchange` is one ordered compare and two selects in one basic block (the same values,
+bit for bit, at the same measured speed), about 3 s a signature.
 """
 
 from __future__ import annotations
