@@ -41,13 +41,16 @@ def test_eig_above_is_empty_above_the_top():
     assert sig.size == 0 and U.shape == (20, 0)
 
 
-def test_eig_top_covers_its_reach_below_the_new_top():
-    """The window is kept only when it reaches ``reach`` below the top of the new point; else the full
-    decomposition (here the window's guess of the top is too high, so that the window stops short of
-    ``reach`` below the true top, and then far too low, so that the window would hold everything)."""
+@pytest.mark.parametrize("n", [20, 40])
+def test_eig_top_covers_its_reach_below_the_new_top(n):
+    """Above ``SMALL_EIGH_MAX`` points the window is kept only when it reaches ``reach`` below the top of the new
+    point; else the full decomposition (here the window's guess of the top is too high, so that the window stops
+    short of ``reach`` below the true top, and then far too low, so that the window would hold everything).  Up to
+    ``SMALL_EIGH_MAX`` points every eigenpair, from the compiled small solver."""
+    from flwr_byzantine.aggregators.small_eigh import SMALL_EIGH_MAX
+
     rng = np.random.default_rng(3)
-    n = 20
-    G = rng.normal(size=(60, n))
+    G = rng.normal(size=(3 * n, n))
     K = G.T @ G
     d = np.sqrt(rng.uniform(0.5, 1.0, size=n))
     Wt = np.full((n, n), 1.0 / n)
@@ -55,7 +58,9 @@ def test_eig_top_covers_its_reach_below_the_new_top():
     top = full[-1]
     reach = 0.1 * top
     sig, U, _ = _eig_top(K, d, Wt, top, reach, 1)
-    assert sig.size == np.count_nonzero(full >= top - reach - 0.05 * top)
+    in_window = np.count_nonzero(full >= top - reach - 0.05 * top)
+    assert in_window < n
+    assert sig.size == (n if n <= SMALL_EIGH_MAX else in_window)
     np.testing.assert_allclose(sig, full[-sig.size:], rtol=1e-12)
     for guess in (1.08 * top, 0.01 * top):
         sig, _, _ = _eig_top(K, d, Wt, guess, reach, 1)

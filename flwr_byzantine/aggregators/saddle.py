@@ -20,8 +20,10 @@ vectors of ``G (I - W) D``): Y is *not* assumed rank one, it mixes the
 eigenvalue is repeated.  The iterations run in one compiled call (numba); an
 iteration is an eigendecomposition at the extrapolated point, the eigenvalues at the
 trial point (its eigenvectors too when the certificate is due), a projection and a
-few small products; eigenvectors are computed only for the eigenvalues within
-``40 mu`` of the top when few lie there (LAPACK's MRRR solver).  The pair certifies
+few small products.  Up to 24 points (:data:`~.small_eigh.SMALL_EIGH_MAX`) the eigenproblems and products run
+as plain compiled loops (:mod:`.small_eigh`, :func:`_matmul`), where LAPACK's and BLAS's calls cost more than
+their flops; above, eigenvectors are computed only for the eigenvalues within ``40 mu`` of the top when few lie
+there (LAPACK's MRRR solver).  The pair certifies
 
 * upper bound ``UB = lambda_max(P(W)) >= value`` (``W`` is primal feasible),
 * lower bound ``LB = Phi(W, Y) + sum_i min_{s in CS} <grad_i, s - w_i> <= min_W' Phi(W', Y) <= value``
@@ -49,6 +51,7 @@ from numba.extending import get_cython_function_address, intrinsic
 from .kernels import SYM_TILE
 from .sigma import lanczos_top
 from .sketch import CentredFactor, dense_gram
+from .small_eigh import SMALL_EIGH_MAX, eigh_small
 
 #: Eigenvalues more than _WINDOW * mu below the top get soft-max weight < exp(-_WINDOW).
 _WINDOW = 40.0
@@ -274,27 +277,50 @@ def _eig_above(S: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 @numba.njit(cache=True)
+def _matmul(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``A @ B`` for C-contiguous float64 matrices; as plain loops when every side is at most
+    :data:`~.small_eigh.SMALL_EIGH_MAX` (BLAS's call and packing cost more than the flops there), else BLAS."""
+    m, k = A.shape
+    n = B.shape[1]
+    if max(m, k, n) > SMALL_EIGH_MAX:
+        return A @ B
+    C = np.zeros((m, n))
+    for i in range(m):
+        for l in range(k):
+            a = A[i, l]
+            for j in range(n):
+                C[i, j] += a * B[l, j]
+    return C
+
+
+@numba.njit(cache=True)
 def _eig_p(K: np.ndarray, d: np.ndarray, Wt: np.ndarray, vectors: bool,
            floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Eigenvalues (ascending, clipped at 0), eigenvectors (if ``vectors``, else a 0 x 0 array) of ``P(W)``, and ``BK``.
 
     ``Wt = W^T`` (row ``i`` is the column ``w_i`` of (91)); with ``Bt = D (I - Wt)`` and ``BK = Bt K``:
-    ``P(W) = BK Bt^T`` (symmetrised).  The full decomposition is LAPACK ``dsyevd`` (``np.linalg.eigh``;
-    ``floor = -inf``); with ``vectors`` and a finite ``floor``, only the eigenpairs above ``floor``
-    (:func:`_eig_above`; empty when there are none).
+    ``P(W) = BK Bt^T`` (symmetrised).  Up to :data:`~.small_eigh.SMALL_EIGH_MAX` points every eigenpair (or
+    every eigenvalue) from :func:`~.small_eigh.eigh_small`, whatever ``floor``; above, the full decomposition is
+    LAPACK ``dsyevd`` (``np.linalg.eigh``; ``floor = -inf``) and with ``vectors`` and a finite ``floor`` only
+    the eigenpairs above ``floor`` (:func:`_eig_above`; empty when there are none).
     """
     n = K.shape[0]
     Bt = np.empty((n, n))
+    B = np.empty((n, n))  # Bt^T, contiguous
     for i in range(n):
         for j in range(n):
-            Bt[i, j] = ((1.0 if i == j else 0.0) - Wt[i, j]) * d[i]
-    BK = Bt @ K
-    P = BK @ Bt.T
+            v = ((1.0 if i == j else 0.0) - Wt[i, j]) * d[i]
+            Bt[i, j] = v
+            B[j, i] = v
+    BK = _matmul(Bt, K)
+    P = _matmul(BK, B)
     S = np.empty((n, n))
     for i in range(n):
         for j in range(n):
             S[i, j] = 0.5 * (P[i, j] + P[j, i])
-    if vectors and floor > -np.inf:
+    if n <= SMALL_EIGH_MAX:
+        sig, U = eigh_small(S, vectors)
+    elif vectors and floor > -np.inf:
         sig, U = _eig_above(S, floor)
     elif vectors:
         sig, U = np.linalg.eigh(S)
@@ -312,13 +338,14 @@ def _eig_top(K: np.ndarray, d: np.ndarray, Wt: np.ndarray, top: float, reach: fl
     The soft-max weights of eigenvalues more than ``_WINDOW * mu`` below the top are below
     ``exp(-_WINDOW)``, so the solver passes ``reach = _WINDOW * mu`` and ``top``, the top eigenvalue
     at the last iterate.  When few eigenvalues (``expected``, counted at the last iterate) lie in
-    the window ``[top - reach - 0.05 top, inf)``, only those are computed (MRRR: about half a full
-    decomposition's cost for one or two pairs at n = 20); the full decomposition is taken when the
-    window would hold many, or does not reach ``reach`` below the *new* top.
+    the window ``[top - reach - 0.05 top, inf)`` and there are more than :data:`~.small_eigh.SMALL_EIGH_MAX`
+    points, only those are computed (MRRR: cheaper than a full decomposition for one or two pairs from about 24
+    points); the full decomposition is taken when the window would hold many, or does not reach ``reach`` below
+    the *new* top, and always up to ``SMALL_EIGH_MAX`` points (:func:`~.small_eigh.eigh_small`).
     """
     n = K.shape[0]
     floor = top - reach - 0.05 * abs(top)
-    if floor > 0.0 and expected <= max(2, n // 8):
+    if n > SMALL_EIGH_MAX and floor > 0.0 and expected <= max(2, n // 8):
         sig, U, BK = _eig_p(K, d, Wt, True, floor)
         if sig.size > 0 and sig[-1] - floor >= reach:
             return sig, U, BK
@@ -357,15 +384,15 @@ def _grad(BK: np.ndarray, U: np.ndarray, z: np.ndarray, d: np.ndarray) -> np.nda
         if z[j] > 1e-300:
             on += 1
     Uz = np.empty((n, on))
-    Uo = np.empty((n, on))
+    UoT = np.empty((on, n))
     col = 0
     for j in range(k):
         if z[j] > 1e-300:
             for i in range(n):
-                Uo[i, col] = U[i, j]
+                UoT[col, i] = U[i, j]
                 Uz[i, col] = U[i, j] * z[j]
             col += 1
-    g = (Uz @ Uo.T) @ BK
+    g = _matmul(_matmul(Uz, UoT), BK)
     for i in range(n):
         g[i, :] *= -2.0 * d[i]
     return g

@@ -1,0 +1,89 @@
+"""The compiled small symmetric eigensolver (Householder + implicit QL) and the small products of the saddle solver."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flwr_byzantine.aggregators.saddle import _matmul
+from flwr_byzantine.aggregators.small_eigh import SMALL_EIGH_MAX, _eigh, eigh_small
+
+
+def _cases(n: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(n, n + 3))
+    Q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    ev = np.sort(rng.uniform(0.0, 1.0, size=n))
+    ev[-min(3, n):] = 2.0  # a tripled top eigenvalue, as at the saddle point
+    G = rng.normal(size=(n, 50))
+    W = rng.dirichlet(np.ones(n), size=n)
+    B = np.eye(n) - W  # a P(W) of the saddle problem: a zero eigenvalue, the others spread
+    P = B @ (G - G.mean(0)) @ (G - G.mean(0)).T @ B.T
+    return [
+        A @ A.T,                                   # positive definite
+        -(A @ A.T),                                # negative definite
+        rng.normal(size=(n, n)),                   # indefinite (the lower triangle is the matrix)
+        (Q * ev) @ Q.T,                            # repeated top eigenvalue
+        np.diag(rng.integers(0, 3, size=n).astype(float)),  # diagonal with repeats
+        np.outer(A[:, 0], A[:, 0]),                # rank one
+        np.zeros((n, n)),
+        np.eye(n),
+        1e-200 * (A @ A.T),                        # tiny and huge scales
+        1e200 * (A @ A.T) / np.abs(A).max() ** 2,
+        0.5 * (P + P.T),
+    ]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 13, 20, SMALL_EIGH_MAX, 40])
+@pytest.mark.parametrize("vectors", [True, False])
+def test_eigh_small_matches_lapack_to_rounding(n, vectors):
+    """Ascending eigenvalues within ``n eps ||S||`` of LAPACK's; orthonormal eigenvectors with residual
+    ``||S V - V diag(w)|| <= n eps ||S||``; only the lower triangle is read, and ``S`` is left as it was."""
+    eps = np.finfo(float).eps
+    for k, S in enumerate(_cases(n, 100 + n)):
+        low = np.tril(S) + np.tril(S, -1).T  # the symmetric matrix that S's lower triangle defines
+        before = S.copy()
+        w, V = eigh_small(S, vectors)
+        np.testing.assert_array_equal(S, before)
+        ref = np.linalg.eigvalsh(low)
+        scale = max(np.abs(ref).max(), np.finfo(float).tiny)
+        assert np.all(np.diff(w) >= 0), k
+        np.testing.assert_allclose(w, ref, rtol=0, atol=8 * n * eps * scale, err_msg=f"case {k}")
+        if vectors:
+            assert V.shape == (n, n)
+            np.testing.assert_allclose(V.T @ V, np.eye(n), rtol=0, atol=8 * n * eps, err_msg=f"case {k}")
+            np.testing.assert_allclose(low @ V, V * w, rtol=0, atol=8 * n * eps * scale, err_msg=f"case {k}")
+        else:
+            assert V.shape == (0, 0)
+
+
+@pytest.mark.parametrize("vectors", [True, False])
+def test_eigh_small_falls_back_to_lapack_when_the_iteration_does_not_converge(vectors):
+    """With no QL step allowed the iteration fails on any matrix that is not diagonal: LAPACK's answer, exactly."""
+    rng = np.random.default_rng(5)
+    A = rng.normal(size=(7, 9))
+    S = A @ A.T
+    w, V = _eigh(S, vectors, 0)
+    if vectors:
+        w_ref, V_ref = np.linalg.eigh(S)
+        np.testing.assert_array_equal(V, V_ref)
+    else:
+        w_ref = np.linalg.eigvalsh(S)
+    np.testing.assert_array_equal(w, w_ref)
+
+
+def test_eigh_small_refuses_non_finite_input_as_lapack_does():
+    S = np.eye(4)
+    S[2, 1] = np.nan
+    for vectors in (True, False):
+        with pytest.raises(np.linalg.LinAlgError):
+            eigh_small(S, vectors)
+
+
+@pytest.mark.parametrize("shape", [(20, 20, 20), (19, 2, 19), (1, 20, 1), (3, 0, 4), (25, 20, 20), (30, 30, 30)])
+def test_small_matmul_is_the_product(shape):
+    m, k, n = shape
+    rng = np.random.default_rng(m + k + n)
+    A = rng.normal(size=(m, k))
+    B = rng.normal(size=(k, n))
+    np.testing.assert_allclose(_matmul(A, B), A @ B, rtol=1e-13, atol=1e-13 * max(k, 1))
