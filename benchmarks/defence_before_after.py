@@ -11,7 +11,8 @@ name next to the working tree's package.  Both defences (``build_for_federation(
 called with node ids) see :data:`~benchmarks.decode_time.DEFENCE_WARM` rounds first, then every
 timed round is interleaved: ``np.mean(G, axis=0)``, the old defence, the new one (median of
 ``--repeats``; 1 BLAS thread).  ``--no-ids``: both called without node ids (the defence as a plain
-aggregator: no memory, no self-reference; rounds of ``--attack``, far or ALIE-like).  Writes ``<--name>.json`` and ``.png`` (default
+aggregator: no memory, no self-reference; rounds of ``--attack``, far or ALIE-like).  ``--digits``: the App's size
+instead, the digits rounds of ``decode_time``'s small section, CPU time per decode.  Writes ``<--name>.json`` and ``.png`` (default
 ``defence_before_after``) into ``--out``.
 """
 
@@ -84,6 +85,50 @@ def measure(old: Any, sizes: list[tuple[int, int]], repeats: int, seed: int, wit
     return out
 
 
+def measure_digits(old: Any, repeats: int, with_ids: bool) -> list[dict[str, Any]]:
+    """The App's size: the 20 digits rounds of ``decode_time``'s small section (R = 20, d = 650, 4 attackers
+    sending ``-5x`` a peer's gradient), each decoded ``repeats`` times by both defences, interleaved, CPU time
+    (``time.process_time``: the decode's own cost on a shared machine).  One row: the median over the rounds of
+    each round's median, and in how many rounds the two kept the same rows."""
+    from benchmarks.decode_time import digits_rounds
+    from flwr_byzantine.aggregators import build_for_federation
+
+    rounds = digits_rounds()
+    R, d = rounds[0].shape
+    ids = list(range(10_000, 10_000 + R)) if with_ids else None
+    makers = {"before": lambda: old.build_for_federation("rge", R, 0.2),
+              "after": lambda: build_for_federation("rge", R, 0.2)}
+    rules = {name: make() for name, make in makers.items()}
+    per_round: dict[str, list[float]] = {k: [] for k in makers}
+    refs, same = [], 0
+    for G in rounds:
+        times: dict[str, list[float]] = {k: [] for k in makers}
+        kept: dict[str, list[int]] = {}
+        for _ in range(max(repeats, 5)):
+            t0 = time.process_time()
+            np.mean(G, axis=0)
+            refs.append(time.process_time() - t0)
+            for name, make in makers.items():
+                rule = rules[name] if with_ids else make()  # with ids: one rule and its memory for the whole run
+                t0 = time.process_time()
+                res = rule.aggregate(G, client_ids=ids)
+                times[name].append(time.process_time() - t0)
+                kept[name] = sorted(int(i) for i in res.kept)
+        for name, ts in times.items():
+            per_round[name].append(statistics.median(ts))
+        same += kept["before"] == kept["after"]
+    ref = statistics.median(refs)
+    row: dict[str, Any] = {"R": R, "d": d, "node_ids": with_ids, "attack": "digits -5x", "np_mean_seconds": ref,
+                           "rounds": len(rounds), "same_kept_rounds": same, "clock": "process_time"}
+    for name, ts in per_round.items():
+        row[name] = {"seconds": statistics.median(ts), "ratio": statistics.median(ts) / ref, "per_round_seconds": ts}
+    row["speedup"] = row["before"]["seconds"] / row["after"]["seconds"]
+    print(f"digits R={R} d={d}: before {1e3 * row['before']['seconds']:.2f} ms, after "
+          f"{1e3 * row['after']['seconds']:.2f} ms CPU a decode ({row['speedup']:.2f}x faster); same kept rows in "
+          f"{same} of {len(rounds)} rounds", flush=True)
+    return [row]
+
+
 def plot(rows: list[dict[str, Any]], path: Path, labels: tuple[str, str], with_ids: bool = True) -> None:
     import matplotlib
 
@@ -117,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="defence_before_after", help="stem of the JSON and PNG written into --out")
     p.add_argument("--no-ids", action="store_true", help="call both defences without node ids")
     p.add_argument("--attack", choices=("far", "alie"), default="far", help="the rounds' attackers")
+    p.add_argument("--digits", action="store_true",
+                   help="instead of --sizes: the App's size, decode_time's 20 digits rounds (R = 20, d = 650)")
     args = p.parse_args(argv)
     sizes = (QUICK_SIZES if args.quick else SIZES) if args.sizes is None else \
         [(int(r), int(float(d))) for r, d in (s.split(",") for s in args.sizes)]
@@ -125,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory() as tmp, threadpool_limits(limits=1):
         old = import_old(args.ref, root, Path(tmp))
-        rows = measure(old, sizes, args.repeats, args.seed, with_ids=not args.no_ids, attack=args.attack)
+        rows = (measure_digits(old, args.repeats, with_ids=not args.no_ids) if args.digits else
+                measure(old, sizes, args.repeats, args.seed, with_ids=not args.no_ids, attack=args.attack))
     command = "python -m benchmarks.defence_before_after " + " ".join(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(
