@@ -85,15 +85,15 @@ def measure(old: Any, sizes: list[tuple[int, int]], repeats: int, seed: int, wit
     return out
 
 
-def measure_digits(old: Any, repeats: int, with_ids: bool) -> list[dict[str, Any]]:
+def measure_digits(old: Any, repeats: int, with_ids: bool, quick: bool = False) -> list[dict[str, Any]]:
     """The App's size: the 20 digits rounds of ``decode_time``'s small section (R = 20, d = 650, 4 attackers
     sending ``-5x`` a peer's gradient), each decoded ``repeats`` times by both defences, interleaved, CPU time
     (``time.process_time``: the decode's own cost on a shared machine).  One row: the median over the rounds of
-    each round's median, and in how many rounds the two kept the same rows."""
+    each round's median, and in how many rounds the two kept the same rows (``quick``: two of the rounds)."""
     from benchmarks.decode_time import digits_rounds
     from flwr_byzantine.aggregators import build_for_federation
 
-    rounds = digits_rounds()
+    rounds = digits_rounds(alphas=(1.0,), seeds=(0,), steps=(0, 10)) if quick else digits_rounds()
     R, d = rounds[0].shape
     ids = list(range(10_000, 10_000 + R)) if with_ids else None
     makers = {"before": lambda: old.build_for_federation("rge", R, 0.2),
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory() as tmp, threadpool_limits(limits=1):
         old = import_old(args.ref, root, Path(tmp))
-        rows = (measure_digits(old, args.repeats, with_ids=not args.no_ids) if args.digits else
+        rows = (measure_digits(old, args.repeats, with_ids=not args.no_ids, quick=args.quick) if args.digits else
                 measure(old, sizes, args.repeats, args.seed, with_ids=not args.no_ids, attack=args.attack))
     command = "python -m benchmarks.defence_before_after " + " ".join(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -280,6 +280,18 @@ def test_defence_before_after_tiny(tmp_path):
     assert len(rows) == 2 and all(r["before"]["seconds"] > 0 and r["after"]["seconds"] > 0 for r in rows)
 
 
+@pytest.mark.slow
+def test_defence_before_after_digits(tmp_path):
+    from benchmarks import defence_before_after
+
+    assert defence_before_after.main(["--digits", "--no-ids", "--quick", "--ref", "HEAD", "--repeats", "5",
+                                      "--out", str(tmp_path), "--name", "digits"]) == 0
+    row = json.loads((tmp_path / "digits.json").read_text())["rows"][0]
+    assert (row["R"], row["d"], row["rounds"]) == (20, 650, 2) and not row["node_ids"]
+    assert row["before"]["seconds"] > 0 and row["after"]["seconds"] > 0
+    assert 0 <= row["same_kept_rounds"] <= 2 and len(row["after"]["per_round_seconds"]) == 2
+
+
 def test_defence_passes_tiny(tmp_path):
     from benchmarks import defence_passes
 
