@@ -87,3 +87,21 @@ def test_small_matmul_is_the_product(shape):
     A = rng.normal(size=(m, k))
     B = rng.normal(size=(k, n))
     np.testing.assert_allclose(_matmul(A, B), A @ B, rtol=1e-13, atol=1e-13 * max(k, 1))
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 20, SMALL_EIGH_MAX, SMALL_EIGH_MAX + 1, 40])
+def test_sigma_estimators_top_pair_is_lapacks_on_either_side_of_the_small_size(n):
+    """The sigma_0 estimator's top eigenpair of a centred Gram submatrix: the compiled small solver up to
+    ``SMALL_EIGH_MAX`` points, LAPACK's top pair above; the same value to rounding and the same vector up to sign."""
+    from flwr_byzantine.aggregators.sigma import _centred_submatrix, _top_eig_dense
+
+    rng = np.random.default_rng(n)
+    G = rng.normal(size=(n + 5, 30))
+    G[:2] += 4.0
+    K = G @ G.T
+    idx = np.sort(rng.choice(n + 5, size=n, replace=False)).astype(np.intp)
+    lam, vec = _top_eig_dense(K, idx)
+    w, V = np.linalg.eigh(_centred_submatrix(K, idx))
+    assert lam == pytest.approx(max(w[-1], 0.0), rel=1e-13, abs=1e-12 * np.abs(K).max())
+    assert vec.shape == (n,)
+    np.testing.assert_allclose(abs(float(vec @ V[:, -1])), 1.0, atol=1e-12)  # a simple top eigenvalue: up to sign
