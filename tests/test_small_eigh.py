@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from flwr_byzantine.aggregators.saddle import _matmul
-from flwr_byzantine.aggregators.small_eigh import SMALL_EIGH_MAX, _eigh, eigh_small
+from flwr_byzantine.aggregators.small_eigh import SMALL_EIGH_MAX, eigh_small
 
 
 def _cases(n: int, seed: int) -> list[np.ndarray]:
@@ -43,7 +43,8 @@ def test_eigh_small_matches_lapack_to_rounding(n, vectors):
     for k, S in enumerate(_cases(n, 100 + n)):
         low = np.tril(S) + np.tril(S, -1).T  # the symmetric matrix that S's lower triangle defines
         before = S.copy()
-        w, V = eigh_small(S, vectors)
+        w, V, ok = eigh_small(S, vectors)
+        assert ok
         np.testing.assert_array_equal(S, before)
         ref = np.linalg.eigvalsh(low)
         scale = max(np.abs(ref).max(), np.finfo(float).tiny)
@@ -58,26 +59,31 @@ def test_eigh_small_matches_lapack_to_rounding(n, vectors):
 
 
 @pytest.mark.parametrize("vectors", [True, False])
-def test_eigh_small_falls_back_to_lapack_when_the_iteration_does_not_converge(vectors):
-    """With no QL step allowed the iteration fails on any matrix that is not diagonal: LAPACK's answer, exactly."""
+def test_eigh_small_refers_to_lapack_when_the_iteration_does_not_converge_or_an_entry_is_not_finite(vectors):
+    """With no QL step allowed the iteration fails on any matrix that is not diagonal, and a NaN or an infinity is
+    refused: ``ok`` False with empty arrays (the callers then ask LAPACK)."""
     rng = np.random.default_rng(5)
     A = rng.normal(size=(7, 9))
     S = A @ A.T
-    w, V = _eigh(S, vectors, 0)
-    if vectors:
-        w_ref, V_ref = np.linalg.eigh(S)
-        np.testing.assert_array_equal(V, V_ref)
-    else:
-        w_ref = np.linalg.eigvalsh(S)
-    np.testing.assert_array_equal(w, w_ref)
+    for M, steps in ((S, 0), (np.where(np.eye(7, dtype=bool), np.nan, S), 60), (np.full((3, 3), np.inf), 60)):
+        w, V, ok = eigh_small(M, vectors, steps)
+        assert not ok and w.size == 0 and V.size == 0
+    assert eigh_small(np.diag([3.0, 1.0, 2.0]), vectors, 0)[2]  # diagonal: no step needed
 
 
-def test_eigh_small_refuses_non_finite_input_as_lapack_does():
-    S = np.eye(4)
-    S[2, 1] = np.nan
-    for vectors in (True, False):
-        with pytest.raises(np.linalg.LinAlgError):
-            eigh_small(S, vectors)
+def test_saddle_and_sigma_ask_lapack_where_the_small_solver_refers_them():
+    """A matrix the small solver refers back (a NaN): the saddle solver's eigenproblem and the sigma_0 estimator's
+    top pair take LAPACK's path, which refuses it as before."""
+    from flwr_byzantine.aggregators.saddle import _eig_p
+    from flwr_byzantine.aggregators.sigma import _top_eig_dense
+
+    n = 6
+    K = np.eye(n)
+    K[2, 3] = K[3, 2] = np.nan
+    with pytest.raises(np.linalg.LinAlgError):
+        _eig_p(K, np.ones(n), np.zeros((n, n)), True, -np.inf)
+    with pytest.raises(ValueError):  # SciPy's LAPACK wrapper: the array must not contain infs or NaNs
+        _top_eig_dense(K, np.arange(n, dtype=np.intp))
 
 
 @pytest.mark.parametrize("shape", [(20, 20, 20), (19, 2, 19), (1, 20, 1), (3, 0, 4), (25, 20, 20), (30, 30, 30)])

@@ -51,6 +51,7 @@ from numba.extending import get_cython_function_address, intrinsic
 from .kernels import SYM_TILE
 from .sigma import lanczos_top
 from .sketch import CentredFactor, dense_gram
+from ._flags import runtime_bool
 from .small_eigh import SMALL_EIGH_MAX, eigh_small
 
 #: Eigenvalues more than _WINDOW * mu below the top get soft-max weight < exp(-_WINDOW).
@@ -300,9 +301,10 @@ def _eig_p(K: np.ndarray, d: np.ndarray, Wt: np.ndarray, vectors: bool,
 
     ``Wt = W^T`` (row ``i`` is the column ``w_i`` of (91)); with ``Bt = D (I - Wt)`` and ``BK = Bt K``:
     ``P(W) = BK Bt^T`` (symmetrised).  Up to :data:`~.small_eigh.SMALL_EIGH_MAX` points every eigenpair (or
-    every eigenvalue) from :func:`~.small_eigh.eigh_small`, whatever ``floor``; above, the full decomposition is
-    LAPACK ``dsyevd`` (``np.linalg.eigh``; ``floor = -inf``) and with ``vectors`` and a finite ``floor`` only
-    the eigenpairs above ``floor`` (:func:`_eig_above`; empty when there are none).
+    every eigenvalue) from :func:`~.small_eigh.eigh_small`, whatever ``floor``; above (or where it refers the
+    matrix to LAPACK), the full decomposition is LAPACK ``dsyevd`` (``np.linalg.eigh``; ``floor = -inf``) and
+    with ``vectors`` and a finite ``floor`` only the eigenpairs above ``floor`` (:func:`_eig_above`; empty when
+    there are none).
     """
     n = K.shape[0]
     Bt = np.empty((n, n))
@@ -319,8 +321,10 @@ def _eig_p(K: np.ndarray, d: np.ndarray, Wt: np.ndarray, vectors: bool,
         for j in range(n):
             S[i, j] = 0.5 * (P[i, j] + P[j, i])
     if n <= SMALL_EIGH_MAX:
-        sig, U = eigh_small(S, vectors)
-    elif vectors and floor > -np.inf:
+        sig, U, ok = eigh_small(S, vectors)
+        if ok:
+            return np.maximum(sig, 0.0), U, BK
+    if vectors and floor > -np.inf:
         sig, U = _eig_above(S, floor)
     elif vectors:
         sig, U = np.linalg.eigh(S)
@@ -346,10 +350,10 @@ def _eig_top(K: np.ndarray, d: np.ndarray, Wt: np.ndarray, top: float, reach: fl
     n = K.shape[0]
     floor = top - reach - 0.05 * abs(top)
     if n > SMALL_EIGH_MAX and floor > 0.0 and expected <= max(2, n // 8):
-        sig, U, BK = _eig_p(K, d, Wt, True, floor)
+        sig, U, BK = _eig_p(K, d, Wt, runtime_bool(True), floor)
         if sig.size > 0 and sig[-1] - floor >= reach:
             return sig, U, BK
-    return _eig_p(K, d, Wt, True, -np.inf)
+    return _eig_p(K, d, Wt, runtime_bool(True), -np.inf)
 
 
 @numba.njit(cache=True)
@@ -408,7 +412,7 @@ def _fista(K: np.ndarray, c: np.ndarray, cap: float, Wt: np.ndarray, tol_rel: fl
     """
     n = K.shape[0]
     d = np.sqrt(c)
-    sig, U, BK = _eig_p(K, d, Wt, True, -np.inf)
+    sig, U, BK = _eig_p(K, d, Wt, runtime_bool(True), -np.inf)
     ub = sig[-1]
     scale = max(ub, np.trace(K) * c.max() / max(n, 1), 1e-300)
     tol_abs = tol_abs * scale  # relative to the problem's magnitude: scale-equivariant stopping
@@ -458,7 +462,7 @@ def _fista(K: np.ndarray, c: np.ndarray, cap: float, Wt: np.ndarray, tol_rel: fl
             if due:
                 sig_n, U_n, BK_n = _eig_top(K, d, Wn, top, reach, expected)
             else:
-                sig_n, U_n, BK_n = _eig_p(K, d, Wn, False, -np.inf)
+                sig_n, U_n, BK_n = _eig_p(K, d, Wn, runtime_bool(False), -np.inf)
             f_n, z_n = _smooth(sig_n, mu)
             diff = Wn - Yk
             if f_n <= f_y + np.sum(g_y * diff) + 0.5 * L * np.sum(diff * diff) + 1e-14 * abs(f_y):

@@ -99,25 +99,19 @@ def _centred_submatrix(K: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return 0.5 * (Kc + Kc.T)
 
 
-@numba.njit(cache=True)
-def _top_pair_small(K: np.ndarray, idx: np.ndarray) -> tuple[float, np.ndarray]:
-    """:func:`_top_eig_dense` up to :data:`~.small_eigh.SMALL_EIGH_MAX` points: the centred submatrix and every
-    eigenpair in one compiled call (:func:`~.small_eigh.eigh_small`), the top one returned."""
-    w, V = eigh_small(_centred_submatrix(K, idx), True)
-    return max(w[-1], 0.0), V[:, -1].copy()
-
-
 def _top_eig_dense(K: np.ndarray, idx: np.ndarray) -> tuple[float, np.ndarray]:
     """Top eigenpair of the centred ``K[idx][:, idx]`` (small ``idx``): LAPACK's ``dsyevr`` for the top eigenpair
     only (relatively robust representations: the same pair to machine precision as a full solve, 3.4x faster at
     n = 100 than ``dsyevd``'s full spectrum and every vector; issue 12, the randk round's filter); a full solve if
-    it reports an error.  Up to :data:`~.small_eigh.SMALL_EIGH_MAX` points one compiled call instead
-    (:func:`_top_pair_small`: the estimator's five solves at the App's size took 49 us each through SciPy's wrapper)."""
-    if idx.size <= SMALL_EIGH_MAX:
-        lam, vec = _top_pair_small(K, idx)
-        return float(lam), vec
+    it reports an error.  Up to :data:`~.small_eigh.SMALL_EIGH_MAX` points every eigenpair from the compiled small
+    solver (:func:`~.small_eigh.eigh_small`, the saddle solver's: no second compiled copy) instead of SciPy's wrapper
+    (the estimator's five solves at the App's size: 136 us an estimate against 347 us)."""
     S = _centred_submatrix(K, idx)
     n = S.shape[0]
+    if n <= SMALL_EIGH_MAX:
+        w, V, ok = eigh_small(S, True)
+        if ok:
+            return max(float(w[-1]), 0.0), V[:, -1].copy()
     w, z, m, _, info = scipy.linalg.lapack.dsyevr(S, compute_v=1, range="I", il=n, iu=n)
     if info != 0 or m != 1:
         vals, vecs = np.linalg.eigh(S)

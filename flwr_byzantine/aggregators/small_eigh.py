@@ -14,9 +14,9 @@ run as plain loops:
 
 Both are backward stable: the eigenvalues are those of ``S + E`` with ``||E|| = O(eps ||S||)``, as with
 LAPACK, but not bit for bit LAPACK's.  :func:`eigh_small` returns LAPACK's layout (ascending values,
-eigenvectors as columns) and falls back to ``np.linalg.eigh`` when the QL iteration has not converged
-in :data:`_MAX_SWEEPS` steps for one eigenvalue (not seen on finite input) or the input holds a
-non-finite entry.  :data:`SMALL_EIGH_MAX` is the size up to which the solver uses it.
+eigenvectors as columns), or says that its caller must ask LAPACK: when the QL iteration has not converged in
+:data:`_MAX_SWEEPS` steps for one eigenvalue (not seen on finite input) or the input holds a non-finite entry.
+:data:`SMALL_EIGH_MAX` is the size up to which the solvers use it.
 
 Measured on the App's rounds (the 20 digits rounds of ``benchmarks.decode_time``'s small section): the saddle
 solves with this solver and :func:`.saddle._matmul`'s loops took 4.9-5.0 ms a decode against 5.9-6.1 ms with
@@ -126,7 +126,7 @@ def _ql_implicit(diag: np.ndarray, off: np.ndarray, Zt: np.ndarray, vectors: boo
     False when an eigenvalue needed more than ``max_steps`` steps.
     """
     n = diag.shape[0]
-    eps = np.finfo(np.float64).eps
+    eps = 2.220446049250313e-16  # float64's machine epsilon
     for i in range(1, n):
         off[i - 1] = off[i]
     off[n - 1] = 0.0
@@ -184,60 +184,45 @@ def _ql_implicit(diag: np.ndarray, off: np.ndarray, Zt: np.ndarray, vectors: boo
 
 
 @numba.njit(cache=True)
-def eigh_small(S: np.ndarray, vectors: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (ascending) and, with ``vectors``, unit eigenvectors (columns) of the symmetric ``S``.
+def eigh_small(S: np.ndarray, vectors: bool, max_steps: int = _MAX_SWEEPS) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Eigenvalues (ascending) and, with ``vectors``, unit eigenvectors (columns) of the symmetric ``S``, and ``ok``.
 
-    ``np.linalg.eigh``'s layout; without ``vectors`` the second array is ``0 x 0``.  Only the lower
-    triangle of ``S`` is read (``S`` itself is not modified).  Falls back to ``np.linalg.eigh`` /
-    ``eigvalsh`` on a non-finite entry (which they refuse with ``LinAlgError``) or when the QL iteration
-    does not converge.
+    ``np.linalg.eigh``'s layout; without ``vectors`` the second array is ``0 x 0``.  Only the lower triangle of ``S``
+    is read (``S`` itself is not modified).  ``ok`` is False, with empty arrays, on a non-finite entry or when the
+    QL iteration needs more than ``max_steps`` steps for one eigenvalue (tests reach it with 0): the caller then
+    asks LAPACK (a fallback compiled here would double this function's compile time).
     """
-    return _eigh(S, vectors, _MAX_SWEEPS)
-
-
-@numba.njit(cache=True)
-def _eigh(S: np.ndarray, vectors: bool, max_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`eigh_small` with the QL iteration's step limit as an argument (tests reach the fallback with 0)."""
     n = S.shape[0]
-    A = _lower_symmetric(S)
-    if n == 0 or not np.all(np.isfinite(A)):
-        return _lapack(A, vectors)
+    A = np.empty((n, n))  # symmetric, from the lower triangle
+    finite = True
+    for i in range(n):
+        for j in range(i + 1):
+            v = S[i, j]
+            finite = finite and math.isfinite(v)
+            A[i, j] = v
+            A[j, i] = v
+    if n == 0 or not finite:
+        return np.empty(0), np.empty((0, 0)), False
     diag = np.empty(n)
     off = np.empty(n)
     _tridiagonalise(A, diag, off, vectors)
-    if vectors:
-        Zt = np.ascontiguousarray(A.T)
-    else:
-        Zt = np.empty((0, 0))
+    Zt = np.ascontiguousarray(A.T) if vectors else np.empty((0, 0))
     if not _ql_implicit(diag, off, Zt, vectors, max_steps):
-        return _lapack(_lower_symmetric(S), vectors)
-    order = np.argsort(diag, kind="mergesort")
+        return np.empty(0), np.empty((0, 0)), False
+    order = np.empty(n, dtype=np.intp)  # the stable ascending order of the eigenvalues (insertion)
+    for i in range(n):
+        v = diag[i]
+        k = i
+        while k > 0 and diag[order[k - 1]] > v:
+            order[k] = order[k - 1]
+            k -= 1
+        order[k] = i
     w = diag[order]
     if not vectors:
-        return w, np.empty((0, 0))
+        return w, np.empty((0, 0)), True
     V = np.empty((n, n))
     for col in range(n):
         row = Zt[order[col]]
         for k in range(n):
             V[k, col] = row[k]
-    return w, V
-
-
-@numba.njit(cache=True)
-def _lower_symmetric(S: np.ndarray) -> np.ndarray:
-    """A new symmetric matrix from the lower triangle of ``S``."""
-    n = S.shape[0]
-    A = np.empty((n, n))
-    for i in range(n):
-        for j in range(i + 1):
-            A[i, j] = S[i, j]
-            A[j, i] = S[i, j]
-    return A
-
-
-@numba.njit(cache=True)
-def _lapack(A: np.ndarray, vectors: bool) -> tuple[np.ndarray, np.ndarray]:
-    """LAPACK's answer in :func:`eigh_small`'s layout (``np.linalg.eigh`` / ``eigvalsh``)."""
-    if vectors:
-        return np.linalg.eigh(A)
-    return np.linalg.eigvalsh(A), np.empty((0, 0))
+    return w, V, True
