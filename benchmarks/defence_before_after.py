@@ -98,7 +98,7 @@ def measure_digits(old: Any, repeats: int, with_ids: bool, quick: bool = False) 
     ids = list(range(10_000, 10_000 + R)) if with_ids else None
     makers = {"before": lambda: old.build_for_federation("rge", R, 0.2),
               "after": lambda: build_for_federation("rge", R, 0.2)}
-    rules = {name: make() for name, make in makers.items()}
+    rules = {name: make() for name, make in makers.items()} if with_ids else {}  # with ids: one rule and its memory
     per_round: dict[str, list[float]] = {k: [] for k in makers}
     refs, same = [], 0
     for G in rounds:
@@ -109,7 +109,7 @@ def measure_digits(old: Any, repeats: int, with_ids: bool, quick: bool = False) 
             np.mean(G, axis=0)
             refs.append(time.process_time() - t0)
             for name, make in makers.items():
-                rule = rules[name] if with_ids else make()  # with ids: one rule and its memory for the whole run
+                rule = rules[name] if with_ids else make()
                 t0 = time.process_time()
                 res = rule.aggregate(G, client_ids=ids)
                 times[name].append(time.process_time() - t0)
