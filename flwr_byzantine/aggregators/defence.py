@@ -106,7 +106,7 @@ from .memory import (DEFAULT_Q_FLOOR, DEFAULT_RELATIVE, DEFAULT_SCORE_CLIP, DEFA
 from .rge import RGE
 from .sigma import estimate_sigma0_sq
 from .sketch import RowSketch, sketch_buckets, sketch_rows
-from .streaming import clip_survivors, column_median, host_array, row_sq_norms, row_sq_norms_to
+from .streaming import clip_survivors, column_median, host_array, median_of, row_sq_norms, row_sq_norms_to
 from .temporal import DEFAULT_BURN_IN, DEFAULT_JUMP_FACTOR, DEFAULT_SELF_CLIP_SCALE, SelfReference
 
 #: Format tag of :meth:`RobustDefence.state_dict`.
@@ -214,7 +214,7 @@ def mix_and_clip(M: np.ndarray, kept: np.ndarray, f: int, clip_scale: float | No
     if clip_scale is not None:
         B = A - w
         dist = np.sqrt(np.maximum(np.einsum("ij,ij->i", B @ K, B), 0.0))
-        radius = clip_scale * float(np.median(dist))
+        radius = clip_scale * median_of(dist)
         if radius > 0:
             with np.errstate(divide="ignore", invalid="ignore"):
                 factors = np.where(dist > radius, radius / np.maximum(dist, 1e-300), 1.0)
@@ -222,6 +222,15 @@ def mix_and_clip(M: np.ndarray, kept: np.ndarray, f: int, clip_scale: float | No
     coef = np.zeros(M.shape[0])
     coef[kept] = beta
     return np.asarray(weighted_sum(M, coef)), factors, radius
+
+
+def _rows_without(R: int, *excluded: np.ndarray) -> np.ndarray:
+    """The rows ``0..R-1`` in none of ``excluded`` (row numbers), ascending: ``np.setdiff1d(np.arange(R), union)``
+    with a mask instead of numpy's sorts (about 14 us a call at 20 rows against 2 us)."""
+    mask = np.ones(R, dtype=bool)
+    for rows in excluded:
+        mask[np.asarray(rows, dtype=np.intp)] = False
+    return np.flatnonzero(mask)
 
 
 class RobustDefence(Aggregator):
@@ -653,7 +662,7 @@ class RobustDefence(Aggregator):
             if screen_sketch is not None and R > SCREEN_CENTRE_ROWS:
                 centre_rows = Y[np.sort(self._pass_rng.choice(R, size=SCREEN_CENTRE_ROWS, replace=False))]
             dist_med = np.sqrt(row_sq_norms_to(Y, column_median(centre_rows)))
-            med_d = float(np.median(dist_med))
+            med_d = median_of(dist_med)
             if med_d > 0:
                 gross = np.flatnonzero(dist_med > self.gross_factor * med_d)
         raw = G
@@ -747,7 +756,7 @@ class RobustDefence(Aggregator):
                 dist0 = np.sqrt(dist0)
             else:
                 dist0 = np.sqrt(row_sq_norms_to(G, centre0))
-            med0 = float(np.median(dist0))
+            med0 = median_of(dist0)
             if med0 > 0 and self.far_factor is not None:
                 # an obvious outlier is left out of the round, not clipped into it (nor into its memory):
                 # the farthest first, within the budget that the jumps and the evidence have left
@@ -765,7 +774,7 @@ class RobustDefence(Aggregator):
         if self.duplicate_tol is not None and R > 2:
             # colluding copies of one message get one vote (step 0 of the docstring); not part of the budget
             # (large rounds: on the gross screen's sketch when there is one, else on a sketch of their own)
-            cand = np.setdiff1d(np.arange(R), np.union1d(suspects, gross))
+            cand = _rows_without(R, suspects, gross)
             dups = duplicate_rows(raw if screen_sketch is None else screen_sketch, cand, self.duplicate_tol,
                                   self._duplicate_rng)
         if use_memory:
@@ -774,7 +783,7 @@ class RobustDefence(Aggregator):
             # a reply left out of the round (gross, far, a jump, a copy) enters no memory: its node's memory is
             # held, so a mobile adversary leaves nothing behind in the memory of a node it leaves (step 9)
             unfolded = gross if self.fold_dropped else np.union1d(np.union1d(gross, jumped_out), dups).astype(np.intp)
-            keep_rows = np.setdiff1d(np.arange(R), unfolded) if unfolded.size else np.arange(R)
+            keep_rows = _rows_without(R, unfolded)
             keep_ids = [ids[r] for r in keep_rows]
             refs = self.self_reference.refs if in_table else None
             M = self.memory.fold_rows(
@@ -794,7 +803,7 @@ class RobustDefence(Aggregator):
                     self.memory.hold([ids[r] for r in unfolded])
         else:
             M = G
-        active = np.setdiff1d(np.arange(R), np.union1d(np.union1d(suspects, gross), dups))
+        active = _rows_without(R, suspects, gross, dups)
         filt = self.filter_for(active.size, d)
         budget = int(np.floor(self.eps_tilde * R))
         # a budget of 0 (floor(eps R) = 0: a small round) claims nothing, and the rule runs in full

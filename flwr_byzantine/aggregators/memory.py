@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .streaming import as_index, diff_stats_and_store
+from .streaming import as_index, diff_stats_and_store, median_of
 
 
 def _floating(x: Any) -> np.ndarray:
@@ -453,7 +453,7 @@ class MonotonicityEvidence:
         st = self._stats[kk]
         enough = (k >= 0) & (self._count[kk] >= self.min_rounds)
         if self.q_floor is not None and enough.any():
-            self.floor = (self.q_floor * float(np.median(st[enough, 1])), self.q_floor * float(np.median(st[enough, 3])))
+            self.floor = (self.q_floor * median_of(st[enough, 1]), self.q_floor * median_of(st[enough, 3]))
         z_long = self._z_long(st)
         self.level = self._level(z_long[enough])
         return enough & ((z_long < self.level) | (self._z_short(st) < -self.z_short))
@@ -472,8 +472,8 @@ class MonotonicityEvidence:
             above = z[z >= -self.z_exclude]
             if 2 * above.size > z.size and above.size >= 5:
                 z = above
-        med = float(np.median(z))
-        madn = 1.4826 * float(np.median(np.abs(z - med)))
+        med = median_of(z)
+        madn = 1.4826 * median_of(np.abs(z - med))
         return min(-self.z_exclude, med - self.relative * madn)
 
     def z(self, node_id: int) -> float:
@@ -565,11 +565,11 @@ class MonotonicityEvidence:
         nodes' statistics."""
         if not rows.size:
             return
-        scale = float(np.median(np.sqrt(sq)))
+        scale = median_of(np.sqrt(sq))
         if not (scale > 0 and np.isfinite(scale)):
             return
         s = dots / scale
-        m = float(np.median(np.abs(s)))
+        m = median_of(np.abs(s))
         if self.score_clip is not None and m > 0:
             s = np.clip(s, -self.score_clip * m, self.score_clip * m)
         if skip_set:

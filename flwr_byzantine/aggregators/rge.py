@@ -38,14 +38,26 @@ def _blas_controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
+@functools.lru_cache(maxsize=1)
+def _blas_libraries() -> tuple:
+    """The BLAS libraries' threadpoolctl controllers, found once (the search costs about 10 us a call)."""
+    return tuple(_blas_controller().select(user_api="blas").lib_controllers)
+
+
 def _single_thread_blas():
     """Context limiting BLAS to one thread (threadpoolctl, a scikit-learn dependency)."""
-    return _blas_controller().limit(limits=1, user_api="blas")
+    return _blas_threads(1)
 
 
 def _blas_threads(n: int | None):
-    """Context limiting BLAS to ``n`` threads (``None``: leave the process setting alone)."""
-    return contextlib.nullcontext() if n is None else _blas_controller().limit(limits=n, user_api="blas")
+    """Context limiting BLAS to ``n`` threads (``None``: leave the process setting alone).
+
+    Nothing to do when every BLAS library already runs ``n`` threads (a process started with one BLAS thread, or the
+    filter inside :meth:`RGE.aggregate`'s own limit): the check is one ``get_num_threads`` call a library, where
+    entering and leaving threadpoolctl's limit cost about 35 us, 1-2 % of a decode at the App's size (issue 12)."""
+    if n is None or all(lib.num_threads == n for lib in _blas_libraries()):
+        return contextlib.nullcontext()
+    return _blas_controller().limit(limits=n, user_api="blas")
 
 
 #: With a sketch, the survivors' mean is a float64 downdate of the full mean (a pass over the removed

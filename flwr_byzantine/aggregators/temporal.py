@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .memory import _RowTable
-from .streaming import as_index, clip_to_references, reference_deviation_stats
+from .streaming import as_index, clip_to_references, median_of, reference_deviation_stats
 
 #: Default radius, in units of the round's median distance of a node's change to the common drift.
 DEFAULT_SELF_CLIP_SCALE = 1.0
@@ -209,14 +209,14 @@ class SelfReference:
             if change_along is not None:
                 info.update(change_rows=list(rows), change_sq=stats[2], change_dots=stats[3])
             dist = np.sqrt(dev_sq)
-            radius = self.scale * float(np.median(dist))
+            radius = self.scale * median_of(dist)
             if radius > 0 and np.isfinite(radius):
                 factors = np.minimum(1.0, radius / np.maximum(dist, 1e-300))
                 # the clipped rows become their nodes' references in the same pass (when the table keeps their
                 # dtype); a mature jump's reference is read before that, below, and patched after the store
                 stored = self.refs.rows.dtype == vtype  # always so into_table
                 if self.jump_factor is not None:
-                    level = np.full(len(rows), float(np.median(dist)))
+                    level = np.full(len(rows), median_of(dist))
                     if self.own_scale:  # the round's typical change, or the node's own where that is larger
                         own = self.own_scales([ids[r] for r in rows])
                         known = own[own > 0]

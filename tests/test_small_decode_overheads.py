@@ -1,0 +1,142 @@
+"""The small decode's Python-side shortcuts (issue 12, twenty-fourth landing): each one the value it replaces, bit for
+bit, and each one falling back where it does not apply."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import flwr_byzantine.aggregators.sigma as sigma
+from flwr_byzantine.aggregators.defence import _rows_without
+from flwr_byzantine.aggregators.rge import _blas_libraries, _blas_threads, _single_thread_blas
+from flwr_byzantine.aggregators.streaming import MEDIAN_SORT_MAX, median_of
+
+# np.median's own warnings on the NaN, infinite and empty cases compared below
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def _numpy_median(x):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an empty array's mean
+        return float(np.median(x))
+
+
+def _same_float(a, b):
+    return type(a) is float and np.array_equal(np.array(a), np.array(b), equal_nan=True)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 19, 20, 21, 40, MEDIAN_SORT_MAX, MEDIAN_SORT_MAX + 1])
+def test_median_of_is_numpys_median(n):
+    rng = np.random.default_rng(n)
+    for _ in range(20):
+        x = rng.normal(size=n) * 10.0 ** rng.uniform(-200, 200)
+        cases = [x, np.round(x * 2) / 2, np.abs(x), x[::-1], x.astype(np.float32), np.full(n, 1e308)]
+        for bad in (np.nan, np.inf, -np.inf):
+            y = x.copy()
+            y[rng.integers(n)] = bad
+            cases.append(y)
+        for c in cases:
+            assert _same_float(median_of(c), _numpy_median(c))
+
+
+def test_median_of_defers_to_numpy_elsewhere():
+    rng = np.random.default_rng(0)
+    for x in (np.zeros(0), np.arange(7), rng.normal(size=(3, 5)), rng.normal(size=9).astype(np.float32),
+              [3.0, 1.0, 2.0]):
+        assert _same_float(median_of(x), _numpy_median(x))
+
+
+def test_rows_without_is_setdiff_of_the_union():
+    rng = np.random.default_rng(1)
+    for _ in range(500):
+        R = int(rng.integers(1, 40))
+        excluded = [np.sort(rng.choice(R, size=int(rng.integers(0, R + 1)), replace=False)).astype(np.intp)
+                    for _ in range(int(rng.integers(1, 4)))]
+        union = excluded[0]
+        for e in excluded[1:]:
+            union = np.union1d(union, e)
+        got, want = _rows_without(R, *excluded), np.setdiff1d(np.arange(R), union)
+        np.testing.assert_array_equal(got, want)
+        assert got.dtype == want.dtype
+    np.testing.assert_array_equal(_rows_without(5, np.zeros(0, dtype=np.intp), []), np.arange(5))
+
+
+def _python_estimate(K, eps, monkeypatch):
+    """The estimator's solve-by-solve Python path (the compiled one refused)."""
+    with monkeypatch.context() as m:
+        m.setattr(sigma, "_estimate_small", lambda K, t: (0.0, np.empty(0), np.arange(1), np.empty(0), False))
+        return sigma.estimate_sigma0(K, eps)
+
+
+@pytest.mark.parametrize("R", [1, 2, 3, 5, 12, 20, 24])
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.2, 0.25, 0.4])
+def test_compiled_small_estimator_is_the_python_path_bit_for_bit(R, eps, monkeypatch):
+    rng = np.random.default_rng(R)
+    for _ in range(4):
+        X = rng.normal(size=(R, 40))
+        X[: max(1, R // 4)] *= 8.0  # a few far points for the trimming to find
+        K = X @ X.T
+        got, want = sigma.estimate_sigma0(K, eps), _python_estimate(K, eps, monkeypatch)
+        assert got.value == want.value
+        for a, b in ((got.top, want.top), (got.kept, want.kept), (got.kept_top, want.kept_top)):
+            np.testing.assert_array_equal(a, b)
+        assert got.kept.dtype == want.kept.dtype
+
+
+def test_compiled_small_estimator_runs_and_refers_what_it_cannot_solve(monkeypatch):
+    calls = []
+    real = sigma._estimate_small
+
+    def spy(K, t):
+        out = real(K, t)
+        calls.append(out[4])
+        return out
+
+    monkeypatch.setattr(sigma, "_estimate_small", spy)
+    sigma.estimate_sigma0(np.eye(8) + 1.0, 0.25)
+    assert calls == [True]  # the compiled path took it
+    bad = np.eye(10)
+    bad[3, 4] = bad[4, 3] = np.nan
+    with pytest.raises(np.linalg.LinAlgError):  # LAPACK's refusal, as before the compiled path
+        sigma.estimate_sigma0(bad, 0.2)
+    assert calls[-1] is False
+    calls.clear()
+    sigma.estimate_sigma0(np.eye(30) + 1.0, 0.25)  # above the small solver's size: not tried
+    assert calls == []
+
+
+def test_blas_limit_is_skipped_only_where_every_library_already_runs_that_many_threads(monkeypatch):
+    import contextlib
+    import types
+
+    import flwr_byzantine.aggregators.rge as rge
+
+    calls = []
+
+    class Controller:
+        def limit(self, limits, user_api):
+            calls.append((limits, user_api))
+            return contextlib.nullcontext("limited")
+
+    libs = [types.SimpleNamespace(num_threads=1), types.SimpleNamespace(num_threads=1)]
+    monkeypatch.setattr(rge, "_blas_libraries", lambda: tuple(libs))
+    monkeypatch.setattr(rge, "_blas_controller", lambda: Controller())
+    with _single_thread_blas() as ctx:
+        assert ctx is None and calls == []  # every library at one thread: nothing entered
+    with _blas_threads(2) as ctx:
+        assert ctx == "limited" and calls == [(2, "blas")]
+    libs[1].num_threads = 4
+    with _blas_threads(1) as ctx:
+        assert ctx == "limited" and calls[-1] == (1, "blas")
+    with _blas_threads(None) as ctx:
+        assert ctx is None and len(calls) == 2
+
+
+def test_blas_limit_on_the_real_libraries_restores_their_setting():
+    libs = _blas_libraries()
+    if not libs:
+        pytest.skip("no BLAS library found by threadpoolctl")
+    before = [lib.num_threads for lib in libs]
+    with _blas_threads(1):
+        assert all(lib.num_threads == 1 for lib in libs)
+    assert [lib.num_threads for lib in libs] == before
