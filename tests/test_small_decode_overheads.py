@@ -6,7 +6,6 @@ import warnings
 import numpy as np
 import pytest
 
-import flwr_byzantine.aggregators.sigma as sigma
 from flwr_byzantine.aggregators.defence import _rows_without
 from flwr_byzantine.aggregators.rge import _blas_libraries, _blas_threads, _single_thread_blas
 from flwr_byzantine.aggregators.streaming import MEDIAN_SORT_MAX, median_of
@@ -59,50 +58,6 @@ def test_rows_without_is_setdiff_of_the_union():
         np.testing.assert_array_equal(got, want)
         assert got.dtype == want.dtype
     np.testing.assert_array_equal(_rows_without(5, np.zeros(0, dtype=np.intp), []), np.arange(5))
-
-
-def _python_estimate(K, eps, monkeypatch):
-    """The estimator's solve-by-solve Python path (the compiled one refused)."""
-    with monkeypatch.context() as m:
-        m.setattr(sigma, "_estimate_small", lambda K, t: (0.0, np.empty(0), np.arange(1), np.empty(0), False))
-        return sigma.estimate_sigma0(K, eps)
-
-
-@pytest.mark.parametrize("R", [1, 2, 3, 5, 12, 20, 24])
-@pytest.mark.parametrize("eps", [0.0, 0.1, 0.2, 0.25, 0.4])
-def test_compiled_small_estimator_is_the_python_path_bit_for_bit(R, eps, monkeypatch):
-    rng = np.random.default_rng(R)
-    for _ in range(4):
-        X = rng.normal(size=(R, 40))
-        X[: max(1, R // 4)] *= 8.0  # a few far points for the trimming to find
-        K = X @ X.T
-        got, want = sigma.estimate_sigma0(K, eps), _python_estimate(K, eps, monkeypatch)
-        assert got.value == want.value
-        for a, b in ((got.top, want.top), (got.kept, want.kept), (got.kept_top, want.kept_top)):
-            np.testing.assert_array_equal(a, b)
-        assert got.kept.dtype == want.kept.dtype
-
-
-def test_compiled_small_estimator_runs_and_refers_what_it_cannot_solve(monkeypatch):
-    calls = []
-    real = sigma._estimate_small
-
-    def spy(K, t):
-        out = real(K, t)
-        calls.append(out[4])
-        return out
-
-    monkeypatch.setattr(sigma, "_estimate_small", spy)
-    sigma.estimate_sigma0(np.eye(8) + 1.0, 0.25)
-    assert calls == [True]  # the compiled path took it
-    bad = np.eye(10)
-    bad[3, 4] = bad[4, 3] = np.nan
-    with pytest.raises(np.linalg.LinAlgError):  # LAPACK's refusal, as before the compiled path
-        sigma.estimate_sigma0(bad, 0.2)
-    assert calls[-1] is False
-    calls.clear()
-    sigma.estimate_sigma0(np.eye(30) + 1.0, 0.25)  # above the small solver's size: not tried
-    assert calls == []
 
 
 def test_blas_limit_is_skipped_only_where_every_library_already_runs_that_many_threads(monkeypatch):

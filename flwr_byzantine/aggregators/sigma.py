@@ -119,40 +119,6 @@ def _top_eig_dense(K: np.ndarray, idx: np.ndarray) -> tuple[float, np.ndarray]:
     return max(float(w[0]), 0.0), z[:, 0].copy()
 
 
-@numba.njit(cache=True)
-def _estimate_small(K: np.ndarray, to_remove: int) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, bool]:
-    """:func:`estimate_sigma0`'s trimming and last solve in one compiled call, for a dense ``K`` of at most
-    :data:`~.small_eigh.SMALL_EIGH_MAX` points, where every step removes one point: the same solves
-    (:func:`_centred_submatrix`, :func:`~.small_eigh.eigh_small`) and choices, bit for bit, without the Python calls
-    around each solve (issue 12: about 0.1 ms of the App's decode).
-
-    Returns ``(top eigenvalue, first solve's vector (empty when no step ran), kept points, last solve's vector, ok)``;
-    ``ok`` is False when the small solver refers a matrix to LAPACK (:func:`_top_eig_dense`'s fallback, left to the
-    Python path)."""
-    idx = np.arange(K.shape[0])
-    first = np.empty(0)
-    while to_remove > 0 and idx.size > 2:
-        w, V, ok = eigh_small(_centred_submatrix(K, idx), True)
-        if not ok:
-            return 0.0, first, idx, first, False
-        vec = V[:, -1].copy()
-        if first.size == 0:
-            first = vec
-        out = np.argmax(np.abs(vec))
-        keep = np.empty(idx.size - 1, dtype=idx.dtype)
-        k = 0
-        for i in range(idx.size):
-            if i != out:
-                keep[k] = idx[i]
-                k += 1
-        idx = keep
-        to_remove -= 1
-    w, V, ok = eigh_small(_centred_submatrix(K, idx), True)
-    if not ok:
-        return 0.0, first, idx, first, False
-    return max(w[-1], 0.0), first, idx, V[:, -1].copy(), True
-
-
 def _tridiagonal_eigh(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``scipy.linalg.eigh_tridiagonal(a, b)``: the same LAPACK routine (``dstevd``, its driver for every eigenpair)
     called directly, the same values and vectors bit for bit without the wrapper's checks (31 us against 9 us a call
@@ -295,8 +261,7 @@ def estimate_sigma0(gram: np.ndarray | CentredFactor, eps_tilde: float) -> Sigma
     so no honest point is dropped on clean, concentrated data.
     Cost: ``min(eps_tilde * R, 16)`` top-eigenpair solves of size <= R (beyond 16 removals
     each solve removes the ``ceil(eps_tilde R / 16)`` points with the largest projections),
-    by the compiled small solver up to 24 points (the whole estimate in one compiled call: :func:`_estimate_small`),
-    LAPACK below 256 points and warm-started Lanczos above (8 solves there, products in float32; the trimming's
+    by LAPACK below 256 points and warm-started Lanczos above (8 solves there, products in float32; the trimming's
     solves to :data:`LANCZOS_TRIM_TOL`, the last one to :data:`LANCZOS_TOL`): O(R^3) in all, O(R^2) per
     Lanczos iteration at large R (it was ``eps_tilde R`` full solves, O(R^4)).
     """
@@ -307,11 +272,6 @@ def estimate_sigma0(gram: np.ndarray | CentredFactor, eps_tilde: float) -> Sigma
     to_remove = int(math.floor(eps_tilde * R))
     steps = MAX_TRIM_STEPS_LARGE if R >= LANCZOS_MIN_N else MAX_TRIM_STEPS
     per_step = max(1, math.ceil(to_remove / steps))
-    if per_step == 1 and R <= SMALL_EIGH_MAX and isinstance(gram, np.ndarray):
-        lam, first_small, kept, top, ok = _estimate_small(np.ascontiguousarray(gram, dtype=np.float64), to_remove)
-        if ok:
-            return Sigma0Estimate(value=lam / kept.size, top=top if first_small.size == 0 else first_small, kept=kept,
-                                  kept_top=top)
     vec: np.ndarray | None = None
     # the Lanczos solves' products in float32 (one copy for all of them), unless the entries (|K_ij| <= max_i K_ii for a
     # Gram matrix) would overflow float32 in a product: then in float64
