@@ -62,7 +62,8 @@ def median_of(x: np.ndarray) -> float:
 
     A float64 array of 1 to :data:`MEDIAN_SORT_MAX` values is sorted: the middle value, or the two middle ones added
     and halved in float64 (``np.median`` averages them with ``np.mean``: the same sum and division); NaN, which the sort
-    puts last, gives NaN as ``np.median`` does.  Anything else (other dtypes, other shapes, empty or larger arrays) is
+    puts last, gives NaN as ``np.median`` does.  (Of two equal zeros of opposite sign in the middle, either may be the
+    one returned, here as in ``np.median``.)  Anything else (other dtypes, other shapes, empty or larger arrays) is
     ``np.median``'s."""
     x = np.asarray(x)
     n = x.size
