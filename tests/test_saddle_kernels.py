@@ -89,3 +89,65 @@ def test_spectral_steps_weighted_centred_matrix_is_numpys_bit_for_bit(n):
     P = 0.5 * (P + P.T)
     Q = _weighted_centred(K, Kw, wKw, d)
     assert np.array_equal(P, Q) and np.array_equal(Q, Q.T)
+
+
+def _p_matrix(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A Gram matrix ``K``, weights ``d``, a feasible-looking ``Wt`` and the full ``P(W) = D (I - Wt) K (I - Wt)^T D``."""
+    rng = np.random.default_rng(seed)
+    G = rng.normal(size=(n, 3 * n))
+    K = G @ G.T
+    d = np.sqrt(rng.uniform(0.5, 1.0, size=n))
+    Wt = rng.uniform(size=(n, n))
+    Wt /= Wt.sum(axis=1, keepdims=True)
+    Bt = d[:, None] * (np.eye(n) - Wt)
+    return K, d, Wt, Bt @ K @ Bt.T
+
+
+@pytest.mark.parametrize("n", [3, 18, 24, 30])
+@pytest.mark.parametrize("vectors", [True, False])
+def test_eig_p_is_the_decomposition_of_the_whole_symmetric_matrix(n, vectors):
+    """Up to SMALL_EIGH_MAX points only the lower triangle of P(W) is formed: the eigenpairs are still those of P."""
+    K, d, Wt, P = _p_matrix(n, n)
+    w = np.linalg.eigvalsh(0.5 * (P + P.T))
+    sig, U, BK = _eig_p(K, d, Wt, vectors, -np.inf)
+    np.testing.assert_allclose(sig, np.maximum(w, 0.0), rtol=1e-10, atol=1e-10 * w[-1])
+    np.testing.assert_allclose(BK, (d[:, None] * (np.eye(n) - Wt)) @ K, rtol=1e-12, atol=1e-12 * np.abs(BK).max())
+    if vectors:
+        np.testing.assert_allclose(P @ U, U * sig, atol=1e-9 * w[-1])
+        np.testing.assert_allclose(U.T @ U, np.eye(n), atol=1e-12)
+
+
+def test_eig_p_hands_lapack_the_whole_matrix_when_the_small_solver_refers_it(monkeypatch):
+    """Where eigh_small gives up, LAPACK's MRRR solver (which reads the other triangle in its Fortran layout) gets the
+    upper triangle copied from the lower one: the eigenpairs above the floor are P's (the Python body of the
+    compiled function, with a small solver that always refers the matrix)."""
+    from flwr_byzantine.aggregators import saddle
+
+    n = 12
+    K, d, Wt, P = _p_matrix(n, 7)
+    w = np.linalg.eigvalsh(0.5 * (P + P.T))
+    monkeypatch.setattr(saddle, "eigh_small", lambda S, vectors: (np.empty(0), np.empty((0, 0)), False))
+    floor = 0.5 * (w[-3] + w[-4])
+    sig, U, _ = saddle._eig_p.py_func(K, d, Wt, True, floor)
+    np.testing.assert_allclose(sig, w[-3:], rtol=1e-10)
+    np.testing.assert_allclose(P @ U, U * sig, atol=1e-9 * w[-1])
+
+
+def test_grad_leaves_out_the_eigenvectors_of_negligible_weight():
+    """The gradient from the eigenpairs within the soft-max window equals the one from every pair to rounding, and
+    reads no other eigenvector (those columns are NaN here)."""
+    from flwr_byzantine.aggregators.saddle import _WINDOW, _grad, _smooth
+
+    n = 18
+    K, d, Wt, P = _p_matrix(n, 3)
+    sig, U, BK = _eig_p(K, d, Wt, True, -np.inf)
+    mu = (sig[-1] - sig[-4]) / (_WINDOW + 1.0)  # the top three pairs inside the window, the rest far below it
+    z = _smooth(sig, mu)[1]
+    assert np.sum(z > z.max() * np.exp(-_WINDOW)) == 3
+    Z = (U * z) @ U.T
+    full = -2.0 * d[:, None] * (Z @ BK)
+    hidden = U.copy()
+    hidden[:, z <= z.max() * np.exp(-_WINDOW)] = np.nan
+    g = _grad(BK, hidden, z, d)
+    assert np.isfinite(g).all()
+    np.testing.assert_allclose(g, full, rtol=0, atol=1e-13 * np.abs(full).max())

@@ -56,6 +56,8 @@ from .small_eigh import SMALL_EIGH_MAX, eigh_small
 
 #: Eigenvalues more than _WINDOW * mu below the top get soft-max weight < exp(-_WINDOW).
 _WINDOW = 40.0
+#: ``exp(-_WINDOW)``: the relative soft-max weight below which :func:`_grad` leaves an eigenvector out.
+_WEIGHT_CUT = math.exp(-_WINDOW)
 
 
 @dataclass
@@ -300,11 +302,12 @@ def _eig_p(K: np.ndarray, d: np.ndarray, Wt: np.ndarray, vectors: bool,
     """Eigenvalues (ascending, clipped at 0), eigenvectors (if ``vectors``, else a 0 x 0 array) of ``P(W)``, and ``BK``.
 
     ``Wt = W^T`` (row ``i`` is the column ``w_i`` of (91)); with ``Bt = D (I - Wt)`` and ``BK = Bt K``:
-    ``P(W) = BK Bt^T`` (symmetrised).  Up to :data:`~.small_eigh.SMALL_EIGH_MAX` points every eigenpair (or
-    every eigenvalue) from :func:`~.small_eigh.eigh_small`, whatever ``floor``; above (or where it refers the
-    matrix to LAPACK), the full decomposition is LAPACK ``dsyevd`` (``np.linalg.eigh``; ``floor = -inf``) and
-    with ``vectors`` and a finite ``floor`` only the eigenpairs above ``floor`` (:func:`_eig_above`; empty when
-    there are none).
+    ``P(W) = BK Bt^T``.  Up to :data:`~.small_eigh.SMALL_EIGH_MAX` points only its lower triangle is formed (half
+    the second product: all that :func:`~.small_eigh.eigh_small` reads; the upper one is copied from it only where
+    ``eigh_small`` refers the matrix to LAPACK), and every eigenpair (or every eigenvalue) comes from ``eigh_small``,
+    whatever ``floor``; above, ``P`` is symmetrised, and the full decomposition is LAPACK ``dsyevd``
+    (``np.linalg.eigh``; ``floor = -inf``) and with ``vectors`` and a finite ``floor`` only the eigenpairs above
+    ``floor`` (:func:`_eig_above`; empty when there are none).
     """
     n = K.shape[0]
     Bt = np.empty((n, n))
@@ -315,15 +318,25 @@ def _eig_p(K: np.ndarray, d: np.ndarray, Wt: np.ndarray, vectors: bool,
             Bt[i, j] = v
             B[j, i] = v
     BK = _matmul(Bt, K)
-    P = _matmul(BK, B)
-    S = np.empty((n, n))
-    for i in range(n):
-        for j in range(n):
-            S[i, j] = 0.5 * (P[i, j] + P[j, i])
     if n <= SMALL_EIGH_MAX:
+        S = np.zeros((n, n))
+        for i in range(n):
+            for l in range(n):
+                a = BK[i, l]
+                for j in range(i + 1):
+                    S[i, j] += a * B[l, j]
         sig, U, ok = eigh_small(S, vectors)
         if ok:
             return np.maximum(sig, 0.0), U, BK
+        for i in range(n):  # LAPACK's turn: the whole symmetric matrix
+            for j in range(i):
+                S[j, i] = S[i, j]
+    else:
+        P = _matmul(BK, B)
+        S = np.empty((n, n))
+        for i in range(n):
+            for j in range(n):
+                S[i, j] = 0.5 * (P[i, j] + P[j, i])
     if vectors and floor > -np.inf:
         sig, U = _eig_above(S, floor)
     elif vectors:
@@ -380,19 +393,23 @@ def _smooth(sig: np.ndarray, mu: float) -> tuple[float, np.ndarray]:
 def _grad(BK: np.ndarray, U: np.ndarray, z: np.ndarray, d: np.ndarray) -> np.ndarray:
     """Gradient of ``f_mu`` with respect to ``Wt``: ``-2 D Z BK`` with ``Z = U diag(z) U^T``.
 
-    Eigenvectors with (numerically) zero weight do not contribute and are left out; with ``on`` of them
-    weighted, ``Z BK = (U_on diag(z)) (U_on^T BK)`` costs ``2 on n^2`` flops.
+    Only the eigenvectors whose soft-max weight is above ``exp(-_WINDOW)`` times the largest enter ``Z`` (those
+    of the eigenvalues within ``_WINDOW * mu`` of the top, the pairs that :func:`_eig_top` computes above
+    :data:`~.small_eigh.SMALL_EIGH_MAX` points): the others' weights sum to less than ``n exp(-40)``, about
+    ``4e-17 n``, below the rounding of the kept terms.  With ``on`` of them, ``Z BK = (U_on diag(z)) (U_on^T BK)``
+    costs ``2 on n^2`` flops: on the App's rounds mostly two to four pairs instead of all 18-20 (issue 12).
     """
     n, k = U.shape
+    cut = max(z.max() * _WEIGHT_CUT, 1e-300)
     on = 0
     for j in range(k):
-        if z[j] > 1e-300:
+        if z[j] > cut:
             on += 1
     Uz = np.empty((n, on))
     UoT = np.empty((on, n))
     col = 0
     for j in range(k):
-        if z[j] > 1e-300:
+        if z[j] > cut:
             for i in range(n):
                 UoT[col, i] = U[i, j]
                 Uz[i, col] = U[i, j] * z[j]
