@@ -396,7 +396,7 @@ def _grad(BK: np.ndarray, U: np.ndarray, z: np.ndarray, d: np.ndarray) -> np.nda
     Only the eigenvectors whose soft-max weight is above ``exp(-_WINDOW)`` times the largest enter ``Z`` (those
     of the eigenvalues within ``_WINDOW * mu`` of the top, the pairs that :func:`_eig_top` computes above
     :data:`~.small_eigh.SMALL_EIGH_MAX` points): the others' weights sum to less than ``n exp(-40)``, about
-    ``4e-17 n``, below the rounding of the kept terms.  With ``on`` of them, ``Z BK = (U_on diag(z)) (U_on^T BK)``
+    ``4e-18 n``, below the rounding of the kept terms.  With ``on`` of them, ``Z BK = (U_on diag(z)) (U_on^T BK)``
     costs ``2 on n^2`` flops: on the App's rounds mostly two to four pairs instead of all 18-20 (issue 12).
     """
     n, k = U.shape
