@@ -49,6 +49,14 @@ def is_torch(x: Any) -> bool:
 LARGE_ENERGY = float(np.finfo(np.float32).max) / 64
 
 
+def require_finite(updates: ArrayLike) -> None:
+    """The elementwise scan behind every screen of the aggregator input (numpy or torch): ``ValueError`` on a NaN or
+    Inf entry.  The screens call it only where a reduction they took anyway is not finite (or is large)."""
+    finite = bool(torch.isfinite(updates).all()) if is_torch(updates) else bool(np.isfinite(updates).all())
+    if not finite:
+        raise ValueError("aggregator input contains NaN or Inf")
+
+
 def check_matrix(updates: ArrayLike, *, widen_large: bool = False, screen: bool = True) -> ArrayLike:
     """Validate the aggregator input: a 2-D real floating array ``(R, d)`` with R >= 1.
 
@@ -74,8 +82,7 @@ def check_matrix(updates: ArrayLike, *, widen_large: bool = False, screen: bool 
         flat = updates.reshape(-1)
         energy = float(torch.dot(flat, flat))
         if not np.isfinite(energy) or energy > LARGE_ENERGY:
-            if not bool(torch.isfinite(updates).all()):
-                raise ValueError("aggregator input contains NaN or Inf")
+            require_finite(updates)
             if widen_large and updates.dtype != torch.float64:
                 updates = updates.double()
         return updates
@@ -92,8 +99,7 @@ def check_matrix(updates: ArrayLike, *, widen_large: bool = False, screen: bool 
     with np.errstate(over="ignore", invalid="ignore"):
         energy = float(np.dot(flat, flat))
     if not np.isfinite(energy) or energy > LARGE_ENERGY:
-        if not np.isfinite(arr).all():
-            raise ValueError("aggregator input contains NaN or Inf")
+        require_finite(arr)
         if widen_large and arr.dtype.itemsize < 8:
             arr = arr.astype(np.float64)
     return arr
@@ -113,14 +119,12 @@ def screened_mean(updates: ArrayLike) -> tuple[ArrayLike, ArrayLike]:
     if is_torch(mean):
         if bool(torch.isfinite(mean).all()):
             return updates, mean
-        if not bool(torch.isfinite(updates).all()):
-            raise ValueError("aggregator input contains NaN or Inf")
+        require_finite(updates)
         wide = updates.double()
     else:
         if np.isfinite(mean).all():
             return updates, mean
-        if not np.isfinite(updates).all():
-            raise ValueError("aggregator input contains NaN or Inf")
+        require_finite(updates)
         wide = updates.astype(np.float64)
     return wide, mean_rows(wide)
 

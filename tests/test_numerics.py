@@ -70,3 +70,45 @@ def test_non_finite_input_is_still_refused(bad):
     G[3, 2] = bad
     with pytest.raises(ValueError, match="NaN or Inf"):
         make_aggregator("mean").aggregate(G)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("name", ["krum", "multi-krum"])
+def test_krum_refuses_non_finite_input_without_a_screening_pass_of_its_own(bad, name):
+    """Krum screens its input on the Gram matrix's trace (no pass of check_matrix): a NaN or Inf entry is refused as
+    before, for numpy and torch rows, also among finite rows whose squares overflow float32."""
+    import torch
+
+    for G in (huge(), np.random.default_rng(2).normal(size=(11, 6)).astype(np.float32)):
+        G[3, 2] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            make_aggregator(name, num_byzantine=2).aggregate(G)
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            make_aggregator(name, num_byzantine=2).aggregate(torch.as_tensor(G))
+
+
+def test_krum_skips_the_screening_pass_and_picks_the_same_row(monkeypatch):
+    """Krum's estimate is one of its input rows, unwidened, and the row that the scores of a float64 copy pick.  On
+    ordinary rows no screening reduction runs (check_matrix checks the shape and dtype only); on rows near float32's
+    maximum the Gram matrix's large trace hands them to check_matrix, which widens them."""
+    from flwr_byzantine.aggregators import base, krum
+
+    calls = []
+    real = base.check_matrix
+
+    def spy(updates, **kw):
+        calls.append(kw.get("screen", True))
+        return real(updates, **kw)
+
+    monkeypatch.setattr(base, "check_matrix", spy)
+    monkeypatch.setattr(krum, "check_matrix", spy)
+    for G, screens in ((np.random.default_rng(3).normal(size=(11, 6)).astype(np.float32), [False]),
+                       (huge(), [False, True])):
+        calls.clear()
+        res = make_aggregator("krum", num_byzantine=2).aggregate(G)
+        est = np.asarray(res.estimate)
+        assert est.dtype == np.float32
+        assert np.array_equal(est, G[int(res.kept[0])])
+        assert calls == screens
+        ref = make_aggregator("krum", num_byzantine=2).aggregate(G.astype(np.float64))
+        assert int(ref.kept[0]) == int(res.kept[0])

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._backend import ArrayLike, centred_gram, is_torch, sq_distances_from_gram, subset_mean
+from .._backend import (LARGE_ENERGY, ArrayLike, centred_gram, check_matrix, is_torch, sq_distances_from_gram,
+                        subset_mean)
 from .base import AggregationResult, Aggregator
 from .coordinate import column_chunks, count_rows, empty_vector, sort_columns, usage_result, window_usage
 
@@ -54,6 +55,11 @@ class Krum(Aggregator):
     """
 
     name = "krum"
+    #: The input is screened on the Gram matrix's trace, the rows' squared norms, instead of a pass of its own: where
+    #: that is not finite (a NaN or Inf entry) or large (float32 rows near its maximum, whose centring would overflow),
+    #: :func:`~flwr_byzantine._backend.check_matrix` takes the input (ValueError, or the rows widened to float64) and
+    #: the Gram matrix is taken again.  The estimate is an input row, in the input's dtype.
+    screens_finiteness = True
 
     def __init__(self, num_byzantine: int = 0) -> None:
         self.num_byzantine = _check_f(num_byzantine)
@@ -63,7 +69,11 @@ class Krum(Aggregator):
         f = self.num_byzantine
         if R <= 2 * f + 2:
             raise ValueError(f"{type(self).__name__} needs R > 2f + 2 inputs, got R={R} with f={f}")
-        return krum_scores(sq_distances_from_gram(centred_gram(updates)), R - f - 2)
+        with np.errstate(all="ignore"):  # a NaN/Inf or huge input is screened just below, not warned about
+            gram, energy = centred_gram(updates, with_scale=True)
+        if not np.isfinite(energy) or energy > LARGE_ENERGY:
+            gram = centred_gram(check_matrix(updates, widen_large=True))
+        return krum_scores(sq_distances_from_gram(gram), R - f - 2)
 
     def _aggregate(self, updates: ArrayLike) -> AggregationResult:
         scores = self._scores(updates)
@@ -92,6 +102,7 @@ class MultiKrum(Krum):
     """
 
     name = "multi-krum"
+    screens_finiteness = False  # the estimate is a mean: huge float32 rows are averaged in float64 (check_matrix)
 
     def __init__(self, num_byzantine: int = 0, num_selected: int = 1) -> None:
         super().__init__(num_byzantine)
