@@ -95,3 +95,55 @@ def test_blas_limit_on_the_real_libraries_restores_their_setting():
     with _blas_threads(1):
         assert all(lib.num_threads == 1 for lib in libs)
     assert [lib.num_threads for lib in libs] == before
+
+
+def _counting_default_rng(monkeypatch):
+    made = []
+    real = np.random.default_rng
+
+    def counting(*a, **k):
+        made.append(a)
+        return real(*a, **k)
+
+    monkeypatch.setattr(np.random, "default_rng", counting)
+    return made
+
+
+def test_a_stateless_small_decode_makes_no_generator(monkeypatch):
+    """The default rule's five private generators are made on first use: building it and decoding a small round
+    (no sketch, no drift sample, exact duplicate distances) reads no OS entropy; a large round makes the ones it uses."""
+    from flwr_byzantine.aggregators import build_for_federation
+
+    made = _counting_default_rng(monkeypatch)
+    rng = np.random.RandomState(0)
+    G = rng.normal(size=(20, 650)).astype(np.float32)
+    G[:4] = -5.0 * G[4:8]
+    rule = build_for_federation("rge", 20, 0.2)
+    res = rule.aggregate(G)
+    assert set(range(4)).isdisjoint(res.kept.tolist()) and res.kept.size >= 12
+    assert made == []
+    big = rng.normal(size=(40, 50_000)).astype(np.float32)
+    build_for_federation("rge", 40, 0.2).aggregate(big)
+    assert len(made) >= 1  # the fast round's sketches draw their signs
+
+
+def test_private_generator_is_the_seeds_stream_and_takes_a_generator():
+    """Under a seed the generator made on first read is ``default_rng(seed)``'s stream, also in a copy taken before
+    that read; assigning a Generator sets it; assigning a seed again drops the generator made from the last one."""
+    import copy
+    import pickle
+
+    from flwr_byzantine.aggregators.rge import RGE
+
+    a = RGE(seed=11)
+    twin = copy.deepcopy(a)
+    pickled = pickle.loads(pickle.dumps(a))
+    want = np.random.default_rng(11).bytes(16)
+    assert a._rng.bytes(16) == want and twin._rng.bytes(16) == want and pickled._rng.bytes(16) == want
+    assert a._rng.bytes(16) != want  # the stream advances
+    given = np.random.default_rng(3)
+    a._rng = given
+    assert a._rng is given
+    a._rng = 11
+    assert a._rng.bytes(16) == want
+    assert RGE()._rng.bytes(16) != RGE()._rng.bytes(16)  # no seed: fresh entropy for each rule

@@ -99,8 +99,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from .._backend import ArrayLike, centred_gram, is_torch, subset_mean
+from ._generators import PrivateGenerator
 from .base import AggregationResult, Aggregator
-from .duplicates import DEFAULT_DUPLICATE_TOL, duplicate_rows
+from .duplicates import DEFAULT_DUPLICATE_TOL, duplicate_rows, projects
 from .memory import (DEFAULT_Q_FLOOR, DEFAULT_RELATIVE, DEFAULT_SCORE_CLIP, DEFAULT_Z_EXCLUDE, ClientMomentum,
                      MonotonicityEvidence)
 from .rge import RGE
@@ -360,6 +361,10 @@ class RobustDefence(Aggregator):
     """
 
     name = "rge"
+    #: Private generators of the fast passes (the screen's sketch, the drift's sample) and of the duplicates'
+    #: projection, made on first use (small rounds use neither).
+    _pass_rng = PrivateGenerator()
+    _duplicate_rng = PrivateGenerator()
 
     def __init__(
         self,
@@ -406,11 +411,11 @@ class RobustDefence(Aggregator):
         #: Fast rounds fuse passes over the rows (issue 12; the same results bit for bit, one read fewer each).
         self.fuse_passes = True
         self.screen_sketch_dim, self.drift_rows = SCREEN_SKETCH_DIM, DRIFT_ROWS
-        self._pass_rng = np.random.default_rng(None if seed is None else [int(seed), 12])
+        self._pass_rng = None if seed is None else [int(seed), 12]  # seeds (PrivateGenerator)
         if duplicate_tol is not None and not (np.isfinite(duplicate_tol) and 0 < duplicate_tol < 1):
             raise ValueError(f"duplicate_tol must be in (0, 1) or None, got {duplicate_tol!r}")
         self.duplicate_tol = None if duplicate_tol is None else float(duplicate_tol)
-        self._duplicate_rng = np.random.default_rng(None if seed is None else [int(seed), 13])
+        self._duplicate_rng = None if seed is None else [int(seed), 13]
         self.spend_budget = bool(spend_budget)
         self.skip_anomalies = bool(skip_anomalies)
         if not (np.isfinite(momentum) and 0.0 <= momentum < 1.0):
@@ -775,8 +780,9 @@ class RobustDefence(Aggregator):
             # colluding copies of one message get one vote (step 0 of the docstring); not part of the budget
             # (large rounds: on the gross screen's sketch when there is one, else on a sketch of their own)
             cand = _rows_without(R, suspects, gross)
-            dups = duplicate_rows(raw if screen_sketch is None else screen_sketch, cand, self.duplicate_tol,
-                                  self._duplicate_rng)
+            dup_rows = raw if screen_sketch is None else screen_sketch
+            dups = duplicate_rows(dup_rows, cand, self.duplicate_tol,
+                                  self._duplicate_rng if projects(cand.size, dup_rows.shape[1]) else None)
         if use_memory:
             # the clip and the memories' blend in one pass, into a buffer reused every round; the rows left
             # out of the round enter no memory and are zero in M (the sketched filter reads every row of M)

@@ -47,10 +47,16 @@ MEDIAN_ALL_PAIRS_UP_TO = 1 << 17
 MEDIAN_PAIRS = 1 << 16
 
 
+def projects(n: int, d: int) -> bool:
+    """Whether the distances between ``n`` rows of length ``d`` are projected (given an ``rng``; else exact): from
+    :data:`SKETCH_ABOVE` entries on.  A caller without such rows need not make a generator for them."""
+    return n * d >= SKETCH_ABOVE
+
+
 def _projection(G: np.ndarray, rows: np.ndarray, rng: np.random.Generator | None) -> np.ndarray | None:
     """The centred projected rows ``(n, PROJECTION_DIM)`` (float64) whose Gram matrix :func:`_gram` gives, or ``None``
     where the distances are exact."""
-    if rng is None or rows.size * G.shape[1] < SKETCH_ABOVE:
+    if rng is None or not projects(rows.size, G.shape[1]):
         return None
     Y = sketch_rows(G, SKETCH_DIM, rng) if G.shape[1] > 4096 else G
     # the projection's product in float32 (its 18 % spread is the approximation; identical rows stay identical)

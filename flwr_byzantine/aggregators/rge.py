@@ -24,6 +24,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from .._backend import LARGE_ENERGY, ArrayLike, centred_gram, check_matrix, is_torch, screened_mean, subset_mean, to_numpy64
+from ._generators import PrivateGenerator
 from .base import AggregationResult, Aggregator
 from .saddle import capped_simplex_cap, solve_saddle, spectral_step
 from .sigma import estimate_sigma0, start_on
@@ -141,6 +142,8 @@ class RGE(Aggregator):
     """
 
     name = "rge"
+    #: The sketches' private signs (made on first use: a rule that never sketches never reads the OS's entropy).
+    _rng = PrivateGenerator()
 
     def __init__(
         self,
@@ -172,7 +175,7 @@ class RGE(Aggregator):
             raise ValueError(f"sketch_dim must be an integer >= 4 or None, got {sketch_dim!r}")
         self.sketch_dim = None if sketch_dim is None else int(sketch_dim)
         self.seed = seed
-        self._rng = np.random.default_rng(seed)
+        self._rng = seed  # the generator's seed (PrivateGenerator)
         if spectral_above is not None and (isinstance(spectral_above, bool) or int(spectral_above) != spectral_above
                                            or spectral_above < 1):
             raise ValueError(f"spectral_above must be a positive integer or None, got {spectral_above!r}")
