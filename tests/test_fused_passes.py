@@ -111,6 +111,21 @@ def test_column_median_is_numpys_bit_for_bit(dtype, R, d):
         assert np.isnan(got[3]) and np.array_equal(got, want, equal_nan=True)
 
 
+def test_column_median_takes_the_unrolled_network_for_31_rows_only(monkeypatch):
+    """31 rows go to :func:`~.kernels.column_medians31` (the unrolled network), every other count to the loop over the
+    network, which does not compile the unrolled one (the App's rounds of 20 never need it)."""
+    from flwr_byzantine.aggregators.streaming import column_median
+
+    calls = []
+    for name in ("column_medians", "column_medians31"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    for R in (20, 31, 33):
+        A = np.random.default_rng(R).standard_normal((R, 300))
+        assert np.array_equal(column_median(A), np.median(A, axis=0))
+    assert calls == ["column_medians", "column_medians31", "column_medians"]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fold_returns_the_memory_table_rows_when_they_are_a_run(dtype):
     from flwr_byzantine.aggregators.memory import ClientMomentum
@@ -293,7 +308,7 @@ def test_the_unrolled_median_module_is_the_generators_output():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_the_unrolled_median_is_the_networks_on_every_order(dtype, monkeypatch):
+def test_the_unrolled_median_is_the_networks_on_every_order(dtype):
     """31 values a column: the unrolled exchanges against the loop over the same network and ``np.median``, on random
     columns, sorted and reversed ones, ties, infinities and NaN."""
     from flwr_byzantine.aggregators._median31 import median31_block
@@ -312,8 +327,7 @@ def test_the_unrolled_median_is_the_networks_on_every_order(dtype, monkeypatch):
     median31_block(B, w, got, 0)
     lo, hi, _ = kernels.selection_network(m)
     loop = np.empty(w, dtype=dtype)
-    monkeypatch.setattr(kernels, "UNROLLED_MEDIAN", -1)  # the interpreted loop, not the dispatch to the unrolled one
-    kernels._median_block.py_func(B.copy(), w, lo, hi, m, loop, 0)
+    kernels._network_median_block.py_func(B.copy(), w, lo, hi, m, loop, 0)  # the interpreted loop
     want = np.median(B[:m], axis=0)
     assert np.array_equal(got, want, equal_nan=True) and np.array_equal(loop, want, equal_nan=True)
     assert np.isnan(got[6]) and got[5] == np.inf

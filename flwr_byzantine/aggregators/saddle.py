@@ -416,7 +416,9 @@ def _grad(BK: np.ndarray, U: np.ndarray, z: np.ndarray, d: np.ndarray) -> np.nda
             col += 1
     g = _matmul(Uz, _matmul(UoT, BK))  # Uz (UoT BK): 2 on n^2 flops, not n^3 + on n^2
     for i in range(n):
-        g[i, :] *= -2.0 * d[i]
+        f = -2.0 * d[i]
+        for j in range(n):  # (a loop, not `g[i, :] *= f`: that slice's shape check compiled for 3.7 s on first use)
+            g[i, j] *= f
     return g
 
 
