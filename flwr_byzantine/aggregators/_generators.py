@@ -1,7 +1,7 @@
 """A rule's private random generator, made on first use (issue 12: the small decode's construction).
 
 ``numpy.random.default_rng(None)`` reads the OS's entropy and hashes it into a ``SeedSequence``: about 35 us a
-generator on this project's CI-sized machine, and the default defence holds five (its gross screen's and
+generator on the 2-core development machine, and the default defence holds five (its gross screen's and
 duplicates' passes, and three filters' sketches). A stateless small decode builds the rule, uses none of them
 (no sketch at R = 20, d = 650) and drops it: 0.17 ms of a 5 ms budget.  :class:`PrivateGenerator` keeps the seed
 and makes the generator on the attribute's first read: the same stream under a seed as one made at construction,

@@ -357,7 +357,8 @@ class RobustDefence(Aggregator):
         reply (:meth:`~.memory.MonotonicityEvidence.observe`).
     seed:
         Seed of the sketch's generator (``None``: fresh OS entropy; the filter for 500 rows or more
-        uses ``seed + 1``, the fast passes ``[seed, 12]``, the duplicates' sketch ``[seed, 13]``).
+        uses ``seed + 1``, the fast passes ``[seed, 12]``, the duplicates' sketch ``[seed, 13]``).  Each generator is
+        made on its first use (:class:`~._generators.PrivateGenerator`): a rule that never sketches reads no entropy.
     """
 
     name = "rge"
