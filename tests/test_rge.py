@@ -558,6 +558,31 @@ def test_annulus_attack_section4(eps, seed):
         assert mean_err >= 3.0 * err
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_gap_tolerance_keeps_the_tight_solves_rows(seed):
+    """The default duality-gap tolerance (1e-2): every solve's certified gap within it, fewer solver iterations
+    than a 1e-4 solve, and the same kept rows and line-5 decisions, pass by pass."""
+    G = moderate_outliers(seed=seed)
+    assert RGE().tol_rel == 1e-2
+    loose = RGE(threshold_factor=1.5).aggregate(G)
+    tight = RGE(threshold_factor=1.5, tol_rel=1e-4).aggregate(G)
+    assert loose.info["unconverged_solves"] == 0
+    assert loose.info["max_relative_gap"] <= 1e-2
+    assert tight.info["max_relative_gap"] <= 1e-4
+    assert loose.iterations >= 2  # soft passes ran
+    assert loose.info["solver_iterations"] < tight.info["solver_iterations"]
+    np.testing.assert_array_equal(loose.kept, tight.kept)
+    assert not np.isin(np.arange(30 // 5), loose.kept).any()  # the outliers (rows 0..5) removed
+    # line 5's statistic, pass by pass: within the two gaps of each other while the filter goes on (a value in
+    # [LB, UB] of each solve); the last pass certifies the stop in both (an early exit reports its upper bound)
+    hl, ht = loose.info["history"], tight.info["history"]
+    assert [h["active"] for h in hl] == [h["active"] for h in ht]
+    for a, b in zip(hl[:-1], ht[:-1]):
+        assert a["statistic"] > loose.info["threshold"]
+        assert abs(a["statistic"] - b["statistic"]) <= 1.01e-2 * max(a["statistic"], b["statistic"])
+    assert hl[-1]["statistic"] <= loose.info["threshold"] and ht[-1]["statistic"] <= tight.info["threshold"]
+
+
 # ---------------------------------------------------------------------------------------
 # dtypes and backends
 # ---------------------------------------------------------------------------------------
