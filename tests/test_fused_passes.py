@@ -73,9 +73,9 @@ def _attacked_rounds(n_rounds: int, R: int, d: int, seed: int = 0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fast_rounds_fused_are_the_unfused_passes_bit_for_bit(dtype):
-    R, d = 24, 5000  # sketched screen and filter (d > 4096)
-    fused = RobustDefence(eps_tilde=0.2, seed=0, fast_above=R * d)
-    plain = RobustDefence(eps_tilde=0.2, seed=0, fast_above=R * d)
+    R, d = 24, 5000  # sketched screen and filter (d > 4096; the filter's rows, fewer than R, above fast_above too)
+    fused = RobustDefence(eps_tilde=0.2, seed=0, fast_above=16 * d)
+    plain = RobustDefence(eps_tilde=0.2, seed=0, fast_above=16 * d)
     plain.fuse_passes = False
     assert fused._fast_round(R, d)
     for G, ids in _attacked_rounds(9, R, d):
@@ -504,3 +504,116 @@ def test_an_emptied_table_reuses_its_matrix_for_rows_of_its_shape():
     t.drop([6])
     t.put([7], np.ones((1, 9), dtype=np.float32))  # another width
     assert t.rows.shape[1] == 9
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("to_buffer", [True, False])
+@pytest.mark.parametrize("sums", [True, False])
+@pytest.mark.parametrize("d,dim", [(700, 64), (kernels.FOLD_SKETCH_SPAN + 1234, 520), (9001, 2048)])
+def test_fold_with_the_sketch_is_the_fold_then_count_sketch(dtype, to_buffer, sums, d, dim):
+    """The fused fold-and-sketch pass: the memories and the output rows of the plain fold, and the sketch, squared
+    norms and column sums that count_sketch takes of the output with the other rows zero, bit for bit (spans and
+    segments that do not divide ``d``; clipped and unclipped rows, continued and fresh memories)."""
+    from flwr_byzantine.aggregators.sketch import sketch_buckets
+
+    rng = np.random.default_rng(d + dim)
+    R = 9
+    G = rng.standard_normal((R, d)).astype(dtype)
+    T0 = rng.standard_normal((R + 2, d)).astype(dtype)
+    rows = np.array([0, 2, 3, 5, 8], dtype=np.intp)
+    slots = np.array([4, 0, 7, 10, 2], dtype=np.intp)
+    src = np.array([1, 3, -1, 6, 0], dtype=np.intp)
+    S = rng.standard_normal((7, d)).astype(dtype)
+    centre = rng.standard_normal(d).astype(dtype)
+    cont = np.array([True, False, True, False, True])
+    b_old, b_new = T0.dtype.type(0.9), G.dtype.type(0.1)
+    k1, k2 = sketch_buckets(d, dim)
+    signs = np.where(rng.random(d) < 0.5, -1, 1).astype(np.int8)
+    for clip in (True, False):
+        factors = rng.uniform(0.2, 1.0, rows.size).astype(dtype)
+        T1, T2 = T0.copy(), T0.copy()
+        M1 = np.zeros_like(G) if to_buffer else np.empty((0, 0), dtype=dtype)
+        M2 = np.zeros_like(G) if to_buffer else np.empty((0, 0), dtype=dtype)
+        kernels.clip_fold_rows(M1, S, rows, src, centre, factors, clip, T1, slots, cont, b_old, b_new, G)
+        Y, sq = np.zeros((R, k1 + k2)), np.zeros(R)
+        cs = np.zeros(d if sums else 0, dtype=dtype)
+        kernels.clip_fold_sketch_rows(M2, S, rows, src, centre, factors, clip, T2, slots, cont, b_old, b_new, G,
+                                      signs, k1, k2, Y, sq, cs, 0.75)
+        assert np.array_equal(T1, T2) and np.array_equal(M1, M2)
+        out = np.zeros_like(G)
+        out[rows] = T1[slots]
+        Yw, sqw, csw = np.empty((R, k1 + k2)), np.empty(R), np.empty(d if sums else 0, dtype=dtype)
+        kernels.count_sketch(out, signs, k1, k2, Yw, sqw, csw, 0.75)
+        assert np.array_equal(Y, Yw) and np.array_equal(cs, csw)
+        np.testing.assert_allclose(sq, sqw, rtol=1e-12)  # a reassociated float64 sum (lanes)
+        assert np.all(sq[np.setdiff1d(np.arange(R), rows)] == 0)
+
+
+def test_fold_rows_checks_the_sketch_it_fills():
+    from flwr_byzantine.aggregators.memory import ClientMomentum
+    from flwr_byzantine.aggregators.sketch import RowSketch
+
+    G = np.random.default_rng(0).standard_normal((4, 300)).astype(np.float32)
+    signs = np.ones(300, dtype=np.int8)
+    with pytest.raises(ValueError, match="ascending"):
+        ClientMomentum().fold_rows(G, np.array([2, 0]), [5, 6], sketch=(signs, RowSketch.empty(4, 300, 16)))
+    with pytest.raises(ValueError, match="memories' dtype"):
+        ClientMomentum().fold_rows(G, np.array([0, 2]), [5, 6],
+                                   sketch=(signs, RowSketch.empty(4, 300, 16, np.float64)))
+    Z = RowSketch.empty(4, 300, 16, np.float32)
+    M = ClientMomentum().fold_rows(G, np.array([0, 2]), [5, 6], sketch=(signs, Z))
+    want = np.empty_like(Z.Y)
+    from flwr_byzantine.aggregators.sketch import sketch_buckets
+
+    kernels.count_sketch(np.where(np.isin(np.arange(4), [0, 2])[:, None], M, 0).astype(np.float32), signs,
+                         *sketch_buckets(300, 16), want, np.empty(4), np.empty(300, np.float32), 1 / np.sqrt(2.0))
+    assert np.array_equal(Z.Y, want)
+
+
+def test_presketch_request_draws_the_signs_the_filters_own_pass_would():
+    from flwr_byzantine.aggregators.rge import RGE
+    from flwr_byzantine.aggregators.sketch import sketch_rows
+
+    a, b = RGE(sketch_dim=64, seed=3), RGE(sketch_dim=64, seed=3)
+    G = np.random.default_rng(1).standard_normal((5, 400)).astype(np.float32)
+    signs, Z = a.presketch_request(5, 400, np.float32)
+    assert Z.Y.shape == (5, 63) and Z.col_sums is not None and Z.col_sums.dtype == np.float32 and not Z.Y.any()
+    kernels.count_sketch(G, signs, 32, 31, Z.Y, Z.sq_norms, Z.col_sums, 1 / np.sqrt(2.0))
+    assert np.array_equal(Z.Y, sketch_rows(G, 64, b._rng))  # the same draw
+    assert np.array_equal(a._rng.random(3), b._rng.random(3))  # and both generators left in the same place
+    assert RGE(sketch_dim=64).presketch_request(5, 100, np.float32) is None  # d <= 2 dim: no sketch
+    assert RGE().presketch_request(5, 400, np.float32) is None  # the exact filter
+    assert RGE(sketch_dim=64).presketch_request(5, 400, np.int64) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_fast_rounds_take_the_filters_sketch_in_the_fold(monkeypatch, dtype):
+    """Fused fast rounds whose filter runs sketch the memories in the fold (and the filter takes no pass of its own),
+    with the unfused passes' results bit for bit; rows whose column sums would leave L2 do not."""
+    from flwr_byzantine.aggregators import defence, sketch
+
+    fused_calls, filter_passes = [], []
+    real_fold, real_sketch = kernels.clip_fold_sketch_rows, sketch.sketch_rows
+    monkeypatch.setattr(kernels, "clip_fold_sketch_rows", lambda *a: (fused_calls.append(1), real_fold(*a)))
+    import flwr_byzantine.aggregators.rge as rge_mod
+
+    monkeypatch.setattr(rge_mod, "sketch_rows", lambda *a, **k: (filter_passes.append(1), real_sketch(*a, **k))[1])
+    R, d = 24, 5000
+    fused = RobustDefence(eps_tilde=0.2, seed=0, fast_above=16 * d)  # the filter's rows too: a sketched filter
+    plain = RobustDefence(eps_tilde=0.2, seed=0, fast_above=16 * d)
+    plain.fuse_passes = False
+    for G, ids in _attacked_rounds(6, R, d):
+        G = G.astype(dtype)
+        n_fused, n_filter = len(fused_calls), len(filter_passes)
+        a = fused.aggregate(G, client_ids=ids)
+        fused_here, filter_here = len(fused_calls) - n_fused, len(filter_passes) - n_filter
+        b = plain.aggregate(G, client_ids=ids)
+        assert np.array_equal(a.estimate, b.estimate) and a.kept.tolist() == b.kept.tolist()
+        spent = bool(a.info.get("budget_spent"))  # the filter does not run: nothing sketched for it
+        assert (fused_here, filter_here) == ((0, 0) if spent else (1, 0))
+    assert len(fused_calls) >= 3
+    monkeypatch.setattr(defence, "FOLD_SKETCH_SUMS_MAX_BYTES", d * np.dtype(dtype).itemsize - 1)
+    n_fused = len(fused_calls)
+    for G, ids in _attacked_rounds(2, R, d, seed=1):
+        fused.aggregate(G.astype(dtype), client_ids=ids)
+    assert len(fused_calls) == n_fused  # the fast filter sums the columns: rows too long for the fused pass

@@ -511,20 +511,26 @@ def count_sketch(G, signs, k1, k2, Y, sq, colsum, scale):
         for c in range(d):
             colsum[c] = 0.0
     for r in range(R):
-        g = G[r]
-        y1[:] = 0.0
-        y2[:] = 0.0
-        acc = 0.0
-        for c0 in range(0, d, k1):
-            c1 = min(d, c0 + k1)
-            acc += _sketch_segment(g[c0:c1], signs[c0:c1], y1, y2, c0 % k2, k2, colsum[c0:c1] if want_sum else colsum,
-                                   zero)
-        sq[r] = acc
-        yr = Y[r]
-        for b in range(k1):
-            yr[b] = np.float64(y1[b]) * scale
-        for b in range(k2):
-            yr[k1 + b] = np.float64(y2[b]) * scale
+        sq[r] = _sketch_row(G[r], signs, k1, k2, y1, y2, Y[r], colsum, want_sum, zero, scale)
+
+
+@numba.njit(cache=True)
+def _sketch_row(g, signs, k1, k2, y1, y2, yr, colsum, want_sum, zero, scale):
+    """One row of :func:`count_sketch`: its buckets into ``yr`` (times ``scale``), its column sums added to ``colsum``
+    (``want_sum``); returns its squared norm (``y1``, ``y2``: scratch of ``k1`` and ``k2`` values of ``g``'s dtype)."""
+    d = g.size
+    y1[:] = 0.0
+    y2[:] = 0.0
+    acc = 0.0
+    for c0 in range(0, d, k1):
+        c1 = min(d, c0 + k1)
+        acc += _sketch_segment(g[c0:c1], signs[c0:c1], y1, y2, c0 % k2, k2, colsum[c0:c1] if want_sum else colsum,
+                               zero)
+    for b in range(k1):
+        yr[b] = np.float64(y1[b]) * scale
+    for b in range(k2):
+        yr[k1 + b] = np.float64(y2[b]) * scale
+    return acc
 
 
 @numba.njit(cache=True, fastmath={"reassoc"})
@@ -698,6 +704,99 @@ def _fold_table_only(G, rows, src, centre, factors, clip, T, slots, cont, b_old,
         else:
             for c in range(d):
                 t[c] = g[c]
+
+
+#: Coordinates a row of :func:`clip_fold_sketch_rows` is folded in before they are sketched (rounded to whole segments):
+#: the span's rows (the input, the memory, the copy) stay in L2 for the sketch (whole rows of d = 1e6 went to the
+#: last-level cache, and the fused pass saved nothing there; issue 12, the twenty-eighth landing).
+FOLD_SKETCH_SPAN = 32768
+
+
+@numba.njit(cache=True)
+def _fold_span(m, g, t, centre, f, clip, cont, b_old, b_new):
+    """:func:`clip_fold_rows`' loops on one span of a row (:func:`_clipped`, :func:`_blended`): ``t`` and ``m`` become
+    the folded values (``m`` empty: ``t`` only)."""
+    if m.size:
+        if clip and cont:
+            for c in range(g.size):
+                y = _blended(t[c], _clipped(g[c], centre[c], f), b_old, b_new)
+                t[c] = y
+                m[c] = y
+        elif clip:
+            for c in range(g.size):
+                x = _clipped(g[c], centre[c], f)
+                t[c] = x
+                m[c] = x
+        elif cont:
+            for c in range(g.size):
+                y = _blended(t[c], g[c], b_old, b_new)
+                t[c] = y
+                m[c] = y
+        else:
+            for c in range(g.size):
+                x = g[c]
+                t[c] = x
+                m[c] = x
+    elif clip and cont:
+        for c in range(g.size):
+            t[c] = _blended(t[c], _clipped(g[c], centre[c], f), b_old, b_new)
+    elif clip:
+        for c in range(g.size):
+            t[c] = _clipped(g[c], centre[c], f)
+    elif cont:
+        for c in range(g.size):
+            t[c] = _blended(t[c], g[c], b_old, b_new)
+    else:
+        for c in range(g.size):
+            t[c] = g[c]
+
+
+@numba.njit(cache=True)
+def clip_fold_sketch_rows(M, G, rows, src, centre, factors, clip, T, slots, cont, b_old, b_new, own,
+                          signs, k1, k2, Y, sq, colsum, scale):
+    """:func:`clip_fold_rows` (the same ``T`` and ``M``, bit for bit) that also sketches every folded row as
+    :func:`count_sketch` sketches the rows of the result: ``Y[rows[i]]``, ``sq[rows[i]]`` and (``colsum`` not empty)
+    the column sums over the folded rows, in ``rows``' order (ascending: ``count_sketch``'s order over a matrix whose
+    other rows are zero; the same segments, :func:`_sketch_segment`, in the same order).  Each row is folded span by
+    span of about :data:`FOLD_SKETCH_SPAN` coordinates (whole segments of ``k1``), and each span is sketched while it
+    is in L2: the worker momentum's memories and the sketched filter's sketch of them from one read of the rows
+    instead of two (issue 12, the twenty-eighth landing).  Rows not in ``rows`` are left as they are (the caller
+    passes zeros: ``count_sketch``'s values for a zero row).
+    """
+    d = G.shape[1]
+    want_sum = colsum.size > 0
+    y1 = np.empty(k1, dtype=T.dtype)
+    y2 = np.empty(k2, dtype=T.dtype)
+    zero = np.zeros(1, dtype=T.dtype)[0]
+    none = np.empty(0, dtype=T.dtype)
+    span = max(1, FOLD_SKETCH_SPAN // k1) * k1
+    if want_sum:
+        for c in range(d):
+            colsum[c] = 0.0
+    to_m = M.shape[0] > 0
+    for i in range(rows.size):
+        r = rows[i]
+        g = G[src[i]] if src[i] >= 0 else own[r]
+        t = T[slots[i]]
+        f = factors[i]
+        ci = cont[i]
+        y1[:] = 0.0
+        y2[:] = 0.0
+        acc = 0.0
+        for s0 in range(0, d, span):
+            s1 = min(d, s0 + span)
+            _fold_span(M[r][s0:s1] if to_m else none, g[s0:s1], t[s0:s1], centre[s0:s1] if clip else centre, f,
+                       clip, ci, b_old, b_new)
+            for c0 in range(s0, s1, k1):
+                c1 = min(d, c0 + k1)
+                acc += _sketch_segment(t[c0:c1], signs[c0:c1], y1, y2, c0 % k2, k2,
+                                       colsum[c0:c1] if want_sum else colsum, zero)
+        sq[r] = acc
+        yr = Y[r]
+        for b in range(k1):
+            yr[b] = np.float64(y1[b]) * scale
+        for b in range(k2):
+            yr[k1 + b] = np.float64(y2[b]) * scale
 
 
 @numba.njit(cache=True)

@@ -18,6 +18,7 @@ the evidence's pass over a round is one tiled stream (:mod:`.streaming`).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -168,7 +169,8 @@ class ClientMomentum:
 
     def fold_rows(self, G: np.ndarray, rows: np.ndarray, ids: Sequence[int], out: np.ndarray | None = None,
                   centre: np.ndarray | None = None, factors: np.ndarray | None = None,
-                  table_view: bool = False, source: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+                  table_view: bool = False, source: tuple[np.ndarray, np.ndarray] | None = None,
+                  sketch: tuple[np.ndarray, Any] | None = None) -> np.ndarray:
         """Fold ``x_k = centre + (G[rows[k]] - centre) * factors[k]`` (or ``G[rows[k]]`` without ``centre``) into
         node ``ids[k]``'s memory, ``m <- beta m + (1 - beta) x_k`` (a new or returning node: ``m <- x_k``), and
         write the memory into ``out[rows[k]]``.
@@ -187,8 +189,14 @@ class ClientMomentum:
         ``source = (S, s)``: row ``rows[k]``'s input is ``S[s[k]]`` (e.g. the rows as the self-reference left them in
         its table, :meth:`~.temporal.SelfReference.apply` with ``into_table``), not ``G[rows[k]]``, except where
         ``s[k] < 0`` (a row that is not in that table, e.g. a new node's): there it is ``G[rows[k]]``.
+
+        ``sketch = (signs, Z)`` (``rows`` ascending, :meth:`keeps` the rows' dtype; ``signs`` and the zeroed
+        :class:`~.sketch.RowSketch` ``Z`` of ``G.shape[0]`` rows from :meth:`~.rge.RGE.presketch_request`): the same pass
+        also fills ``Z`` with what :func:`~.sketch.sketch_rows` with those signs would take of the returned matrix
+        whose rows not in ``rows`` are zero (:func:`~.kernels.clip_fold_sketch_rows`: the sketch, the squared norms,
+        the column sums), bit for bit, for the sketched filter that reads the memories next (one pass fewer).
         """
-        from .kernels import clip_fold_rows
+        from .kernels import clip_fold_rows, clip_fold_sketch_rows
 
         G = np.asarray(G)
         if not np.issubdtype(G.dtype, np.floating):
@@ -232,14 +240,33 @@ class ClientMomentum:
         clip = centre is not None
         centre = np.ascontiguousarray(centre if clip else np.zeros(1), dtype=G.dtype)
         factors = np.ascontiguousarray(factors if clip else np.ones(rows.size), dtype=G.dtype)
-        clip_fold_rows(out, S, rows, src, centre, factors, clip, table, slots, cont,
-                       table.dtype.type(self.beta), G.dtype.type(1.0 - self.beta), G)
+        if sketch is None:
+            clip_fold_rows(out, S, rows, src, centre, factors, clip, table, slots, cont,
+                           table.dtype.type(self.beta), G.dtype.type(1.0 - self.beta), G)
+        else:
+            from .sketch import sketch_buckets
+
+            signs, Z = sketch
+            k1, k2 = sketch_buckets(G.shape[1], Z.dim)
+            sums = np.empty(0, dtype=table.dtype) if Z.col_sums is None else Z.col_sums
+            if (Z.Y.shape != (G.shape[0], k1 + k2) or Z.Y.dtype != np.float64 or signs.shape != (G.shape[1],)
+                    or sums.dtype != table.dtype or (rows.size > 1 and bool(np.any(np.diff(rows) <= 0)))):
+                raise ValueError("the fold's sketch needs one zeroed float64 row per row of G, one sign per column, "
+                                 "ascending rows and column sums in the memories' dtype")
+            clip_fold_sketch_rows(out, S, rows, src, centre, factors, clip, table, slots, cont,
+                                  table.dtype.type(self.beta), G.dtype.type(1.0 - self.beta), G,
+                                  np.ascontiguousarray(signs, dtype=np.int8), k1, k2, Z.Y, Z.sq_norms, sums,
+                                  1.0 / math.sqrt(2.0))
         for node in ids:
             self._seen[node] = self.calls
         if view is not None:
             view.flags.writeable = False
             return view
         return out
+
+    def keeps(self, dtype: Any) -> bool:
+        """Whether the memories of rows of ``dtype`` folded now are held (and returned) in that dtype."""
+        return self._m.keeps(dtype)
 
     def _forget_stale(self, ids: Sequence[int]) -> None:
         """Drop the memories of the nodes absent from this call (``ids``) that can no longer continue theirs: a node

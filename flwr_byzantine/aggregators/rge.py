@@ -19,6 +19,7 @@ import contextlib
 import functools
 import logging
 import time
+from typing import Any
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -28,7 +29,8 @@ from ._generators import PrivateGenerator
 from .base import AggregationResult, Aggregator
 from .saddle import capped_simplex_cap, solve_saddle, spectral_step
 from .sigma import estimate_sigma0, start_on
-from .sketch import FACTOR_MIN_ROWS, CentredFactor, RowSketch, centre_factor, centre_gram, dense_gram, gram_rows, sketch_rows
+from .sketch import (FACTOR_MIN_ROWS, CentredFactor, RowSketch, centre_factor, centre_gram, dense_gram, gram_rows,
+                     sketch_rows, sketch_signs)
 from .streaming import rows_mean
 
 logger = logging.getLogger(__name__)
@@ -196,6 +198,19 @@ class RGE(Aggregator):
     def _aggregate(self, updates: ArrayLike) -> AggregationResult:
         with _blas_threads(self.blas_threads):
             return self._decode(updates)
+
+    def presketch_request(self, R: int, d: int, dtype: Any) -> tuple[np.ndarray, RowSketch] | None:
+        """For a caller that writes the ``R x d`` numpy rows (``dtype`` float32 or float64) this filter will then read
+        (:meth:`aggregate_rows`' ``updates``): the private signs this filter's own pass would draw (drawn now, from its
+        generator, so that it will not draw them again) and a zeroed :class:`~.sketch.RowSketch` for the caller's pass
+        to fill (:func:`~.kernels.clip_fold_sketch_rows`) and hand back as ``presketch``; ``None`` where this filter
+        does not sketch such rows.  A caller that then does not call the filter must not ask: the signs of its next
+        call would change (issue 12: the memories' fold sketches them, one pass over the rows fewer)."""
+        dtype = np.dtype(dtype)
+        if self.sketch_dim is None or not d > 2 * self.sketch_dim or dtype not in (np.float32, np.float64):
+            return None
+        signs = sketch_signs(d, self._rng)
+        return signs, RowSketch.empty(R, d, self.sketch_dim, dtype if self.column_sums else None)
 
     def aggregate_rows(self, updates: ArrayLike, rows: np.ndarray, *, sigma0: float | None = None,
                        estimate: bool = True, presketch: RowSketch | None = None) -> AggregationResult:

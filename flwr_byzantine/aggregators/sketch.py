@@ -54,6 +54,23 @@ def _bucket_sums(rows: Any, k: int) -> Any:
     return out
 
 
+def _sign_bits(d: int, rng: np.random.Generator) -> np.ndarray:
+    """``d`` fresh random bits from ``rng`` (one per coordinate: its sign), as :func:`sketch_rows` draws them."""
+    return np.unpackbits(np.frombuffer(rng.bytes((d + 7) // 8), dtype=np.uint8))[:d]
+
+
+def _signs_of(bits: np.ndarray) -> np.ndarray:
+    """The signs +1/-1 of ``bits``, one byte a coordinate (the vector stays in L2 while the rows stream)."""
+    return bits.astype(np.int8) * 2 - 1
+
+
+def sketch_signs(d: int, rng: np.random.Generator) -> np.ndarray:
+    """The ``int8`` signs that :func:`sketch_rows` draws from ``rng`` for ``d`` coordinates (the same draw: a caller
+    that sketches the rows in a pass of its own, :func:`~.kernels.clip_fold_sketch_rows`, leaves ``rng`` where
+    :func:`sketch_rows` would)."""
+    return _signs_of(_sign_bits(d, rng))
+
+
 def sketch_rows(updates: ArrayLike, dim: int, rng: np.random.Generator,
                 sq_norms: np.ndarray | None = None, col_sums: np.ndarray | None = None,
                 dtype: Any = np.float64) -> np.ndarray:
@@ -70,7 +87,7 @@ def sketch_rows(updates: ArrayLike, dim: int, rng: np.random.Generator,
     """
     R, d = updates.shape
     k1, k2 = sketch_buckets(d, dim)
-    bits = np.unpackbits(np.frombuffer(rng.bytes((d + 7) // 8), dtype=np.uint8))[:d]
+    bits = _sign_bits(d, rng)
     if is_torch(updates):
         import torch
 
@@ -82,7 +99,7 @@ def sketch_rows(updates: ArrayLike, dim: int, rng: np.random.Generator,
     else:
         from .kernels import count_sketch
 
-        signs = bits.astype(np.int8) * 2 - 1  # one byte a coordinate: the vector stays in L2 while the rows stream
+        signs = _signs_of(bits)
         Y = np.empty((R, k1 + k2), dtype=np.float32 if np.dtype(dtype) == np.float32 else np.float64)
         count_sketch(updates, signs, k1, k2, Y, np.empty(R) if sq_norms is None else sq_norms,
                      np.empty(0, dtype=updates.dtype) if col_sums is None else col_sums, 1.0 / math.sqrt(2.0))
@@ -105,6 +122,15 @@ class RowSketch:
     sq_norms: np.ndarray
     col_sums: np.ndarray | None
     dim: int
+
+    @classmethod
+    def empty(cls, R: int, d: int, dim: int, col_sums_dtype: Any = None) -> "RowSketch":
+        """Zeros for a pass to fill (the values :func:`sketch_rows` gives a zero row): a float64 sketch of ``R`` rows
+        with the bucket counts of ``sketch_buckets(d, dim)``, their squared norms and, with ``col_sums_dtype``, the
+        column sums in that dtype."""
+        k1, k2 = sketch_buckets(d, dim)
+        sums = None if col_sums_dtype is None else np.zeros(d, dtype=col_sums_dtype)
+        return cls(np.zeros((R, k1 + k2)), np.zeros(R), sums, int(dim))
 
     def fits(self, R: int, d: int, dim: int, col_sums: bool, dtype: Any) -> bool:
         """Whether it stands for the pass a consumer of ``R x d`` rows of ``dtype`` with sketch length ``dim`` would
