@@ -391,7 +391,8 @@ def test_the_filter_given_the_callers_pass_decodes_as_with_its_own():
 
 def test_without_node_ids_the_screen_and_the_filter_share_one_pass():
     """Without node ids the filter reads the rows the screen sketched: one sketching pass a round (it was two), the
-    gross rows and the attackers still removed; with node ids the filter sketches the memories, a pass of its own."""
+    gross rows and the attackers still removed; with node ids the filter reads the memories, which the memories' fold
+    sketches with the filter's signs (no pass of the filter's own either)."""
     import flwr_byzantine.aggregators.rge as rge_mod
     import flwr_byzantine.aggregators.defence as mod
 
@@ -420,10 +421,23 @@ def test_without_node_ids_the_screen_and_the_filter_share_one_pass():
         assert calls == ["screen"] * len(rounds)
         calls.clear()
         with_ids = RobustDefence(eps_tilde=0.2, seed=0, fast_above=R * d)
-        for G in _rounds(3, R, d, far=0, seed=7):  # clean rounds: the filter runs (no budget spent before it)
-            res = with_ids.aggregate(G, client_ids=list(range(R)))
-            assert not res.info.get("budget_spent")
-        assert calls == ["screen", "filter"] * 3
+        from flwr_byzantine.aggregators import kernels
+
+        folds = []
+        real_fold = kernels.clip_fold_sketch_rows
+        kernels.clip_fold_sketch_rows = lambda *a: (folds.append(1), real_fold(*a))
+        try:
+            for G in _rounds(3, R, d, far=0, seed=7):  # clean rounds: the filter runs (no budget spent before it)
+                res = with_ids.aggregate(G, client_ids=list(range(R)))
+                assert not res.info.get("budget_spent")
+        finally:
+            kernels.clip_fold_sketch_rows = real_fold
+        assert calls == ["screen"] * 3 and len(folds) == 3
+        with_ids.fuse_passes = False  # unfused: the filter's own pass over the memories
+        calls.clear()
+        for G in _rounds(1, R, d, far=0, seed=7):
+            with_ids.aggregate(G, client_ids=list(range(R)))
+        assert calls == ["screen", "filter"]
         # many rows: the screen takes the many-row filter's shorter sketch (1024), still one pass a round
         calls.clear()
         dims.clear()

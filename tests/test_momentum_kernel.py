@@ -123,7 +123,8 @@ def test_large_rounds_fused_momentum_takes_the_numpy_decisions(monkeypatch):
     plain.fuse_passes = False  # the distances from their own pass (patched below)
     ref = PlainMomentum(plain.memory.beta, plain.memory.max_idle_rounds)
 
-    def plain_fold(G, rows, ids, out=None, centre=None, factors=None, table_view=False, source=None):
+    def plain_fold(G, rows, ids, out=None, centre=None, factors=None, table_view=False, source=None, sketch=None):
+        assert sketch is None  # unfused: the filter sketches the memories itself
         assert source is None  # the plain passes write the clipped rows out
         M = np.zeros(G.shape, dtype=G.dtype)
         M[rows] = ref.fold(G, rows, ids, centre, factors)
