@@ -39,7 +39,7 @@ def _wrappers() -> list[tuple[Any, str, str]]:
             (temporal, "clip_to_references", "self-reference: clipping"),
             (memory._RowTable, "put", "references' and memories' store"),
             (memory.MonotonicityEvidence, "observe", "monotonicity evidence pass"),
-            (memory.ClientMomentum, "fold_rows", "worker momentum: input clipping and fold into the memories"),
+            (memory.ClientMomentum, "fold_rows", "worker momentum: input clipping and fold into the memories (fused: and the filter's sketch of them)"),
             (defence, "duplicate_rows", "duplicates (distances on the screen's sketch)"),
             (RGE, "aggregate_rows", "filter (sketch or Gram, solver)"),
             (defence, "mix_and_clip", "mixing: exact Gram of the survivors, weighted sum")]

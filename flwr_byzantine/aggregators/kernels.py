@@ -26,7 +26,8 @@ and do all the arithmetic of a pass on it:
 * :func:`centre_sq_distances` and :func:`clip_fold_rows`: the worker momentum's input clipping around the
   last estimate (the rows' distances, then the clip and the blend into the memory in one pass,
   :meth:`~.memory.ClientMomentum.fold_rows`; the copy of the memories into a buffer is skipped when the
-  caller reads the table's rows in place);
+  caller reads the table's rows in place); :func:`clip_fold_sketch_rows` also sketches the memories for the sketched
+  filter that reads them next, while each row is in the cache (one read of the rows fewer);
 * :func:`weighted_deviation_rows` and :func:`rows_sum`: the survivors' clipping deviation and the survivors' mean on
   large rounds, reading only the rows concerned (float64 sums);
 * :func:`closest_window` and :func:`window_counts`: Bulyan's coordinate stage on sorted columns and the usage counts
