@@ -156,9 +156,9 @@ FAST_MANY_ROWS, FAST_MANY_ROWS_SKETCH_DIM = 500, 1024
 #: Fused fast rounds whose sketched filter reads the memories take its sketch in the memories' fold
 #: (:func:`~.kernels.clip_fold_sketch_rows`), except where that filter also sums the columns and a row is longer than
 #: this: the column sums, a row's length read and written for every row, then leave L2 and the fused pass cost more
-#: than the two (issue 12, the twenty-eighth landing, a one-off script's one-thread ratios to ``np.mean`` of the fold with the sketch
-#: against the fold plus the filter's pass: R = 1000, d = 1e5, no sums 3.8 against 4.8; R = 400, d = 2.5e5, sums 3.6
-#: against 4.0; R = 100, d = 1e6, sums 4.5 against 4.0, no sums 3.1 against 3.5).
+#: than the two (issue 12, the twenty-eighth landing; a one-off script's one-thread ratios to ``np.mean`` of the fold
+#: with the sketch against the fold plus the filter's pass: R = 1000, d = 1e5, no sums 3.8 against 4.8; R = 400,
+#: d = 2.5e5, sums 3.6 against 4.0; R = 100, d = 1e6, sums 4.5 against 4.0, no sums 3.1 against 3.5).
 FOLD_SKETCH_SUMS_MAX_BYTES = 1 << 20
 #: Rounds of at least ``fast_above`` entries with ``d > 2 * SCREEN_SKETCH_DIM`` screen gross outliers on a
 #: server-private CountSketch of this length (:func:`~.sketch.sketch_rows`, fresh signs every round).

@@ -191,8 +191,8 @@ class ClientMomentum:
         ``s[k] < 0`` (a row that is not in that table, e.g. a new node's): there it is ``G[rows[k]]``.
 
         ``sketch = (signs, Z)`` (``rows`` ascending, :meth:`keeps` the rows' dtype; ``signs`` and the zeroed
-        :class:`~.sketch.RowSketch` ``Z`` of ``G.shape[0]`` rows from :meth:`~.rge.RGE.presketch_request`): the same pass
-        also fills ``Z`` with what :func:`~.sketch.sketch_rows` with those signs would take of the returned matrix
+        :class:`~.sketch.RowSketch` ``Z`` of ``G.shape[0]`` rows from :meth:`~.rge.RGE.presketch_request`): the same
+        pass also fills ``Z`` with what :func:`~.sketch.sketch_rows` with those signs would take of the returned matrix
         whose rows not in ``rows`` are zero (:func:`~.kernels.clip_fold_sketch_rows`: the sketch, the squared norms,
         the column sums), bit for bit, for the sketched filter that reads the memories next (one pass fewer).
         """
