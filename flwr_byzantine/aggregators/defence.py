@@ -608,19 +608,12 @@ class RobustDefence(Aggregator):
             return None
         return np.ascontiguousarray(self._last_estimate, dtype=dtype)
 
-    def _fold_sketch(self, R: int, d: int, G: np.ndarray, suspects: np.ndarray, gross: np.ndarray,
-                     dups: np.ndarray) -> tuple[np.ndarray, Any] | None:
-        """The request (:meth:`~.rge.RGE.presketch_request`) of the sketched filter that will read the memories of the
-        ``R x d`` rows ``G`` when the memories' fold can fill it (numpy rows whose memories keep their dtype) and
-        the filter runs on at least two rows with it (the rows ``suspects``, ``gross`` and ``dups`` left out of it and
-        its budget not spent before it, as in :meth:`_run`), else ``None`` (nothing drawn)."""
+    def _fold_sketch(self, filt: RGE, R: int, d: int, G: np.ndarray) -> tuple[np.ndarray, Any] | None:
+        """The request (:meth:`~.rge.RGE.presketch_request`) of ``filt``, the sketched filter that will read the
+        memories of the ``R x d`` rows ``G`` (the caller asks only when it will run on at least two of them), when the
+        memories' fold can fill it (numpy rows whose memories keep their dtype), else ``None`` (nothing drawn)."""
         if is_torch(G) or G.dtype not in (np.float32, np.float64) or not self.memory.keeps(G.dtype):
             return None
-        active = _rows_without(R, suspects, gross, dups)
-        budget = int(np.floor(self.eps_tilde * R))
-        if active.size < 2 or (self.spend_budget and budget > 0 and R - dups.size - active.size >= budget):
-            return None  # the filter does not run, or not on these rows
-        filt = self.filter_for(active.size, d)
         if filt.column_sums and d * G.dtype.itemsize > FOLD_SKETCH_SUMS_MAX_BYTES:
             return None  # the column sums of such rows cost the fused pass more than it saves
         return filt.presketch_request(R, d, G.dtype)
@@ -800,7 +793,6 @@ class RobustDefence(Aggregator):
                 scale0 = np.minimum(1.0, radius0 / np.maximum(dist0, 1e-300))
                 input_clipped = int(np.sum(scale0 < 1.0))
                 factors0 = scale0.astype(G.dtype)
-        fold_sketch = None  # (signs, RowSketch) the memories' fold fills for the filter
         dups = np.zeros(0, dtype=np.intp)
         if self.duplicate_tol is not None and R > 2:
             # colluding copies of one message get one vote (step 0 of the docstring); not part of the budget
@@ -809,6 +801,12 @@ class RobustDefence(Aggregator):
             dup_rows = raw if screen_sketch is None else screen_sketch
             dups = duplicate_rows(dup_rows, cand, self.duplicate_tol,
                                   self._duplicate_rng if projects(cand.size, dup_rows.shape[1]) else None)
+        active = _rows_without(R, suspects, gross, dups)
+        filt = self.filter_for(active.size, d)
+        budget = int(np.floor(self.eps_tilde * R))
+        # a budget of 0 (floor(eps R) = 0: a small round) claims nothing, and the rule runs in full
+        spent_before_filter = self.spend_budget and budget > 0 and R - dups.size - active.size >= budget
+        fold_sketch = None  # (signs, RowSketch) the memories' fold fills for the filter
         if use_memory:
             # the clip and the memories' blend in one pass, into a buffer reused every round; the rows left
             # out of the round enter no memory and are zero in M (the sketched filter reads every row of M)
@@ -820,7 +818,8 @@ class RobustDefence(Aggregator):
             refs = self.self_reference.refs if in_table else None
             # fused fast rounds whose sketched filter will read the memories: the fold's pass also sketches them with
             # that filter's signs (bit for bit what its own pass would take; one pass over the rows fewer)
-            fold_sketch = self._fold_sketch(R, d, G, suspects, gross, dups) if fast and self.fuse_passes else None
+            if fast and self.fuse_passes and not spent_before_filter and active.size > 1:
+                fold_sketch = self._fold_sketch(filt, R, d, G)
             M = self.memory.fold_rows(
                 G, keep_rows, keep_ids, out=self._memory_out,
                 centre=centre0 if factors0 is not None else None,
@@ -840,11 +839,6 @@ class RobustDefence(Aggregator):
                     self.memory.hold([ids[r] for r in unfolded])
         else:
             M = G
-        active = _rows_without(R, suspects, gross, dups)
-        filt = self.filter_for(active.size, d)
-        budget = int(np.floor(self.eps_tilde * R))
-        # a budget of 0 (floor(eps R) = 0: a small round) claims nothing, and the rule runs in full
-        spent_before_filter = self.spend_budget and budget > 0 and R - dups.size - active.size >= budget
         sigma0_raw = None
         if not spent_before_filter and raw is not G and not use_memory and self.sigma0 is None and filt is self.filter and active.size > 2:
             # sigma_0 from the raw replies: self-clipping shrinks the honest rows' noise, not their

@@ -652,59 +652,12 @@ def clip_fold_rows(M, G, rows, src, centre, factors, clip, T, slots, cont, b_old
     ``b_old`` has ``T``'s dtype, ``b_new`` and ``factors`` ``G``'s: numpy's order and dtypes of
     ``beta * T[s] + (1 - beta) * x`` with ``x = diff * f + centre``, bit for bit.  ``slots`` must not repeat.
     """
-    d = G.shape[1]
-    if M.shape[0] == 0:
-        _fold_table_only(G, rows, src, centre, factors, clip, T, slots, cont, b_old, b_new, own)
-        return
+    none = np.empty(0, dtype=T.dtype)
+    to_m = M.shape[0] > 0
     for i in range(rows.size):
         g = G[src[i]] if src[i] >= 0 else own[rows[i]]
-        t = T[slots[i]]
-        m = M[rows[i]]
-        f = factors[i]
-        if clip and cont[i]:
-            for c in range(d):
-                y = _blended(t[c], _clipped(g[c], centre[c], f), b_old, b_new)
-                t[c] = y
-                m[c] = y
-        elif clip:
-            for c in range(d):
-                x = _clipped(g[c], centre[c], f)
-                t[c] = x
-                m[c] = x
-        elif cont[i]:
-            for c in range(d):
-                y = _blended(t[c], g[c], b_old, b_new)
-                t[c] = y
-                m[c] = y
-        else:
-            for c in range(d):
-                x = g[c]
-                t[c] = x
-                m[c] = x
-
-
-@numba.njit(cache=True)
-def _fold_table_only(G, rows, src, centre, factors, clip, T, slots, cont, b_old, b_new, own):
-    """:func:`clip_fold_rows` without the copy into ``M`` (a second output aliasing the table would keep the loops
-    from vectorising): the same per-coordinate arithmetic (:func:`_clipped`, :func:`_blended`); row ``i``'s input is
-    ``G[src[i]]`` (``own[rows[i]]`` where ``src[i] < 0``)."""
-    d = G.shape[1]
-    for i in range(src.size):
-        g = G[src[i]] if src[i] >= 0 else own[rows[i]]
-        t = T[slots[i]]
-        f = factors[i]
-        if clip and cont[i]:
-            for c in range(d):
-                t[c] = _blended(t[c], _clipped(g[c], centre[c], f), b_old, b_new)
-        elif clip:
-            for c in range(d):
-                t[c] = _clipped(g[c], centre[c], f)
-        elif cont[i]:
-            for c in range(d):
-                t[c] = _blended(t[c], g[c], b_old, b_new)
-        else:
-            for c in range(d):
-                t[c] = g[c]
+        # without M: only the table written (a second output aliasing the table would keep the loops from vectorising)
+        _fold_span(M[rows[i]] if to_m else none, g, T[slots[i]], centre, factors[i], clip, cont[i], b_old, b_new)
 
 
 #: Coordinates a row of :func:`clip_fold_sketch_rows` is folded in before they are sketched (rounded to whole segments):
@@ -715,8 +668,8 @@ FOLD_SKETCH_SPAN = 32768
 
 @numba.njit(cache=True)
 def _fold_span(m, g, t, centre, f, clip, cont, b_old, b_new):
-    """:func:`clip_fold_rows`' loops on one span of a row (:func:`_clipped`, :func:`_blended`): ``t`` and ``m`` become
-    the folded values (``m`` empty: ``t`` only)."""
+    """The fold of one span of a row, :func:`clip_fold_rows`' and :func:`clip_fold_sketch_rows`' (:func:`_clipped`,
+    :func:`_blended`): ``t`` and ``m`` become the folded values (``m`` empty: ``t`` only)."""
     if m.size:
         if clip and cont:
             for c in range(g.size):
