@@ -12,6 +12,7 @@ import pytest
 
 from flwr_byzantine.aggregators.kernels import KERNEL_TILE, selection_network
 from flwr_byzantine.aggregators.streaming import clip_to_references, reference_deviation_stats
+from tolerances import SUM_RTOL
 
 DTYPES = [np.float32, np.float64]
 
@@ -76,7 +77,7 @@ def test_drift_and_deviations_against_the_plain_formulation(dtype, n, d, m):
     dev = G[rows] - T[slots]
     assert np.array_equal(drift, np.median(dev[sample], axis=0))
     full = (dev - drift).astype(np.float64)
-    np.testing.assert_allclose(sq, np.sum(full * full, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(sq, np.sum(full * full, axis=1), rtol=SUM_RTOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -97,7 +98,8 @@ def test_deviations_two_rows_at_a_time_are_each_rows_own_sums(dtype, n, d, with_
     drift = out[0]
     alone = [np.full(n, np.nan) for _ in range(3)]
     for i in range(n):
-        _deviation_rows(G, rows.astype(np.intp), T, slots.astype(np.intp), drift, u, *alone, i, i + 1)
+        _deviation_rows(G, rows.astype(np.intp), T, slots.astype(np.intp), drift, u, *alone, i, i + 1,
+                        np.zeros(1, dtype=dtype)[0])
     np.testing.assert_array_equal(out[1], alone[0])
     if with_u:
         np.testing.assert_array_equal(out[2], alone[1])
@@ -121,13 +123,13 @@ def test_sampled_rows_stats_from_the_networks_block_copy(dtype, n, d, m):
     dev = G[rows] - T[slots]
     assert np.array_equal(drift, np.median(dev[sample], axis=0))
     full = (dev - drift).astype(np.float64)
-    np.testing.assert_allclose(sq, np.sum(full * full, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(sq, np.sum(full * full, axis=1), rtol=SUM_RTOL[dtype])
     x = dev.astype(np.float64)
-    np.testing.assert_allclose(csq, np.sum(x * x, axis=1), rtol=1e-12)
-    np.testing.assert_allclose(cdots, x @ u.astype(np.float64), rtol=1e-9, atol=1e-9 * np.sqrt(csq.max()))
-    # without the direction: the same deviations (to the float64 sums' reassociation, which the compiler may vectorise
-    # differently in the two loops: on an AVX2 machine 1 ulp apart)
-    np.testing.assert_allclose(reference_deviation_stats(G, rows, T, slots, sample)[1], sq, rtol=1e-13)
+    np.testing.assert_allclose(csq, np.sum(x * x, axis=1), rtol=SUM_RTOL[dtype])
+    np.testing.assert_allclose(cdots, x @ u.astype(np.float64), rtol=1e-9, atol=SUM_RTOL[dtype] * np.sqrt(csq.max()))
+    # without the direction: the same deviations (to the sums' reassociation, which the compiler may vectorise
+    # differently in the two loops)
+    np.testing.assert_allclose(reference_deviation_stats(G, rows, T, slots, sample)[1], sq, rtol=SUM_RTOL[dtype])
 
 
 def test_drift_mixed_dtypes_widen_like_numpy():
@@ -428,3 +430,39 @@ def test_rows_sum_is_the_float64_sum_of_the_rows(dtype, count):
     out = np.full(1001, 0.5)
     rows_sum(G, rows.astype(np.intp), out)
     np.testing.assert_allclose(out, 0.5 + G[rows].astype(np.float64).sum(axis=0), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1e20, 3e38])
+def test_float32_sums_that_overflow_their_lanes_are_summed_in_float64(scale):
+    """A float32 tile whose squares overflow float32 (beyond 3.4e38) is summed again in float64 (kernels.LANE_SUMS):
+    the deviations, the changes, their projections and the clipped rows' distances stay the float64 sums, finite."""
+    from flwr_byzantine.aggregators import kernels
+
+    rng = np.random.default_rng(7)
+    n, d = 5, 3 * KERNEL_TILE + 9
+    G = rng.standard_normal((n, d)).astype(np.float32)
+    T = rng.standard_normal((n, d)).astype(np.float32)
+    G[2, KERNEL_TILE + 3] = np.float32(scale)  # one huge coordinate in the second tile of one row
+    G[4, :] *= np.float32(1e18)  # a whole row whose tiles' sums (512 squares of about 1e36) overflow float32
+    rows, slots = np.arange(n), np.arange(n)
+    u = rng.standard_normal(d)
+    u = (u / np.linalg.norm(u)).astype(np.float32)
+    drift, sq, csq, cdots = reference_deviation_stats(G, rows, T, slots, np.arange(3), u)
+    dev = (G - T).astype(np.float64)
+    full = ((G - T) - drift).astype(np.float64)
+    assert np.isfinite(sq).all() and np.isfinite(csq).all() and np.isfinite(cdots).all()
+    np.testing.assert_allclose(sq, np.sum(full * full, axis=1), rtol=1e-5)
+    np.testing.assert_allclose(csq, np.sum(dev * dev, axis=1), rtol=1e-5)
+    np.testing.assert_allclose(cdots, dev @ u.astype(np.float64), rtol=1e-5, atol=1e-5 * np.sqrt(csq.max()))
+    np.testing.assert_allclose(reference_deviation_stats(G, rows, T, slots, np.arange(3))[1], sq, rtol=1e-5)
+    centre = rng.standard_normal(d).astype(np.float32)
+    dist = np.empty(n)
+    kernels.centre_sq_distances(G, rows, centre, dist)
+    plain = np.sum(np.square((G - centre).astype(np.float64)), axis=1)
+    assert np.isfinite(dist).all()
+    np.testing.assert_allclose(dist, plain, rtol=1e-5)
+    V = np.zeros_like(G)
+    csq_clip = clip_to_references(V, G, rows, T.copy(), slots, np.zeros(d, np.float32), np.ones(n), centre=centre)
+    kernels.centre_sq_distances(V, rows, centre, dist)
+    assert np.isfinite(csq_clip).all()
+    np.testing.assert_array_equal(csq_clip, dist)  # the clipping's distances: the separate pass's, bit for bit

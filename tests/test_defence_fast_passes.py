@@ -17,6 +17,7 @@ import pytest
 from flwr_byzantine.aggregators.defence import RobustDefence
 from flwr_byzantine.aggregators.streaming import reference_deviation_stats
 from flwr_byzantine.aggregators.temporal import SelfReference
+from tolerances import SUM_RTOL
 
 
 def _rounds(n_rounds: int, R: int, d: int, far: int, seed: int = 0) -> list[np.ndarray]:
@@ -220,7 +221,7 @@ def test_grouped_drift_is_the_median_of_the_groups_medians():
             medians = np.stack([np.median(dev[sample[j * size:(j + 1) * size]], axis=0) for j in range(k)])
             np.testing.assert_array_equal(drift, np.median(medians, axis=0))
             full = (dev - drift).astype(np.float64)
-            np.testing.assert_allclose(sq, np.sum(full * full, axis=1), rtol=1e-12)
+            np.testing.assert_allclose(sq, np.sum(full * full, axis=1), rtol=SUM_RTOL[dtype])
         G[sample[4], 11] = np.nan  # a NaN in one group: the column's drift is NaN, as np.median gives
         drift, _ = reference_deviation_stats(G, rows, T, slots, sample, groups=7)
         assert np.isnan(drift[11]) and np.isfinite(np.delete(drift, 11)).all()

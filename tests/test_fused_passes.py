@@ -14,6 +14,7 @@ import pytest
 from flwr_byzantine.aggregators import kernels
 from flwr_byzantine.aggregators.defence import RobustDefence
 from flwr_byzantine.aggregators.streaming import clip_to_references
+from tolerances import SUM_RTOL
 
 DTYPES = [np.float32, np.float64]
 
@@ -38,7 +39,7 @@ def test_clip_rows_distances_are_the_written_rows_distances(dtype, n, d):
     kernels.centre_sq_distances(V, rows, centre, want)
     assert np.array_equal(csq, want)  # the separate pass's sums, bit for bit
     plain = np.sum(np.square((V[rows] - centre).astype(np.float64)), axis=1)
-    np.testing.assert_allclose(csq, plain, rtol=1e-12)
+    np.testing.assert_allclose(csq, plain, rtol=SUM_RTOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -49,7 +50,8 @@ def test_centre_distances_of_a_subset_of_rows(dtype):
     rows = np.array([7, 2, 5], dtype=np.intp)
     sq = np.empty(3)
     kernels.centre_sq_distances(G, rows, centre, sq)
-    np.testing.assert_allclose(sq, np.sum(np.square((G[rows] - centre).astype(np.float64)), axis=1), rtol=1e-12)
+    np.testing.assert_allclose(sq, np.sum(np.square((G[rows] - centre).astype(np.float64)), axis=1),
+                               rtol=SUM_RTOL[dtype])
 
 
 def _attacked_rounds(n_rounds: int, R: int, d: int, seed: int = 0):

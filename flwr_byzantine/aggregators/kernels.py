@@ -33,9 +33,10 @@ and do all the arithmetic of a pass on it:
 * :func:`closest_window` and :func:`window_counts`: Bulyan's coordinate stage on sorted columns and the usage counts
   of a per-coordinate window (the peers' rules, not the defence's).
 
-Reductions (squared norms) accumulate the rows' values, widened to float64, with reassociation allowed
-(vector lanes): the only fast-math flag set, and only on those sums (:func:`_sum_sq_deviation`); the
-elementwise arithmetic keeps IEEE order.  Inputs are the rows' dtype (float32 or float64).
+Reductions (squared norms, dot products) are taken tile by tile of :data:`KERNEL_TILE` columns: a tile's sum in the
+rows' dtype, with reassociation allowed (vector lanes: the only fast-math flag set, and only on those sums), widened to
+float64 and added across tiles in float64 (:data:`LANE_SUMS`); the elementwise arithmetic keeps IEEE order.  Inputs are
+the rows' dtype (float32 or float64).
 """
 
 from __future__ import annotations
@@ -55,6 +56,16 @@ from ._median31 import median31_block
 #: it shares across rows, in L1 (issue 12, the sixteenth landing: the clipping 1.87x / 2.35x ``np.mean`` against
 #: 1.95x / 2.82x with 4096 at R = 1000, d = 1e5 / R = 100, d = 1e6; 2 % of a default-defence round at both).
 KERNEL_TILE = 512
+#: The squared norms and dot products of the defence's passes (the self-reference's deviations and changes, the clipped
+#: rows' distances to a centre, the survivors' distances and projections) sum each tile of :data:`KERNEL_TILE` values in
+#: the rows' dtype (float32 lanes for float32 rows, eight to a vector on AVX2, where widening each value to float64
+#: takes four), then add the tiles' sums in float64; a tile whose sum in the rows' dtype is not finite (an overflow:
+#: a float32 square beyond 3.4e38) is summed again in float64 (:func:`_sq_diff` and the like).  A float32 tile of 512
+#: squares keeps a relative error of about 1e-7 (the differences themselves are rounded to float32 before they are
+#: squared, as numpy rounds them); values below about 1e-19, whose float32 squares underflow, add nothing.  Issue 12,
+#: the twenty-ninth landing: the deviations' pass 2.3x ``np.mean`` against 3.0x at R = 1000, d = 1e5 and 2.0x against
+#: 3.2x at R = 100, d = 1e6 (a one-off script, one thread, the pass alone).
+LANE_SUMS = "tile sums in the rows' dtype, float64 across tiles"
 #: Values of one transposed block of the selection network (``padded size x columns``), kept in L2.
 SELECT_BLOCK_VALUES = 1 << 16
 
@@ -74,6 +85,27 @@ def _sum_sq_deviation(g, t, dr, n):
         x = _deviation(g[c], t[c], dr[c])
         acc += x * x
     return acc
+
+
+@numba.njit(cache=True, fastmath={"reassoc"})
+def _lane_sq_deviation(g, t, dr, n, zero):
+    """:func:`_sum_sq_deviation` summed in the type of ``zero`` (the rows' dtype): a tile's squares in float32 lanes
+    for float32 rows (:func:`_sq_deviation`)."""
+    acc = zero
+    for c in range(n):
+        x = (g[c] - t[c]) - dr[c]
+        acc += x * x
+    return np.float64(acc)
+
+
+@numba.njit(cache=True)
+def _sq_deviation(g, t, dr, n, zero):
+    """``sum_c ((g[c] - t[c]) - dr[c])**2`` of one tile as float64, summed in the rows' dtype (``zero``: a zero of it;
+    :data:`LANE_SUMS`), or in float64 where that sum is not finite (an overflow of the rows' dtype; NaN stays NaN)."""
+    s = _lane_sq_deviation(g, t, dr, n, zero)
+    if s < np.inf:
+        return s
+    return _sum_sq_deviation(g, t, dr, n)
 
 
 def _batcher_pairs(n: int) -> list[tuple[int, int]]:
@@ -288,6 +320,31 @@ def _sum_sq_deviation_and_change(g, t, dr, u, n):
     return acc, acc_x, acc_u
 
 
+@numba.njit(cache=True, fastmath={"reassoc"})
+def _lane_sq_deviation_and_change(g, t, dr, u, n, zero):
+    """:func:`_sum_sq_deviation_and_change` summed in the type of ``zero`` (the rows' dtype)."""
+    acc = zero
+    acc_x = zero
+    acc_u = zero
+    for c in range(n):
+        x = g[c] - t[c]
+        e = x - dr[c]
+        acc += e * e
+        acc_x += x * x
+        acc_u += x * u[c]
+    return np.float64(acc), np.float64(acc_x), np.float64(acc_u)
+
+
+@numba.njit(cache=True)
+def _sq_deviation_and_change(g, t, dr, u, n, zero):
+    """:func:`_sum_sq_deviation_and_change` of one tile, summed in the rows' dtype (:data:`LANE_SUMS`), or in float64
+    where one of the three sums is not finite."""
+    a, b, p = _lane_sq_deviation_and_change(g, t, dr, u, n, zero)
+    if a < np.inf and b < np.inf and abs(p) < np.inf:
+        return a, b, p
+    return _sum_sq_deviation_and_change(g, t, dr, u, n)
+
+
 @numba.njit(cache=True)
 def _median_of_groups(Mg, k, w, out, c_out):
     """``out[c_out + c] = median(Mg[:k, c])`` for ``c < w`` (``k`` odd, a few values: an insertion sort per column);
@@ -350,12 +407,13 @@ def drift_and_deviations(G, rows, T, slots, sample, lo, hi, npad, drift, sq, blo
                 _median_block(B, w, lo, hi, m, Mg[j], 0)
         if groups > 1:
             _median_of_groups(Mg, groups, w, drift, b0)
+    zero = np.zeros(1, dtype=drift.dtype)[0]  # the tiles' sums in the differences' dtype (LANE_SUMS)
     for i0 in range(0, n, 2):
-        _deviation_rows(G, rows, T, slots, drift, u, sq, change_sq, change_dots, i0, min(n, i0 + 2))
+        _deviation_rows(G, rows, T, slots, drift, u, sq, change_sq, change_dots, i0, min(n, i0 + 2), zero)
 
 
 @numba.njit(cache=True)
-def _deviation_rows(G, rows, T, slots, drift, u, sq, change_sq, change_dots, i0, i1):
+def _deviation_rows(G, rows, T, slots, drift, u, sq, change_sq, change_dots, i0, i1, zero):
     """:func:`drift_and_deviations`' sums for the rows ``i0 <= i < i1`` (two at most), tile by tile of
     :data:`KERNEL_TILE` columns, every row's tiles summed in their order as one row alone would sum them (the same
     bits): the drift's and ``u``'s tile, read from the last-level cache, serves both rows while it is in L1, and two
@@ -374,12 +432,12 @@ def _deviation_rows(G, rows, T, slots, drift, u, sq, change_sq, change_dots, i0,
             g = G[rows[i], c0:c1]
             t = T[slots[i], c0:c1]
             if changes:
-                a, b, p = _sum_sq_deviation_and_change(g, t, drift[c0:c1], u[c0:c1], c1 - c0)
+                a, b, p = _sq_deviation_and_change(g, t, drift[c0:c1], u[c0:c1], c1 - c0, zero)
                 sq[i] += a
                 change_sq[i] += b
                 change_dots[i] += p
             else:
-                sq[i] += _sum_sq_deviation(g, t, drift[c0:c1], c1 - c0)
+                sq[i] += _sq_deviation(g, t, drift[c0:c1], c1 - c0, zero)
 
 
 @numba.njit(cache=True)
@@ -420,6 +478,7 @@ def clip_rows(V, G, rows, T, slots, drift, factors, store, centre, csq):
     """
     d = G.shape[1]
     dist = centre.size > 0
+    zero = np.zeros(1, dtype=V.dtype)[0]
     if V.shape[0] == 0:
         for i in range(rows.size):
             g = G[rows[i]]
@@ -430,7 +489,7 @@ def clip_rows(V, G, rows, T, slots, drift, factors, store, centre, csq):
                 c1 = min(d, c0 + KERNEL_TILE)
                 _store_segment(g[c0:c1], t[c0:c1], drift[c0:c1], f)
                 if dist:
-                    acc += _sum_sq_diff(t[c0:c1], centre[c0:c1], c1 - c0)
+                    acc += _sq_diff(t[c0:c1], centre[c0:c1], c1 - c0, zero)
             if dist:
                 csq[i] = acc
         return
@@ -444,7 +503,7 @@ def clip_rows(V, G, rows, T, slots, drift, factors, store, centre, csq):
             c1 = min(d, c0 + KERNEL_TILE)
             _clip_segment(v[c0:c1], g[c0:c1], t[c0:c1], drift[c0:c1], f, store)
             if dist:
-                acc += _sum_sq_diff(v[c0:c1], centre[c0:c1], c1 - c0)
+                acc += _sq_diff(v[c0:c1], centre[c0:c1], c1 - c0, zero)
         if dist:
             csq[i] = acc
 
@@ -581,6 +640,26 @@ def _sum_sq_diff(g, c, n):
     return acc
 
 
+@numba.njit(cache=True, fastmath={"reassoc"})
+def _lane_sq_diff(g, c, n, zero):
+    """:func:`_sum_sq_diff` summed in the type of ``zero`` (the rows' dtype)."""
+    acc = zero
+    for i in range(n):
+        x = g[i] - c[i]
+        acc += x * x
+    return np.float64(acc)
+
+
+@numba.njit(cache=True)
+def _sq_diff(g, c, n, zero):
+    """``sum_i (g[i] - c[i])**2`` of one tile as float64, summed in the rows' dtype (:data:`LANE_SUMS`), or in float64
+    where that sum is not finite."""
+    s = _lane_sq_diff(g, c, n, zero)
+    if s < np.inf:
+        return s
+    return _sum_sq_diff(g, c, n)
+
+
 @numba.njit(cache=True)
 def centre_sq_distances(G, rows, centre, sq):
     """``sq[i] = ||G[rows[i]] - centre||^2`` (float64) for every ``i``, one read of those rows, row after row, summed
@@ -602,6 +681,28 @@ def _sum_sq_diff_and_dot(g, c, u, n):
     return acc, dot
 
 
+@numba.njit(cache=True, fastmath={"reassoc"})
+def _lane_sq_diff_and_dot(g, c, u, n, zero):
+    """:func:`_sum_sq_diff_and_dot` summed in the type of ``zero`` (the rows' dtype)."""
+    acc = zero
+    dot = zero
+    for i in range(n):
+        x = g[i] - c[i]
+        acc += x * x
+        dot += x * u[i]
+    return np.float64(acc), np.float64(dot)
+
+
+@numba.njit(cache=True)
+def _sq_diff_and_dot(g, c, u, n, zero):
+    """:func:`_sum_sq_diff_and_dot` of one tile, summed in the rows' dtype (:data:`LANE_SUMS`), or in float64 where
+    either sum is not finite."""
+    a, p = _lane_sq_diff_and_dot(g, c, u, n, zero)
+    if a < np.inf and abs(p) < np.inf:
+        return a, p
+    return _sum_sq_diff_and_dot(g, c, u, n)
+
+
 @numba.njit(cache=True)
 def centre_distances_and_projections(G, rows, centre, u, sq, proj):
     """``sq[i] = ||G[rows[i]] - centre||^2`` and, ``u`` not empty, ``proj[i] = <G[rows[i]] - centre, u>`` (float64),
@@ -610,6 +711,7 @@ def centre_distances_and_projections(G, rows, centre, u, sq, proj):
     2.0-2.4x for numpy's tiles at R = 1000, d = 1e5 and R = 100, d = 1e6; issue 12)."""
     d = G.shape[1]
     along = u.size > 0
+    zero = np.zeros(1, dtype=G.dtype)[0]
     for r in range(rows.size):
         g = G[rows[r]]
         acc = 0.0
@@ -617,11 +719,11 @@ def centre_distances_and_projections(G, rows, centre, u, sq, proj):
         for c0 in range(0, d, KERNEL_TILE):
             c1 = min(d, c0 + KERNEL_TILE)
             if along:
-                a, p = _sum_sq_diff_and_dot(g[c0:c1], centre[c0:c1], u[c0:c1], c1 - c0)
+                a, p = _sq_diff_and_dot(g[c0:c1], centre[c0:c1], u[c0:c1], c1 - c0, zero)
                 acc += a
                 dot += p
             else:
-                acc += _sum_sq_diff(g[c0:c1], centre[c0:c1], c1 - c0)
+                acc += _sq_diff(g[c0:c1], centre[c0:c1], c1 - c0, zero)
         sq[r] = acc
         if along:
             proj[r] = dot
