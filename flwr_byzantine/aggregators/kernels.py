@@ -66,6 +66,12 @@ KERNEL_TILE = 512
 #: the twenty-ninth landing: the deviations' pass 2.3x ``np.mean`` against 3.0x at R = 1000, d = 1e5 and 2.0x against
 #: 3.2x at R = 100, d = 1e6 (a one-off script, one thread, the pass alone).
 LANE_SUMS = "tile sums in the rows' dtype, float64 across tiles"
+#: Rows of :func:`drift_and_deviations`' pass taken at once, tile by tile (:func:`_deviation_rows`).  Two, while the
+#: sums widened every value to float64 (the pass 1.45x against 1.73x ``np.mean`` at R = 1000, d = 1e5, 1.81x against
+#: 2.23x at R = 100, d = 1e6; issue 12, the seventeenth landing); one since the tiles are summed in float32 lanes
+#: (:data:`LANE_SUMS`; a one-off script's variants of the pass, one thread: 1.7-1.8x against 2.2x at R = 1000, d = 1e5,
+#: 1.9-2.1x against 2.0-2.5x at R = 100, d = 1e6; the twenty-ninth landing).
+DEVIATION_ROWS = 1
 #: Values of one transposed block of the selection network (``padded size x columns``), kept in L2.
 SELECT_BLOCK_VALUES = 1 << 16
 
@@ -379,9 +385,9 @@ def drift_and_deviations(G, rows, T, slots, sample, lo, hi, npad, drift, sq, blo
     ``sample.size`` values, ``npad`` wires) leaves their medians in the middle rows (blocks of
     ``block_values // npad`` columns).  Then every row's deviations, row after row (one contiguous run
     per row: column tiles of all rows, each row a separate short run, measured 1.7x slower), summed tile by
-    tile of :data:`KERNEL_TILE` columns, two rows at a time (:func:`_deviation_rows`: the drift's and ``u``'s tile
-    read once for both).  The differences are ``(G - T) - drift`` in the rows' dtype, as numpy computes them.  ``u``
-    (a unit vector of the rows' dtype, or empty to skip): also every row's change from its reference,
+    tile of :data:`KERNEL_TILE` columns, :data:`DEVIATION_ROWS` rows at a time (:func:`_deviation_rows`).  The
+    differences are ``(G - T) - drift`` in the rows' dtype, as numpy computes them.  ``u`` (a unit vector of the rows'
+    dtype, or empty to skip): also every row's change from its reference,
     ``change_sq[i] = ||G[rows[i]] - T[slots[i]]||^2`` and ``change_dots[i] = <G[rows[i]] - T[slots[i]], u>``
     (float64), from the same read (the default defence's monotonicity evidence on large rounds).
     """
@@ -408,17 +414,16 @@ def drift_and_deviations(G, rows, T, slots, sample, lo, hi, npad, drift, sq, blo
         if groups > 1:
             _median_of_groups(Mg, groups, w, drift, b0)
     zero = np.zeros(1, dtype=drift.dtype)[0]  # the tiles' sums in the differences' dtype (LANE_SUMS)
-    for i0 in range(0, n, 2):
-        _deviation_rows(G, rows, T, slots, drift, u, sq, change_sq, change_dots, i0, min(n, i0 + 2), zero)
+    for i0 in range(0, n, DEVIATION_ROWS):
+        _deviation_rows(G, rows, T, slots, drift, u, sq, change_sq, change_dots, i0, min(n, i0 + DEVIATION_ROWS),
+                        zero)
 
 
 @numba.njit(cache=True)
 def _deviation_rows(G, rows, T, slots, drift, u, sq, change_sq, change_dots, i0, i1, zero):
-    """:func:`drift_and_deviations`' sums for the rows ``i0 <= i < i1`` (two at most), tile by tile of
-    :data:`KERNEL_TILE` columns, every row's tiles summed in their order as one row alone would sum them (the same
-    bits): the drift's and ``u``'s tile, read from the last-level cache, serves both rows while it is in L1, and two
-    rows stream at once (the pass 1.45x against 1.73x ``np.mean`` at R = 1000, d = 1e5, 1.81x against 2.23x at
-    R = 100, d = 1e6; more rows at a time, or other tiles, were slower; issue 12, the seventeenth landing)."""
+    """:func:`drift_and_deviations`' sums for the rows ``i0 <= i < i1``, tile by tile of :data:`KERNEL_TILE` columns,
+    every row's tiles summed in their order as one row alone would sum them (the same bits whatever
+    :data:`DEVIATION_ROWS`): with several rows the drift's and ``u``'s tile serves them all while it is in L1."""
     d = G.shape[1]
     changes = u.size > 0
     for i in range(i0, i1):
