@@ -81,10 +81,13 @@ def test_drift_and_deviations_against_the_plain_formulation(dtype, n, d, m):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,d", [(1, 5), (2, KERNEL_TILE + 1), (7, 3 * KERNEL_TILE - 7), (10, 5000)])
+@pytest.mark.parametrize("n,d,m,groups", [(1, 5, 1, 1), (2, KERNEL_TILE + 1, 2, 1), (7, 3 * KERNEL_TILE - 7, 3, 1),
+                                          (10, 5000, 3, 1), (6, 40_000, 3, 1), (100, 5000, 31, 3), (60, 3000, 9, 1),
+                                          (300, 2000, 255, 1)])
 @pytest.mark.parametrize("with_u", [False, True])
-def test_deviations_two_rows_at_a_time_are_each_rows_own_sums(dtype, n, d, with_u):
-    """The pass sums two rows at a time, tile by tile: every row's three sums are the bits that row alone gives."""
+def test_deviations_are_each_rows_own_sums(dtype, n, d, m, groups, with_u):
+    """Every row's three sums are the bits that row alone gives, tile by tile, whatever the drift's sample (a few rows,
+    groups of 31, a network of 255 values over blocks of 256 columns)."""
     from flwr_byzantine.aggregators.kernels import _deviation_rows
 
     rng = np.random.default_rng(n + d)
@@ -94,7 +97,8 @@ def test_deviations_two_rows_at_a_time_are_each_rows_own_sums(dtype, n, d, with_
     slots = rng.permutation(n + 5)[:n]
     u = rng.standard_normal(d)
     u = (u / np.linalg.norm(u)).astype(dtype) if with_u else np.empty(0, dtype=dtype)
-    out = reference_deviation_stats(G, rows, T, slots, np.arange(min(n, 3)), u if with_u else None)
+    sample = rng.choice(n, m * groups, replace=False)
+    out = reference_deviation_stats(G, rows, T, slots, sample, u if with_u else None, groups=groups)
     drift = out[0]
     alone = [np.full(n, np.nan) for _ in range(3)]
     for i in range(n):
