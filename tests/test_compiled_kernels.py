@@ -438,8 +438,9 @@ def test_rows_sum_is_the_float64_sum_of_the_rows(dtype, count):
 
 @pytest.mark.parametrize("scale", [1e20, 3e38])
 def test_float32_sums_that_overflow_their_lanes_are_summed_in_float64(scale):
-    """A float32 tile whose squares overflow float32 (beyond 3.4e38) is summed again in float64 (kernels.LANE_SUMS):
-    the deviations, the changes, their projections and the clipped rows' distances stay the float64 sums, finite."""
+    """A float32 tile whose squares overflow float32 (beyond 3.4e38) is summed again in float64 (the kernels module's
+    *Reductions*): the deviations, the changes, their projections and the clipped rows' distances stay the float64
+    sums, finite."""
     from flwr_byzantine.aggregators import kernels
 
     rng = np.random.default_rng(7)

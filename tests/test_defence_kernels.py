@@ -268,8 +268,9 @@ def test_self_reference_kernels_are_the_plain_arithmetic(dtype, n, d):
     drift, sq = reference_deviation_stats(G, rows, table, slots)
     drift0, sq0 = plain_reference_deviation_stats(G, rows, table, slots)
     assert drift.dtype == drift0.dtype and np.array_equal(drift, drift0)
-    # the compiled pass sums each tile of squares in the rows' dtype and the tiles in float64 (kernels.LANE_SUMS): the
-    # exact sum of the dtype's differences to the tiles' rounding, numpy's float32 einsum to float32 rounding
+    # the compiled pass sums each tile of squares in the rows' dtype and the tiles in float64 (the kernels'
+    # *Reductions*): the exact sum of the dtype's differences to the tiles' rounding, numpy's float32 einsum to float32
+    # rounding
     dev = (G[rows] - table[slots]) - drift0
     np.testing.assert_allclose(sq, np.sum(dev.astype(np.float64) ** 2, axis=1), rtol=SUM_RTOL[dtype])
     np.testing.assert_allclose(sq, sq0, rtol=2e-5 if dtype == np.float32 else 1e-12)

@@ -33,10 +33,17 @@ and do all the arithmetic of a pass on it:
 * :func:`closest_window` and :func:`window_counts`: Bulyan's coordinate stage on sorted columns and the usage counts
   of a per-coordinate window (the peers' rules, not the defence's).
 
-Reductions (squared norms, dot products) are taken tile by tile of :data:`KERNEL_TILE` columns: a tile's sum in the
-rows' dtype, with reassociation allowed (vector lanes: the only fast-math flag set, and only on those sums), widened to
-float64 and added across tiles in float64 (:data:`LANE_SUMS`); the elementwise arithmetic keeps IEEE order.  Inputs are
-the rows' dtype (float32 or float64).
+*Reductions.*  The squared norms and dot products of the defence's passes (the self-reference's deviations and changes,
+the clipped rows' distances to a centre, the survivors' distances and projections) are taken tile by tile of
+:data:`KERNEL_TILE` columns: a tile's sum in the rows' dtype, with reassociation allowed (vector lanes: the only
+fast-math flag set, and only on those sums; float32 lanes for float32 rows, eight to a vector on AVX2, where widening
+each value to float64 takes four), widened to float64 and added across tiles in float64.  A tile whose sum in the rows'
+dtype is not finite (an overflow: a float32 square beyond 3.4e38) is summed again in float64 (:func:`_sq_diff` and the
+like).  A float32 tile of 512 squares keeps a relative error of about 1e-7 (the differences themselves are rounded to
+float32 before they are squared, as numpy rounds them); values below about 1e-19, whose float32 squares underflow,
+add next to nothing.  Issue 12, the twenty-ninth landing: the deviations' pass 2.3x ``np.mean`` against 3.0x at R = 1000, d = 1e5
+and 2.0x against 3.2x at R = 100, d = 1e6 (a one-off script, one thread, the pass alone).  The elementwise arithmetic
+keeps IEEE order.  Inputs are the rows' dtype (float32 or float64).
 """
 
 from __future__ import annotations
@@ -56,20 +63,10 @@ from ._median31 import median31_block
 #: it shares across rows, in L1 (issue 12, the sixteenth landing: the clipping 1.87x / 2.35x ``np.mean`` against
 #: 1.95x / 2.82x with 4096 at R = 1000, d = 1e5 / R = 100, d = 1e6; 2 % of a default-defence round at both).
 KERNEL_TILE = 512
-#: The squared norms and dot products of the defence's passes (the self-reference's deviations and changes, the clipped
-#: rows' distances to a centre, the survivors' distances and projections) sum each tile of :data:`KERNEL_TILE` values in
-#: the rows' dtype (float32 lanes for float32 rows, eight to a vector on AVX2, where widening each value to float64
-#: takes four), then add the tiles' sums in float64; a tile whose sum in the rows' dtype is not finite (an overflow:
-#: a float32 square beyond 3.4e38) is summed again in float64 (:func:`_sq_diff` and the like).  A float32 tile of 512
-#: squares keeps a relative error of about 1e-7 (the differences themselves are rounded to float32 before they are
-#: squared, as numpy rounds them); values below about 1e-19, whose float32 squares underflow, add nothing.  Issue 12,
-#: the twenty-ninth landing: the deviations' pass 2.3x ``np.mean`` against 3.0x at R = 1000, d = 1e5 and 2.0x against
-#: 3.2x at R = 100, d = 1e6 (a one-off script, one thread, the pass alone).
-LANE_SUMS = "tile sums in the rows' dtype, float64 across tiles"
 #: Rows of :func:`drift_and_deviations`' pass taken at once, tile by tile (:func:`_deviation_rows`).  Two, while the
 #: sums widened every value to float64 (the pass 1.45x against 1.73x ``np.mean`` at R = 1000, d = 1e5, 1.81x against
 #: 2.23x at R = 100, d = 1e6; issue 12, the seventeenth landing); one since the tiles are summed in float32 lanes
-#: (:data:`LANE_SUMS`; a one-off script's variants of the pass, one thread: 1.7-1.8x against 2.2x at R = 1000, d = 1e5,
+#: (*Reductions* above; a one-off script's variants of the pass, one thread: 1.7-1.8x against 2.2x at R = 1000, d = 1e5,
 #: 1.9-2.1x against 2.0-2.5x at R = 100, d = 1e6; the twenty-ninth landing).
 DEVIATION_ROWS = 1
 #: Values of one transposed block of the selection network (``padded size x columns``), kept in L2.
@@ -107,7 +104,8 @@ def _lane_sq_deviation(g, t, dr, n, zero):
 @numba.njit(cache=True)
 def _sq_deviation(g, t, dr, n, zero):
     """``sum_c ((g[c] - t[c]) - dr[c])**2`` of one tile as float64, summed in the rows' dtype (``zero``: a zero of it;
-    :data:`LANE_SUMS`), or in float64 where that sum is not finite (an overflow of the rows' dtype; NaN stays NaN)."""
+    *Reductions* in the module docstring), or in float64 where that sum is not finite (an overflow of the rows' dtype;
+    NaN stays NaN)."""
     s = _lane_sq_deviation(g, t, dr, n, zero)
     if s < np.inf:
         return s
@@ -343,8 +341,8 @@ def _lane_sq_deviation_and_change(g, t, dr, u, n, zero):
 
 @numba.njit(cache=True)
 def _sq_deviation_and_change(g, t, dr, u, n, zero):
-    """:func:`_sum_sq_deviation_and_change` of one tile, summed in the rows' dtype (:data:`LANE_SUMS`), or in float64
-    where one of the three sums is not finite."""
+    """:func:`_sum_sq_deviation_and_change` of one tile, summed in the rows' dtype (*Reductions* in the module
+    docstring), or in float64 where one of the three sums is not finite."""
     a, b, p = _lane_sq_deviation_and_change(g, t, dr, u, n, zero)
     if a < np.inf and b < np.inf and abs(p) < np.inf:
         return a, b, p
@@ -413,7 +411,7 @@ def drift_and_deviations(G, rows, T, slots, sample, lo, hi, npad, drift, sq, blo
                 _median_block(B, w, lo, hi, m, Mg[j], 0)
         if groups > 1:
             _median_of_groups(Mg, groups, w, drift, b0)
-    zero = np.zeros(1, dtype=drift.dtype)[0]  # the tiles' sums in the differences' dtype (LANE_SUMS)
+    zero = np.zeros(1, dtype=drift.dtype)[0]  # the tiles' sums in the differences' dtype (*Reductions*)
     for i0 in range(0, n, DEVIATION_ROWS):
         _deviation_rows(G, rows, T, slots, drift, u, sq, change_sq, change_dots, i0, min(n, i0 + DEVIATION_ROWS),
                         zero)
@@ -657,8 +655,8 @@ def _lane_sq_diff(g, c, n, zero):
 
 @numba.njit(cache=True)
 def _sq_diff(g, c, n, zero):
-    """``sum_i (g[i] - c[i])**2`` of one tile as float64, summed in the rows' dtype (:data:`LANE_SUMS`), or in float64
-    where that sum is not finite."""
+    """``sum_i (g[i] - c[i])**2`` of one tile as float64, summed in the rows' dtype (*Reductions* in the module
+    docstring), or in float64 where that sum is not finite."""
     s = _lane_sq_diff(g, c, n, zero)
     if s < np.inf:
         return s
@@ -700,8 +698,8 @@ def _lane_sq_diff_and_dot(g, c, u, n, zero):
 
 @numba.njit(cache=True)
 def _sq_diff_and_dot(g, c, u, n, zero):
-    """:func:`_sum_sq_diff_and_dot` of one tile, summed in the rows' dtype (:data:`LANE_SUMS`), or in float64 where
-    either sum is not finite."""
+    """:func:`_sum_sq_diff_and_dot` of one tile, summed in the rows' dtype (*Reductions* in the module docstring), or
+    in float64 where either sum is not finite."""
     a, p = _lane_sq_diff_and_dot(g, c, u, n, zero)
     if a < np.inf and abs(p) < np.inf:
         return a, p
