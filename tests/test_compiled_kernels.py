@@ -113,8 +113,7 @@ def test_deviations_are_each_rows_own_sums(dtype, n, d, m, groups, with_u):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,d,m", [(40, 2 * KERNEL_TILE + 5, 31), (300, 1001, 75), (9, 70000, 3)])
 def test_sampled_rows_stats_from_the_networks_block_copy(dtype, n, d, m):
-    """A strict sample: the sampled rows' deviations and changes come from the block copy beside the network (the rows
-    read once), the others from the row-by-row pass; every row's values as the plain formulation gives them."""
+    """A strict sample: every row's deviations and changes, sampled or not, as the plain formulation gives them."""
     rng = np.random.default_rng(n + d + m)
     G = rng.standard_normal((n, d)).astype(dtype)
     T = (rng.standard_normal((n + 3, d)) * 2.0).astype(dtype)

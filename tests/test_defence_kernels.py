@@ -26,9 +26,9 @@ from flwr_byzantine.aggregators import defence as defence_mod
 from flwr_byzantine.aggregators import temporal as temporal_mod
 from flwr_byzantine.aggregators.defence import RobustDefence, mix_and_clip
 from flwr_byzantine.aggregators.rge import RGE
-from tolerances import SUM_RTOL
 from flwr_byzantine.aggregators.streaming import (clip_survivors, clip_to_references, column_median,
                                                   reference_deviation_stats, row_sq_norms, row_sq_norms_to)
+from tolerances import SUM_RTOL
 
 
 def plain_mix_and_clip(M, kept, f, clip_scale):
