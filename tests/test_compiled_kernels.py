@@ -103,7 +103,7 @@ def test_deviations_are_each_rows_own_sums(dtype, n, d, m, groups, with_u):
     alone = [np.full(n, np.nan) for _ in range(3)]
     for i in range(n):
         _deviation_rows(G, rows.astype(np.intp), T, slots.astype(np.intp), drift, u, *alone, i, i + 1,
-                        np.zeros(1, dtype=dtype)[0])
+                        np.zeros(1, dtype=dtype)[0], np.empty(0, dtype=dtype), np.empty(0), np.empty(0))
     np.testing.assert_array_equal(out[1], alone[0])
     if with_u:
         np.testing.assert_array_equal(out[2], alone[1])

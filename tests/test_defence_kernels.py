@@ -43,10 +43,22 @@ def plain_mix_and_clip(M, kept, f, clip_scale):
     return clip_survivors(Y, np.arange(kept.size), centre, clip_scale)
 
 
-def plain_reference_deviation_stats(G, rows, table, slots, median_of=None, direction=None, groups=1):
+def plain_reference_deviation_stats(G, rows, table, slots, median_of=None, direction=None, groups=1, centre=None):
     """The self-reference's drift and squared deviations as first written (``(n, d)`` temporaries), and the changes
     from the references along ``direction`` (the evidence's statistics) in numpy; ``groups``: the median of the medians
-    of that many consecutive groups of ``median_of``."""
+    of that many consecutive groups of ``median_of``; ``centre``: also ``||a||^2`` and ``<a, e>`` with ``a = (ref +
+    drift) - centre`` and ``e`` the deviation."""
+    out = _plain_stats(G, rows, table, slots, median_of, direction, groups)
+    if centre is None:
+        return out
+    ref = table[slots]
+    drift = out[0]
+    A = ((ref + drift) - np.asarray(centre, dtype=ref.dtype)).astype(np.float64)
+    E = ((G[rows] - ref) - drift).astype(np.float64)
+    return out + (np.einsum("ij,ij->i", A, A), np.einsum("ij,ij->i", A, E))
+
+
+def _plain_stats(G, rows, table, slots, median_of, direction, groups):
     ref = table[slots]
     dev = G[rows] - ref
     change = dev.copy() if direction is not None else None

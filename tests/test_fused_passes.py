@@ -512,10 +512,14 @@ def test_an_emptied_table_reuses_its_matrix_for_rows_of_its_shape():
 @pytest.mark.parametrize("to_buffer", [True, False])
 @pytest.mark.parametrize("sums", [True, False])
 @pytest.mark.parametrize("d,dim", [(700, 64), (kernels.FOLD_SKETCH_SPAN + 1234, 520), (9001, 2048)])
-def test_fold_with_the_sketch_is_the_fold_then_count_sketch(dtype, to_buffer, sums, d, dim):
+@pytest.mark.parametrize("self_clip", [False, True])
+def test_fold_with_the_sketch_is_the_fold_then_count_sketch(dtype, to_buffer, sums, d, dim, self_clip):
     """The fused fold-and-sketch pass: the memories and the output rows of the plain fold, and the sketch, squared
     norms and column sums that count_sketch takes of the output with the other rows zero, bit for bit (spans and
-    segments that do not divide ``d``; clipped and unclipped rows, continued and fresh memories)."""
+    segments that do not divide ``d``; clipped and unclipped rows, continued and fresh memories).  ``self_clip``: both
+    passes also clip the rows against their references in the source table and store them there (the row of ``src``
+    -1 folded as it is); the unfused reference is ``clip_rows`` with ``store``, then the plain fold reading the
+    table."""
     from flwr_byzantine.aggregators.sketch import sketch_buckets
 
     rng = np.random.default_rng(d + dim)
@@ -531,17 +535,28 @@ def test_fold_with_the_sketch_is_the_fold_then_count_sketch(dtype, to_buffer, su
     b_old, b_new = T0.dtype.type(0.9), G.dtype.type(0.1)
     k1, k2 = sketch_buckets(d, dim)
     signs = np.where(rng.random(d) < 0.5, -1, 1).astype(np.int8)
+    none = np.empty(0, dtype=dtype)
+    drift = (rng.standard_normal(d) * 0.3).astype(dtype)
     for clip in (True, False):
         factors = rng.uniform(0.2, 1.0, rows.size).astype(dtype)
-        T1, T2 = T0.copy(), T0.copy()
+        sf = np.where(rng.random(rows.size) < 0.5, 1.0, rng.uniform(0.1, 1.0, rows.size)).astype(dtype)
+        T1, T2, S1, S2, S3 = T0.copy(), T0.copy(), S.copy(), S.copy(), S.copy()
         M1 = np.zeros_like(G) if to_buffer else np.empty((0, 0), dtype=dtype)
         M2 = np.zeros_like(G) if to_buffer else np.empty((0, 0), dtype=dtype)
-        kernels.clip_fold_rows(M1, S, rows, src, centre, factors, clip, T1, slots, cont, b_old, b_new, G)
+        M3 = np.zeros_like(G) if to_buffer else np.empty((0, 0), dtype=dtype)
+        if self_clip:  # the two passes: the clipping stored into the references, then the fold reading them
+            own = src >= 0
+            clip_to_references(None, G, rows[own], S1, src[own], drift, sf[own], store=True)
+        kernels.clip_fold_rows(M1, S1, rows, src, centre, factors, clip, T1, slots, cont, b_old, b_new, G, none, none)
         Y, sq = np.zeros((R, k1 + k2)), np.zeros(R)
         cs = np.zeros(d if sums else 0, dtype=dtype)
-        kernels.clip_fold_sketch_rows(M2, S, rows, src, centre, factors, clip, T2, slots, cont, b_old, b_new, G,
-                                      signs, k1, k2, Y, sq, cs, 0.75)
-        assert np.array_equal(T1, T2) and np.array_equal(M1, M2)
+        fd, fs = (drift, sf) if self_clip else (none, none)
+        kernels.clip_fold_sketch_rows(M2, S2, rows, src, centre, factors, clip, T2, slots, cont, b_old, b_new, G, fd,
+                                      fs, signs, k1, k2, Y, sq, cs, 0.75)
+        assert np.array_equal(T1, T2) and np.array_equal(M1, M2) and np.array_equal(S1, S2)
+        T3 = T0.copy()
+        kernels.clip_fold_rows(M3, S3, rows, src, centre, factors, clip, T3, slots, cont, b_old, b_new, G, fd, fs)
+        assert np.array_equal(T1, T3) and np.array_equal(M1, M3) and np.array_equal(S1, S3)
         out = np.zeros_like(G)
         out[rows] = T1[slots]
         Yw, sqw, csw = np.empty((R, k1 + k2)), np.empty(R), np.empty(d if sums else 0, dtype=dtype)
@@ -591,7 +606,8 @@ def test_presketch_request_draws_the_signs_the_filters_own_pass_would():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_fast_rounds_take_the_filters_sketch_in_the_fold(monkeypatch, dtype):
     """Fused fast rounds whose filter runs sketch the memories in the fold (and the filter takes no pass of its own),
-    with the unfused passes' results bit for bit; rows whose column sums would leave L2 do not."""
+    with the unfused passes' results bit for bit; rows whose column sums would leave L2 take the sums from a second
+    read of the memories, with the same bits."""
     from flwr_byzantine.aggregators import defence, sketch
 
     fused_calls, filter_passes = [], []
@@ -614,8 +630,157 @@ def test_fused_fast_rounds_take_the_filters_sketch_in_the_fold(monkeypatch, dtyp
         spent = bool(a.info.get("budget_spent"))  # the filter does not run: nothing sketched for it
         assert (fused_here, filter_here) == ((0, 0) if spent else (1, 0))
     assert len(fused_calls) >= 3
-    monkeypatch.setattr(defence, "FOLD_SKETCH_SUMS_MAX_BYTES", d * np.dtype(dtype).itemsize - 1)
-    n_fused = len(fused_calls)
-    for G, ids in _attacked_rounds(2, R, d, seed=1):
-        fused.aggregate(G.astype(dtype), client_ids=ids)
-    assert len(fused_calls) == n_fused  # the fast filter sums the columns: rows too long for the fused pass
+    monkeypatch.setattr(kernels, "FOLD_SUMS_IN_PASS_MAX_BYTES", d * np.dtype(dtype).itemsize - 1)
+    real_sums, later = kernels.column_sums_of_rows, []
+    monkeypatch.setattr(kernels, "column_sums_of_rows", lambda *a: (later.append(1), real_sums(*a)))
+    n_fused, own_passes = len(fused_calls), 0
+    for G, ids in _attacked_rounds(4, R, d, seed=1):
+        n_filter = len(filter_passes)
+        a = fused.aggregate(G.astype(dtype), client_ids=ids)
+        own_passes += len(filter_passes) - n_filter
+        b = plain.aggregate(G.astype(dtype), client_ids=ids)
+        assert np.array_equal(a.estimate, b.estimate) and a.kept.tolist() == b.kept.tolist()
+    assert len(fused_calls) - n_fused == len(later) >= 2 and own_passes == 0  # the sums read after the fused pass
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_u", [False, True])
+@pytest.mark.parametrize("n,d", [(5, 7), (12, kernels.KERNEL_TILE + 13), (40, 3 * kernels.KERNEL_TILE)])
+def test_deviation_pass_gives_the_clipped_rows_distances_to_a_centre(dtype, with_u, n, d):
+    """``reference_deviation_stats(centre=)``: ``||a||^2 + 2 f <a, e> + f^2 ||e||^2`` is the distance of the row
+    clip_to_references writes with factor ``f`` (its centre pass) to the sums' tolerance, for any factor; the other
+    statistics are those of the pass without the centre to the same tolerance."""
+    from flwr_byzantine.aggregators.streaming import reference_deviation_stats
+
+    rng = np.random.default_rng(n + d + with_u)
+    G = rng.standard_normal((n + 2, d)).astype(dtype)
+    T = (rng.standard_normal((n + 3, d)) * 1.5).astype(dtype)
+    rows = np.sort(rng.choice(n + 2, n, replace=False))
+    slots = rng.permutation(n + 3)[:n]
+    centre = (rng.standard_normal(d) * 0.5).astype(dtype)
+    u = rng.standard_normal(d)
+    u = (u / np.linalg.norm(u)).astype(dtype) if with_u else None
+    out = reference_deviation_stats(G, rows, T, slots, None, u, centre=centre)
+    plain = reference_deviation_stats(G, rows, T, slots, None, u)
+    assert len(out) == len(plain) + 2
+    assert np.array_equal(out[0], plain[0])  # the drift
+    for got, want in zip(out[1:len(plain)], plain[1:]):
+        np.testing.assert_allclose(got, want, rtol=SUM_RTOL[dtype], atol=SUM_RTOL[dtype] * float(np.max(np.abs(want))))
+    drift, sq, base, cross = out[0], out[1], out[-2], out[-1]
+    for factors in (np.ones(n), rng.uniform(0.05, 1.0, n), np.zeros(n)):
+        f = factors.astype(dtype).astype(np.float64)
+        want = clip_to_references(np.empty((n + 2, d), dtype=dtype), G, rows, T.copy(), slots, drift, factors,
+                                  centre=centre)
+        scale = base + f * f * sq  # the terms' size: the tolerance of a difference of float32 sums
+        assert np.all(np.abs(base + 2.0 * f * cross + f * f * sq - want) <= 4 * SUM_RTOL[dtype] * scale)
+
+
+def test_deviation_pass_centre_sums_of_huge_rows_are_finite():
+    """float32 rows whose squares overflow float32 lanes: the centre sums are summed again in float64 (finite)."""
+    from flwr_byzantine.aggregators.streaming import reference_deviation_stats
+
+    d = 2 * kernels.KERNEL_TILE + 3
+    G = np.ones((3, d), dtype=np.float32)
+    T = np.zeros((3, d), dtype=np.float32)
+    G[1, 5] = np.float32(1e20)
+    T[2, 700] = np.float32(3e38)
+    centre = np.zeros(d, dtype=np.float32)
+    for u in (None, np.full(d, 1 / np.sqrt(d), dtype=np.float32)):
+        out = reference_deviation_stats(G, np.arange(3), T, np.arange(3), None, u, centre=centre)
+        drift = out[0].astype(np.float64)
+        A = (T.astype(np.float64) + drift) - 0.0
+        E = (G.astype(np.float64) - T) - drift
+        assert all(np.all(np.isfinite(x)) for x in out[1:])
+        np.testing.assert_allclose(out[-2], np.einsum("ij,ij->i", A, A), rtol=1e-6)
+        np.testing.assert_allclose(out[-1], np.einsum("ij,ij->i", A, E), rtol=1e-6, atol=1e-6 * np.abs(A).max() ** 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 23])
+def test_column_sums_of_rows_are_numpys_bit_for_bit(dtype, n):
+    rng = np.random.default_rng(n)
+    T = (rng.standard_normal((30, kernels.COLUMN_SUM_SPAN + 77)) * 5).astype(dtype)
+    idx = rng.permutation(30)[:n].astype(np.intp)
+    out = np.full(T.shape[1], np.nan, dtype=dtype)
+    kernels.column_sums_of_rows(T, idx, out)
+    assert np.array_equal(out, T[idx].sum(axis=0) if n else np.zeros(T.shape[1], dtype=dtype))
+
+
+def test_deferred_clipping_is_the_into_table_clipping_once_finished():
+    """``apply(into_table=True, defer=True)``: the references keep their old rows until the caller's pass; the
+    clipping it describes (:meth:`deferred`), done by the caller for some rows and by :meth:`finish_clip` for the
+    rest, leaves the table and the decisions of the plain ``into_table`` call bit for bit; :meth:`settle` finishes an
+    unfinished clipping before the jump fixes; distances to a centre are the same algebraic ones in both."""
+    from flwr_byzantine.aggregators.temporal import SelfReference
+
+    rng = np.random.default_rng(9)
+    R, d = 16, 700
+    a, b = SelfReference(burn_in=0), SelfReference(burn_in=0)
+    centres = rng.normal(size=(R, d)).astype(np.float32) * 3
+    ids = list(range(R))
+    centre = np.zeros(d, dtype=np.float32)
+    for t in range(6):
+        G = centres + rng.normal(size=(R, d)).astype(np.float32) * np.float32(0.3) + np.float32(0.1 * t)
+        skip = [4] if t == 2 else []
+        if t == 4:
+            G[[1, 6]] *= -1.0  # two mature jumps
+        _, ib = b.apply(G, ids, skip=skip, into_table=True, centre=centre)
+        b.adopt([ids[r] for r in ib["new_rows"]], G[ib["new_rows"]])
+        before = a.refs.rows.copy() if len(a.refs) else None
+        Va, ia = a.apply(G, ids, skip=skip, into_table=True, centre=centre, defer=True)
+        assert Va is None and ia["jumped"] == ib["jumped"] and ia["self_clipped"] == ib["self_clipped"]
+        assert np.array_equal(ia["centre_sq"], ib["centre_sq"])
+        plan = a.deferred()
+        if t == 0:  # no references yet: nothing clipped, nothing deferred
+            assert plan is None
+        else:
+            assert plan is not None and plan.rows.tolist() == [r for r in range(R)
+                                                               if r not in skip and r not in ia["new_rows"]]
+            assert np.array_equal(a.refs.rows[plan.slots], before[plan.slots])  # not written yet
+            if t % 2:  # the caller clips the first half in its own pass (as the fold's self_clip does), the rest later
+                half = plan.rows.size // 2
+                clip_to_references(None, G, plan.rows[:half], a.refs.rows, plan.slots[:half], plan.drift,
+                                   plan.factors[:half], store=True)
+                a.finish_clip(plan.rows[:half])
+            assert (a.deferred() is None) == bool(t % 2)
+        a.adopt([ids[r] for r in ia["new_rows"]], G[ia["new_rows"]])
+        a.settle()  # finishes what is left (even rounds), then the jump fixes
+        b.settle()
+        assert a.deferred() is None and a._pending is None
+        assert sorted(a.refs.index) == sorted(b.refs.index)
+        assert all(np.array_equal(a.refs.get([n]), b.refs.get([n])) for n in a.refs.index), t
+
+
+def test_fused_fast_rounds_clip_the_rows_in_the_memories_fold(monkeypatch):
+    """Fused fast rounds with a last estimate defer the self-reference's clipping to the memories' fold (no clipping
+    pass of its own for the folded rows), with the unfused passes' results bit for bit."""
+    from flwr_byzantine.aggregators import memory, streaming, temporal
+
+    folds, clip_passes = [], []
+    real_fold, real_clip = memory.ClientMomentum.fold_rows, streaming.clip_to_references
+
+    def fold_spy(self, *a, **k):
+        folds.append(k.get("self_clip") is not None)
+        return real_fold(self, *a, **k)
+
+    def clip_spy(V, G, rows, *a, **k):
+        clip_passes.append(len(rows))
+        return real_clip(V, G, rows, *a, **k)
+
+    monkeypatch.setattr(memory.ClientMomentum, "fold_rows", fold_spy)
+    monkeypatch.setattr(temporal, "clip_to_references", clip_spy)
+    R, d = 24, 5000
+    fused = RobustDefence(eps_tilde=0.2, seed=0, fast_above=16 * d)
+    plain = RobustDefence(eps_tilde=0.2, seed=0, fast_above=16 * d)
+    plain.fuse_passes = False
+    for t, (G, ids) in enumerate(_attacked_rounds(8, R, d)):
+        n_folds, n_clips = len(folds), len(clip_passes)
+        a = fused.aggregate(G, client_ids=ids)
+        mine_folds, mine_clips = folds[n_folds:], clip_passes[n_clips:]
+        b = plain.aggregate(G, client_ids=ids)
+        assert np.array_equal(a.estimate, b.estimate) and a.kept.tolist() == b.kept.tolist()
+        if t > 0:  # a last estimate: the clipping deferred to the fold, which clips every folded row
+            assert mine_folds == [True]
+            left_out = len(set(a.info["gross"]) | set(a.info.get("jumped", [])) | set(a.info.get("duplicates", [])))
+            assert sum(mine_clips) <= left_out  # only rows the fold left out are clipped on their own
+    assert any(folds)

@@ -121,12 +121,13 @@ def test_large_rounds_fused_momentum_takes_the_numpy_decisions(monkeypatch):
     truth = rng.normal(size=d).astype(np.float32)
     fused = RobustDefence(eps_tilde=0.2, seed=0, fast_above=R * d)
     plain = RobustDefence(eps_tilde=0.2, seed=0, fast_above=R * d)
-    plain.fuse_passes = False  # the distances from their own pass (patched below)
+    plain.fuse_passes = False  # the distances from their own pass (patched below), not the deviations' sums
     ref = PlainMomentum(plain.memory.beta, plain.memory.max_idle_rounds)
 
-    def plain_fold(G, rows, ids, out=None, centre=None, factors=None, table_view=False, source=None, sketch=None):
+    def plain_fold(G, rows, ids, out=None, centre=None, factors=None, table_view=False, source=None, sketch=None,
+                   self_clip=None):
         assert sketch is None  # unfused: the filter sketches the memories itself
-        assert source is None  # the plain passes write the clipped rows out
+        assert source is None and self_clip is None  # the plain passes write the clipped rows out
         M = np.zeros(G.shape, dtype=G.dtype)
         M[rows] = ref.fold(G, rows, ids, centre, factors)
         return M
@@ -139,6 +140,7 @@ def test_large_rounds_fused_momentum_takes_the_numpy_decisions(monkeypatch):
         res_f = fused.aggregate(G, client_ids=ids)
         with monkeypatch.context() as mp:
             mp.setattr(kernels, "centre_sq_distances", _plain_distances)
+            mp.setattr(plain, "_fast_centre", lambda *a: None)  # every distance from the patched pass
             mp.setattr(plain.memory, "fold_rows", plain_fold)
             mp.setattr(plain.memory, "hold", ref.hold)
             res_p = plain.aggregate(G, client_ids=ids)

@@ -153,13 +153,6 @@ FAST_FILTER = {"sketch_dim": 2048, "spectral_above": 64}
 #: O(R^2 m) (as ``benchmarks.decode_time``'s ``rge-fast``); its sketching pass takes no column sums (the survivors'
 #: mean is one BLAS product after the filter: :class:`~.rge.RGE`'s ``column_sums``).
 FAST_MANY_ROWS, FAST_MANY_ROWS_SKETCH_DIM = 500, 1024
-#: Fused fast rounds whose sketched filter reads the memories take its sketch in the memories' fold
-#: (:func:`~.kernels.clip_fold_sketch_rows`), except where that filter also sums the columns and a row is longer than
-#: this: the column sums, a row's length read and written for every row, then leave L2 and the fused pass cost more
-#: than the two (issue 12, the twenty-eighth landing; a one-off script's one-thread ratios to ``np.mean`` of the fold
-#: with the sketch against the fold plus the filter's pass: R = 1000, d = 1e5, no sums 3.8 against 4.8; R = 400,
-#: d = 2.5e5, sums 3.6 against 4.0; R = 100, d = 1e6, sums 4.5 against 4.0, no sums 3.1 against 3.5).
-FOLD_SKETCH_SUMS_MAX_BYTES = 1 << 20
 #: Rounds of at least ``fast_above`` entries with ``d > 2 * SCREEN_SKETCH_DIM`` screen gross outliers on a
 #: server-private CountSketch of this length (:func:`~.sketch.sketch_rows`, fresh signs every round).
 SCREEN_SKETCH_DIM = 2048
@@ -600,10 +593,11 @@ class RobustDefence(Aggregator):
         """Whether a round of ``R x d`` entries runs the fast passes (``fast_passes``, at least ``fast_above`` entries)."""
         return bool(self.fast_passes and self.fast_above is not None and R * d >= self.fast_above)
 
-    def _fused_centre(self, R: int, d: int, dtype: Any) -> np.ndarray | None:
-        """The worker momentum's input-clipping centre when a fast round's self-reference pass can take the rows'
-        distances to it while it writes them (``fuse_passes``; the centre is the last estimate), else ``None``."""
-        if not (self.fuse_passes and self._fast_round(R, d) and self.momentum > 0 and self.input_clip_scale is not None
+    def _fast_centre(self, R: int, d: int, dtype: Any) -> np.ndarray | None:
+        """The worker momentum's input-clipping centre (the last estimate) when a fast round's self-reference pass
+        takes the rows' distances to it from its deviations' sums, before it clips them (fused passes or not), else
+        ``None``."""
+        if not (self._fast_round(R, d) and self.momentum > 0 and self.input_clip_scale is not None
                 and R > 2 and self._last_estimate is not None and self._last_estimate.shape[0] == d):
             return None
         return np.ascontiguousarray(self._last_estimate, dtype=dtype)
@@ -614,9 +608,24 @@ class RobustDefence(Aggregator):
         memories' fold can fill it (numpy rows whose memories keep their dtype), else ``None`` (nothing drawn)."""
         if is_torch(G) or G.dtype not in (np.float32, np.float64) or not self.memory.keeps(G.dtype):
             return None
-        if filt.column_sums and d * G.dtype.itemsize > FOLD_SKETCH_SUMS_MAX_BYTES:
-            return None  # the column sums of such rows cost the fused pass more than it saves
         return filt.presketch_request(R, d, G.dtype)
+
+    def _self_clip(self, keep_rows: np.ndarray, src: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """The memories' fold's ``self_clip`` (:meth:`~.memory.ClientMomentum.fold_rows`) for the self-reference's
+        deferred clipping (:meth:`~.temporal.SelfReference.deferred`): the drift and each folded row's factor, where
+        every folded row with a reference (``src >= 0``) is one the clipping left (else ``None``, after clipping them
+        all into the table: the fold then reads them there, as the unfused passes do)."""
+        plan = self.self_reference.deferred()
+        if plan is None:
+            return None
+        mine = src >= 0
+        at = np.searchsorted(plan.rows, keep_rows[mine])  # both ascending
+        if not (at.size == 0 or (int(at.max()) < plan.rows.size and np.array_equal(plan.rows[at], keep_rows[mine]))):
+            self.self_reference.finish_clip()  # (not expected: a folded row with a reference the clipping did not see)
+            return None
+        factors = np.ones(keep_rows.size, dtype=plan.factors.dtype)
+        factors[mine] = plan.factors[at]
+        return plan.drift, factors
 
     def _screen_sketched(self, updates: ArrayLike) -> bool:
         """Whether the gross screen of ``updates`` runs on a sketch of numpy float32/float64 rows (one compiled pass
@@ -704,12 +713,14 @@ class RobustDefence(Aggregator):
         if refs_evidence and step is not None:
             norm = float(np.linalg.norm(step))
             along = np.asarray(step, dtype=np.float64) / norm if norm > 0 and np.isfinite(norm) else None
-        # fused fast rounds: the clipped rows stay in the self-reference's table, whence the memories' fold reads them
-        # (no buffer of clipped rows written and read again); `in_table` when the self-reference did so
+        # fused fast rounds: the rows are clipped into the self-reference's table by the memories' fold, which folds
+        # them on the way (the clipping deferred: no buffer of clipped rows, no pass of its own); `in_table` when the
+        # self-reference did so
         in_table = False
         if ids is not None and self.self_reference is not None:
-            fused_centre = self._fused_centre(R, d, raw.dtype)
-            into_table = fused_centre is not None  # also the momentum's input clipping, on the distances taken there
+            fast_centre = self._fast_centre(R, d, raw.dtype)
+            # fused: the clipped rows go into the self-reference's table in the memories' fold's pass (deferred)
+            into_table = fast_centre is not None and self.fuse_passes
             if not into_table and (self._scratch is None or self._scratch.shape != raw.shape
                                    or self._scratch.dtype != raw.dtype):
                 self._scratch = np.empty_like(raw)  # the clipped rows, rewritten every round (no fresh pages)
@@ -719,8 +730,9 @@ class RobustDefence(Aggregator):
                 groups = drift_groups(target, group)
                 drift_rows = group * groups if groups > 1 else target
             V, self_info = self.self_reference.apply(raw, ids, skip=gross, out=None if into_table else self._scratch,
-                                                     drift_rows=drift_rows, rng=self._pass_rng, centre=fused_centre,
-                                                     change_along=along, into_table=into_table, drift_groups=groups)
+                                                     drift_rows=drift_rows, rng=self._pass_rng, centre=fast_centre,
+                                                     change_along=along, into_table=into_table, drift_groups=groups,
+                                                     defer=into_table)
             in_table = V is None
             G = raw if in_table else V
         centre_sq = self_info.pop("centre_sq", None)
@@ -820,17 +832,23 @@ class RobustDefence(Aggregator):
             # that filter's signs (bit for bit what its own pass would take; one pass over the rows fewer)
             if fast and self.fuse_passes and not spent_before_filter and active.size > 1:
                 fold_sketch = self._fold_sketch(filt, R, d, G)
+            src = None if refs is None else refs.find(keep_ids)
+            self_clip = None if refs is None else self._self_clip(keep_rows, src)
             M = self.memory.fold_rows(
                 G, keep_rows, keep_ids, out=self._memory_out,
                 centre=centre0 if factors0 is not None else None,
                 factors=None if factors0 is None else factors0[keep_rows],
                 table_view=fast and self.fuse_passes,  # fast rounds: the table's rows themselves when they are a run
-                # the clipped rows, in place; a new node's row (not in the table: -1) from the round's rows
-                source=None if refs is None else (refs.rows, refs.find(keep_ids)), sketch=fold_sketch)
+                # the clipped rows, clipped into the table in this pass (deferred) or there already; a new node's row
+                # (not in the table: -1) from the round's rows
+                source=None if refs is None else (refs.rows, src), sketch=fold_sketch, self_clip=self_clip)
             if fold_sketch is not None:
                 handed = fold_sketch[1]
             if in_table:
-                self.self_reference.settle()  # read: the jumped nodes' references now follow the drift only
+                # the deferred rows the fold did not clip (left out of it), then the jumped nodes' references now
+                # follow the drift only
+                self.self_reference.finish_clip(keep_rows[src >= 0] if self_clip is not None else ())
+                self.self_reference.settle()
             if M.flags.writeable:  # the buffer (not a read-only view of the memory table): kept for the next round
                 self._memory_out = M
             if unfolded.size:

@@ -170,7 +170,8 @@ class ClientMomentum:
     def fold_rows(self, G: np.ndarray, rows: np.ndarray, ids: Sequence[int], out: np.ndarray | None = None,
                   centre: np.ndarray | None = None, factors: np.ndarray | None = None,
                   table_view: bool = False, source: tuple[np.ndarray, np.ndarray] | None = None,
-                  sketch: tuple[np.ndarray, Any] | None = None) -> np.ndarray:
+                  sketch: tuple[np.ndarray, Any] | None = None,
+                  self_clip: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """Fold ``x_k = centre + (G[rows[k]] - centre) * factors[k]`` (or ``G[rows[k]]`` without ``centre``) into
         node ``ids[k]``'s memory, ``m <- beta m + (1 - beta) x_k`` (a new or returning node: ``m <- x_k``), and
         write the memory into ``out[rows[k]]``.
@@ -190,13 +191,20 @@ class ClientMomentum:
         its table, :meth:`~.temporal.SelfReference.apply` with ``into_table``), not ``G[rows[k]]``, except where
         ``s[k] < 0`` (a row that is not in that table, e.g. a new node's): there it is ``G[rows[k]]``.
 
+        ``self_clip = (drift, f)`` (with ``source``, whose table holds the nodes' references, e.g. the self-reference's
+        deferred clipping, :meth:`~.temporal.SelfReference.apply` with ``defer``): row ``rows[k]``'s input is then
+        ``G[rows[k]]`` clipped against its reference ``S[s[k]]`` with factor ``f[k]``, ``(S[s[k]] + drift) +
+        ((G[rows[k]] - S[s[k]]) - drift) * f[k]``, which the same pass also writes into ``S[s[k]]`` (the
+        self-reference's store; :func:`~.kernels.clip_fold_rows`: one pass for the clipping and the fold, bit for
+        bit the two); rows with ``s[k] < 0`` are folded from ``G[rows[k]]`` as above.
+
         ``sketch = (signs, Z)`` (``rows`` ascending, :meth:`keeps` the rows' dtype; ``signs`` and the zeroed
         :class:`~.sketch.RowSketch` ``Z`` of ``G.shape[0]`` rows from :meth:`~.rge.RGE.presketch_request`): the same
         pass also fills ``Z`` with what :func:`~.sketch.sketch_rows` with those signs would take of the returned matrix
         whose rows not in ``rows`` are zero (:func:`~.kernels.clip_fold_sketch_rows`: the sketch, the squared norms,
         the column sums), bit for bit, for the sketched filter that reads the memories next (one pass fewer).
         """
-        from .kernels import clip_fold_rows, clip_fold_sketch_rows
+        from .kernels import FOLD_SUMS_IN_PASS_MAX_BYTES, clip_fold_rows, clip_fold_sketch_rows, column_sums_of_rows
 
         G = np.asarray(G)
         if not np.issubdtype(G.dtype, np.floating):
@@ -206,6 +214,8 @@ class ClientMomentum:
         if G.ndim != 2 or rows.ndim != 1 or len(ids) != rows.size:
             raise ValueError("G must be (R, d) with one id per folded row")
         S, src = G, rows
+        if self_clip is not None and source is None:
+            raise ValueError("self_clip clips the rows against their references: it needs the references' table")
         if source is not None:
             from_table = np.ascontiguousarray(source[1], dtype=np.intp)
             if from_table.shape != rows.shape:
@@ -216,6 +226,8 @@ class ClientMomentum:
                     raise ValueError("source must be a table of the rows' width and dtype")
                 if not (-1 <= int(src.min()) and int(src.max()) < S.shape[0]):
                     raise ValueError("source rows out of range")
+            else:
+                self_clip = None  # no row has a reference: nothing to clip against
         if len(set(ids)) != len(ids):
             raise ValueError("node ids must be distinct within a round")
         if (centre is None) != (factors is None):
@@ -240,9 +252,19 @@ class ClientMomentum:
         clip = centre is not None
         centre = np.ascontiguousarray(centre if clip else np.zeros(1), dtype=G.dtype)
         factors = np.ascontiguousarray(factors if clip else np.ones(rows.size), dtype=G.dtype)
+        if self_clip is None:
+            drift, sfactors = np.empty(0, dtype=G.dtype), np.empty(0, dtype=G.dtype)
+        else:
+            drift = np.ascontiguousarray(self_clip[0], dtype=G.dtype)
+            sfactors = np.ascontiguousarray(self_clip[1], dtype=G.dtype)
+            if drift.shape != (G.shape[1],) or sfactors.shape != rows.shape:
+                raise ValueError("self_clip needs the drift (one value per column) and one factor per folded row")
+            own_src = src[src >= 0]
+            if np.unique(own_src).size != own_src.size:
+                raise ValueError("self_clip writes the references: one folded row per reference")
         if sketch is None:
             clip_fold_rows(out, S, rows, src, centre, factors, clip, table, slots, cont,
-                           table.dtype.type(self.beta), G.dtype.type(1.0 - self.beta), G)
+                           table.dtype.type(self.beta), G.dtype.type(1.0 - self.beta), G, drift, sfactors)
         else:
             from .sketch import sketch_buckets
 
@@ -253,10 +275,14 @@ class ClientMomentum:
                     or sums.dtype != table.dtype or (rows.size > 1 and bool(np.any(np.diff(rows) <= 0)))):
                 raise ValueError("the fold's sketch needs one zeroed float64 row per row of G, one sign per column, "
                                  "ascending rows and column sums in the memories' dtype")
+            # long rows: the column sums from a second read of the folded memories (FOLD_SUMS_IN_PASS_MAX_BYTES)
+            later = sums.size > 0 and G.shape[1] * table.dtype.itemsize > FOLD_SUMS_IN_PASS_MAX_BYTES
             clip_fold_sketch_rows(out, S, rows, src, centre, factors, clip, table, slots, cont,
-                                  table.dtype.type(self.beta), G.dtype.type(1.0 - self.beta), G,
-                                  np.ascontiguousarray(signs, dtype=np.int8), k1, k2, Z.Y, Z.sq_norms, sums,
-                                  1.0 / math.sqrt(2.0))
+                                  table.dtype.type(self.beta), G.dtype.type(1.0 - self.beta), G, drift, sfactors,
+                                  np.ascontiguousarray(signs, dtype=np.int8), k1, k2, Z.Y, Z.sq_norms,
+                                  sums[:0] if later else sums, 1.0 / math.sqrt(2.0))
+            if later:
+                column_sums_of_rows(table, np.ascontiguousarray(slots, dtype=np.intp), sums)
         for node in ids:
             self._seen[node] = self.calls
         if view is not None:

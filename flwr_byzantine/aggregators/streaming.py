@@ -131,7 +131,7 @@ def row_sq_norms_to(A: np.ndarray, centre: np.ndarray) -> np.ndarray:
 
 def reference_deviation_stats(G: np.ndarray, rows: np.ndarray, table: np.ndarray, slots: np.ndarray,
                               median_of: np.ndarray | None = None, direction: np.ndarray | None = None,
-                              groups: int = 1) -> tuple[np.ndarray, ...]:
+                              groups: int = 1, centre: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
     """``drift = np.median(G[rows] - table[slots], axis=0)`` and every row's ``||G[r] - table[s] - drift||^2``.
 
     What :meth:`~.temporal.SelfReference.apply` computes, in one compiled pass over the rows
@@ -144,6 +144,10 @@ def reference_deviation_stats(G: np.ndarray, rows: np.ndarray, table: np.ndarray
     every row's change from its reference, ``||G[r] - table[s]||^2`` and ``<G[r] - table[s], direction>`` (float64),
     from the same read: ``(drift, sq, change_sq, change_dots)``.  ``groups`` (odd): ``median_of`` (in any order) is that
     many consecutive groups of equal size, and the drift is the coordinate-wise median of the groups' medians.
+    ``centre`` (a vector): also, last in the tuple, every row's ``||a||^2`` and ``<a, e>`` (float64) with
+    ``a = (table[s] + drift) - centre`` and ``e = G[r] - table[s] - drift``, from the same read: the row clipped with
+    factor ``f`` (:func:`clip_to_references`) is at a squared distance of about ``||a||^2 + 2 f <a, e> + f^2 ||e||^2``
+    from ``centre`` (:func:`~.kernels.drift_and_deviations`).
     """
     from .kernels import SELECT_BLOCK_VALUES, drift_and_deviations, selection_network
 
@@ -163,9 +167,14 @@ def reference_deviation_stats(G: np.ndarray, rows: np.ndarray, table: np.ndarray
         u, csq, cdots = np.empty(0, dtype=drift.dtype), np.empty(0), np.empty(0)
     else:
         u, csq, cdots = np.ascontiguousarray(direction, dtype=drift.dtype), np.empty(n), np.empty(n)
+    if centre is None:
+        c, base, cross = np.empty(0, dtype=drift.dtype), np.empty(0), np.empty(0)
+    else:
+        c, base, cross = np.ascontiguousarray(centre, dtype=drift.dtype), np.empty(n), np.empty(n)
     drift_and_deviations(G, rows, table, slots, sample, lo, hi, npad, drift, sq, SELECT_BLOCK_VALUES, u, csq, cdots,
-                         groups)
-    return (drift, sq) if direction is None else (drift, sq, csq, cdots)
+                         groups, c, base, cross)
+    out = (drift, sq) if direction is None else (drift, sq, csq, cdots)
+    return out if centre is None else out + (base, cross)
 
 
 def clip_to_references(V: np.ndarray | None, G: np.ndarray, rows: np.ndarray, table: np.ndarray, slots: np.ndarray,

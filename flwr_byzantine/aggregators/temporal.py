@@ -30,6 +30,7 @@ the round's median change (40 digits clients at Dirichlet alpha 0.3: 22 of them 
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -49,6 +50,19 @@ SPREAD_WINDOW = 9
 #: taken by an adversary does not move a median.
 SPREAD_MIN = 3
 
+
+
+@dataclass(frozen=True)
+class DeferredClip:
+    """The self-reference's clipping that :meth:`SelfReference.apply` with ``defer`` leaves to its caller's pass:
+    row ``rows[k]`` of ``G`` (the round's rows) becomes ``(T[slots[k]] + drift) + ((G[rows[k]] - T[slots[k]]) - drift)
+    * factors[k]``, stored into the references' table ``T`` (``drift`` and ``factors`` in the table's dtype)."""
+
+    G: np.ndarray
+    rows: np.ndarray
+    slots: np.ndarray
+    drift: np.ndarray
+    factors: np.ndarray
 
 
 class SelfReference:
@@ -112,6 +126,8 @@ class SelfReference:
         self.spreads: dict[int, list[float]] = {}
         # references that follow only the drift (mature jumps), left to :meth:`settle` by an ``into_table`` call
         self._pending: tuple[list[int], np.ndarray] | None = None
+        # the clipping a ``defer`` call left to the caller's pass (:meth:`deferred`, :meth:`finish_clip`)
+        self._deferred: DeferredClip | None = None
 
     def reset(self) -> None:
         """Forget every node's reference."""
@@ -119,11 +135,34 @@ class SelfReference:
         self.ages = {}
         self.spreads = {}
         self._pending = None
+        self._deferred = None
+
+    def deferred(self) -> DeferredClip | None:
+        """The clipping the last :meth:`apply` with ``defer`` left to the caller (``None`` when it clipped nothing, or
+        :meth:`finish_clip` has run)."""
+        return self._deferred
+
+    def finish_clip(self, done: Sequence[int] = ()) -> None:
+        """Clip and store the deferred rows (:meth:`apply` with ``defer``) that the caller's pass has not (``done``:
+        row indices it clipped into the table, e.g. the memories' fold with ``self_clip``): the rows as
+        :func:`~.streaming.clip_to_references` with ``store`` writes them.  Called by :meth:`settle` too, for every
+        row not yet clipped; a no-op without a deferred clipping."""
+        plan, self._deferred = self._deferred, None
+        if plan is None:
+            return
+        done_set = {int(r) for r in done}
+        rest = [k for k, r in enumerate(plan.rows.tolist()) if r not in done_set]
+        if rest:
+            rest_idx = np.asarray(rest, dtype=np.intp)
+            clip_to_references(None, plan.G, plan.rows[rest_idx], self.refs.rows, plan.slots[rest_idx], plan.drift,
+                               plan.factors[rest_idx], store=True)
 
     def settle(self) -> None:
-        """Finish the last :meth:`apply` with ``into_table``: its jumped nodes' references, which held their clipped
-        rows for the caller to read, now follow only the common drift.  Called by the next :meth:`apply` and by
-        :meth:`state_dict` too; a no-op otherwise."""
+        """Finish the last :meth:`apply` with ``into_table``: its deferred clipping, if the caller has not finished it
+        (:meth:`finish_clip`), then its jumped nodes' references, which held their clipped rows for the caller to
+        read, now follow only the common drift.  Called by the next :meth:`apply` and by :meth:`state_dict` too; a
+        no-op otherwise."""
+        self.finish_clip()
         if self._pending is None:
             return
         ids, values = self._pending
@@ -140,8 +179,8 @@ class SelfReference:
     def apply(self, G: np.ndarray, ids: Sequence[int], skip: Sequence[int] = (),
               out: np.ndarray | None = None, drift_rows: int | None = None,
               rng: np.random.Generator | None = None, centre: np.ndarray | None = None,
-              change_along: np.ndarray | None = None, into_table: bool = False, drift_groups: int = 1
-              ) -> tuple[np.ndarray | None, dict[str, Any]]:
+              change_along: np.ndarray | None = None, into_table: bool = False, drift_groups: int = 1,
+              defer: bool = False) -> tuple[np.ndarray | None, dict[str, Any]]:
         """Clip the rows of ``G`` (node ``ids[r]`` for row ``r``) against their references.
 
         Rows in ``skip`` (e.g. gross outliers dropped this round) are returned unchanged, do not
@@ -157,8 +196,11 @@ class SelfReference:
         R = 1000); with fewer nodes than the groups need, two groups fewer at a time, down to one group
         (``info["drift_groups"]``).
         ``centre`` (a vector of ``G``'s dtype): ``info["centre_sq"]`` holds every returned row's squared distance
-        to it, ``||V[r] - centre||^2`` (float64, :func:`~.kernels.centre_sq_distances`' sums bit for bit), taken
-        while the clipping writes the rows (one read of ``V`` fewer for a caller that needs them).
+        to it, ``||V[r] - centre||^2`` (float64): for a clipped row ``a + f e`` (``a = (r_i + drift) - centre``,
+        ``e`` its deviation, ``f`` its factor) taken as ``||a||^2 + 2 f <a, e> + f^2 ||e||^2`` from sums of the
+        deviations' pass (:func:`~.streaming.reference_deviation_stats` with ``centre``; agrees with the distance of
+        the written row to about 1e-7 of the terms for float32 rows), known before the rows are written; for the
+        others :func:`~.kernels.centre_sq_distances`' sums.
         ``change_along`` (a unit vector): the pass that takes the deviations also takes every such row's change from
         its reference, ``info["change_rows"]`` (row indices), ``info["change_sq"]`` (``||G[r] - r_i||^2``) and
         ``info["change_dots"]`` (``<G[r] - r_i, change_along>``), float64, before any reference changes (the default
@@ -170,6 +212,11 @@ class SelfReference:
         returned unchanged) is not stored then: the caller stores the references of those it keeps with :meth:`adopt`
         (a reply the round does not keep gives no reference, :meth:`forget`; storing every new row first cost a copy
         of each persistent attacker's reply every round, issue 12).  Otherwise ``V`` is returned as above.
+        ``defer`` (with ``into_table``): the clipped rows are not written either: the clipping (its rows, their
+        references' slots, the drift and the factors, :meth:`deferred`) is left to the caller's pass over the rows,
+        which clips them into the table as it reads them (the worker momentum's fold, one pass for both: issue 12, the
+        thirtieth landing), and :meth:`finish_clip` (or :meth:`settle`) clips the rest; until then the table holds the
+        old references.
         """
         self.settle()
         G = np.asarray(G)
@@ -204,7 +251,7 @@ class SelfReference:
                     sample = np.sort((rng or np.random.default_rng()).choice(len(rows), size=size, replace=False))
                     info["drift_rows"] = size
             stats = reference_deviation_stats(G, np.asarray(rows), self.refs.rows, slots, sample, change_along,
-                                              groups=groups if sample is not None else 1)
+                                              groups=groups if sample is not None else 1, centre=centre)
             drift, dev_sq = stats[0], stats[1]
             if change_along is not None:
                 info.update(change_rows=list(rows), change_sq=stats[2], change_dots=stats[3])
@@ -242,10 +289,17 @@ class SelfReference:
                             jump_fix = ([ids[r] for r, m in zip(jr, mature) if m], fix.astype(vtype, copy=False))
                         info["jumped"] = [int(r) for r in jr]
                         info["jump_ratio"] = [float(x) for x in dist[jump] / np.maximum(level[jump], 1e-300)]
-                csq = clip_to_references(V, G, np.asarray(rows), self.refs.rows, slots, drift, factors,  # ref + drift + dev * f
-                                         store=stored, centre=centre)
-                if centre_sq is not None:
-                    centre_sq[rows] = csq
+                if centre_sq is not None:  # a + f e away from the centre (the docstring): before any row is written
+                    f = factors.astype(vtype).astype(np.float64)
+                    base, cross = stats[-2], stats[-1]
+                    centre_sq[rows] = np.maximum(base + 2.0 * f * cross + f * f * dev_sq, 0.0)
+                if defer and V is None:  # the caller's pass clips them (deferred, finish_clip)
+                    self._deferred = DeferredClip(G, np.asarray(rows, dtype=np.intp), np.asarray(slots, dtype=np.intp),
+                                                  np.ascontiguousarray(drift, dtype=vtype),
+                                                  np.ascontiguousarray(factors, dtype=vtype))
+                else:
+                    # ref + drift + dev * f
+                    clip_to_references(V, G, np.asarray(rows), self.refs.rows, slots, drift, factors, store=stored)
                 copied = True
                 info.update(self_clipped=int(np.sum(factors < 1.0)), self_radius=radius)
         others = np.setdiff1d(np.arange(len(ids)), rows if copied else [])
