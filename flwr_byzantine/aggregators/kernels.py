@@ -355,53 +355,11 @@ def _sq_deviation_and_change(g, t, dr, u, n, zero):
 
 
 @numba.njit(cache=True, fastmath={"reassoc"})
-def _sum_sq_deviation_centre(g, t, dr, c, n):
-    """``(sum e^2, sum a^2, sum a e)`` with ``e = (g - t) - dr`` and ``a = (t + dr) - c`` (the rows' dtype, IEEE order),
-    summed in float64; only the sums reassociated.  ``a + f e`` is the row clipped with factor ``f`` minus ``c``
-    (:func:`_clip_segment`'s ``(t + dr) + e f``), so its squared distance to ``c`` is ``sum a^2 + 2 f sum a e +
-    f^2 sum e^2`` (:func:`drift_and_deviations`' ``centre``)."""
-    acc = 0.0
-    acc_a = 0.0
-    acc_ae = 0.0
-    for k in range(n):
-        ref = t[k]
-        e = np.float64((g[k] - ref) - dr[k])
-        a = np.float64((ref + dr[k]) - c[k])
-        acc += e * e
-        acc_a += a * a
-        acc_ae += a * e
-    return acc, acc_a, acc_ae
-
-
-@numba.njit(cache=True, fastmath={"reassoc"})
-def _lane_sq_deviation_centre(g, t, dr, c, n, zero):
-    """:func:`_sum_sq_deviation_centre` summed in the type of ``zero`` (the rows' dtype)."""
-    acc = zero
-    acc_a = zero
-    acc_ae = zero
-    for k in range(n):
-        ref = t[k]
-        e = (g[k] - ref) - dr[k]
-        a = (ref + dr[k]) - c[k]
-        acc += e * e
-        acc_a += a * a
-        acc_ae += a * e
-    return np.float64(acc), np.float64(acc_a), np.float64(acc_ae)
-
-
-@numba.njit(cache=True)
-def _sq_deviation_centre(g, t, dr, c, n, zero):
-    """:func:`_sum_sq_deviation_centre` of one tile in the rows' dtype, or in float64 where a sum is not finite."""
-    a, b, p = _lane_sq_deviation_centre(g, t, dr, c, n, zero)
-    if a < np.inf and b < np.inf and abs(p) < np.inf:
-        return a, b, p
-    return _sum_sq_deviation_centre(g, t, dr, c, n)
-
-
-@numba.njit(cache=True, fastmath={"reassoc"})
 def _sum_sq_deviation_change_centre(g, t, dr, u, c, n):
-    """:func:`_sum_sq_deviation_and_change`'s three sums and :func:`_sum_sq_deviation_centre`'s ``sum a^2`` and
-    ``sum a e``, in float64."""
+    """:func:`_sum_sq_deviation_and_change`'s three sums and ``(sum a^2, sum a e)`` with ``a = (t + dr) - c`` and
+    ``e = (g - t) - dr`` (the rows' dtype, IEEE order), in float64; only the sums reassociated.  ``a + f e`` is the
+    row clipped with factor ``f`` minus ``c`` (:func:`_clip_segment`'s ``(t + dr) + e f``), so its squared distance to
+    ``c`` is ``sum a^2 + 2 f sum a e + f^2 sum e^2`` (:func:`drift_and_deviations`' ``centre``)."""
     acc = 0.0
     acc_x = 0.0
     acc_u = 0.0
@@ -491,7 +449,8 @@ def drift_and_deviations(G, rows, T, slots, sample, lo, hi, npad, drift, sq, blo
     dtype, or empty to skip): also every row's change from its reference,
     ``change_sq[i] = ||G[rows[i]] - T[slots[i]]||^2`` and ``change_dots[i] = <G[rows[i]] - T[slots[i]], u>``
     (float64), from the same read (the default defence's monotonicity evidence on large rounds).
-    ``centre`` (the rows' dtype, or empty to skip): also ``base_sq[i] = ||a||^2`` and ``cross[i] = <a, e>`` with
+    ``centre`` (the rows' dtype, or empty to skip; with ``u`` of the same length, and ``change_sq``, ``change_dots``
+    to fill: a zero ``u`` when the changes are not wanted): also ``base_sq[i] = ||a||^2`` and ``cross[i] = <a, e>`` with
     ``a = (T[slots[i]] + drift) - centre`` and ``e = (G[rows[i]] - T[slots[i]]) - drift``: row ``i`` clipped with
     factor ``f`` (:func:`clip_rows`) is ``a + f e`` away from ``centre``, a squared distance of
     ``base_sq + 2 f cross + f^2 sq`` (the worker momentum's input clipping on fast rounds: the distances before the
@@ -532,10 +491,10 @@ def _deviation_rows(G, rows, T, slots, drift, u, sq, change_sq, change_dots, i0,
     :data:`DEVIATION_ROWS`): with several rows the drift's and ``u``'s tile serves them all while it is in L1."""
     d = G.shape[1]
     changes = u.size > 0
-    to_centre = centre.size > 0
+    to_centre = centre.size > 0  # (with u: the changes' sums too)
     for i in range(i0, i1):
         sq[i] = 0.0
-        if changes:
+        if changes or to_centre:
             change_sq[i] = 0.0
             change_dots[i] = 0.0
         if to_centre:
@@ -546,7 +505,7 @@ def _deviation_rows(G, rows, T, slots, drift, u, sq, change_sq, change_dots, i0,
         for i in range(i0, i1):
             g = G[rows[i], c0:c1]
             t = T[slots[i], c0:c1]
-            if changes and to_centre:
+            if to_centre:  # (the caller passes a zero u and discards the changes when it wants none)
                 a, b, p, q, r = _sq_deviation_change_centre(g, t, drift[c0:c1], u[c0:c1], centre[c0:c1], c1 - c0,
                                                             zero)
                 sq[i] += a
@@ -559,11 +518,6 @@ def _deviation_rows(G, rows, T, slots, drift, u, sq, change_sq, change_dots, i0,
                 sq[i] += a
                 change_sq[i] += b
                 change_dots[i] += p
-            elif to_centre:
-                a, q, r = _sq_deviation_centre(g, t, drift[c0:c1], centre[c0:c1], c1 - c0, zero)
-                sq[i] += a
-                base_sq[i] += q
-                cross[i] += r
             else:
                 sq[i] += _sq_deviation(g, t, drift[c0:c1], c1 - c0, zero)
 

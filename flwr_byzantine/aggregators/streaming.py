@@ -163,8 +163,10 @@ def reference_deviation_stats(G: np.ndarray, rows: np.ndarray, table: np.ndarray
     drift = np.empty(d, dtype=np.result_type(G.dtype, table.dtype))
     sq = np.empty(n)
     lo, hi, npad = selection_network(int(sample.size) // groups)
-    if direction is None:
+    if direction is None and centre is None:
         u, csq, cdots = np.empty(0, dtype=drift.dtype), np.empty(0), np.empty(0)
+    elif direction is None:  # the centre's sums come with the changes' (a zero direction, the changes dropped)
+        u, csq, cdots = np.zeros(d, dtype=drift.dtype), np.empty(n), np.empty(n)
     else:
         u, csq, cdots = np.ascontiguousarray(direction, dtype=drift.dtype), np.empty(n), np.empty(n)
     if centre is None:
