@@ -956,7 +956,7 @@ def clip_fold_sketch_rows(M, G, rows, src, centre, factors, clip, T, slots, cont
         r = rows[i]
         own_clip = self_clip and src[i] >= 0
         g = own[r] if own_clip or src[i] < 0 else G[src[i]]
-        ref = G[src[i]] if own_clip else none
+        ref = G[src[i]] if own_clip else G[0, :0]  # (the references' dtype either way)
         t = T[slots[i]]
         f = factors[i]
         ci = cont[i]
