@@ -604,15 +604,50 @@ def test_presketch_request_draws_the_signs_the_filters_own_pass_would():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_long_rows_take_no_column_sums_and_the_survivors_mean_from_their_rows(monkeypatch, dtype):
+    """Rows longer than ``COLUMN_SUMS_MAX_BYTES``: the filter's own pass and a caller's presketch take no column sums
+    (the sums' vector would leave L2), the survivors' mean is one read of their rows (``rows_mean``), the same bits
+    either way and the survivors' float64 mean to the dtype's rounding; shorter rows keep the sums' downdate."""
+    import flwr_byzantine.aggregators.rge as rge_mod
+    from flwr_byzantine.aggregators.rge import RGE
+
+    R, d = 30, 600
+    rng = np.random.default_rng(5)
+    G = rng.standard_normal((R, d)).astype(dtype)
+    G[:5] += 40.0  # far rows: filtered out
+    item = np.dtype(dtype).itemsize
+    assert RGE(sketch_dim=64).sums_columns(d, dtype) and not RGE(sketch_dim=64, column_sums=False).sums_columns(d, dtype)
+    monkeypatch.setattr(rge_mod, "COLUMN_SUMS_MAX_BYTES", d * item - 1)
+    assert not RGE(sketch_dim=64).sums_columns(d, dtype) and RGE(sketch_dim=64).sums_columns(d - 1, dtype)
+    means, sketches = [], []
+    real_mean, real_sketch = rge_mod.rows_mean, rge_mod.sketch_rows
+    monkeypatch.setattr(rge_mod, "rows_mean", lambda *a: (means.append(1), real_mean(*a))[1])
+    monkeypatch.setattr(rge_mod, "sketch_rows", lambda *a, **k: (sketches.append(k.get("col_sums")),
+                                                                 real_sketch(*a, **k))[1])
+    own = RGE(sketch_dim=64, seed=2).aggregate_rows(G, np.arange(R))
+    assert sketches == [None] and len(means) == 1 and own.kept.tolist() == list(range(5, R))
+    np.testing.assert_allclose(own.estimate, G[5:].astype(np.float64).mean(axis=0), rtol=0, atol=SUM_RTOL[dtype] * 10)
+    handed = RGE(sketch_dim=64, seed=2)
+    signs, Z = handed.presketch_request(R, d, dtype)
+    assert Z.col_sums is None
+    from flwr_byzantine.aggregators.sketch import sketch_buckets
+
+    kernels.count_sketch(G, signs, *sketch_buckets(d, 64), Z.Y, Z.sq_norms, np.empty(0, dtype=dtype), 1 / np.sqrt(2.0))
+    got = handed.aggregate_rows(G, np.arange(R), presketch=Z)
+    assert len(sketches) == 1 and len(means) == 2  # no pass of its own; the survivors read once
+    assert got.kept.tolist() == own.kept.tolist() and np.array_equal(got.estimate, own.estimate)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_fast_rounds_take_the_filters_sketch_in_the_fold(monkeypatch, dtype):
     """Fused fast rounds whose filter runs sketch the memories in the fold (and the filter takes no pass of its own),
-    with the unfused passes' results bit for bit; rows whose column sums would leave L2 take the sums from a second
-    read of the memories, with the same bits."""
-    from flwr_byzantine.aggregators import defence, sketch
+    with the unfused passes' results bit for bit; rows longer than ``rge.COLUMN_SUMS_MAX_BYTES`` take no column sums
+    in either pass, and both give the survivors' mean from one read of the survivors (the same bits)."""
+    from flwr_byzantine.aggregators import defence, sketch, streaming
 
     fused_calls, filter_passes = [], []
     real_fold, real_sketch = kernels.clip_fold_sketch_rows, sketch.sketch_rows
-    monkeypatch.setattr(kernels, "clip_fold_sketch_rows", lambda *a: (fused_calls.append(1), real_fold(*a)))
+    monkeypatch.setattr(kernels, "clip_fold_sketch_rows", lambda *a: (fused_calls.append(a[-2].size), real_fold(*a)))
     import flwr_byzantine.aggregators.rge as rge_mod
 
     monkeypatch.setattr(rge_mod, "sketch_rows", lambda *a, **k: (filter_passes.append(1), real_sketch(*a, **k))[1])
@@ -629,18 +664,21 @@ def test_fused_fast_rounds_take_the_filters_sketch_in_the_fold(monkeypatch, dtyp
         assert np.array_equal(a.estimate, b.estimate) and a.kept.tolist() == b.kept.tolist()
         spent = bool(a.info.get("budget_spent"))  # the filter does not run: nothing sketched for it
         assert (fused_here, filter_here) == ((0, 0) if spent else (1, 0))
-    assert len(fused_calls) >= 3
-    monkeypatch.setattr(kernels, "FOLD_SUMS_IN_PASS_MAX_BYTES", d * np.dtype(dtype).itemsize - 1)
-    real_sums, later = kernels.column_sums_of_rows, []
-    monkeypatch.setattr(kernels, "column_sums_of_rows", lambda *a: (later.append(1), real_sums(*a)))
-    n_fused, own_passes = len(fused_calls), 0
+    assert len(fused_calls) >= 3 and all(n == d for n in fused_calls)  # the column sums in the pass
+    monkeypatch.setattr(rge_mod, "COLUMN_SUMS_MAX_BYTES", d * np.dtype(dtype).itemsize - 1)
+    real_mean, means = streaming.rows_mean, []
+    monkeypatch.setattr(rge_mod, "rows_mean", lambda *a: (means.append(1), real_mean(*a))[1])
+    n_fused, own_passes, filtered = len(fused_calls), 0, 0
     for G, ids in _attacked_rounds(4, R, d, seed=1):
         n_filter = len(filter_passes)
         a = fused.aggregate(G.astype(dtype), client_ids=ids)
         own_passes += len(filter_passes) - n_filter
+        filtered += not a.info.get("budget_spent") and a.kept.size < R
         b = plain.aggregate(G.astype(dtype), client_ids=ids)
         assert np.array_equal(a.estimate, b.estimate) and a.kept.tolist() == b.kept.tolist()
-    assert len(fused_calls) - n_fused == len(later) >= 2 and own_passes == 0  # the sums read after the fused pass
+    assert len(fused_calls) - n_fused >= 2 and own_passes == 0
+    assert all(n == 0 for n in fused_calls[n_fused:])  # no column sums in the fold's pass
+    assert filtered >= 1 and len(means) >= 2 * filtered  # each side's survivors' mean from their rows
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -693,17 +731,6 @@ def test_deviation_pass_centre_sums_of_huge_rows_are_finite():
         assert all(np.all(np.isfinite(x)) for x in out[1:])
         np.testing.assert_allclose(out[-2], np.einsum("ij,ij->i", A, A), rtol=1e-6)
         np.testing.assert_allclose(out[-1], np.einsum("ij,ij->i", A, E), rtol=1e-6, atol=1e-6 * np.abs(A).max() ** 2)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 23])
-def test_column_sums_of_rows_are_numpys_bit_for_bit(dtype, n):
-    rng = np.random.default_rng(n)
-    T = (rng.standard_normal((30, kernels.COLUMN_SUM_SPAN + 77)) * 5).astype(dtype)
-    idx = rng.permutation(30)[:n].astype(np.intp)
-    out = np.full(T.shape[1], np.nan, dtype=dtype)
-    kernels.column_sums_of_rows(T, idx, out)
-    assert np.array_equal(out, T[idx].sum(axis=0) if n else np.zeros(T.shape[1], dtype=dtype))
 
 
 def test_deferred_clipping_is_the_into_table_clipping_once_finished():

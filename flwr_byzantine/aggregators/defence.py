@@ -654,7 +654,7 @@ class RobustDefence(Aggregator):
         # (the screen then takes the filter's length: from FAST_MANY_ROWS rows on, 1024 instead of 2048)
         share = filt is not None and filt.sketch_dim is not None and G.shape[1] > 2 * filt.sketch_dim
         dim = filt.sketch_dim if share else self.screen_sketch_dim
-        sums = np.empty(G.shape[1], dtype=G.dtype) if share and filt.column_sums else None
+        sums = np.empty(G.shape[1], dtype=G.dtype) if share and filt.sums_columns(G.shape[1], G.dtype) else None
         Y = sketch_rows(G, dim, self._pass_rng, sq_norms=sq, col_sums=sums,
                         dtype=np.float32 if G.dtype == np.float32 and not share else np.float64)
         handed = RowSketch(Y, sq, sums, dim) if share else None

@@ -31,8 +31,7 @@ and do all the arithmetic of a pass on it:
   caller reads the table's rows in place); :func:`clip_fold_sketch_rows` also sketches the memories for the sketched
   filter that reads them next, while each row is in the cache (one read of the rows fewer); both also clip each row
   against its self-reference and store it there on the way (``sfactors``, :func:`_self_clip_fold_span`: one pass
-  for the clipping and the fold, issue 12, the thirtieth landing), and :func:`column_sums_of_rows` gives the filter's
-  column sums of rows too long to sum in that pass;
+  for the clipping and the fold, issue 12, the thirtieth landing);
 * :func:`weighted_deviation_rows` and :func:`rows_sum`: the survivors' clipping deviation and the survivors' mean on
   large rounds, reading only the rows concerned (float64 sums);
 * :func:`closest_window` and :func:`window_counts`: Bulyan's coordinate stage on sorted columns and the usage counts
@@ -981,59 +980,6 @@ def clip_fold_sketch_rows(M, G, rows, src, centre, factors, clip, T, slots, cont
             yr[b] = np.float64(y1[b]) * scale
         for b in range(k2):
             yr[k1 + b] = np.float64(y2[b]) * scale
-
-
-#: Longest rows (bytes) whose column sums :func:`clip_fold_sketch_rows` adds in its own pass: the sums' vector of longer
-#: rows leaves L2, and adding each row to it there cost the fused pass more than a second read of the rows by
-#: :func:`column_sums_of_rows` (R = 100, d = 1e6, float32: the fused pass with its sums 6.3x ``np.mean``, without them
-#: 4.4x, the second read 0.8x; issue 12, the thirtieth landing).
-FOLD_SUMS_IN_PASS_MAX_BYTES = 1 << 20
-
-#: Columns of one span of :func:`column_sums_of_rows` (the span's sums and eight rows' spans stay in L1/L2).
-COLUMN_SUM_SPAN = 8192
-
-
-@numba.njit(cache=True)
-def column_sums_of_rows(T, idx, out):
-    """``out = T[idx[0]] + T[idx[1]] + ...`` in ``T``'s dtype, the rows added in ``idx``'s order as
-    ``T[idx].sum(axis=0)`` adds them (bit for bit: numpy adds the rows of a C-contiguous matrix one after another),
-    ``out`` of ``T``'s dtype, length ``d``.  Eight rows at a time over spans of :data:`COLUMN_SUM_SPAN` columns: ``out`` read and written once
-    per eight rows (0.8x ``np.mean`` of the rows against numpy's 0.95-1.0x; issue 12)."""
-    n = idx.size
-    d = T.shape[1]
-    for c in range(d):
-        out[c] = 0.0
-    for s0 in range(0, d, COLUMN_SUM_SPAN):
-        s1 = min(d, s0 + COLUMN_SUM_SPAN)
-        w = s1 - s0
-        acc = out[s0:s1]
-        k = 0
-        while k + 8 <= n:
-            g0 = T[idx[k], s0:s1]
-            g1 = T[idx[k + 1], s0:s1]
-            g2 = T[idx[k + 2], s0:s1]
-            g3 = T[idx[k + 3], s0:s1]
-            g4 = T[idx[k + 4], s0:s1]
-            g5 = T[idx[k + 5], s0:s1]
-            g6 = T[idx[k + 6], s0:s1]
-            g7 = T[idx[k + 7], s0:s1]
-            for c in range(w):
-                t = acc[c]
-                t += g0[c]
-                t += g1[c]
-                t += g2[c]
-                t += g3[c]
-                t += g4[c]
-                t += g5[c]
-                t += g6[c]
-                t += g7[c]
-                acc[c] = t
-            k += 8
-        while k < n:
-            g0 = T[idx[k], s0:s1]
-            for c in range(w):
-                acc[c] += g0[c]
-            k += 1
 
 
 @numba.njit(cache=True)

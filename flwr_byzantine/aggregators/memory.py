@@ -202,9 +202,9 @@ class ClientMomentum:
         :class:`~.sketch.RowSketch` ``Z`` of ``G.shape[0]`` rows from :meth:`~.rge.RGE.presketch_request`): the same
         pass also fills ``Z`` with what :func:`~.sketch.sketch_rows` with those signs would take of the returned matrix
         whose rows not in ``rows`` are zero (:func:`~.kernels.clip_fold_sketch_rows`: the sketch, the squared norms,
-        the column sums), bit for bit, for the sketched filter that reads the memories next (one pass fewer).
+        the column sums where ``Z`` has them), bit for bit, for the sketched filter that reads the memories next (one pass fewer).
         """
-        from .kernels import FOLD_SUMS_IN_PASS_MAX_BYTES, clip_fold_rows, clip_fold_sketch_rows, column_sums_of_rows
+        from .kernels import clip_fold_rows, clip_fold_sketch_rows
 
         G = np.asarray(G)
         if not np.issubdtype(G.dtype, np.floating):
@@ -275,14 +275,10 @@ class ClientMomentum:
                     or sums.dtype != table.dtype or (rows.size > 1 and bool(np.any(np.diff(rows) <= 0)))):
                 raise ValueError("the fold's sketch needs one zeroed float64 row per row of G, one sign per column, "
                                  "ascending rows and column sums in the memories' dtype")
-            # long rows: the column sums from a second read of the folded memories (FOLD_SUMS_IN_PASS_MAX_BYTES)
-            later = sums.size > 0 and G.shape[1] * table.dtype.itemsize > FOLD_SUMS_IN_PASS_MAX_BYTES
             clip_fold_sketch_rows(out, S, rows, src, centre, factors, clip, table, slots, cont,
                                   table.dtype.type(self.beta), G.dtype.type(1.0 - self.beta), G, drift, sfactors,
                                   np.ascontiguousarray(signs, dtype=np.int8), k1, k2, Z.Y, Z.sq_norms,
-                                  sums[:0] if later else sums, 1.0 / math.sqrt(2.0))
-            if later:
-                column_sums_of_rows(table, np.ascontiguousarray(slots, dtype=np.intp), sums)
+                                  sums, 1.0 / math.sqrt(2.0))
         for node in ids:
             self._seen[node] = self.calls
         if view is not None:

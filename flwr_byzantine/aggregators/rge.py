@@ -63,6 +63,11 @@ def _blas_threads(n: int | None):
     return _blas_controller().limit(limits=n, user_api="blas")
 
 
+#: Longest rows (bytes) whose column sums a sketched filter's pass takes (``column_sums``): the sums' vector of longer
+#: rows leaves L2, and adding every row to it cost more than reading the survivors once after the filter
+#: (:func:`~.streaming.rows_mean`; issue 12, the thirty-first landing: see ``docs/benchmarks.md``).
+COLUMN_SUMS_MAX_BYTES = 1 << 20
+
 #: With a sketch, the survivors' mean is a float64 downdate of the full mean (a pass over the removed
 #: rows only) when the removed rows' energy is at most this multiple of the survivors': far larger
 #: rows would have dominated the rounding of the full mean, and the survivors are then averaged anew.
@@ -145,6 +150,8 @@ class RGE(Aggregator):
         after the filter.  The column sums are a length-``d`` vector read and written for every row: from several
         hundred rows on the product costs less (issue 12: at R = 1000, d = 1e5 the sketch with the sums took
         2.3x ``np.mean``, without them 1.3x, the product 0.77x; at R = 100, d = 1e6 1.85x against 1.37x + 0.97x).
+        Rows longer than :data:`COLUMN_SUMS_MAX_BYTES` never take them (:meth:`sums_columns`): the survivors' mean is
+        then one compiled read of the survivors (:func:`~.streaming.rows_mean`).
     """
 
     name = "rge"
@@ -199,6 +206,12 @@ class RGE(Aggregator):
         with _blas_threads(self.blas_threads):
             return self._decode(updates)
 
+    def sums_columns(self, d: int, dtype: Any) -> bool:
+        """Whether this filter's sketching pass over rows of length ``d`` and ``dtype`` also sums their columns
+        (``column_sums``, for rows of at most :data:`COLUMN_SUMS_MAX_BYTES`); else the survivors' mean is one read
+        of the survivors after the filter."""
+        return self.column_sums and d * np.dtype(dtype).itemsize <= COLUMN_SUMS_MAX_BYTES
+
     def presketch_request(self, R: int, d: int, dtype: Any) -> tuple[np.ndarray, RowSketch] | None:
         """For a caller that writes the ``R x d`` numpy rows (``dtype`` float32 or float64) this filter will then read
         (:meth:`aggregate_rows`' ``updates``): the private signs this filter's own pass would draw (drawn now, from its
@@ -210,7 +223,7 @@ class RGE(Aggregator):
         if self.sketch_dim is None or not d > 2 * self.sketch_dim or dtype not in (np.float32, np.float64):
             return None
         signs = sketch_signs(d, self._rng)
-        return signs, RowSketch.empty(R, d, self.sketch_dim, dtype if self.column_sums else None)
+        return signs, RowSketch.empty(R, d, self.sketch_dim, dtype if self.sums_columns(d, dtype) else None)
 
     def aggregate_rows(self, updates: ArrayLike, rows: np.ndarray, *, sigma0: float | None = None,
                        estimate: bool = True, presketch: RowSketch | None = None) -> AggregationResult:
@@ -258,13 +271,14 @@ class RGE(Aggregator):
             # squares would overflow the float32 sketch's Gram matrix (energy above LARGE_ENERGY), rewind the signs and
             # take check_matrix's screen (NaN/Inf: ValueError; large: widened to float64) and screened_mean's path
             state = self._rng.bit_generator.state
-            if presketch is not None and presketch.fits(R, d, self.sketch_dim, self.column_sums, updates.dtype):
+            sums = self.sums_columns(d, updates.dtype)
+            if presketch is not None and presketch.fits(R, d, self.sketch_dim, sums, updates.dtype):
                 # the caller's pass over these rows stands for this one (the same products, other fresh signs)
                 Y, energy = presketch.Y, presketch.sq_norms.copy()
-                mean = presketch.col_sums.copy() if self.column_sums else None
+                mean = presketch.col_sums.copy() if sums else None
             else:
                 energy = np.empty(R)
-                mean = np.empty(d, dtype=updates.dtype) if self.column_sums else None
+                mean = np.empty(d, dtype=updates.dtype) if sums else None
                 Y = sketch_rows(updates, self.sketch_dim, self._rng, sq_norms=energy, col_sums=mean)
             if mean is not None:
                 mean /= R
@@ -274,7 +288,7 @@ class RGE(Aggregator):
                 self._rng.bit_generator.state = state
                 Y = mean = None
                 updates, mean = screened_mean(check_matrix(updates, widen_large=True))
-            if self.column_sums or Y is None:
+            if sums or Y is None:
                 energy = None  # the column sums' downdate path below (or the widened rows')
         else:
             updates, mean = screened_mean(updates)
