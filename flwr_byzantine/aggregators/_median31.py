@@ -10,109 +10,75 @@ def median31_block(B, w, out, c_out):
     """``out[c_out + c] = median(B[:31, c])`` for ``c < w``: :func:`~.kernels._median_block`'s values."""
     for c in range(w):
         x0 = B[0, c]
+        nan = x0
         x1 = B[1, c]
-        x2 = B[2, c]
-        x3 = B[3, c]
-        x4 = B[4, c]
-        x5 = B[5, c]
-        x6 = B[6, c]
-        x7 = B[7, c]
-        x8 = B[8, c]
-        x9 = B[9, c]
-        x10 = B[10, c]
-        x11 = B[11, c]
-        x12 = B[12, c]
-        x13 = B[13, c]
-        x14 = B[14, c]
-        x15 = B[15, c]
-        x16 = B[16, c]
-        x17 = B[17, c]
-        x18 = B[18, c]
-        x19 = B[19, c]
-        x20 = B[20, c]
-        x21 = B[21, c]
-        x22 = B[22, c]
-        x23 = B[23, c]
-        x24 = B[24, c]
-        x25 = B[25, c]
-        x26 = B[26, c]
-        x27 = B[27, c]
-        x28 = B[28, c]
-        x29 = B[29, c]
-        x30 = B[30, c]
+        nan = x1 if x1 != x1 else nan
         x0, x1 = compare_exchange(x0, x1)
+        x2 = B[2, c]
+        nan = x2 if x2 != x2 else nan
+        x3 = B[3, c]
+        nan = x3 if x3 != x3 else nan
         x2, x3 = compare_exchange(x2, x3)
-        x4, x5 = compare_exchange(x4, x5)
-        x6, x7 = compare_exchange(x6, x7)
-        x8, x9 = compare_exchange(x8, x9)
-        x10, x11 = compare_exchange(x10, x11)
-        x12, x13 = compare_exchange(x12, x13)
-        x14, x15 = compare_exchange(x14, x15)
-        x16, x17 = compare_exchange(x16, x17)
-        x18, x19 = compare_exchange(x18, x19)
-        x20, x21 = compare_exchange(x20, x21)
-        x22, x23 = compare_exchange(x22, x23)
-        x24, x25 = compare_exchange(x24, x25)
-        x26, x27 = compare_exchange(x26, x27)
-        x28, x29 = compare_exchange(x28, x29)
         x0, x2 = compare_exchange(x0, x2)
         x1, x3 = compare_exchange(x1, x3)
+        x1, x2 = compare_exchange(x1, x2)
+        x4 = B[4, c]
+        nan = x4 if x4 != x4 else nan
+        x5 = B[5, c]
+        nan = x5 if x5 != x5 else nan
+        x4, x5 = compare_exchange(x4, x5)
+        x6 = B[6, c]
+        nan = x6 if x6 != x6 else nan
+        x7 = B[7, c]
+        nan = x7 if x7 != x7 else nan
+        x6, x7 = compare_exchange(x6, x7)
         x4, x6 = compare_exchange(x4, x6)
         x5, x7 = compare_exchange(x5, x7)
-        x8, x10 = compare_exchange(x8, x10)
-        x9, x11 = compare_exchange(x9, x11)
-        x12, x14 = compare_exchange(x12, x14)
-        x13, x15 = compare_exchange(x13, x15)
-        x16, x18 = compare_exchange(x16, x18)
-        x17, x19 = compare_exchange(x17, x19)
-        x20, x22 = compare_exchange(x20, x22)
-        x21, x23 = compare_exchange(x21, x23)
-        x24, x26 = compare_exchange(x24, x26)
-        x25, x27 = compare_exchange(x25, x27)
-        x28, x30 = compare_exchange(x28, x30)
-        x1, x2 = compare_exchange(x1, x2)
         x5, x6 = compare_exchange(x5, x6)
-        x9, x10 = compare_exchange(x9, x10)
-        x13, x14 = compare_exchange(x13, x14)
-        x17, x18 = compare_exchange(x17, x18)
-        x21, x22 = compare_exchange(x21, x22)
-        x25, x26 = compare_exchange(x25, x26)
-        x29, x30 = compare_exchange(x29, x30)
         x0, x4 = compare_exchange(x0, x4)
         x1, x5 = compare_exchange(x1, x5)
         x2, x6 = compare_exchange(x2, x6)
         x3, x7 = compare_exchange(x3, x7)
+        x2, x4 = compare_exchange(x2, x4)
+        x3, x5 = compare_exchange(x3, x5)
+        x1, x2 = compare_exchange(x1, x2)
+        x3, x4 = compare_exchange(x3, x4)
+        x5, x6 = compare_exchange(x5, x6)
+        x8 = B[8, c]
+        nan = x8 if x8 != x8 else nan
+        x9 = B[9, c]
+        nan = x9 if x9 != x9 else nan
+        x8, x9 = compare_exchange(x8, x9)
+        x10 = B[10, c]
+        nan = x10 if x10 != x10 else nan
+        x11 = B[11, c]
+        nan = x11 if x11 != x11 else nan
+        x10, x11 = compare_exchange(x10, x11)
+        x8, x10 = compare_exchange(x8, x10)
+        x9, x11 = compare_exchange(x9, x11)
+        x9, x10 = compare_exchange(x9, x10)
+        x12 = B[12, c]
+        nan = x12 if x12 != x12 else nan
+        x13 = B[13, c]
+        nan = x13 if x13 != x13 else nan
+        x12, x13 = compare_exchange(x12, x13)
+        x14 = B[14, c]
+        nan = x14 if x14 != x14 else nan
+        x15 = B[15, c]
+        nan = x15 if x15 != x15 else nan
+        x14, x15 = compare_exchange(x14, x15)
+        x12, x14 = compare_exchange(x12, x14)
+        x13, x15 = compare_exchange(x13, x15)
+        x13, x14 = compare_exchange(x13, x14)
         x8, x12 = compare_exchange(x8, x12)
         x9, x13 = compare_exchange(x9, x13)
         x10, x14 = compare_exchange(x10, x14)
         x11, x15 = compare_exchange(x11, x15)
-        x16, x20 = compare_exchange(x16, x20)
-        x17, x21 = compare_exchange(x17, x21)
-        x18, x22 = compare_exchange(x18, x22)
-        x19, x23 = compare_exchange(x19, x23)
-        x24, x28 = compare_exchange(x24, x28)
-        x25, x29 = compare_exchange(x25, x29)
-        x26, x30 = compare_exchange(x26, x30)
-        x2, x4 = compare_exchange(x2, x4)
-        x3, x5 = compare_exchange(x3, x5)
         x10, x12 = compare_exchange(x10, x12)
         x11, x13 = compare_exchange(x11, x13)
-        x18, x20 = compare_exchange(x18, x20)
-        x19, x21 = compare_exchange(x19, x21)
-        x26, x28 = compare_exchange(x26, x28)
-        x27, x29 = compare_exchange(x27, x29)
-        x1, x2 = compare_exchange(x1, x2)
-        x3, x4 = compare_exchange(x3, x4)
-        x5, x6 = compare_exchange(x5, x6)
         x9, x10 = compare_exchange(x9, x10)
         x11, x12 = compare_exchange(x11, x12)
         x13, x14 = compare_exchange(x13, x14)
-        x17, x18 = compare_exchange(x17, x18)
-        x19, x20 = compare_exchange(x19, x20)
-        x21, x22 = compare_exchange(x21, x22)
-        x25, x26 = compare_exchange(x25, x26)
-        x27, x28 = compare_exchange(x27, x28)
-        x29, x30 = compare_exchange(x29, x30)
         x0, x8 = compare_exchange(x0, x8)
         x1, x9 = compare_exchange(x1, x9)
         x2, x10 = compare_exchange(x2, x10)
@@ -121,33 +87,16 @@ def median31_block(B, w, out, c_out):
         x5, x13 = compare_exchange(x5, x13)
         x6, x14 = compare_exchange(x6, x14)
         x7, x15 = compare_exchange(x7, x15)
-        x16, x24 = compare_exchange(x16, x24)
-        x17, x25 = compare_exchange(x17, x25)
-        x18, x26 = compare_exchange(x18, x26)
-        x19, x27 = compare_exchange(x19, x27)
-        x20, x28 = compare_exchange(x20, x28)
-        x21, x29 = compare_exchange(x21, x29)
-        x22, x30 = compare_exchange(x22, x30)
         x4, x8 = compare_exchange(x4, x8)
         x5, x9 = compare_exchange(x5, x9)
         x6, x10 = compare_exchange(x6, x10)
         x7, x11 = compare_exchange(x7, x11)
-        x20, x24 = compare_exchange(x20, x24)
-        x21, x25 = compare_exchange(x21, x25)
-        x22, x26 = compare_exchange(x22, x26)
-        x23, x27 = compare_exchange(x23, x27)
         x2, x4 = compare_exchange(x2, x4)
         x3, x5 = compare_exchange(x3, x5)
         x6, x8 = compare_exchange(x6, x8)
         x7, x9 = compare_exchange(x7, x9)
         x10, x12 = compare_exchange(x10, x12)
         x11, x13 = compare_exchange(x11, x13)
-        x18, x20 = compare_exchange(x18, x20)
-        x19, x21 = compare_exchange(x19, x21)
-        x22, x24 = compare_exchange(x22, x24)
-        x23, x25 = compare_exchange(x23, x25)
-        x26, x28 = compare_exchange(x26, x28)
-        x27, x29 = compare_exchange(x27, x29)
         x1, x2 = compare_exchange(x1, x2)
         x3, x4 = compare_exchange(x3, x4)
         x5, x6 = compare_exchange(x5, x6)
@@ -155,47 +104,123 @@ def median31_block(B, w, out, c_out):
         x9, x10 = compare_exchange(x9, x10)
         x11, x12 = compare_exchange(x11, x12)
         x13, x14 = compare_exchange(x13, x14)
+        x16 = B[16, c]
+        nan = x16 if x16 != x16 else nan
+        x17 = B[17, c]
+        nan = x17 if x17 != x17 else nan
+        x16, x17 = compare_exchange(x16, x17)
+        x18 = B[18, c]
+        nan = x18 if x18 != x18 else nan
+        x19 = B[19, c]
+        nan = x19 if x19 != x19 else nan
+        x18, x19 = compare_exchange(x18, x19)
+        x16, x18 = compare_exchange(x16, x18)
+        x17, x19 = compare_exchange(x17, x19)
+        x17, x18 = compare_exchange(x17, x18)
+        x20 = B[20, c]
+        nan = x20 if x20 != x20 else nan
+        x21 = B[21, c]
+        nan = x21 if x21 != x21 else nan
+        x20, x21 = compare_exchange(x20, x21)
+        x22 = B[22, c]
+        nan = x22 if x22 != x22 else nan
+        x23 = B[23, c]
+        nan = x23 if x23 != x23 else nan
+        x22, x23 = compare_exchange(x22, x23)
+        x20, x22 = compare_exchange(x20, x22)
+        x21, x23 = compare_exchange(x21, x23)
+        x21, x22 = compare_exchange(x21, x22)
+        x16, x20 = compare_exchange(x16, x20)
+        x17, x21 = compare_exchange(x17, x21)
+        x18, x22 = compare_exchange(x18, x22)
+        x19, x23 = compare_exchange(x19, x23)
+        x18, x20 = compare_exchange(x18, x20)
+        x19, x21 = compare_exchange(x19, x21)
         x17, x18 = compare_exchange(x17, x18)
         x19, x20 = compare_exchange(x19, x20)
         x21, x22 = compare_exchange(x21, x22)
-        x23, x24 = compare_exchange(x23, x24)
+        x24 = B[24, c]
+        nan = x24 if x24 != x24 else nan
+        x25 = B[25, c]
+        nan = x25 if x25 != x25 else nan
+        x24, x25 = compare_exchange(x24, x25)
+        x26 = B[26, c]
+        nan = x26 if x26 != x26 else nan
+        x27 = B[27, c]
+        nan = x27 if x27 != x27 else nan
+        x26, x27 = compare_exchange(x26, x27)
+        x24, x26 = compare_exchange(x24, x26)
+        x25, x27 = compare_exchange(x25, x27)
+        x25, x26 = compare_exchange(x25, x26)
+        x28 = B[28, c]
+        nan = x28 if x28 != x28 else nan
+        x29 = B[29, c]
+        nan = x29 if x29 != x29 else nan
+        x28, x29 = compare_exchange(x28, x29)
+        x30 = B[30, c]
+        nan = x30 if x30 != x30 else nan
+        x28, x30 = compare_exchange(x28, x30)
+        x29, x30 = compare_exchange(x29, x30)
+        x24, x28 = compare_exchange(x24, x28)
+        x25, x29 = compare_exchange(x25, x29)
+        x26, x30 = compare_exchange(x26, x30)
+        x26, x28 = compare_exchange(x26, x28)
+        x27, x29 = compare_exchange(x27, x29)
         x25, x26 = compare_exchange(x25, x26)
         x27, x28 = compare_exchange(x27, x28)
         x29, x30 = compare_exchange(x29, x30)
+        x16, x24 = compare_exchange(x16, x24)
         x0, x16 = compare_exchange(x0, x16)
+        x17, x25 = compare_exchange(x17, x25)
+        x18, x26 = compare_exchange(x18, x26)
+        x19, x27 = compare_exchange(x19, x27)
+        x20, x28 = compare_exchange(x20, x28)
+        x21, x29 = compare_exchange(x21, x29)
+        x22, x30 = compare_exchange(x22, x30)
+        x20, x24 = compare_exchange(x20, x24)
+        x21, x25 = compare_exchange(x21, x25)
+        x22, x26 = compare_exchange(x22, x26)
+        x23, x27 = compare_exchange(x23, x27)
+        x18, x20 = compare_exchange(x18, x20)
+        x19, x21 = compare_exchange(x19, x21)
+        x22, x24 = compare_exchange(x22, x24)
+        x23, x25 = compare_exchange(x23, x25)
+        x26, x28 = compare_exchange(x26, x28)
+        x27, x29 = compare_exchange(x27, x29)
+        x17, x18 = compare_exchange(x17, x18)
         x1, x17 = compare_exchange(x1, x17)
         x2, x18 = compare_exchange(x2, x18)
+        x19, x20 = compare_exchange(x19, x20)
         x3, x19 = compare_exchange(x3, x19)
         x4, x20 = compare_exchange(x4, x20)
+        x21, x22 = compare_exchange(x21, x22)
         x5, x21 = compare_exchange(x5, x21)
         x6, x22 = compare_exchange(x6, x22)
+        x23, x24 = compare_exchange(x23, x24)
         x7, x23 = compare_exchange(x7, x23)
         x8, x24 = compare_exchange(x8, x24)
+        x8, x16 = compare_exchange(x8, x16)
+        x15, x23 = compare_exchange(x15, x23)
+        x25, x26 = compare_exchange(x25, x26)
         x9, x25 = compare_exchange(x9, x25)
         x10, x26 = compare_exchange(x10, x26)
-        x11, x27 = compare_exchange(x11, x27)
-        x12, x28 = compare_exchange(x12, x28)
-        x13, x29 = compare_exchange(x13, x29)
-        x14, x30 = compare_exchange(x14, x30)
-        x8, x16 = compare_exchange(x8, x16)
         x9, x17 = compare_exchange(x9, x17)
         x10, x18 = compare_exchange(x10, x18)
+        x27, x28 = compare_exchange(x27, x28)
+        x11, x27 = compare_exchange(x11, x27)
+        x12, x28 = compare_exchange(x12, x28)
         x11, x19 = compare_exchange(x11, x19)
         x12, x20 = compare_exchange(x12, x20)
+        x12, x16 = compare_exchange(x12, x16)
+        x15, x19 = compare_exchange(x15, x19)
+        x29, x30 = compare_exchange(x29, x30)
+        x13, x29 = compare_exchange(x13, x29)
+        x14, x30 = compare_exchange(x14, x30)
         x13, x21 = compare_exchange(x13, x21)
         x14, x22 = compare_exchange(x14, x22)
-        x15, x23 = compare_exchange(x15, x23)
-        x12, x16 = compare_exchange(x12, x16)
         x13, x17 = compare_exchange(x13, x17)
         x14, x18 = compare_exchange(x14, x18)
-        x15, x19 = compare_exchange(x15, x19)
         x14, x16 = compare_exchange(x14, x16)
         x15, x17 = compare_exchange(x15, x17)
         x15, x16 = compare_exchange(x15, x16)
-        out[c_out + c] = x15
-    o = out[c_out:c_out + w]
-    for r in range(31):
-        Br = B[r]
-        for c in range(w):
-            x = Br[c]
-            o[c] = x if x != x else o[c]
+        out[c_out + c] = nan if nan != nan else x15
