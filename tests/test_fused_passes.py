@@ -325,6 +325,9 @@ def test_the_unrolled_median_is_the_networks_on_every_order(dtype):
     B[5, 4], B[6, 4] = np.inf, -np.inf
     B[:m, 5] = np.inf
     B[7, 6] = np.nan
+    B[0, 7] = np.nan  # the first value loaded
+    B[30, 8] = np.nan  # the last row
+    B[[2, 19], 9] = np.nan, np.inf
     got = np.empty(w, dtype=dtype)
     median31_block(B, w, got, 0)
     lo, hi, _ = kernels.selection_network(m)
@@ -332,7 +335,22 @@ def test_the_unrolled_median_is_the_networks_on_every_order(dtype):
     kernels._network_median_block.py_func(B.copy(), w, lo, hi, m, loop, 0)  # the interpreted loop
     want = np.median(B[:m], axis=0)
     assert np.array_equal(got, want, equal_nan=True) and np.array_equal(loop, want, equal_nan=True)
-    assert np.isnan(got[6]) and got[5] == np.inf
+    assert np.isnan(got[6]) and got[5] == np.inf and np.isnan(got[7:10]).all() and not np.isnan(got[10:]).any()
+
+
+@pytest.mark.parametrize("m", [1, 3, 5, 9, 15])
+def test_the_median_generator_gives_the_median_for_any_odd_count(m):
+    """:func:`~flwr_byzantine.aggregators.kernels.unrolled_median_source` for other sizes (loaded as a module, not
+    cached): the reordered exchanges still give each column's median, NaN columns NaN."""
+    source = kernels.unrolled_median_source(m).replace("from ._exchange", "from flwr_byzantine.aggregators._exchange")
+    ns: dict = {}
+    exec(source.replace("@numba.njit(cache=True)", "@numba.njit"), ns)
+    B = np.random.default_rng(m).standard_normal((16, 40))
+    B[:m, 1] = np.arange(m)[::-1]
+    B[m - 1, 2] = np.nan
+    got = np.empty(40)
+    ns[f"median{m}_block"](B, 40, got, 0)
+    assert np.array_equal(got, np.median(B[:m], axis=0), equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
