@@ -202,7 +202,8 @@ class ClientMomentum:
         :class:`~.sketch.RowSketch` ``Z`` of ``G.shape[0]`` rows from :meth:`~.rge.RGE.presketch_request`): the same
         pass also fills ``Z`` with what :func:`~.sketch.sketch_rows` with those signs would take of the returned matrix
         whose rows not in ``rows`` are zero (:func:`~.kernels.clip_fold_sketch_rows`: the sketch, the squared norms,
-        the column sums where ``Z`` has them), bit for bit, for the sketched filter that reads the memories next (one pass fewer).
+        the column sums where ``Z`` has them), bit for bit, for the sketched filter that reads the memories next (one
+        pass fewer).
         """
         from .kernels import clip_fold_rows, clip_fold_sketch_rows
 
