@@ -306,21 +306,31 @@ def test_defence_floor_tiny(tmp_path):
 
     rng = np.random.default_rng(0)
     G, T, M = (rng.standard_normal((3, 50), dtype=np.float32) for _ in range(3))
+    u, v, w = (rng.standard_normal(50, dtype=np.float32) for _ in range(3))
+    s = np.where(rng.random(50) < 0.5, -1, 1).astype(np.int8)
     out = np.empty(3, dtype=np.float32)
     defence_floor.read_rows(G, out)
     np.testing.assert_allclose(out, G.sum(axis=1), rtol=1e-5)
     defence_floor.read_two(G, T, out)
     np.testing.assert_allclose(out, (G - T).sum(axis=1), rtol=1e-4, atol=1e-5)
+    defence_floor.read_two_vectors(G, T, u, v, w, out)
+    np.testing.assert_allclose(out, (((G - T) - u) * v + w).sum(axis=1), rtol=1e-4, atol=1e-4)
     T0, M0 = T.copy(), M.copy()
     defence_floor.update_two(G, T, M)  # the bytes of the clipping and the fold in one pass
     np.testing.assert_allclose(T, T0 + np.float32(0.5) * G, rtol=1e-6)
     np.testing.assert_allclose(M, np.float32(0.7) * M0 + np.float32(0.3) * T, rtol=1e-6, atol=1e-7)
+    T0, M0 = T.copy(), M.copy()
+    defence_floor.update_two_vectors(G, T, M, u, v, s, out)  # and the vectors every row of the fold reads
+    np.testing.assert_allclose(T, T0 + np.float32(0.5) * (G - u), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(M, np.float32(0.7) * M0 + np.float32(0.3) * (T - v), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out, (s * T).sum(axis=1), rtol=1e-4, atol=1e-4)
     assert defence_floor.main(["--sizes", "20,3000", "--repeats", "3", "--out", str(tmp_path)]) == 0
     row = json.loads((tmp_path / "defence_floor.json").read_text())["rows"][0]
     passes = list(row["passes"].values())
     assert len(passes) == 6 and all(v > 0 for v in passes)
-    assert row["passes_floor"] == pytest.approx(sum(passes[:5]))
-    assert row["fused_floor"] == pytest.approx(passes[1] + passes[5])
+    assert row["passes_floor"] == pytest.approx(sum(passes[:4]))
+    assert row["fused_floor"] == pytest.approx(passes[1] + passes[2])
+    assert row["vectors_floor"] == pytest.approx(passes[0] + passes[4] + passes[5] + passes[3])
 
 
 def test_local_mode_default_is_the_apps_local_default():
