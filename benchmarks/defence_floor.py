@@ -29,7 +29,7 @@ another) that move exactly those bytes, in units of ``np.mean(G, axis=0)`` (inte
   deviations' pass reads the drift, the evidence's direction and the last estimate beside each row, the fold the
   drift, the last estimate (the input clipping's centre) and the sketch's signs (one byte each).  At ``d = 1e6``
   these 4 MB vectors do not stay in the caches while the rows stream (issue 12, the thirty-second landing: each
-  one added 0.3-0.5x ``np.mean`` at R = 100, d = 1e6 on the development machine, 0.05-0.2x at d = 1e5).
+  one added 0.3-0.55x ``np.mean`` at R = 100, d = 1e6 on the development machine, 0.05-0.2x at d = 1e5).
 
 and reports each pass's share.  It is a lower bound for the defence on this machine, not a benchmark of
 it: the real passes add the arithmetic (the sketches and the drift's network are compute-bound), the drift's
