@@ -161,10 +161,10 @@ def measure(sizes: list[tuple[int, int]], repeats: int, seed: int) -> list[dict[
                 lambda: update_two_vectors(G, T, M, u, v, s, out),
         }
         ratio = {name: _median_ratio(fn, G, repeats) for name, fn in passes.items()}
-        names = list(passes)
-        passes_floor = sum(ratio[n] for n in names[:4])
-        fused_floor = ratio[names[1]] + ratio[names[2]]
-        vectors_floor = ratio[names[0]] + ratio[names[4]] + ratio[names[5]] + ratio[names[3]]
+        screen, deviations, fold, mean, deviations_vectors, fold_vectors = ratio.values()
+        passes_floor = screen + deviations + fold + mean
+        fused_floor = deviations + fold
+        vectors_floor = screen + deviations_vectors + fold_vectors + mean
         row = {"R": R, "d": d, "passes": ratio, "passes_floor": passes_floor, "fused_floor": fused_floor,
                "vectors_floor": vectors_floor}
         print(f"R={R} d={d:.0e}: the passes as run {passes_floor:.2f}x np.mean, the fewest passes {fused_floor:.2f}x, "
